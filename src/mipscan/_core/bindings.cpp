@@ -1,0 +1,231 @@
+// The one nanobind module. Thin on purpose: convert arrays, check the O(1) shape
+// invariants that protect memory, release the GIL, allocate outputs. Argument checking
+// with user-facing messages lives in mipscan/_validation.py, before anything gets here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/pair.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "cpu.h"
+#include "lut16.h"
+#include "search.h"
+#include "topk.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+template <class T, size_t Dim>
+using In = nb::ndarray<const T, nb::ndim<Dim>, nb::c_contig, nb::device::cpu>;
+template <class T, size_t Dim>
+using Out = nb::ndarray<nb::numpy, T, nb::ndim<Dim>>;
+
+template <class T>
+Out<T, 1> new_array(size_t n0) {
+  T* data = new T[n0 > 0 ? n0 : 1]();
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return Out<T, 1>(data, {n0}, owner);
+}
+template <class T>
+Out<T, 2> new_array(size_t n0, size_t n1) {
+  T* data = new T[n0 * n1 > 0 ? n0 * n1 : 1]();
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return Out<T, 2>(data, {n0, n1}, owner);
+}
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+mipscan::SimdLevel parse_level(const std::string& name) {
+  if (name == "scalar") return mipscan::SimdLevel::kScalar;
+  if (name == "avx2") return mipscan::SimdLevel::kAvx2;
+  throw std::invalid_argument("simd level must be 'scalar' or 'avx2'; got '" + name + "'");
+}
+
+// Owns nothing: the keep_alive policies below keep every array alive with the view.
+struct Index {
+  mipscan::IndexView view;
+};
+
+}  // namespace
+
+NB_MODULE(_mipscan, m) {
+  mipscan::init_kernels_from_env();
+
+  m.def("simd_level", [] { return std::string(mipscan::simd_level_name(mipscan::kernels().level)); });
+  m.def("cpu_has_avx2", &mipscan::cpu_has_avx2);
+  m.def("set_simd_level", [](const std::string& name) { return mipscan::set_simd_level(parse_level(name)); });
+
+  m.def("pack_codes", [](In<uint8_t, 2> codes) {
+    const size_t n = codes.shape(0), nb_ = codes.shape(1);
+    auto out = new_array<uint8_t>(((n + 31) / 32) * mipscan::packed_group_bytes(nb_));
+    {
+      nb::gil_scoped_release release;
+      mipscan::pack_codes(codes.data(), n, nb_, out.data());
+    }
+    return out;
+  }, "codes"_a.noconvert());
+
+  m.def("unpack_codes", [](In<uint8_t, 1> packed, size_t n, size_t num_blocks) {
+    require(packed.shape(0) >= ((n + 31) / 32) * mipscan::packed_group_bytes(num_blocks),
+            "unpack_codes: packed array too small for n and num_blocks");
+    auto out = new_array<uint8_t>(n, num_blocks);
+    nb::gil_scoped_release release;
+    mipscan::unpack_codes(packed.data(), n, num_blocks, out.data());
+    return out;
+  }, "packed"_a.noconvert(), "n"_a, "num_blocks"_a);
+
+  m.def("scan_lut16", [](In<uint8_t, 1> packed, size_t num_blocks, In<uint8_t, 2> lut,
+                         const std::string& level) {
+    const size_t nbp = mipscan::padded_blocks(num_blocks);
+    const size_t group = mipscan::packed_group_bytes(num_blocks);
+    require(packed.shape(0) % group == 0, "scan_lut16: packed size is not a whole number of groups");
+    require(lut.shape(0) == nbp && lut.shape(1) == 16, "scan_lut16: lut must be (padded_blocks, 16)");
+    const size_t groups = packed.shape(0) / group;
+    mipscan::ScanLut16Fn fn = &mipscan::scan_lut16_scalar;
+    if (parse_level(level) == mipscan::SimdLevel::kAvx2) {
+#if MIPSCAN_HAVE_AVX2
+      require(mipscan::cpu_has_avx2(), "scan_lut16: this CPU has no AVX2");
+      fn = &mipscan::scan_lut16_avx2;
+#else
+      throw std::invalid_argument("scan_lut16: built without AVX2");
+#endif
+    }
+    auto out = new_array<uint16_t>(groups * 32);
+    nb::gil_scoped_release release;
+    fn(packed.data(), groups, nbp, lut.data(), out.data());
+    return out;
+  }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a);
+
+  m.def("topk_update_rows", [](In<float, 2> scores, std::optional<In<float, 1>> col_bias,
+                               uint32_t col_offset, nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                               nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                               nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig> sizes, int num_threads) {
+    const size_t nq = scores.shape(0), m_ = scores.shape(1), k = heap_s.shape(1);
+    require(k >= 1 && heap_s.shape(0) == nq && heap_id.shape(0) == nq && heap_id.shape(1) == k &&
+                sizes.shape(0) == nq, "topk_update_rows: heap arrays do not match the scores");
+    require(!col_bias || col_bias->shape(0) == m_, "topk_update_rows: col_bias length != columns");
+    require(uint64_t(col_offset) + m_ <= (uint64_t(1) << 32), "topk_update_rows: ids exceed uint32");
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "topk_update_rows: bad sizes");
+    const float* bias = col_bias ? col_bias->data() : nullptr;
+    nb::gil_scoped_release release;
+    mipscan::topk_update_rows(scores.data(), nq, m_, m_, bias, col_offset, k, heap_s.data(),
+                              heap_id.data(), sizes.data(), num_threads);
+  }, "scores"_a.noconvert(), "col_bias"_a.noconvert().none(), "col_offset"_a, "heap_s"_a.noconvert(),
+     "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
+
+  m.def("topk_finish_rows", [](nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                               nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                               In<int64_t, 1> sizes, int num_threads) {
+    const size_t nq = heap_s.shape(0), k = heap_s.shape(1);
+    require(heap_id.shape(0) == nq && heap_id.shape(1) == k && sizes.shape(0) == nq,
+            "topk_finish_rows: shapes do not match");
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "topk_finish_rows: bad sizes");
+    nb::gil_scoped_release release;
+    mipscan::topk_finish_rows(nq, k, heap_s.data(), heap_id.data(), sizes.data(), num_threads);
+  }, "heap_s"_a.noconvert(), "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
+
+  m.def("encode_anisotropic", [](In<float, 2> residuals, In<float, 2> rows, In<float, 3> codebooks,
+                                 float threshold, size_t d_eff, int max_iterations, int num_threads) {
+    const size_t n = residuals.shape(0), dp = residuals.shape(1);
+    const size_t nb_ = codebooks.shape(0), dpb = codebooks.shape(2);
+    require(codebooks.shape(1) == 16 && nb_ * dpb == dp, "encode_anisotropic: codebooks must be (num_blocks, 16, dims_per_block) covering the residual width");
+    require(rows.shape(0) == n && rows.shape(1) == dp, "encode_anisotropic: rows and residuals differ in shape");
+    auto out = new_array<uint8_t>(n, nb_);
+    nb::gil_scoped_release release;
+    mipscan::encode_anisotropic(residuals.data(), rows.data(), n, nb_, dpb, codebooks.data(),
+                                threshold, d_eff, max_iterations, num_threads, out.data());
+    return out;
+  }, "residuals"_a.noconvert(), "rows"_a.noconvert(), "codebooks"_a.noconvert(), "threshold"_a,
+     "d_eff"_a, "max_iterations"_a, "num_threads"_a);
+
+  nb::class_<Index>(m, "Index")
+      .def("__init__",
+           [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,
+              std::optional<In<float, 3>> codebooks, std::optional<In<uint8_t, 1>> packed_codes,
+              std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 2>> slot_rows,
+              std::optional<In<float, 2>> reorder_rows) {
+             mipscan::IndexView v;
+             v.num_leaves = centroids.shape(0);
+             v.d = centroids.shape(1);
+             v.n = slot_ids.shape(0);
+             require(v.num_leaves >= 1 && v.n >= 1, "Index: empty index");
+             require(leaf_offsets.shape(0) == v.num_leaves + 1, "Index: leaf_offsets must have num_leaves + 1 entries");
+             const int64_t* off = leaf_offsets.data();
+             require(off[0] == 0 && off[v.num_leaves] == int64_t(v.n), "Index: leaf_offsets must run from 0 to n");
+             for (size_t l = 0; l < v.num_leaves; ++l) require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
+             for (size_t i = 0; i < v.n; ++i) require(slot_ids.data()[i] < v.n, "Index: slot_ids out of range");
+             v.centroids = centroids.data();
+             v.leaf_offsets = off;
+             v.slot_ids = slot_ids.data();
+             if (codebooks || packed_codes || leaf_groups) {
+               require(codebooks && packed_codes && leaf_groups, "Index: AH needs codebooks, packed_codes and leaf_groups");
+               v.num_blocks = codebooks->shape(0);
+               v.dims_per_block = codebooks->shape(2);
+               require(codebooks->shape(1) == 16 && v.num_blocks * v.dims_per_block >= v.d &&
+                           (v.num_blocks - 1) * v.dims_per_block < v.d, "Index: codebooks do not cover d");
+               require(leaf_groups->shape(0) == v.num_leaves + 1, "Index: leaf_groups must have num_leaves + 1 entries");
+               const int64_t* g = leaf_groups->data();
+               require(g[0] == 0, "Index: leaf_groups must start at 0");
+               for (size_t l = 0; l < v.num_leaves; ++l)
+                 require(g[l + 1] - g[l] == (off[l + 1] - off[l] + 31) / 32, "Index: leaf_groups do not match leaf sizes");
+               require(size_t(g[v.num_leaves]) * mipscan::packed_group_bytes(v.num_blocks) == packed_codes->shape(0),
+                       "Index: packed_codes size does not match leaf_groups");
+               v.codebooks = codebooks->data();
+               v.packed_codes = packed_codes->data();
+               v.leaf_groups = g;
+             } else {
+               require(slot_rows.has_value(), "Index: needs AH arrays or slot_rows");
+             }
+             if (slot_rows) {
+               require(slot_rows->shape(0) == v.n && slot_rows->shape(1) == v.d, "Index: slot_rows must be (n, d)");
+               v.slot_rows = slot_rows->data();
+             }
+             if (reorder_rows) {
+               require(reorder_rows->shape(0) == v.n && reorder_rows->shape(1) == v.d, "Index: reorder_rows must be (n, d)");
+               v.reorder_rows = reorder_rows->data();
+             }
+             new (self) Index{v};
+           },
+           "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
+           "codebooks"_a.noconvert().none(), "packed_codes"_a.noconvert().none(),
+           "leaf_groups"_a.noconvert().none(), "slot_rows"_a.noconvert().none(),
+           "reorder_rows"_a.noconvert().none(),
+           nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
+           nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>())
+      .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
+      .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
+      .def_prop_ro("num_leaves", [](const Index& ix) { return ix.view.num_leaves; })
+      .def("search_batch",
+           [](const Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads) {
+             const auto& v = ix.view;
+             const size_t nq = queries.shape(0);
+             require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
+             require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, n]");
+             require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
+             require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
+             require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
+                     "search_batch: leaf_scores must be (nq, num_leaves)");
+             auto ids = new_array<uint32_t>(nq, final_k);
+             auto scores = new_array<float>(nq, final_k);
+             {
+               nb::gil_scoped_release release;
+               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
+               mipscan::search_batch(v, queries.data(), nq, leaf_scores ? leaf_scores->data() : nullptr,
+                                     p, num_threads, ids.data(), scores.data());
+             }
+             return std::make_pair(ids, scores);
+           },
+           "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a);
+}

@@ -1,0 +1,210 @@
+#include "search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "cpu.h"
+#include "lut16.h"
+#include "parallel.h"
+#include "topk.h"
+
+namespace mipscan {
+
+namespace {
+
+inline float dot(const float* a, const float* b, size_t d) {
+  // Four partial sums: lets the baseline (SSE2) build vectorise without -ffast-math.
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  size_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < d; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+struct Scratch {
+  std::vector<float> leaf_scores;
+  std::vector<uint32_t> leaf_order;
+  std::vector<float> lut_f;
+  std::vector<uint8_t> lut_u8;
+  std::vector<uint16_t> sums;
+  TopK candidates;
+  TopK final_;
+};
+
+// Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
+struct QuantLut {
+  float bias = 0;
+  float scale = 0;      // float units -> integer units
+  float inv_scale = 0;  // integer units -> float units
+};
+
+QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
+  const size_t nb = ix.num_blocks, dpb = ix.dims_per_block, nbp = padded_blocks(nb);
+  s.lut_f.assign(nb * 16, 0.f);
+  s.lut_u8.assign(nbp * 16, 0);
+  QuantLut out;
+  float max_range = 0;
+  std::vector<float>& lf = s.lut_f;
+  for (size_t b = 0; b < nb; ++b) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (size_t c = 0; c < 16; ++c) {
+      const float* cw = ix.codebooks + (b * 16 + c) * dpb;
+      float v = 0;
+      for (size_t j = 0; j < dpb; ++j) {
+        const size_t dim = b * dpb + j;
+        if (dim < ix.d) v += q[dim] * cw[j];
+      }
+      lf[b * 16 + c] = v;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    out.bias += lo;
+    for (size_t c = 0; c < 16; ++c) lf[b * 16 + c] -= lo;
+    max_range = std::max(max_range, hi - lo);
+  }
+  // Largest entry such that nbp entries still sum within 16 bits (see lut16.h).
+  const float cap = static_cast<float>(std::min<size_t>(255, 65535 / nbp));
+  if (max_range > 0) {
+    out.scale = cap / max_range;
+    out.inv_scale = max_range / cap;
+    for (size_t i = 0; i < nb * 16; ++i) {
+      float v = std::nearbyint(lf[i] * out.scale);
+      s.lut_u8[i] = static_cast<uint8_t>(std::min(std::max(v, 0.f), cap));
+    }
+  }
+  return out;
+}
+
+void select_leaves(const IndexView& ix, const float* q, const float* precomputed,
+                   size_t first, Scratch& s) {
+  const size_t L = ix.num_leaves;
+  s.leaf_scores.resize(L);
+  if (precomputed != nullptr) {
+    std::copy(precomputed, precomputed + L, s.leaf_scores.begin());
+  } else {
+    for (size_t l = 0; l < L; ++l) s.leaf_scores[l] = dot(q, ix.centroids + l * ix.d, ix.d);
+  }
+  s.leaf_order.resize(L);
+  std::iota(s.leaf_order.begin(), s.leaf_order.end(), 0u);
+  const float* sc = s.leaf_scores.data();
+  auto cmp = [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); };
+  if (first < L) {
+    std::partial_sort(s.leaf_order.begin(), s.leaf_order.begin() + first, s.leaf_order.end(), cmp);
+  }
+}
+
+// Sorts the leaves past `first` (only needed when the searched ones held too few points).
+void sort_remaining_leaves(size_t first, Scratch& s) {
+  const float* sc = s.leaf_scores.data();
+  std::sort(s.leaf_order.begin() + first, s.leaf_order.end(),
+            [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
+}
+
+void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& ql,
+                  Scratch& s, HeapView& heap) {
+  const size_t nbp = padded_blocks(ix.num_blocks);
+  const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
+  const int64_t slot0 = ix.leaf_offsets[leaf];
+  const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
+  if (count == 0) return;
+  const size_t groups = static_cast<size_t>(g1 - g0);
+  if (s.sums.size() < groups * 32) s.sums.resize(groups * 32);
+  kernels().scan_lut16(ix.packed_codes + g0 * nbp * 16, groups, nbp, s.lut_u8.data(), s.sums.data());
+  const uint16_t* sums = s.sums.data();
+
+  // Integer prefilter: a point can only enter when base + sum * inv_scale >= threshold,
+  // i.e. sum >= (threshold - base) * scale. The cut is lowered by one to absorb float
+  // rounding; the float comparison below decides.
+  auto int_cut = [&](float thr) -> int64_t {
+    if (!(thr > -INFINITY) || ql.scale == 0) return 0;
+    double cut = std::floor(double(thr - base) * ql.scale) - 1.0;
+    if (cut < 0) return 0;
+    return cut > 70000 ? 70000 : static_cast<int64_t>(cut);
+  };
+  float thr = heap.threshold();
+  int64_t icut = int_cut(thr);
+  for (size_t i = 0; i < count; ++i) {
+    if (sums[i] < icut) continue;
+    const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
+    if (v >= thr) {
+      heap.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
+      thr = heap.threshold();
+      icut = int_cut(thr);
+    }
+  }
+}
+
+void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, HeapView& heap) {
+  const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
+  float thr = heap.threshold();
+  for (int64_t slot = a; slot < b; ++slot) {
+    const float v = dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
+    if (v >= thr) {
+      heap.push(v, static_cast<uint32_t>(slot));
+      thr = heap.threshold();
+    }
+  }
+}
+
+void search_one(const IndexView& ix, const float* q, const float* precomputed,
+                const SearchParams& p, Scratch& s, uint32_t* out_ids, float* out_scores) {
+  const bool reorder = ix.reorder_rows != nullptr;
+  const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
+  const size_t L = ix.num_leaves;
+  const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  select_leaves(ix, q, precomputed, first, s);
+
+  s.candidates.reset(cand_k);
+  HeapView& cand = s.candidates.heap;
+  QuantLut ql;
+  const bool ah = ix.packed_codes != nullptr;
+  if (ah) ql = build_lut(ix, q, s);
+  for (size_t r = 0; r < L; ++r) {
+    if (r == first) {
+      if (cand.size >= cand_k) break;
+      sort_remaining_leaves(first, s);  // fewer points than needed so far: widen
+    }
+    const uint32_t leaf = s.leaf_order[r];
+    if (ah) scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+    else scan_leaf_float(ix, leaf, q, cand);
+    if (r + 1 >= first && cand.size >= cand_k) break;
+  }
+
+  s.final_.reset(p.final_k);
+  HeapView& fin = s.final_.heap;
+  for (size_t i = 0; i < cand.size; ++i) {
+    const uint32_t row = ix.slot_ids[cand.id[i]];
+    const float v = reorder ? dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d)
+                            : cand.s[i];
+    fin.push(v, row);
+  }
+  fin.sort_best_first();
+  for (size_t i = 0; i < p.final_k; ++i) {
+    out_ids[i] = fin.id[i];
+    out_scores[i] = fin.s[i];
+  }
+}
+
+}  // namespace
+
+void search_batch(const IndexView& index, const float* queries, size_t nq,
+                  const float* leaf_scores, const SearchParams& params, int num_threads,
+                  uint32_t* out_ids, float* out_scores) {
+  parallel_for(nq, num_threads, 1, [&](size_t b, size_t e, int) {
+    Scratch s;
+    for (size_t i = b; i < e; ++i) {
+      search_one(index, queries + i * index.d,
+                 leaf_scores ? leaf_scores + i * index.num_leaves : nullptr, params, s,
+                 out_ids + i * params.final_k, out_scores + i * params.final_k);
+    }
+  });
+}
+
+}  // namespace mipscan

@@ -1,0 +1,66 @@
+// The searcher's query path: leaf selection, LUT16 (or exact float) scoring of the
+// searched leaves, top-k, exact reorder.
+//
+// Everything is in "MIPS space": larger inner product = better. The Python layer maps
+// each metric into it (cosine: unit rows and queries; squared_l2: rows [x, -|x|^2/2],
+// queries [q, 1]) and maps scores back afterwards.
+//
+// Ownership: an IndexView holds raw pointers only. The arrays belong to the Python
+// Searcher, which keeps them alive (and may memory-map them) for the view's lifetime.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace mipscan {
+
+struct IndexView {
+  size_t n = 0;           // datapoints (= slots; every point sits in exactly one leaf)
+  size_t d = 0;           // MIPS-space dimension of queries, centroids and float rows
+  size_t num_leaves = 0;  // >= 1; a searcher without a tree has one leaf, centroid 0
+  const float* centroids = nullptr;       // num_leaves * d
+  const int64_t* leaf_offsets = nullptr;  // num_leaves + 1: slots of leaf l are [o[l], o[l+1])
+  const uint32_t* slot_ids = nullptr;     // n: datapoint row of each slot
+
+  // Asymmetric hashing (present when packed_codes != nullptr).
+  size_t num_blocks = 0;        // blocks of dims_per_block dimensions covering d (zero padded)
+  size_t dims_per_block = 0;
+  const float* codebooks = nullptr;           // num_blocks * 16 * dims_per_block
+  const uint8_t* packed_codes = nullptr;      // per leaf, ceil(size/32) groups (lut16.h)
+  const int64_t* leaf_groups = nullptr;       // num_leaves + 1: group offsets of each leaf
+
+  // Exact float scoring of the searched leaves (score_brute_force): n * d, slot order.
+  const float* slot_rows = nullptr;
+  // Exact reorder: n * d, datapoint-row order (nullptr: no reorder).
+  const float* reorder_rows = nullptr;
+};
+
+struct SearchParams {
+  size_t leaves_to_search = 1;  // 1..num_leaves
+  size_t pre_reorder_k = 1;     // approximate candidates kept (>= final_k when reordering)
+  size_t final_k = 1;           // 1..n
+};
+
+// Searches nq queries (nq * d, row-major). leaf_scores, when non-null, holds
+// precomputed query-centroid inner products (nq * num_leaves); otherwise they are
+// computed here. Writes nq * final_k ids (datapoint rows) and scores, best first.
+//
+// Guarantee: exactly final_k results per query (final_k <= n is a precondition). When the
+// searched leaves hold fewer than the needed candidates, further leaves are searched in
+// order of their centroid score until there are enough.
+void search_batch(const IndexView& index, const float* queries, size_t nq,
+                  const float* leaf_scores, const SearchParams& params, int num_threads,
+                  uint32_t* out_ids, float* out_scores);
+
+// Anisotropic AH encoding (Guo et al., ICML 2020). For each of n points, picks the code
+// of each block minimising |e|^2 + (eta - 1) * (e . x_hat)^2, e = residual - decoded,
+// by coordinate descent over blocks starting from the nearest codewords. eta comes from
+// the threshold T: t = min(T / |x|, 0.999), eta = (d_eff - 1) t^2 / (1 - t^2); T <= 0 or
+// NaN means eta = 1 (plain nearest-codeword encoding).
+//   residuals, rows: n * (num_blocks * dims_per_block) floats; codebooks as in IndexView;
+//   codes: n * num_blocks bytes.
+void encode_anisotropic(const float* residuals, const float* rows, size_t n,
+                        size_t num_blocks, size_t dims_per_block, const float* codebooks,
+                        float threshold, size_t d_eff, int max_iterations, int num_threads,
+                        uint8_t* codes);
+
+}  // namespace mipscan

@@ -1,0 +1,60 @@
+// Top-k selection shared by brute force and the searcher.
+//
+// Order: a (score, id) pair is better than another when its score is higher, or the
+// scores are equal and its id is smaller. Results are therefore deterministic even with
+// ties, and equal to a stable descending sort.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace mipscan {
+
+inline bool better(float sa, uint32_t ia, float sb, uint32_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// A binary heap over two parallel arrays (scores, ids) of capacity k whose root is the
+// worst kept pair. The arrays are owned by the caller (so the same code serves
+// per-thread scratch and the caller-owned state of `topk_update_rows`).
+struct HeapView {
+  float* s;
+  uint32_t* id;
+  size_t k;
+  size_t size;
+
+  // Lowest score that can still enter; -inf while not full.
+  float threshold() const {
+    return size < k ? -std::numeric_limits<float>::infinity() : s[0];
+  }
+  void push(float score, uint32_t i);
+  // Sorts the kept pairs best first, in place; the heap is unusable afterwards.
+  void sort_best_first();
+};
+
+// Heap with its own storage, for scratch space that lives across queries.
+struct TopK {
+  std::vector<float> s;
+  std::vector<uint32_t> id;
+  HeapView heap{nullptr, nullptr, 0, 0};
+  void reset(size_t k) {
+    if (s.size() < k) { s.resize(k); id.resize(k); }
+    heap = HeapView{s.data(), id.data(), k, 0};
+  }
+};
+
+// Streams a block of scores into per-row heaps: for each row r < nq, the m scores
+// scores[r*ld + j] (+ col_bias[j] when col_bias is non-null) are offered with id
+// col_offset + j. heap_s/heap_id are nq*k arrays and sizes an nq array, all owned by
+// the caller and carried from one block to the next (sizes start at 0).
+// Preconditions: k >= 1, ld >= m, col_offset + m <= 2^32.
+void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
+                      const float* col_bias, uint32_t col_offset, size_t k,
+                      float* heap_s, uint32_t* heap_id, int64_t* sizes, int num_threads);
+
+// Sorts each row's heap best first (rows with fewer than k entries keep their count).
+void topk_finish_rows(size_t nq, size_t k, float* heap_s, uint32_t* heap_id,
+                      const int64_t* sizes, int num_threads);
+
+}  // namespace mipscan
