@@ -1,19 +1,34 @@
 """mipscan: fast top-k retrieval for learned embeddings.
 
-Public names: :func:`builder`, :func:`load_searcher`, :func:`brute_force`,
-:func:`simd_level`, :func:`set_num_threads`, :class:`SearchResult`.
+ScaNN's algorithm (k-means tree, anisotropic 4-bit AH scored with SIMD lookup tables,
+exact reorder) behind ScaNN's API::
+
+    searcher = mipscan.builder(db, 10, "dot_product").tree(100, 30).score_ah(2).reorder(500).build()
+    ids, distances = searcher.search_batched_parallel(queries)
+
+Code written for ScaNN switches by its import: ``from mipscan import scann_ops``.
 """
 
 from mipscan._mipscan import simd_level
-from mipscan.brute import SearchResult, brute_force
+from mipscan._io import load_searcher
 from mipscan._threads import get_num_threads, set_num_threads
+from mipscan.brute import SearchResult, brute_force
+from mipscan.builder import ScannBuilder, builder
+from mipscan.searcher import Searcher
+from mipscan import scann_ops, scann_ops_pybind
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScannBuilder",
     "SearchResult",
+    "Searcher",
     "brute_force",
+    "builder",
     "get_num_threads",
+    "load_searcher",
+    "scann_ops",
+    "scann_ops_pybind",
     "set_num_threads",
     "simd_level",
 ]

@@ -1,0 +1,232 @@
+"""Index folders: one .npy per array plus mipscan.json (format, version, config,
+shapes, dtypes, sha256 of each file). No pickle anywhere."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "mipscan-index"
+FORMAT_VERSION = 1
+MANIFEST = "mipscan.json"
+
+# Every array an index may hold, with its dtype and rank; which ones are required depends
+# on the configuration (see _required).
+ARRAYS = {
+    "centroids": (np.float32, 2), "leaf_offsets": (np.int64, 1), "slot_ids": (np.uint32, 1),
+    "codebooks": (np.float32, 3), "packed_codes": (np.uint8, 1), "leaf_groups": (np.int64, 1),
+    "slot_rows": (np.float32, 2), "reorder_rows": (np.float32, 2),
+}
+
+
+def _required(config: dict) -> set[str]:
+    names = {"centroids", "leaf_offsets", "slot_ids"}
+    names |= {"codebooks", "packed_codes", "leaf_groups"} if "score_ah" in config else {"slot_rows"}
+    if "reorder" in config:
+        names.add("reorder_rows")
+    return names
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
+    target = Path(os.fspath(directory)).absolute()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"serialize(): directory {str(target)!r} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).exists():
+        raise ValueError(f"serialize(): {str(target)!r} is a non-empty folder that is not a "
+                         "mipscan index; refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "config": config, "arrays": {}}
+        for name, arr in arrays.items():
+            path = tmp / f"{name}.npy"
+            with open(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            manifest["arrays"][name] = {"file": path.name, "dtype": np.dtype(arr.dtype).str,
+                                        "shape": list(arr.shape), "sha256": _sha256(path)}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if target.exists():
+            if not _exchange(tmp, target):
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                tmp = old
+        else:
+            os.rename(tmp, target)
+            tmp = None
+        _fsync_dir(target.parent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_searcher(directory, mmap: bool = True, verify: bool = True):
+    """Loads an index written by ``Searcher.serialize``.
+
+    Args:
+        directory: the index folder.
+        mmap: memory-map the arrays (no copy, fast start, pages shared between processes).
+        verify: check every file's sha256 against mipscan.json (reads each file once).
+
+    Returns:
+        A :class:`mipscan.searcher.Searcher`.
+
+    Raises:
+        ValueError: a missing, damaged, truncated or foreign folder; the message names
+            the path and the offending field.
+    """
+    from mipscan.searcher import Searcher
+
+    root = Path(os.fspath(directory))
+    mpath = root / MANIFEST
+
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"load_searcher(): {str(mpath)!r}: {field}: {why}")
+
+    if not root.is_dir():
+        raise ValueError(f"load_searcher(): {str(root)!r} is not a folder")
+    if not mpath.is_file():
+        raise ValueError(f"load_searcher(): {str(root)!r} has no {MANIFEST}; not a mipscan index")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad("(whole file)", f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise bad("(whole file)", "not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise bad("format", f"expected {FORMAT!r}; got {manifest.get('format')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise bad("format_version", f"this mipscan reads version {FORMAT_VERSION}; "
+                                    f"got {manifest.get('format_version')!r}")
+    config = manifest.get("config")
+    entries = manifest.get("arrays")
+    if not isinstance(config, dict):
+        raise bad("config", "missing or not an object")
+    if not isinstance(entries, dict):
+        raise bad("arrays", "missing or not an object")
+    config = _check_config(config, bad)
+    need = _required(config)
+    if set(entries) != need:
+        raise bad("arrays", f"expected entries {sorted(need)}; got {sorted(entries)}")
+
+    arrays = {}
+    for name in sorted(need):
+        entry = entries[name]
+        field = f"arrays.{name}"
+        if not isinstance(entry, dict) or set(entry) != {"file", "dtype", "shape", "sha256"}:
+            raise bad(field, "must have exactly file, dtype, shape, sha256")
+        if entry["file"] != f"{name}.npy":
+            raise bad(f"{field}.file", f"expected {name}.npy; got {entry['file']!r}")
+        dtype, ndim = ARRAYS[name]
+        if entry["dtype"] != np.dtype(dtype).str:
+            raise bad(f"{field}.dtype", f"expected {np.dtype(dtype).str!r}; got {entry['dtype']!r}")
+        shape = entry["shape"]
+        if not (isinstance(shape, list) and len(shape) == ndim
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise bad(f"{field}.shape", f"expected {ndim} non-negative ints; got {shape!r}")
+        path = root / entry["file"]
+        if not path.is_file():
+            raise ValueError(f"load_searcher(): {str(path)!r} is missing ({field})")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"load_searcher(): {str(path)!r} does not match its sha256 in "
+                             f"{MANIFEST} ({field}.sha256): the file is damaged or was replaced")
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except Exception as exc:  # truncated header, wrong magic, pickled object, ...
+            raise ValueError(f"load_searcher(): {str(path)!r} is not a readable .npy file "
+                             f"({field}): {exc}") from None
+        if arr.dtype != np.dtype(dtype) or list(arr.shape) != shape:
+            raise ValueError(f"load_searcher(): {str(path)!r} holds {arr.dtype} {arr.shape}; "
+                             f"{MANIFEST} says {entry['dtype']} {tuple(shape)} ({field})")
+        arrays[name] = arr
+    try:
+        return Searcher(config, arrays)
+    except ValueError as exc:  # structural checks of the C++ index view
+        raise ValueError(f"load_searcher(): {str(root)!r}: inconsistent arrays: {exc}") from None
+
+
+def _check_config(config: dict, bad) -> dict:
+    """Re-validates a stored config with the builder's own tables."""
+    from mipscan.builder import STAGES
+    from mipscan._validation import DISTANCE_MEASURES, check_value, Interval, Options
+
+    def field(name, rule, where="config"):
+        if name not in config:
+            raise bad(f"{where}.{name}", "missing")
+        try:
+            return check_value("load_searcher()", f"{where}.{name}", config[name], rule)
+        except (TypeError, ValueError) as exc:
+            raise bad(f"{where}.{name}", str(exc)) from None
+
+    n = field("n", Interval(int, 1, None))
+    field("d", Interval(int, 1, None))
+    field("num_neighbors", Interval(int, 1, n))
+    field("distance_measure", Options(DISTANCE_MEASURES))
+    field("seed", Interval(int, 0, None))
+    for stage, table in STAGES.items():
+        if stage not in config:
+            continue
+        params = config[stage]
+        if not isinstance(params, dict) or set(params) != set(table):
+            raise bad(f"config.{stage}", f"expected keys {sorted(table)}")
+        for name, (rule, _default) in table.items():
+            if name == "anisotropic_quantization_threshold" and params[name] is None:
+                continue
+            try:
+                check_value("load_searcher()", f"config.{stage}.{name}", params[name], rule)
+            except (TypeError, ValueError) as exc:
+                raise bad(f"config.{stage}.{name}", str(exc)) from None
+    if ("score_ah" in config) == ("score_brute_force" in config):
+        raise bad("config", "exactly one of score_ah or score_brute_force is required")
+    unknown = set(config) - set(STAGES) - {"n", "d", "num_neighbors", "distance_measure", "seed",
+                                           "build_seconds"}
+    if unknown:
+        raise bad("config", f"unknown keys {sorted(unknown)}")
+    return config

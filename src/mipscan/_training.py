@@ -1,0 +1,106 @@
+"""Training in numpy (BLAS does the heavy lifting): k-means for the partitioning tree
+and for the per-block AH codebooks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Rows per chunk in assignment: bounds the (chunk, k) distance matrix to a few MiB.
+_ASSIGN_CHUNK = 16384
+
+
+def assign_nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = _ASSIGN_CHUNK):
+    """Index (int64) and squared distance of the nearest centroid of each row of x."""
+    half_norms = 0.5 * np.einsum("ij,ij->i", centroids, centroids)
+    labels = np.empty(len(x), np.int64)
+    for b in range(0, len(x), chunk):
+        s = x[b:b + chunk] @ centroids.T
+        s -= half_norms
+        labels[b:b + chunk] = np.argmax(s, axis=1)
+    return labels
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
+           spherical: bool = False, kmeanspp: bool = False) -> np.ndarray:
+    """Lloyd's k-means on the rows of x (float32). Returns (k, d) float32 centroids.
+
+    Empty clusters are re-seeded with the rows farthest from their centroid, so every
+    centroid ends up owning at least one training row when len(x) >= k.
+    """
+    n = len(x)
+    if kmeanspp:
+        centroids = _kmeanspp_init(x, k, rng)
+    else:
+        centroids = x[rng.choice(n, size=k, replace=False)].copy()
+    if spherical:
+        centroids = _unit(centroids)
+    for _ in range(iterations):
+        labels = assign_nearest(x, centroids)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(sums, labels, x)
+        new = centroids.copy()
+        nz = counts > 0
+        new[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+        empty = np.flatnonzero(~nz)
+        if len(empty):
+            d2 = np.einsum("ij,ij->i", x - new[labels], x - new[labels])
+            far = np.argsort(-d2)[:len(empty)]
+            new[empty] = x[far]
+        if spherical:
+            new = _unit(new)
+        if np.array_equal(new, centroids):
+            break
+        centroids = new
+    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+def _unit(c: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    return (c / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+
+def _kmeanspp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    n = len(x)
+    centers = [x[rng.integers(n)]]
+    d2 = np.einsum("ij,ij->i", x - centers[0], x - centers[0]).astype(np.float64)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = rng.integers(n) if total <= 0 else rng.choice(n, p=d2 / total)
+        centers.append(x[i])
+        diff = x - x[i]
+        d2 = np.minimum(d2, np.einsum("ij,ij->i", diff, diff))
+    return np.array(centers, dtype=np.float32)
+
+
+def train_codebooks(residuals: np.ndarray, num_blocks: int, dims_per_block: int,
+                    iterations: int, rng: np.random.Generator) -> np.ndarray:
+    """16 codewords per block by k-means on residual blocks, all blocks at once.
+
+    residuals: (m, num_blocks * dims_per_block) float32. Returns (num_blocks, 16,
+    dims_per_block) float32.
+    """
+    m = len(residuals)
+    xb = residuals.reshape(m, num_blocks, dims_per_block)
+    init = rng.choice(m, size=16, replace=m < 16)
+    books = xb[init].transpose(1, 0, 2).copy()  # (nb, 16, dpb)
+    flat_block = np.repeat(np.arange(num_blocks)[None, :], m, axis=0)
+    for _ in range(iterations):
+        # (m, nb, 16) squared distances, up to the per-row constant |x_b|^2
+        cross = np.einsum("mbj,bcj->mbc", xb, books)
+        dist = np.einsum("bcj,bcj->bc", books, books)[None] - 2 * cross
+        labels = np.argmin(dist, axis=2)
+        idx = (flat_block * 16 + labels).ravel()
+        counts = np.bincount(idx, minlength=num_blocks * 16).reshape(num_blocks, 16)
+        sums = np.stack([np.bincount(idx, weights=xb[:, :, j].ravel(), minlength=num_blocks * 16)
+                         for j in range(dims_per_block)], axis=-1).reshape(num_blocks, 16, dims_per_block)
+        new = books.copy()
+        nz = counts > 0
+        new[nz] = (sums[nz] / counts[nz][:, None]).astype(np.float32)
+        # An empty codeword takes a random training row of its block.
+        for b, c in zip(*np.nonzero(~nz)):
+            new[b, c] = xb[rng.integers(m), b]
+        if np.array_equal(new, books):
+            break
+        books = new
+    return np.ascontiguousarray(books, dtype=np.float32)

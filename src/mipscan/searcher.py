@@ -1,0 +1,153 @@
+"""The Searcher: holds the index arrays and answers queries through one C++ call."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mipscan import _mipscan
+from mipscan._threads import get_num_threads
+from mipscan._validation import as_float_array, check_int
+from mipscan.brute import SearchResult, normalize_rows
+
+# Above this many leaves, batched searches score centroids with one BLAS product per
+# batch instead of per query in C++.
+_BLAS_LEAF_SCORES_MIN_LEAVES = 256
+
+_OPTIONAL = ("codebooks", "packed_codes", "leaf_groups", "slot_rows", "reorder_rows")
+
+
+class Searcher:
+    """A built (or loaded) index. Create one with :func:`mipscan.builder` or
+    :func:`mipscan.load_searcher`; search with :meth:`search`, :meth:`search_batched` or
+    :meth:`search_batched_parallel`. Thread-safe: searches may run concurrently.
+
+    Every search returns exactly ``final_num_neighbors`` results per query: when the
+    searched leaves hold fewer candidates than needed, further leaves are searched in
+    order of their centroid score until there are enough (so k <= n always gives k).
+    """
+
+    def __init__(self, config: dict, arrays: dict[str, np.ndarray]):
+        self.config = config
+        self._arrays = arrays
+        self.n = int(config["n"])
+        self.d = int(config["d"])
+        self.distance_measure = config["distance_measure"]
+        self.num_neighbors = int(config["num_neighbors"])
+        tree = config.get("tree")
+        self.num_leaves = len(arrays["centroids"])
+        self.num_leaves_to_search = min(tree["num_leaves_to_search"], self.num_leaves) if tree else 1
+        reorder = config.get("reorder")
+        self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
+        self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
+                                     *(arrays.get(k) for k in _OPTIONAL))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of all index arrays (what serialize() writes, less the JSON)."""
+        return int(sum(a.nbytes for a in self._arrays.values()))
+
+    def __repr__(self) -> str:
+        stages = [s for s in ("tree", "score_ah", "score_brute_force", "reorder") if s in self.config]
+        return (f"Searcher(n={self.n}, d={self.d}, distance_measure={self.distance_measure!r}, "
+                f"num_leaves={self.num_leaves}, stages={stages}, index_bytes={self.index_bytes})")
+
+    def size(self) -> int:
+        """Number of datapoints (as ScaNN's ``size()``)."""
+        return self.n
+
+    # ---------------------------------------------------------------- searching
+    def search(self, q, final_num_neighbors=None, pre_reorder_num_neighbors=None,
+               leaves_to_search=None) -> SearchResult:
+        """Neighbours of one query.
+
+        Args:
+            q: (d,) float array.
+            final_num_neighbors: results to return, in [1, n] (default: the builder's
+                num_neighbors).
+            pre_reorder_num_neighbors: approximate candidates rescored exactly when the
+                index reorders, in [1, n] (default: reordering_num_neighbors); at least
+                final_num_neighbors are always kept.
+            leaves_to_search: leaves scanned, in [1, num_leaves] (default: the tree's
+                num_leaves_to_search).
+
+        Returns:
+            SearchResult(indices (k,) uint32, distances (k,) float32), best first.
+
+        Raises:
+            TypeError: non-float q, non-int counts. ValueError: wrong shape, NaN/inf,
+            dimension mismatch, counts out of range.
+        """
+        call = "search()"
+        q = as_float_array(call, "q", q, 1, d=self.d)
+        r = self._run(call, q[None, :], final_num_neighbors, pre_reorder_num_neighbors,
+                      leaves_to_search, threads=1)
+        return SearchResult(r.indices[0], r.distances[0])
+
+    def search_batched(self, queries, final_num_neighbors=None, pre_reorder_num_neighbors=None,
+                       leaves_to_search=None) -> SearchResult:
+        """Neighbours of each row of ``queries`` (nq, d), on the calling thread only.
+        Arguments as :meth:`search`; returns (nq, k) arrays."""
+        call = "search_batched()"
+        queries = as_float_array(call, "queries", queries, 2, d=self.d)
+        return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
+                         leaves_to_search, threads=1)
+
+    def search_batched_parallel(self, queries, final_num_neighbors=None,
+                                pre_reorder_num_neighbors=None, leaves_to_search=None,
+                                batch_size: int = 256) -> SearchResult:
+        """As :meth:`search_batched`, on :func:`mipscan.get_num_threads` threads (C++, GIL
+        released). ``batch_size`` (an int >= 1) is how many queries get their centroid
+        scores from one BLAS product; results do not depend on it."""
+        call = "search_batched_parallel()"
+        queries = as_float_array(call, "queries", queries, 2, d=self.d)
+        batch_size = check_int(call, "batch_size", batch_size, 1, None)
+        return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
+                         leaves_to_search, threads=get_num_threads(), batch_size=batch_size)
+
+    def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256) -> SearchResult:
+        n = self.n
+        final_k = self.num_neighbors if final_k is None else check_int(
+            call, "final_num_neighbors", final_k, 1, n, high_name=f"n={n}")
+        default_pre = self.reordering_num_neighbors or final_k
+        pre_k = default_pre if pre_k is None else check_int(
+            call, "pre_reorder_num_neighbors", pre_k, 1, n, high_name=f"n={n}")
+        leaves = self.num_leaves_to_search if leaves is None else check_int(
+            call, "leaves_to_search", leaves, 1, self.num_leaves,
+            high_name=f"num_leaves={self.num_leaves}")
+        q = self._to_mips(queries)
+        nq = len(q)
+        if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
+            ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads)
+        else:
+            ids = np.empty((nq, final_k), np.uint32)
+            scores = np.empty((nq, final_k), np.float32)
+            c = self._arrays["centroids"]
+            for b in range(0, nq, batch_size):
+                qb = q[b:b + batch_size]
+                leaf_scores = np.ascontiguousarray(qb @ c.T, dtype=np.float32)
+                ids[b:b + len(qb)], scores[b:b + len(qb)] = self._index.search_batch(
+                    qb, leaf_scores, leaves, pre_k, final_k, threads)
+        return SearchResult(ids, self._from_mips(queries, scores))
+
+    def _to_mips(self, q: np.ndarray) -> np.ndarray:
+        if self.distance_measure == "cosine":
+            return normalize_rows(q)
+        if self.distance_measure == "squared_l2":
+            return np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1), np.float32)]))
+        return q
+
+    def _from_mips(self, q: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.distance_measure == "squared_l2":
+            # MIPS score = q.x - |x|^2/2, so |q - x|^2 = |q|^2 - 2 * score
+            qn = np.einsum("ij,ij->i", q, q)[:, None]
+            return np.maximum(qn - 2.0 * scores, 0).astype(np.float32)
+        return scores
+
+    # ---------------------------------------------------------------- persistence
+    def serialize(self, directory) -> None:
+        """Writes the index to ``directory`` (a folder of .npy files plus mipscan.json),
+        atomically: readers see the old index or the complete new one, never a mix."""
+        from mipscan._io import save_index
+
+        save_index(directory, self.config, self._arrays)
