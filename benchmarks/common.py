@@ -1,0 +1,171 @@
+"""Helpers shared by the benchmark scripts: thread pinning, timing, memory, environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of interest that this CPU reports (Linux only)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512bw"})
+    except OSError:
+        pass
+    return []
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None when it is absent."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Everything about the machine and software that a benchmark number depends on."""
+    env = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "loadavg_start": list(os.getloadavg()),
+        "versions": {name: package_version(name) for name in
+                     ("mipscan", "numpy", "scann", "faiss-cpu", "hnswlib", "threadpoolctl",
+                      "keras", "keras-rs", "jax")},
+    }
+    try:
+        import mipscan
+
+        env["mipscan_simd_level"] = mipscan.simd_level()
+    except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+        env["mipscan_simd_level"] = f"unavailable: {exc}"
+    return env
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int):
+    """Limits BLAS, OpenMP (threadpoolctl), faiss's OpenMP and mipscan's pool to ``n`` threads.
+
+    Libraries that take a thread count per call (hnswlib, ScaNN) get ``n`` from the caller.
+    """
+    from threadpoolctl import threadpool_limits
+
+    old_mipscan = None
+    if "mipscan" in sys.modules:
+        import mipscan
+
+        old_mipscan = mipscan.get_num_threads()
+        mipscan.set_num_threads(n)
+    old_faiss = None
+    if "faiss" in sys.modules:
+        import faiss
+
+        old_faiss = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        if old_mipscan is not None:
+            import mipscan
+
+            mipscan.set_num_threads(old_mipscan)
+        if old_faiss is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(old_faiss)
+
+
+def threadpool_info() -> list[dict]:
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries (what pinning reaches)."""
+    from threadpoolctl import threadpool_info as info
+
+    return [{k: p.get(k) for k in ("user_api", "internal_api", "prefix", "num_threads", "version")}
+            for p in info()]
+
+
+def time_median(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; returns (median s, all s)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (VmRSS), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM, reset by :func:`reset_peak_rss`), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def numpy_topk(db: np.ndarray, queries: np.ndarray, k: int, metric: str = "dot_product",
+               block: int = 128) -> np.ndarray:
+    """Exact top-k ids, best first: blocks of queries, matmul, argpartition, sort of the top k."""
+    nq = queries.shape[0]
+    out = np.empty((nq, k), np.int64)
+    bias = None
+    if metric == "squared_l2":
+        bias = -np.einsum("ij,ij->i", db, db)
+    for b0 in range(0, nq, block):
+        q = queries[b0:b0 + block]
+        if bias is None:
+            scores = q @ db.T
+        else:
+            scores = 2.0 * (q @ db.T) + bias
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        out[b0:b0 + block] = np.take_along_axis(part, order, axis=1)
+    return out

@@ -1,0 +1,234 @@
+"""Summaries of a harness run: QPS at target recalls, markdown tables, the plot, README section.
+
+``python -m benchmarks.report --readme`` rewrites the README section between
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` from the committed results
+(``benchmarks/results/<dataset>.json`` for :data:`README_DATASETS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from benchmarks.common import REPO
+
+TARGETS = (0.90, 0.95, 0.99)
+README_DATASETS = ("seed", "glove-50-dev")
+RESULTS = REPO / "benchmarks" / "results"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+REFERENCE = "mipscan"
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a dataset name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def modes(result: dict) -> list[tuple[str, str]]:
+    """(key, label) of every QPS measure in a run: single query, then batched per thread count."""
+    out = [("single", "single query, 1 thread")]
+    for n in result["config"]["threads"]:
+        out.append((f"batched:{n}", f"batched, {n} thread{'s' if n > 1 else ''}"))
+    return out
+
+
+def qps(point: dict, mode: str) -> float | None:
+    if mode == "single":
+        return point.get("qps_single")
+    return point["qps_batched"].get(mode.split(":")[1])
+
+
+def front(points: list[dict], mode: str) -> list[dict]:
+    """Pareto front (no other point has both higher recall and higher QPS), by recall."""
+    pts = sorted((p for p in points if qps(p, mode)), key=lambda p: (-p["recall"], -qps(p, mode)))
+    out, best = [], -1.0
+    for p in pts:
+        if qps(p, mode) > best:
+            out.append(p)
+            best = qps(p, mode)
+    return sorted(out, key=lambda p: p["recall"])
+
+
+def at_target(points: list[dict], mode: str, target: float) -> dict | None:
+    """The fastest measured point whose recall@10 reaches ``target`` (no interpolation)."""
+    ok = [p for p in points if p["recall"] >= target and qps(p, mode)]
+    return max(ok, key=lambda p: qps(p, mode)) if ok else None
+
+
+def summarize(result: dict) -> dict:
+    """{mode: {system: {target: {"qps", "recall", "knobs", "ratio"}}}}; ratio = mipscan / system."""
+    out = {}
+    systems = [s for s in result["systems"] if s.get("points")]
+    for mode, _ in modes(result):
+        table = {}
+        for s in systems:
+            table[s["name"]] = {}
+            for t in TARGETS:
+                p = at_target(s["points"], mode, t)
+                table[s["name"]][f"{t:.2f}"] = None if p is None else {
+                    "qps": qps(p, mode), "recall": p["recall"], "knobs": p["knobs"]}
+        ref = table.get(REFERENCE, {})
+        for name, row in table.items():
+            for t, cell in row.items():
+                if cell is not None and ref.get(t):
+                    cell["ratio"] = ref[t]["qps"] / cell["qps"]
+        out[mode] = table
+    return out
+
+
+def _fmt_qps(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _mb(x: int | None) -> str:
+    return "—" if x is None else f"{x / 2**20:,.1f}"
+
+
+def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -> str:
+    """The summary of one run: header, QPS-at-recall tables, build table, plot link."""
+    ds, env, cfg = result["dataset"], result["env"], result["config"]
+    summary = result.get("summary") or summarize(result)
+    lines = [
+        f"{heading} {ds['name']}: {ds['n']:,} x {ds['d']} ({ds['metric']}), "
+        f"{ds['nq']:,} queries, k={cfg['k']}",
+        "",
+        f"{result['date']}; {env['cpu']} ({env['cores']} cores, mipscan SIMD "
+        f"`{env.get('mipscan_simd_level')}`); load average {env['loadavg_start'][0]:.2f} at the "
+        f"start and {env.get('loadavg_end', [float('nan')])[0]:.2f} at the end "
+        "(other engineers share the machine). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".",
+        f"Command: `{result['command']}`",
+        "",
+        f"QPS at recall@10 >= target: the fastest measured point reaching it (no "
+        f"interpolation; — = not reached). In brackets: {REFERENCE}'s QPS / that system's. "
+        f"Median of {cfg['repeats']} timed runs after a warm-up; single-query QPS over "
+        f"{cfg['nq_single']} queries.",
+        "",
+    ]
+    for mode, label in modes(result):
+        lines += [f"| {label} | " + " | ".join(f"@{t:.2f}" for t in TARGETS) + " |",
+                  "|---|" + "---:|" * len(TARGETS)]
+        for name, row in summary[mode].items():
+            cells = []
+            for t in TARGETS:
+                c = row[f"{t:.2f}"]
+                if c is None:
+                    cells.append("—")
+                else:
+                    ratio = f" ({c['ratio']:.2f}x)" if "ratio" in c and name != REFERENCE else ""
+                    cells.append(_fmt_qps(c["qps"]) + ratio)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| system | build s | index MB | build peak RSS MB | default knobs | recall@10 "
+              "| QPS 1 query | QPS batched 1 thread |",
+              "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for s in result["systems"]:
+        if "skipped" in s:
+            lines.append(f"| {s['name']} | skipped: {s['skipped']} |||||||")
+            continue
+        if "build" not in s:
+            lines.append(f"| {s['name']} | error (see JSON) |||||||")
+            continue
+        b = s["build"]
+        dk = s.get("default_knobs")
+        p = next((p for p in s.get("points", []) if p["knobs"] == dk), None)
+        if p is None and s.get("points") and len(s["points"]) == 1:
+            p = s["points"][0]
+        lines.append(
+            f"| {s['name']} | {b['seconds']:.2f} | {_mb(b['index_bytes'])} | "
+            f"{_mb(b['build_peak_rss'])} | {json.dumps(dk) if dk else '—'} | "
+            + (f"{p['recall']:.4f} | {_fmt_qps(p['qps_single'])} | "
+               f"{_fmt_qps(p['qps_batched']['1'])} |" if p else "— | — | — |"))
+    lines.append("")
+    errors = [s["name"] for s in result["systems"] if "error" in s]
+    if errors:
+        lines += [f"Failed: {', '.join(errors)} (traceback in the JSON).", ""]
+    if plot_name:
+        lines += [f"![recall-QPS fronts, {ds['name']}]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Log-QPS vs recall@10 fronts, one panel per QPS measure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = modes(result)
+    fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4.2), squeeze=False)
+    systems = [s for s in result["systems"] if s.get("points")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (mode, label) in zip(axes[0], ms):
+        for i, s in enumerate(systems):
+            c = colors[i % len(colors)]
+            pts = [p for p in s["points"] if qps(p, mode)]
+            ax.scatter([p["recall"] for p in pts], [qps(p, mode) for p in pts], s=8, color=c,
+                       alpha=0.3)
+            f = front(s["points"], mode)
+            ax.plot([p["recall"] for p in f], [qps(p, mode) for p in f], "o-", ms=3, color=c,
+                    label=s["name"], lw=2.2 if s["name"] == REFERENCE else 1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10")
+        ax.set_ylabel("queries per second")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    ds = result["dataset"]
+    fig.suptitle(f"{ds['name']}: {ds['n']:,} x {ds['d']}, {ds['nq']:,} queries "
+                 f"({result['env']['cpu']}, {result['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def readme_section(results_dir: Path = RESULTS) -> str:
+    """Markdown for the README: the committed results of :data:`README_DATASETS`."""
+    parts = ["## Benchmarks", "",
+             "Generated by `python -m benchmarks.run ... --out benchmarks/results "
+             "--update-readme` (see `benchmarks/`); every number below is from the same run "
+             "as its peers, on the same data and the same pinned threads.", ""]
+    found = False
+    for name in README_DATASETS:
+        path = results_dir / f"{slug(name)}.json"
+        if not path.exists():
+            parts += [f"### {name}", "", "Not measured yet.", ""]
+            continue
+        found = True
+        result = json.loads(path.read_text())
+        png = path.with_suffix(".png")
+        rel = png.relative_to(REPO).as_posix() if png.exists() else None
+        parts.append(markdown(result, rel))
+    if not found:
+        parts.append("No committed results yet.")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def update_readme(readme: Path = REPO / "README.md", results_dir: Path = RESULTS) -> None:
+    """Replaces the text between the bench markers (appends the markers when missing)."""
+    text = readme.read_text() if readme.exists() else ""
+    body = f"{START}\n{readme_section(results_dir)}{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + body + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    readme.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="rewrite the README bench section")
+    ap.add_argument("json", nargs="*", help="result JSON files to print as markdown")
+    args = ap.parse_args()
+    for path in args.json:
+        print(markdown(json.loads(Path(path).read_text())))
+    if args.readme:
+        update_readme()
+
+
+if __name__ == "__main__":
+    main()

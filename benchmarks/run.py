@@ -1,0 +1,278 @@
+"""Recall@10-QPS fronts of mipscan, ScaNN, faiss, hnswlib and exact numpy on one dataset.
+
+Example (from the repository root)::
+
+    python -m benchmarks.run --dataset glove-50-dev --systems mipscan,scann,faiss,hnswlib,numpy \
+        --threads 1,2 --out benchmarks/results --update-readme
+
+Each variant runs in its own subprocess (:mod:`benchmarks.worker`): build with
+``--build-threads`` threads, then for every point of its knob sweep: recall@10 against the
+exact neighbours, batched QPS per ``--threads`` count and single-query QPS with one thread.
+Writes ``<out>/<dataset>.json`` (every point), ``.md`` (summary tables) and ``.png`` (fronts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import datasets, report, systems
+from benchmarks.common import REPO, environment
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Recall@10-QPS fronts of mipscan and its peers on one dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--dataset", default="glove-50-dev",
+                    help="seed | glove-50-dev[:angular] | PATH.hdf5[:metric] | "
+                         "synthetic:n=..,d=..,nq=..[,seed=..,copies=..]")
+    ap.add_argument("--systems", default=",".join(systems.FAMILIES),
+                    help="comma list of families (" + ", ".join(systems.FAMILIES)
+                         + ") or single variants (" + ", ".join(
+                             v for vs in systems.FAMILIES.values() for v in vs) + ")")
+    ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}",
+                    help="thread counts for batched QPS (single-query QPS always uses 1)")
+    ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--out", default="results", help="output folder")
+    ap.add_argument("--nq", type=int, default=1000,
+                    help="queries used (a seeded random subset when the set has more)")
+    ap.add_argument("--nq-single", type=int, default=300,
+                    help="queries timed one at a time for single-query QPS")
+    ap.add_argument("--max-n", type=int, default=None,
+                    help="use only the first N base vectors (ground truth recomputed)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    ap.add_argument("--num-leaves", type=int, default=None,
+                    help="tree leaves / IVF lists (default: 100 for seed, else ~sqrt(n))")
+    ap.add_argument("--leaves-grid", default=None, help="comma list of leaves_to_search/nprobe")
+    ap.add_argument("--reorder-grid", default=None,
+                    help="comma list of pre_reorder_num_neighbors (faiss: k_factor = it / k)")
+    ap.add_argument("--ef-grid", default=None, help="comma list of hnswlib ef")
+    ap.add_argument("--ef-construction", type=int, default=200)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run in under 2 minutes: 200 queries, at most 20,000 base "
+                         "vectors, small grids, one timed run, hnswlib M=16 only")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="rewrite README.md's bench section from benchmarks/results/")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
+    return ap.parse_args(argv)
+
+
+def variants(spec: str, quick: bool) -> list[str]:
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in systems.FAMILIES:
+            names = systems.FAMILIES[item]
+            if quick and item == "hnswlib":
+                names = names[:1]
+            out += names
+        elif any(item in vs for vs in systems.FAMILIES.values()) or item.startswith("hnswlib-M"):
+            out.append(item)
+        else:
+            raise SystemExit(f"unknown system {item!r}; known: {', '.join(systems.FAMILIES)}")
+    return out
+
+
+def family_of(variant: str) -> str:
+    return next((f for f, vs in systems.FAMILIES.items() if variant in vs),
+                variant.split("-")[0])
+
+
+def exact_neighbors(train: np.ndarray, test: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Exact top-k by float64 scores (blocks of 64 queries)."""
+    x = train.astype(np.float64)
+    out = np.empty((test.shape[0], k), np.int64)
+    sq = np.einsum("ij,ij->i", x, x) if metric == "squared_l2" else None
+    for b0 in range(0, test.shape[0], 64):
+        s = test[b0:b0 + 64].astype(np.float64) @ x.T
+        if sq is not None:
+            s = 2 * s - sq
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(s, part, axis=1)
+        out[b0:b0 + 64] = np.take_along_axis(part, np.argsort(-top, axis=1, kind="stable"), 1)
+    return out
+
+
+def kth_scores(train, test, gt, metric) -> np.ndarray:
+    """The exact float64 score of each query's k-th true neighbour."""
+    x = train[gt[:, -1]].astype(np.float64)
+    q = test.astype(np.float64)
+    if metric == "squared_l2":
+        return ((x - q) ** 2).sum(1)
+    return (x * q).sum(1)
+
+
+def config(args, ds: datasets.Dataset) -> dict:
+    n, d = ds.train.shape
+    k = args.k
+    leaves = args.num_leaves or (100 if ds.name == "seed" else
+                                 max(8, min(2000, round(math.sqrt(n)))))
+    leaves = min(leaves, n)
+    if args.leaves_grid:
+        lgrid = _ints(args.leaves_grid)
+    else:
+        fracs = (0.05, 0.1, 0.3) if args.quick else (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+        lgrid = sorted({max(1, min(leaves, round(leaves * f))) for f in fracs})
+    if args.reorder_grid:
+        rgrid = _ints(args.reorder_grid)
+    else:
+        rgrid = [k * m for m in ((5, 50) if args.quick else (4, 10, 25, 50))]
+    rgrid = sorted({min(r, n) for r in rgrid})
+    default_ls = max(1, min(leaves, round(leaves * 0.3)))
+    ef = _ints(args.ef_grid) if args.ef_grid else (
+        [10, 40, 160] if args.quick else [10, 20, 40, 80, 160, 320, 640])
+    return {
+        "k": k, "metric": ds.metric, "d": d,
+        "num_leaves": leaves, "leaves_to_search": default_ls,
+        "training_sample_size": min(n, 100_000), "training_iterations": 12,
+        "dims_per_block": 2, "aq_threshold": 0.2, "reorder": max(rgrid),
+        "leaves_grid": lgrid, "reorder_grid": rgrid,
+        "ef_grid": ef, "ef_construction": 100 if args.quick else args.ef_construction,
+        "build_threads": args.build_threads,
+    }
+
+
+def run_variant(name: str, cfg: dict, arrays: dict, tmp: Path, args) -> dict:
+    job = {"variant": name, "family": family_of(name), "cfg": cfg, "arrays": arrays,
+           "threads": args.threads_list, "repeats": args.repeats,
+           "nq_single": args.nq_single, "result": str(tmp / f"{name}.result.json")}
+    job_path = tmp / f"{name}.job.json"
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    stderr = ""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(job_path)],
+                              cwd=REPO, env=env, timeout=args.timeout, stderr=subprocess.PIPE,
+                              text=True)
+        rc, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, stderr = f"timeout after {args.timeout}s", str(exc.stderr or "")
+    result_path = Path(job["result"])
+    if rc == 0 and result_path.exists():
+        out = json.loads(result_path.read_text())
+    else:
+        out = {"name": name, "family": job["family"],
+               "error": f"worker exited with {rc}; stderr tail:\n{stderr[-3000:]}"}
+    out["wall_seconds"] = time.perf_counter() - t0
+    out["loadavg"] = [load0, os.getloadavg()[0]]
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.threads_list = sorted(set(_ints(args.threads)) | {1})
+    if args.quick:
+        args.nq = min(args.nq, 200)
+        args.nq_single = min(args.nq_single, 100)
+        args.repeats = 1
+        args.max_n = min(args.max_n or 20_000, 20_000)
+    names = variants(args.systems, args.quick)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env = environment()
+    try:
+        ds = datasets.load(args.dataset)
+    except datasets.DatasetUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+    train, test, gt = ds.train, ds.test, ds.neighbors
+    notes = []
+    if args.max_n and train.shape[0] > args.max_n:
+        train, gt = train[:args.max_n], None
+        notes.append(f"first {args.max_n} base vectors only; ground truth recomputed")
+    if test.shape[0] > args.nq:
+        pick = np.sort(np.random.default_rng(0).choice(test.shape[0], args.nq, replace=False))
+        test = test[pick]
+        gt = None if gt is None else gt[pick]
+        notes.append(f"{args.nq} of {ds.test.shape[0]} queries (seeded random subset, seed 0)")
+    if gt is None:
+        gt = exact_neighbors(train, test, args.k, ds.metric)
+        gt_source = "computed here (float64 brute force)"
+    else:
+        gt = gt[:, :args.k]
+        gt_source = ds.info.get("ground_truth", "from the dataset")
+    train = np.ascontiguousarray(train)
+    test = np.ascontiguousarray(test)
+    args.nq_single = min(args.nq_single, test.shape[0])
+    cfg = config(args, ds)
+
+    print(f"{ds.name}: n={train.shape[0]} d={train.shape[1]} nq={test.shape[0]} "
+          f"metric={ds.metric}; threads {args.threads_list}; {env['cpu']}, "
+          f"simd {env.get('mipscan_simd_level')}; loadavg {env['loadavg_start'][0]:.2f}",
+          flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mipscan-bench-") as tmp:
+        tmp = Path(tmp)
+        arrays = {}
+        for key, arr in (("train", train), ("test", test), ("gt", gt),
+                         ("kth", kth_scores(train, test, gt, ds.metric))):
+            arrays[key] = str(tmp / f"{key}.npy")
+            np.save(arrays[key], arr)
+        for name in names:
+            print(f"[{name}]", flush=True)
+            r = run_variant(name, cfg, arrays, tmp, args)
+            if "skipped" in r:
+                print(f"  skipped {name}: {r['skipped']}", flush=True)
+            elif "error" in r:
+                print(f"  FAILED {name}:\n{r['error']}", flush=True)
+            results.append(r)
+
+    env["loadavg_end"] = list(os.getloadavg())
+    result = {
+        "date": started,
+        "command": "python -m benchmarks.run " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "dataset": {"name": ds.name, "spec": args.dataset, "metric": ds.metric,
+                    "n": int(train.shape[0]), "d": int(train.shape[1]),
+                    "nq": int(test.shape[0]), "ground_truth": gt_source, "notes": notes,
+                    **{f"info_{k}": v for k, v in ds.info.items()}},
+        "env": env,
+        "config": {**cfg, "threads": args.threads_list, "repeats": args.repeats,
+                   "nq_single": args.nq_single, "quick": args.quick,
+                   "recall": "hit = returned id whose exact float64 score is at least the "
+                             "k-th true neighbour's (rel. tol 1e-5), as ann-benchmarks; "
+                             "recall_ids = plain id-set intersection"},
+        "systems": results,
+    }
+    result["summary"] = report.summarize(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / report.slug(ds.name)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot_path = stem.with_suffix(".png")
+    try:
+        report.plot(result, plot_path)
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+        plot_path = None
+    md = report.markdown(result, plot_path and plot_path.name)
+    stem.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {stem}.json, .md, .png")
+    if args.update_readme:
+        report.update_readme()
+        print("updated README.md bench section")
+    return result
+
+
+if __name__ == "__main__":
+    main()

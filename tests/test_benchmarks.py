@@ -1,0 +1,103 @@
+"""The benchmark harness runs end to end on tiny synthetic data (structure only, never timing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.worker import recall_at_k  # noqa: E402
+
+pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick",
+           "--dataset", "synthetic:n=2000,d=16,nq=40,copies=10",
+           "--systems", "mipscan,scann,faiss,hnswlib,numpy", "--threads", "1,2",
+           "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text()), files[0], proc.stdout
+
+
+def test_quick_run_structure(quick_run):
+    result, path, _ = quick_run
+    assert {"date", "command", "dataset", "env", "config", "systems", "summary"} <= set(result)
+    assert result["dataset"]["n"] == 2000 and result["dataset"]["nq"] == 40
+    assert result["env"]["cores"] >= 1 and result["env"]["cpu"]
+    assert "mipscan_simd_level" in result["env"]
+    assert result["config"]["threads"] == [1, 2]
+    assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
+    names = [s["name"] for s in result["systems"]]
+    assert names[:2] == ["mipscan", "mipscan-bf"] and "numpy" in names
+
+
+def test_quick_run_points(quick_run):
+    result, _, stdout = quick_run
+    ran = 0
+    for s in result["systems"]:
+        assert "error" not in s, f"{s['name']} failed:\n{s['error']}"
+        if "skipped" in s:
+            assert s["skipped"] and s["skipped"] in stdout
+            continue
+        ran += 1
+        assert s["build"]["seconds"] >= 0 and s["build"]["index_bytes"] > 0
+        assert s["points"], s["name"]
+        for p in s["points"]:
+            assert 0.0 <= p["recall"] <= 1.0 and 0.0 <= p["recall_ids"] <= 1.0
+            assert p["qps_single"] > 0
+            assert set(p["qps_batched"]) == {"1", "2"} and min(p["qps_batched"].values()) > 0
+            if s["exact"]:
+                assert p["recall"] == 1.0, (s["name"], p)
+    assert ran >= 1  # numpy never skips
+    numpy_run = next(s for s in result["systems"] if s["name"] == "numpy")
+    assert numpy_run["points"][0]["recall"] == 1.0
+
+
+def test_quick_run_summary(quick_run):
+    result, _, _ = quick_run
+    summary = result["summary"]
+    assert set(summary) == {"single", "batched:1", "batched:2"}
+    for table in summary.values():
+        for row in table.values():
+            assert set(row) == {f"{t:.2f}" for t in report.TARGETS}
+            for cell in row.values():
+                assert cell is None or (cell["qps"] > 0 and cell["recall"] >= 0.9)
+    assert "| single query, 1 thread |" in report.markdown(result)
+
+
+def test_recall_counts_ties_and_duplicates():
+    train = np.array([[1.0, 0], [1.0, 0], [0.5, 0], [0.0, 1]], np.float32)
+    queries = np.array([[1.0, 0]], np.float32)
+    gt = np.array([[0, 2]])
+    kth = np.array([0.5])
+    # id 1 ties id 0: a hit by score, not by id; a repeated id counts once; -1 is a miss.
+    assert recall_at_k(train, queries, np.array([[1, 2]]), gt, kth, "dot_product") == (1.0, 0.5)
+    assert recall_at_k(train, queries, np.array([[2, 2]]), gt, kth, "dot_product") == (0.5, 0.5)
+    assert recall_at_k(train, queries, np.array([[0, -1]]), gt, kth, "dot_product") == (0.5, 0.5)
+    assert recall_at_k(train, queries, np.array([[3, 0]]), gt, kth, "dot_product") == (0.5, 0.5)
+
+
+def test_at_target_and_front():
+    pts = [{"recall": r, "qps_single": q, "qps_batched": {"1": q}}
+           for r, q in ((0.8, 100.0), (0.92, 50.0), (0.96, 60.0), (0.99, 10.0))]
+    assert report.at_target(pts, "single", 0.90)["qps_single"] == 60.0
+    assert report.at_target(pts, "batched:1", 0.99)["qps_single"] == 10.0
+    assert report.at_target(pts, "single", 0.995) is None
+    assert [p["recall"] for p in report.front(pts, "single")] == [0.8, 0.96, 0.99]
