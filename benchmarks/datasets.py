@@ -20,6 +20,7 @@ Specs accepted by :func:`load`:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,18 +145,26 @@ def load_hdf5(path: Path, distance: str | None = None, name: str | None = None) 
 
 
 def load_seed(data_dir: Path = ML100K) -> Dataset:
-    """The tutorial's candidates and user embeddings, from ``mipscan.recsys``."""
+    """The tutorial's candidates and user embeddings, from ``mipscan.recsys`` (JAX backend,
+    as the tutorial, unless ``KERAS_BACKEND`` says otherwise; trained once, then cached)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     try:
         from mipscan.recsys import tutorial_embeddings
     except ImportError as exc:
         raise DatasetUnavailable(
             "seed: mipscan.recsys.tutorial_embeddings is not available yet "
             f"({exc}); use glove-50-dev, an .hdf5 path or synthetic:n=270882,d=32,nq=943") from exc
-    candidates, users, losses = tutorial_embeddings(data_dir=data_dir, epochs=50, copies=100,
-                                                    seed=42)
-    users = np.asarray(users)
-    queries = users[1:944]
-    return Dataset("seed", "dot_product", _f32(candidates), _f32(queries), None,
-                   {"source": "mipscan.recsys.tutorial_embeddings(epochs=50, copies=100, seed=42)",
-                    "data_dir": str(data_dir), "queries": "users 1..943",
-                    "final_loss": float(np.asarray(losses).ravel()[-1]) if len(losses) else None})
+    emb = tutorial_embeddings(data_dir=data_dir, epochs=50, copies=100, seed=42)
+    if hasattr(emb, "candidates"):
+        candidates, users, history = emb.candidates, emb.users, emb.history
+    else:
+        candidates, users, history = emb
+    queries = np.asarray(users)[1:944]
+    info = {"source": "mipscan.recsys.tutorial_embeddings(epochs=50, copies=100, seed=42)",
+            "data_dir": str(data_dir), "queries": "user embeddings of users 1..943",
+            "keras_backend": os.environ["KERAS_BACKEND"],
+            "from_cache": getattr(emb, "from_cache", None)}
+    if isinstance(history, dict):
+        info["final_losses"] = {k: float(np.ravel(v)[-1]) for k, v in history.items()
+                                if np.size(v)}
+    return Dataset("seed", "dot_product", _f32(candidates), _f32(queries), None, info)
