@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+# Keras reads this once, on first import, whichever test imports it first; mipscan.recsys
+# defaults to JAX the same way.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 # ---------------------------------------------------------------- hypothesis
 # `ci`: reproducible (derandomize) and timing-free (deadline=None); the default here.
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=50,
