@@ -139,6 +139,12 @@ def train_two_tower(data: MovieLens100K, epochs: int = 50, seed: int = 42,
     return model, history
 
 
+def table_to_numpy(layer) -> np.ndarray:
+    """A trained Embedding layer's table as float32 numpy, on any backend."""
+    # Via .value: Variable.numpy() trips a numpy 2 DeprecationWarning inside Keras 3.15.
+    return keras.ops.convert_to_numpy(layer.embeddings.value).astype(np.float32)
+
+
 def build_candidates(movie_table: np.ndarray, copies: int = 100, seed: int = 42) -> np.ndarray:
     """The tutorial's candidate set: the table, then ``copies`` copies of it, each
     multiplied elementwise by seeded uniform [0, 1) noise (numpy ``default_rng(seed)``).
@@ -231,8 +237,8 @@ def tutorial_embeddings(data_dir=None, epochs: int = 50, copies: int = 100, seed
                           f"retraining", stacklevel=2)
 
     model, history = train_two_tower(data, epochs=epochs, seed=seed, progress=progress)
-    table = keras.ops.convert_to_numpy(model.candidate_embedding.embeddings).astype(np.float32)
-    users = keras.ops.convert_to_numpy(model.user_embedding.embeddings).astype(np.float32)
+    table = table_to_numpy(model.candidate_embedding)
+    users = table_to_numpy(model.user_embedding)
     users = np.ascontiguousarray(users[: data.max_user_id + 1])
     result = TutorialEmbeddings(build_candidates(table, copies, seed), users, history,
                                 table.shape[0])
