@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mipscan import _mipscan
+
 # Rows per chunk in assignment: bounds the (chunk, k) distance matrix to a few MiB.
 _ASSIGN_CHUNK = 16384
 
@@ -37,8 +39,8 @@ def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
     for _ in range(iterations):
         labels = assign_nearest(x, centroids)
         counts = np.bincount(labels, minlength=k)
-        sums = np.zeros_like(centroids, dtype=np.float64)
-        np.add.at(sums, labels, x)
+        sums = np.stack([np.bincount(labels, weights=x[:, j], minlength=k)
+                         for j in range(x.shape[1])], axis=1)
         new = centroids.copy()
         nz = counts > 0
         new[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
@@ -74,33 +76,14 @@ def _kmeanspp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 
 
 def train_codebooks(residuals: np.ndarray, num_blocks: int, dims_per_block: int,
-                    iterations: int, rng: np.random.Generator) -> np.ndarray:
-    """16 codewords per block by k-means on residual blocks, all blocks at once.
+                    iterations: int, rng: np.random.Generator, threads: int) -> np.ndarray:
+    """16 codewords per block by k-means on residual blocks (C++, blocks in parallel).
 
-    residuals: (m, num_blocks * dims_per_block) float32. Returns (num_blocks, 16,
-    dims_per_block) float32.
+    residuals: (m, num_blocks * dims_per_block) float32, m >= 1. Returns (num_blocks, 16,
+    dims_per_block) float32, initialised from 16 random training rows.
     """
     m = len(residuals)
-    xb = residuals.reshape(m, num_blocks, dims_per_block)
-    init = rng.choice(m, size=16, replace=m < 16)
-    books = xb[init].transpose(1, 0, 2).copy()  # (nb, 16, dpb)
-    flat_block = np.repeat(np.arange(num_blocks)[None, :], m, axis=0)
-    for _ in range(iterations):
-        # (m, nb, 16) squared distances, up to the per-row constant |x_b|^2
-        cross = np.einsum("mbj,bcj->mbc", xb, books)
-        dist = np.einsum("bcj,bcj->bc", books, books)[None] - 2 * cross
-        labels = np.argmin(dist, axis=2)
-        idx = (flat_block * 16 + labels).ravel()
-        counts = np.bincount(idx, minlength=num_blocks * 16).reshape(num_blocks, 16)
-        sums = np.stack([np.bincount(idx, weights=xb[:, :, j].ravel(), minlength=num_blocks * 16)
-                         for j in range(dims_per_block)], axis=-1).reshape(num_blocks, 16, dims_per_block)
-        new = books.copy()
-        nz = counts > 0
-        new[nz] = (sums[nz] / counts[nz][:, None]).astype(np.float32)
-        # An empty codeword takes a random training row of its block.
-        for b, c in zip(*np.nonzero(~nz)):
-            new[b, c] = xb[rng.integers(m), b]
-        if np.array_equal(new, books):
-            break
-        books = new
-    return np.ascontiguousarray(books, dtype=np.float32)
+    init = residuals[rng.choice(m, size=16, replace=m < 16)]
+    init = init.reshape(16, num_blocks, dims_per_block).transpose(1, 0, 2)
+    return _mipscan.train_block_codebooks(np.ascontiguousarray(residuals),
+                                          np.ascontiguousarray(init), iterations, threads)

@@ -304,10 +304,15 @@ def _build_ah(rows, centroids, labels, order, counts, ah, rng, threads):
 
     m = min(n, ah["training_sample_size"])
     sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
-    books = train_codebooks(padded_residuals(sample), num_blocks, dpb, ah["training_iterations"], rng)
+    books = train_codebooks(padded_residuals(sample), num_blocks, dpb, ah["training_iterations"], rng,
+                            threads)
 
     threshold = ah["anisotropic_quantization_threshold"]
-    threshold = 0.0 if math.isnan(threshold) else threshold
+    # Relative to the median row norm: for unit-norm rows (ScaNN's recommended setting)
+    # this is ScaNN's absolute threshold; for embeddings of any other scale it keeps the
+    # same meaning instead of degenerating (t = T / |x| >= 1 when norms are below T).
+    threshold = 0.0 if math.isnan(threshold) else threshold * float(
+        np.median(np.linalg.norm(rows[sample], axis=1)))
     codes = np.empty((n, num_blocks), np.uint8)
     for b in range(0, n, _ENCODE_CHUNK):
         idx = order[b:b + _ENCODE_CHUNK]

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
 
+#include <algorithm>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -83,7 +84,7 @@ NB_MODULE(_mipscan, m) {
   }, "packed"_a.noconvert(), "n"_a, "num_blocks"_a);
 
   m.def("scan_lut16", [](In<uint8_t, 1> packed, size_t num_blocks, In<uint8_t, 2> lut,
-                         const std::string& level) {
+                         const std::string& level, uint16_t cut) {
     const size_t nbp = mipscan::padded_blocks(num_blocks);
     const size_t group = mipscan::packed_group_bytes(num_blocks);
     require(packed.shape(0) % group == 0, "scan_lut16: packed size is not a whole number of groups");
@@ -99,10 +100,13 @@ NB_MODULE(_mipscan, m) {
 #endif
     }
     auto out = new_array<uint16_t>(groups * 32);
-    nb::gil_scoped_release release;
-    fn(packed.data(), groups, nbp, lut.data(), out.data());
-    return out;
-  }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a);
+    auto masks = new_array<uint32_t>(groups);
+    {
+      nb::gil_scoped_release release;
+      fn(packed.data(), groups, nbp, lut.data(), cut, out.data(), masks.data());
+    }
+    return std::make_pair(out, masks);
+  }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a, "cut"_a = 0);
 
   m.def("topk_update_rows", [](In<float, 2> scores, std::optional<In<float, 1>> col_bias,
                                uint32_t col_offset, nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
@@ -147,6 +151,19 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "residuals"_a.noconvert(), "rows"_a.noconvert(), "codebooks"_a.noconvert(), "threshold"_a,
      "d_eff"_a, "max_iterations"_a, "num_threads"_a);
+
+  m.def("train_block_codebooks", [](In<float, 2> data, In<float, 3> init, int iterations, int num_threads) {
+    const size_t m_ = data.shape(0), nb_ = init.shape(0), dpb = init.shape(2);
+    require(m_ >= 1 && init.shape(1) == 16 && nb_ * dpb == data.shape(1),
+            "train_block_codebooks: init must be (num_blocks, 16, dims_per_block) covering the data width");
+    float* books = new float[nb_ * 16 * dpb];
+    std::copy(init.data(), init.data() + nb_ * 16 * dpb, books);
+    nb::capsule owner(books, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    Out<float, 3> out(books, {nb_, 16, dpb}, owner);
+    nb::gil_scoped_release release;
+    mipscan::train_block_codebooks(data.data(), m_, nb_, dpb, iterations, num_threads, books);
+    return out;
+  }, "data"_a.noconvert(), "init"_a.noconvert(), "iterations"_a, "num_threads"_a);
 
   nb::class_<Index>(m, "Index")
       .def("__init__",

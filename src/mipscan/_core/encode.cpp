@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -26,8 +27,13 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
       const double norm = std::sqrt(norm2);
       double eta = 1.0;
       if (threshold > 0 && norm > 0 && d_eff > 1) {
-        double t = std::min(double(threshold) / norm, 0.999);
-        eta = double(d_eff - 1) * t * t / (1.0 - t * t);
+        // t is capped at 0.5 (eta <= (d - 1) / 3): rows far below the threshold would
+        // otherwise get an unbounded eta, and their free orthogonal error then makes
+        // them false positives for many queries.
+        double t = std::min(double(threshold) / norm, 0.5);
+        // Clamped below at 1: the loss may favour the parallel error, never discount it
+        // (with large norms, T / |x| is tiny and the raw formula would drop below 1).
+        eta = std::max(1.0, double(d_eff - 1) * t * t / (1.0 - t * t));
       }
       const float w = static_cast<float>(eta - 1.0);
       for (size_t j = 0; j < dp; ++j) dir[j] = norm > 0 ? float(x[j] / norm) : 0.f;
@@ -70,6 +76,49 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
             code[b] = arg;
           }
           total_par = rest + err_par[b * 16 + arg];
+        }
+        if (!changed) break;
+      }
+    }
+  });
+}
+
+void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
+                           size_t dims_per_block, int iterations, int num_threads, float* books) {
+  const size_t dpb = dims_per_block, dp = num_blocks * dpb;
+  parallel_for(num_blocks, num_threads, 1, [&](size_t b0, size_t b1, int) {
+    std::vector<double> sums(16 * dpb);
+    std::vector<size_t> counts(16);
+    for (size_t b = b0; b < b1; ++b) {
+      float* book = books + b * 16 * dpb;
+      for (int it = 0; it < iterations; ++it) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        std::fill(counts.begin(), counts.end(), 0);
+        for (size_t i = 0; i < m; ++i) {
+          const float* x = data + i * dp + b * dpb;
+          float best = std::numeric_limits<float>::infinity();
+          size_t arg = 0;
+          for (size_t c = 0; c < 16; ++c) {
+            float d2 = 0;
+            for (size_t j = 0; j < dpb; ++j) {
+              const float e = x[j] - book[c * dpb + j];
+              d2 += e * e;
+            }
+            if (d2 < best) { best = d2; arg = c; }
+          }
+          ++counts[arg];
+          for (size_t j = 0; j < dpb; ++j) sums[arg * dpb + j] += x[j];
+        }
+        bool changed = false;
+        for (size_t c = 0; c < 16; ++c) {
+          for (size_t j = 0; j < dpb; ++j) {
+            // An empty codeword takes a deterministic, spread-out training row.
+            const float v = counts[c] > 0
+                                ? static_cast<float>(sums[c * dpb + j] / double(counts[c]))
+                                : data[((c * 7919 + size_t(it) * 104729 + b) % m) * dp + b * dpb + j];
+            changed |= v != book[c * dpb + j];
+            book[c * dpb + j] = v;
+          }
         }
         if (!changed) break;
       }

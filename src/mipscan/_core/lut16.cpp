@@ -32,7 +32,7 @@ void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* c
 }
 
 void scan_lut16_scalar(const uint8_t* packed, size_t num_groups, size_t nbp,
-                       const uint8_t* lut, uint16_t* sums) {
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
   for (size_t g = 0; g < num_groups; ++g) {
     const uint8_t* grp = packed + g * nbp * 16;
     uint16_t acc[32] = {0};
@@ -45,6 +45,9 @@ void scan_lut16_scalar(const uint8_t* packed, size_t num_groups, size_t nbp,
       }
     }
     std::memcpy(sums + g * 32, acc, sizeof(acc));
+    uint32_t mask = 0;
+    for (size_t j = 0; j < 32; ++j) mask |= static_cast<uint32_t>(acc[j] >= cut) << j;
+    masks[g] = mask;
   }
 }
 

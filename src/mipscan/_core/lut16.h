@@ -18,7 +18,9 @@
 // one point fits in 16 bits: then the uint16 accumulators never overflow and the scalar
 // and AVX2 kernels return identical sums.
 //
-// Output. sums[g * 32 + j] = sum over b of lut[b * 16 + code(point 32g + j, block b)].
+// Output. sums[g * 32 + j] = sum over b of lut[b * 16 + code(point 32g + j, block b)], and
+// bit j of masks[g] is set iff sums[g * 32 + j] >= cut (so the caller visits only the
+// points that can still enter its top-k; padding points past n may be flagged too).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -34,14 +36,15 @@ void pack_codes(const uint8_t* codes, size_t n, size_t num_blocks, uint8_t* pack
 void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* codes);
 
 // The scan, one kernel per ISA, same signature, same result bit for bit.
-// packed: num_groups * nbp * 16 bytes; lut: nbp * 16 bytes; sums: num_groups * 32.
+// packed: num_groups * nbp * 16 bytes; lut: nbp * 16 bytes; sums: num_groups * 32;
+// masks: num_groups.
 using ScanLut16Fn = void (*)(const uint8_t* packed, size_t num_groups, size_t nbp,
-                             const uint8_t* lut, uint16_t* sums);
+                             const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks);
 void scan_lut16_scalar(const uint8_t* packed, size_t num_groups, size_t nbp,
-                       const uint8_t* lut, uint16_t* sums);
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks);
 #if MIPSCAN_HAVE_AVX2
 void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
-                     const uint8_t* lut, uint16_t* sums);
+                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks);
 #endif
 
 }  // namespace mipscan

@@ -7,8 +7,9 @@
 namespace mipscan {
 
 void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
-                     const uint8_t* lut, uint16_t* sums) {
+                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m128i cutv = _mm_set1_epi16(static_cast<short>(cut));
   for (size_t g = 0; g < num_groups; ++g) {
     const uint8_t* grp = packed + g * nbp * 16;
     // Shuffle results are 32 bytes; read as 16 uint16 lanes, lane t holds point 2t in its
@@ -36,11 +37,19 @@ void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
     const __m128i he = _mm_add_epi16(_mm256_castsi256_si128(hi_even), _mm256_extracti128_si256(hi_even, 1));
     const __m128i ho = _mm_add_epi16(_mm256_castsi256_si128(hi_odd), _mm256_extracti128_si256(hi_odd, 1));
     // Interleave even/odd lanes back into point order.
+    const __m128i p0 = _mm_unpacklo_epi16(le, lo_), p1 = _mm_unpackhi_epi16(le, lo_);
+    const __m128i p2 = _mm_unpacklo_epi16(he, ho), p3 = _mm_unpackhi_epi16(he, ho);
     __m128i* out = reinterpret_cast<__m128i*>(sums + g * 32);
-    _mm_storeu_si128(out + 0, _mm_unpacklo_epi16(le, lo_));
-    _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(le, lo_));
-    _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(he, ho));
-    _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(he, ho));
+    _mm_storeu_si128(out + 0, p0);
+    _mm_storeu_si128(out + 1, p1);
+    _mm_storeu_si128(out + 2, p2);
+    _mm_storeu_si128(out + 3, p3);
+    // Unsigned a >= cut  <=>  max(a, cut) == a. Packing the 0/-1 words to bytes keeps
+    // the point order, so movemask yields one bit per point.
+    auto ge = [&](__m128i v) { return _mm_cmpeq_epi16(_mm_max_epu16(v, cutv), v); };
+    const uint32_t lo_mask = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(ge(p0), ge(p1))));
+    const uint32_t hi_mask = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(ge(p2), ge(p3))));
+    masks[g] = lo_mask | (hi_mask << 16);
   }
 }
 

@@ -34,8 +34,9 @@ struct Scratch {
   std::vector<float> lut_f;
   std::vector<uint8_t> lut_u8;
   std::vector<uint16_t> sums;
-  TopK candidates;
-  TopK final_;
+  std::vector<uint32_t> masks;
+  TopKBuffer candidates;
+  TopKBuffer final_;
 };
 
 // Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
@@ -108,48 +109,52 @@ void sort_remaining_leaves(size_t first, Scratch& s) {
 }
 
 void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& ql,
-                  Scratch& s, HeapView& heap) {
+                  Scratch& s, TopKBuffer& top) {
   const size_t nbp = padded_blocks(ix.num_blocks);
   const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   if (count == 0) return;
   const size_t groups = static_cast<size_t>(g1 - g0);
-  if (s.sums.size() < groups * 32) s.sums.resize(groups * 32);
-  kernels().scan_lut16(ix.packed_codes + g0 * nbp * 16, groups, nbp, s.lut_u8.data(), s.sums.data());
-  const uint16_t* sums = s.sums.data();
-
+  if (s.sums.size() < groups * 32) {
+    s.sums.resize(groups * 32);
+    s.masks.resize(groups);
+  }
   // Integer prefilter: a point can only enter when base + sum * inv_scale >= threshold,
   // i.e. sum >= (threshold - base) * scale. The cut is lowered by one to absorb float
-  // rounding; the float comparison below decides.
-  auto int_cut = [&](float thr) -> int64_t {
-    if (!(thr > -INFINITY) || ql.scale == 0) return 0;
-    double cut = std::floor(double(thr - base) * ql.scale) - 1.0;
-    if (cut < 0) return 0;
-    return cut > 70000 ? 70000 : static_cast<int64_t>(cut);
+  // rounding; the float comparison below decides. It is refreshed every kChunk groups
+  // (the threshold only rises, so a stale cut lets through more points, never fewer).
+  constexpr size_t kChunk = 32;
+  auto current_cut = [&]() -> uint16_t {
+    const float thr = top.threshold();
+    if (!(thr > -INFINITY) || ql.scale <= 0) return 0;
+    const double c = std::floor(double(thr - base) * ql.scale) - 1.0;
+    return c <= 0 ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));
   };
-  float thr = heap.threshold();
-  int64_t icut = int_cut(thr);
-  for (size_t i = 0; i < count; ++i) {
-    if (sums[i] < icut) continue;
-    const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
-    if (v >= thr) {
-      heap.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
-      thr = heap.threshold();
-      icut = int_cut(thr);
+  const uint8_t* codes = ix.packed_codes + g0 * nbp * 16;
+  uint16_t* sums = s.sums.data();
+  for (size_t c0 = 0; c0 < groups; c0 += kChunk) {
+    const size_t c1 = std::min(groups, c0 + kChunk);
+    kernels().scan_lut16(codes + c0 * nbp * 16, c1 - c0, nbp, s.lut_u8.data(), current_cut(),
+                         sums + c0 * 32, s.masks.data() + c0);
+    for (size_t g = c0; g < c1; ++g) {
+      uint32_t m = s.masks[g];
+      while (m != 0) {
+        const size_t i = g * 32 + static_cast<size_t>(__builtin_ctz(m));
+        m &= m - 1;
+        if (i >= count) break;  // padding points of the last group
+        const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
+        if (v >= top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
+      }
     }
   }
 }
 
-void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, HeapView& heap) {
+void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffer& top) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
-  float thr = heap.threshold();
   for (int64_t slot = a; slot < b; ++slot) {
     const float v = dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
-    if (v >= thr) {
-      heap.push(v, static_cast<uint32_t>(slot));
-      thr = heap.threshold();
-    }
+    if (v >= top.threshold()) top.push(v, static_cast<uint32_t>(slot));
   }
 }
 
@@ -161,34 +166,44 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
   select_leaves(ix, q, precomputed, first, s);
 
-  s.candidates.reset(cand_k);
-  HeapView& cand = s.candidates.heap;
+  TopKBuffer& cand = s.candidates;
+  cand.reset(cand_k);
   QuantLut ql;
   const bool ah = ix.packed_codes != nullptr;
   if (ah) ql = build_lut(ix, q, s);
+  size_t seen = 0;  // points scanned so far: every scanned point was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
-      if (cand.size >= cand_k) break;
+      if (seen >= cand_k) break;
       sort_remaining_leaves(first, s);  // fewer points than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
     if (ah) scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     else scan_leaf_float(ix, leaf, q, cand);
-    if (r + 1 >= first && cand.size >= cand_k) break;
+    seen += static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+    if (r + 1 >= first && seen >= cand_k) break;
   }
+  const size_t nc = cand.finish();
 
-  s.final_.reset(p.final_k);
-  HeapView& fin = s.final_.heap;
-  for (size_t i = 0; i < cand.size; ++i) {
-    const uint32_t row = ix.slot_ids[cand.id[i]];
+  TopKBuffer& fin = s.final_;
+  fin.reset(p.final_k);
+  if (reorder) {
+    // The reorder rows are random accesses: request them all before the first use.
+    for (size_t i = 0; i < nc; ++i) {
+      const float* row = ix.reorder_rows + static_cast<size_t>(ix.slot_ids[cand.id(i)]) * ix.d;
+      for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(row + off);
+    }
+  }
+  for (size_t i = 0; i < nc; ++i) {
+    const uint32_t row = ix.slot_ids[cand.id(i)];
     const float v = reorder ? dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d)
-                            : cand.s[i];
+                            : cand.score(i);
     fin.push(v, row);
   }
-  fin.sort_best_first();
+  const size_t nf = fin.finish();
   for (size_t i = 0; i < p.final_k; ++i) {
-    out_ids[i] = fin.id[i];
-    out_scores[i] = fin.s[i];
+    out_ids[i] = i < nf ? fin.id(i) : 0;
+    out_scores[i] = i < nf ? fin.score(i) : -INFINITY;
   }
 }
 

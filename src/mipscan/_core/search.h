@@ -54,13 +54,19 @@ void search_batch(const IndexView& index, const float* queries, size_t nq,
 // Anisotropic AH encoding (Guo et al., ICML 2020). For each of n points, picks the code
 // of each block minimising |e|^2 + (eta - 1) * (e . x_hat)^2, e = residual - decoded,
 // by coordinate descent over blocks starting from the nearest codewords. eta comes from
-// the threshold T: t = min(T / |x|, 0.999), eta = (d_eff - 1) t^2 / (1 - t^2); T <= 0 or
-// NaN means eta = 1 (plain nearest-codeword encoding).
+// the threshold T: t = min(T / |x|, 0.5), eta = max(1, (d_eff - 1) t^2 / (1 - t^2)); T <= 0
+// means eta = 1 (plain nearest-codeword encoding).
 //   residuals, rows: n * (num_blocks * dims_per_block) floats; codebooks as in IndexView;
 //   codes: n * num_blocks bytes.
 void encode_anisotropic(const float* residuals, const float* rows, size_t n,
                         size_t num_blocks, size_t dims_per_block, const float* codebooks,
                         float threshold, size_t d_eff, int max_iterations, int num_threads,
                         uint8_t* codes);
+
+// k-means with 16 centres per block, blocks in parallel. data: m * (num_blocks *
+// dims_per_block) floats; books: num_blocks * 16 * dims_per_block, holding the initial
+// codewords on entry and the trained ones on exit. Preconditions: m >= 1.
+void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
+                           size_t dims_per_block, int iterations, int num_threads, float* books);
 
 }  // namespace mipscan

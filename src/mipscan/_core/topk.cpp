@@ -55,6 +55,23 @@ void HeapView::sort_best_first() {
   }
 }
 
+void TopKBuffer::prune() {
+  auto cmp = [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); };
+  std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_, cmp);
+  size_ = k_;
+  thr_ = items_[k_ - 1].s;
+}
+
+size_t TopKBuffer::finish() {
+  auto cmp = [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); };
+  if (size_ > k_) {
+    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_, cmp);
+    size_ = k_;
+  }
+  std::sort(items_.begin(), items_.begin() + size_, cmp);
+  return size_;
+}
+
 void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
                       const float* col_bias, uint32_t col_offset, size_t k,
                       float* heap_s, uint32_t* heap_id, int64_t* sizes, int num_threads) {

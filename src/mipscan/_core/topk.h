@@ -44,6 +44,42 @@ struct TopK {
   }
 };
 
+// Top-k by "collect, then select": pairs at or above the running threshold are appended
+// to a buffer of 2k; when it fills, nth_element keeps the best k and raises the threshold.
+// Amortised O(1) per accepted pair, against O(log k) sifts for a heap: this matters when
+// k is the reorder depth (hundreds) and tens of thousands of points are offered.
+class TopKBuffer {
+ public:
+  void reset(size_t k) {
+    k_ = k;
+    cap_ = 2 * k + 16;
+    if (items_.size() < cap_) items_.resize(cap_);
+    size_ = 0;
+    thr_ = -std::numeric_limits<float>::infinity();
+  }
+  // Callers may skip pairs with score < threshold() without calling push().
+  float threshold() const { return thr_; }
+  size_t size() const { return size_ < k_ ? size_ : k_; }
+  void push(float score, uint32_t id) {
+    if (score < thr_) return;
+    items_[size_++] = Item{score, id};
+    if (size_ == cap_) prune();
+  }
+  // Keeps the best min(k, size) pairs, best first; returns how many.
+  size_t finish();
+  float score(size_t i) const { return items_[i].s; }
+  uint32_t id(size_t i) const { return items_[i].id; }
+  // Offered pairs not yet pruned (for iterating candidates before finish()).
+  size_t raw_size() const { return size_; }
+
+ private:
+  struct Item { float s; uint32_t id; };
+  void prune();
+  std::vector<Item> items_;
+  size_t k_ = 0, cap_ = 0, size_ = 0;
+  float thr_ = 0;
+};
+
 // Streams a block of scores into per-row heaps: for each row r < nq, the m scores
 // scores[r*ld + j] (+ col_bias[j] when col_bias is non-null) are offered with id
 // col_offset + j. heap_s/heap_id are nq*k arrays and sizes an nq array, all owned by
