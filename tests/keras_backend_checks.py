@@ -1,0 +1,389 @@
+"""Checks of mipscan.keras.ApproximateRetrieval on one Keras backend.
+
+Run by tests/test_keras.py, once per backend, in a subprocess (Keras picks its backend
+from KERAS_BACKEND on first import, so each backend needs its own interpreter):
+
+    KERAS_BACKEND=torch python tests/keras_backend_checks.py [--embeddings tutorial.npz]
+
+Every check runs even if another fails; the last line of stdout is
+``KERAS_CHECKS_JSON: {check: {"ok": bool, "detail": str}}``. The exit status is 0 when
+every check that ran passed.
+
+    python tests/keras_backend_checks.py --make-embeddings out.npz --data-dir DIR
+
+writes the tutorial embeddings (``mipscan.recsys.tutorial_embeddings``) to out.npz, so
+that every backend checks recall on the same candidates and users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import numpy as np
+
+MARKER = "KERAS_CHECKS_JSON: "
+RECALL_THRESHOLD = 0.95
+CHECKS: dict = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+def _np(x):
+    import keras
+
+    return keras.ops.convert_to_numpy(x)
+
+
+def _dtype(x) -> str:
+    import keras
+
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _data(n: int, d: int, nq: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(16, d))
+    db = centers[rng.integers(0, 16, n)] + 0.3 * rng.normal(size=(n, d))
+    queries = centers[rng.integers(0, 16, nq)] + 0.3 * rng.normal(size=(nq, d))
+    return db.astype(np.float32), queries.astype(np.float32)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+
+
+def _assert_exact_scores(scores, rows, db, queries, what):
+    """Each returned score is the exact inner product of its query and candidate, and
+    scores are sorted highest first."""
+    exact = np.einsum("qd,qkd->qk", queries.astype(np.float64), db[rows].astype(np.float64))
+    assert np.allclose(scores, exact, rtol=1e-5, atol=1e-6), \
+        f"{what}: scores differ from the exact inner products by {np.abs(scores - exact).max()}"
+    assert np.all(np.diff(scores, axis=-1) <= 0), f"{what}: scores are not sorted highest first"
+
+
+# ---------------------------------------------------------------- checks
+@check
+def check_recall(emb_path):
+    """recall@10 vs BruteForceRetrieval on the trained tutorial model's embeddings."""
+    if emb_path is None:
+        return None
+    import keras_rs
+
+    from mipscan.keras import ApproximateRetrieval
+
+    with np.load(emb_path) as z:
+        db, users = z["candidates"], z["users"]
+    layer = ApproximateRetrieval(db, k=10)
+    brute = keras_rs.layers.BruteForceRetrieval(db, k=10)
+    scores, ids = (_np(t) for t in layer(users))
+    _, truth = (_np(t) for t in brute(users))
+    recall = _recall(ids, truth)
+    assert recall >= RECALL_THRESHOLD, (
+        f"recall@10 {recall:.4f} < {RECALL_THRESHOLD} on {len(users)} users x {len(db)} "
+        f"candidates ({layer.searcher})")
+    _assert_exact_scores(scores, ids, db, users, "tutorial embeddings")
+    return f"recall@10 {recall:.4f} >= {RECALL_THRESHOLD} ({len(users)} users, {len(db)} candidates)"
+
+
+@check
+def check_contract(_):
+    """Outputs match BruteForceRetrieval's: types, dtypes, shapes, order, ids mapping."""
+    import keras
+    import keras_rs
+
+    from mipscan.keras import ApproximateRetrieval
+
+    # n < 1000: the index scores exactly, so the results equal brute force's.
+    db, queries = _data(300, 8, 5)
+    ids = np.arange(1000, 1300)[::-1].copy()
+    for cand_ids in (None, ids):
+        for rs in (True, False):
+            ours = ApproximateRetrieval(db, cand_ids, k=7, return_scores=rs)
+            ref = keras_rs.layers.BruteForceRetrieval(db, cand_ids, k=7, return_scores=rs)
+            for q in (queries, queries[0], queries[None]):
+                a, b = ours(q), ref(q)
+                a, b = (a, b) if rs else ((a,), (b,))
+                assert len(a) == len(b), f"{len(a)} outputs, BruteForceRetrieval gives {len(b)}"
+                for x, y in zip(a, b):
+                    assert type(x) is type(y), f"output type {type(x)} != {type(y)}"
+                    assert _dtype(x) == _dtype(y), \
+                        f"ids={cand_ids is not None}: dtype {_dtype(x)} != {_dtype(y)}"
+                    assert tuple(x.shape) == tuple(y.shape), f"shape {x.shape} != {y.shape}"
+                assert np.array_equal(_np(a[-1]), _np(b[-1])), "ids differ from brute force"
+                if rs:
+                    assert np.allclose(_np(a[0]), _np(b[0]), rtol=1e-5, atol=1e-6)
+    # keras.ops.top_k as the reference of scores and ids.
+    layer = ApproximateRetrieval(db, k=5)
+    scores, top = layer(queries)
+    ref_scores, ref_ids = keras.ops.top_k(keras.ops.matmul(queries, db.T), k=5)
+    assert np.array_equal(_np(top), _np(ref_ids)), "ids differ from keras.ops.top_k"
+    assert np.allclose(_np(scores), _np(ref_scores), rtol=1e-5, atol=1e-6)
+    # The approximate path (tree + AH + reorder): ids map through candidate_ids.
+    db, queries = _data(3000, 16, 20, seed=1)
+    layer = ApproximateRetrieval(db, ids[np.arange(3000) % 300], k=10, num_leaves=8,
+                                 num_leaves_to_search=4)
+    rows_layer = ApproximateRetrieval(db, k=10, num_leaves=8, num_leaves_to_search=4)
+    got, rows = _np(layer(queries)[1]), _np(rows_layer(queries)[1])
+    assert np.array_equal(got, ids[rows % 300]), "candidate_ids were not applied"
+    assert layer.searcher.num_leaves > 1 and "score_ah" in layer.searcher.config
+    assert isinstance(layer, keras_rs.layers.Retrieval)
+    return "types, dtypes, shapes and ids match BruteForceRetrieval and keras.ops.top_k"
+
+
+@check
+def check_compiled(_):
+    """Identical ids (and scores) eagerly, compiled, and in model.predict()."""
+    import keras
+
+    from mipscan.keras import ApproximateRetrieval
+
+    db, queries = _data(4000, 16, 70, seed=2)
+    layer = ApproximateRetrieval(db, k=10, num_leaves=16, num_leaves_to_search=5)
+    scores, ids = (_np(t) for t in layer(queries))
+    _assert_exact_scores(scores, ids, db, queries, "eager")
+    runs = {}
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        runs["jax.jit"] = jax.jit(lambda q: layer(q))(queries)
+        runs["jax.jit+vmap"] = jax.jit(jax.vmap(lambda q: layer(q)))(queries)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        runs["tf.function"] = tf.function(lambda q: layer(q))(tf.constant(queries))
+        runs["tf.function(jit_compile=False), unknown batch"] = tf.function(
+            lambda q: layer(q),
+            input_signature=[tf.TensorSpec([None, 16], tf.float32)])(tf.constant(queries))
+    inputs = keras.Input(shape=(16,))
+    model = keras.Model(inputs, layer(inputs))
+    runs["model.predict"] = model.predict(queries, batch_size=32, verbose=0)
+    seq = keras.Sequential([keras.layers.Identity(), layer])
+    runs["Sequential.predict"] = seq.predict(queries, batch_size=16, verbose=0)
+    # XLA only on JAX; TensorFlow and PyTorch fall back to tf.function and eager.
+    model.compile(jit_compile=True)
+    assert model.jit_compile == (backend == "jax"), f"jit_compile={model.jit_compile}"
+    runs[f"model.predict(jit_compile={model.jit_compile})"] = model.predict(queries, verbose=0)
+    for name, (s, i) in runs.items():
+        assert np.array_equal(_np(i), ids), f"{name}: ids differ from the eager call"
+        assert np.array_equal(_np(s), scores), f"{name}: scores differ from the eager call"
+    return "identical eager and " + ", ".join(runs)
+
+
+@check
+def check_config(_):
+    """get_config/from_config round-trips every argument (return_scores included)."""
+    import keras
+
+    from mipscan.keras import ApproximateRetrieval
+
+    args = dict(k=7, return_scores=False, distance_measure="cosine", num_leaves=9,
+                num_leaves_to_search=3, training_iterations=5, dimensions_per_block=3,
+                anisotropic_quantization_threshold=0.3, reordering_num_neighbors=77, seed=4,
+                name="retrieval_x")
+    layer = ApproximateRetrieval(**args)
+    config = layer.get_config()
+    json.dumps(config)
+    for key, value in args.items():
+        assert config[key] == value, f"get_config()[{key!r}] = {config[key]!r}, expected {value!r}"
+    clone = ApproximateRetrieval.from_config(config)
+    assert clone.get_config() == config, "from_config(get_config()) changed the config"
+    for key, value in args.items():
+        assert getattr(clone, key) == value, f"from_config lost {key}"
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(again) is ApproximateRetrieval and again.get_config() == config
+    defaults = ApproximateRetrieval().get_config()
+    assert defaults["return_scores"] is True
+    assert ApproximateRetrieval.from_config(defaults).get_config() == defaults
+    return f"{len(args)} arguments round-trip"
+
+
+@check
+def check_save_load(_):
+    """model.save() + keras.models.load_model() restore the index: identical results."""
+    import keras
+
+    import mipscan
+    from mipscan.keras import ApproximateRetrieval
+
+    db, queries = _data(3000, 16, 40, seed=3)
+    cand_ids = np.arange(3000, dtype=np.int64) * 3 + 1
+    layer = ApproximateRetrieval(db, cand_ids, k=10, num_leaves=8, num_leaves_to_search=3)
+    inputs = keras.Input(shape=(16,))
+    model = keras.Model(inputs, layer(inputs))
+    before = [_np(t) for t in model(queries)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    restored = next(l for l in loaded.layers if isinstance(l, ApproximateRetrieval))
+    after = [_np(t) for t in loaded(queries)]
+    predicted = loaded.predict(queries, verbose=0)
+    for a, b, c in zip(before, after, predicted):
+        assert np.array_equal(a, b), "results differ after load_model"
+        assert np.array_equal(a, _np(c)), "predict() after load_model differs"
+    assert np.array_equal(_np(restored.candidate_embeddings), db)
+    assert np.array_equal(_np(restored.candidate_ids), cand_ids)
+    assert restored.get_config() == layer.get_config()
+
+    # A layer built around a searcher (no candidate_embeddings) saves its index too.
+    searcher = mipscan.builder(db, 10, "dot_product").score_ah(2).reorder(50).build()
+    model = keras.Sequential([keras.Input((16,)), ApproximateRetrieval(searcher=searcher, k=5)])
+    before = [_np(t) for t in model(queries)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    after = [_np(t) for t in loaded(queries)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)), "searcher= layer differs"
+    direct = searcher.search_batched(queries, final_num_neighbors=5)
+    assert np.array_equal(before[1], direct.indices.astype(np.int64)), "searcher= ids"
+    return "Functional and Sequential models round-trip with identical scores and ids"
+
+
+@check
+def check_errors(_):
+    """Bad input raises BruteForceRetrieval's errors, with messages naming the argument."""
+    import keras
+    import keras_rs
+
+    from mipscan.keras import ApproximateRetrieval
+
+    db, queries = _data(50, 8, 3)
+    same_as_brute = {
+        "rank 1 candidate_embeddings": dict(candidate_embeddings=db[0]),
+        "rank 3 candidate_embeddings": dict(candidate_embeddings=db[None]),
+        "k > number of candidates": dict(candidate_embeddings=db, k=51),
+        "candidate_ids of the wrong length": dict(candidate_embeddings=db,
+                                                  candidate_ids=np.arange(49)),
+        "candidate_ids without candidate_embeddings": dict(candidate_ids=np.arange(50)),
+    }
+    for what, kwargs in same_as_brute.items():
+        errors = []
+        for cls in (keras_rs.layers.BruteForceRetrieval, ApproximateRetrieval):
+            try:
+                cls(**kwargs)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                raise AssertionError(f"{what}: {cls.__name__} raised nothing")
+        theirs, ours = errors
+        assert type(ours) is type(theirs) and str(ours) == str(theirs), \
+            f"{what}: {ours!r} instead of BruteForceRetrieval's {theirs!r}"
+        assert "`candidate_" in str(ours) or "k=" in str(ours), f"{what}: {ours}"
+
+    def raises(fn, exc_type, *words):
+        try:
+            fn()
+        except exc_type as exc:
+            assert all(w in str(exc) for w in words), f"message {exc} lacks {words}"
+            return
+        raise AssertionError(f"expected {exc_type.__name__} mentioning {words}")
+
+    # Dtypes the engine cannot take (BruteForceRetrieval fails too, differently per backend).
+    raises(lambda: ApproximateRetrieval(np.array([["a"] * 8] * 50), k=5), ValueError,
+           "`candidate_embeddings`", "dtype")
+    raises(lambda: ApproximateRetrieval(db.astype(np.complex64), k=5), ValueError,
+           "`candidate_embeddings`", "dtype")
+    raises(lambda: ApproximateRetrieval(db, np.array(["x"] * 50), k=5), ValueError,
+           "`candidate_ids`", "dtype")
+    bad = db.copy()
+    bad[3, 1] = np.nan
+    raises(lambda: ApproximateRetrieval(bad, k=5), ValueError, "`candidate_embeddings`", "row 3")
+    # int and bool candidates are converted, as BruteForceRetrieval does.
+    assert _dtype(ApproximateRetrieval((db > 0).astype(np.int32), k=5)(queries)[0]) == "float32"
+
+    layer = ApproximateRetrieval(db, k=5)
+    raises(lambda: layer(queries[:, :4]), ValueError, "`inputs`", "4 features", "8 features")
+    raises(lambda: layer.update_candidates(db[:4]), ValueError, "(4)", "k=5")
+    raises(lambda: layer.update_candidates(None), ValueError, "`candidate_embeddings`")
+    assert layer.candidate_embeddings.shape == (50, 8), "a failed update changed the layer"
+    raises(lambda: ApproximateRetrieval(k=5)(queries), ValueError, "update_candidates")
+    raises(lambda: ApproximateRetrieval(db, k=0), ValueError, "`k`")
+    raises(lambda: ApproximateRetrieval(db, k="5"), TypeError, "`k`")
+    raises(lambda: ApproximateRetrieval(db, num_leaves=0), ValueError, "`num_leaves`")
+    raises(lambda: ApproximateRetrieval(db, return_scores="yes"), TypeError, "`return_scores`")
+    raises(lambda: ApproximateRetrieval(db, distance_measure="l1"), ValueError,
+           "`distance_measure`")
+    raises(lambda: ApproximateRetrieval(searcher=object()), TypeError, "`searcher`")
+    # Queries of an integer dtype are converted (as BruteForceRetrieval does).
+    scores, _ = layer(keras.ops.convert_to_tensor(np.ones((2, 8), np.int32)))
+    assert _dtype(scores) == "float32"
+    return "BruteForceRetrieval's messages for rank, k and ids; named arguments elsewhere"
+
+
+@check
+def check_update_candidates(_):
+    """update_candidates rebuilds the index; ids are kept as BruteForceRetrieval does."""
+    import keras_rs
+
+    from mipscan.keras import ApproximateRetrieval
+
+    db, queries = _data(200, 8, 4, seed=5)
+    db2, _ = _data(120, 8, 1, seed=6)
+    ids = np.arange(200, 400)
+    layer = ApproximateRetrieval(k=5)
+    ref = keras_rs.layers.BruteForceRetrieval(k=5)
+    layer.update_candidates(db, ids)
+    ref.update_candidates(db, ids)
+    assert np.array_equal(_np(layer(queries)[1]), _np(ref(queries)[1]))
+    layer.update_candidates(db[::-1].copy())  # keeps the ids, as BruteForceRetrieval does
+    ref.update_candidates(db[::-1].copy())
+    assert np.array_equal(_np(layer(queries)[1]), _np(ref(queries)[1]))
+    layer.update_candidates(db2, np.arange(120) + 7)  # a different number of candidates
+    fresh = keras_rs.layers.BruteForceRetrieval(db2, np.arange(120) + 7, k=5)
+    assert np.array_equal(_np(layer(queries)[1]), _np(fresh(queries)[1]))
+    return "rebuilds on new candidates, keeps previous ids when none are given"
+
+
+# ---------------------------------------------------------------- driver
+def make_embeddings(out: str, data_dir: str, epochs: int, copies: int) -> None:
+    from mipscan.recsys import tutorial_embeddings
+
+    emb = tutorial_embeddings(data_dir=data_dir, epochs=epochs, copies=copies, seed=42)
+    np.savez(out, candidates=emb.candidates, users=emb.all_users)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embeddings", help=".npz with candidates and users (recall check)")
+    parser.add_argument("--only", nargs="*", help="run only these checks")
+    parser.add_argument("--make-embeddings", metavar="OUT")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--copies", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.make_embeddings:
+        make_embeddings(args.make_embeddings, args.data_dir, args.epochs, args.copies)
+        return 0
+
+    import keras
+
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}", flush=True)
+    report = {}
+    for name, fn in CHECKS.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            detail = fn(args.embeddings)
+            report[name] = {"ok": True, "skipped": detail is None, "detail": detail or ""}
+        except Exception as exc:
+            report[name] = {"ok": False, "skipped": False,
+                            "detail": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+        status = "ok" if report[name]["ok"] else "FAILED"
+        print(f"{name}: {status}: {report[name]['detail']}", flush=True)
+    print(MARKER + json.dumps(report), flush=True)
+    return 0 if all(r["ok"] for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
