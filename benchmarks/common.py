@@ -169,3 +169,50 @@ def numpy_topk(db: np.ndarray, queries: np.ndarray, k: int, metric: str = "dot_p
         order = np.argsort(-top, axis=1, kind="stable")
         out[b0:b0 + block] = np.take_along_axis(part, order, axis=1)
     return out
+
+
+class CpuNoise:
+    """Measures how much CPU other processes used while a measurement ran.
+
+    ``foreign_cores`` = (all cores' busy time from /proc/stat - this process's CPU time) /
+    wall time, in cores: 0 on an idle machine, up to ``os.cpu_count()`` when other work
+    takes every core. None where /proc/stat is missing.
+    """
+
+    def __enter__(self):
+        self._start = (_busy_seconds(), _own_cpu_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy0, own0, t0 = self._start
+        busy1, own1, t1 = _busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+        self.foreign_cores = (None if busy0 is None or busy1 is None
+                              else max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9))
+        return False
+
+
+def _busy_seconds() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_for_quiet(max_seconds: float, threshold: float = 0.3, window: float = 2.0) -> float:
+    """Waits (up to ``max_seconds``) until other processes use under ``threshold`` cores
+    over a ``window``-second sample; returns the last sample's foreign cores."""
+    deadline = time.perf_counter() + max_seconds
+    while True:
+        with CpuNoise() as noise:
+            time.sleep(window)
+        if noise.foreign_cores is None or noise.foreign_cores < threshold \
+                or time.perf_counter() >= deadline:
+            return noise.foreign_cores

@@ -86,6 +86,12 @@ def _mb(x: int | None) -> str:
     return "—" if x is None else f"{x / 2**20:,.1f}"
 
 
+def _noise(system: dict) -> str:
+    vals = sorted(p["foreign_cores"] for p in system.get("points", [])
+                  if p.get("foreign_cores") is not None)
+    return f"{vals[len(vals) // 2]:.2f}" if vals else "—"
+
+
 def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -> str:
     """The summary of one run: header, QPS-at-recall tables, build table, plot link."""
     ds, env, cfg = result["dataset"], result["env"], result["config"]
@@ -104,7 +110,8 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
         f"QPS at recall@10 >= target: the fastest measured point reaching it (no "
         f"interpolation; — = not reached). In brackets: {REFERENCE}'s QPS / that system's. "
         f"Median of {cfg['repeats']} timed runs after a warm-up; single-query QPS over "
-        f"{cfg['nq_single']} queries.",
+        f"{cfg['nq_single']} queries. \"Others' CPU\": the median, over a system's points, "
+        "of the cores that other processes kept busy while it was measured (from /proc/stat).",
         "",
     ]
     for mode, label in modes(result):
@@ -122,14 +129,14 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| system | build s | index MB | build peak RSS MB | default knobs | recall@10 "
-              "| QPS 1 query | QPS batched 1 thread |",
-              "|---|---:|---:|---:|---|---:|---:|---:|"]
+              "| QPS 1 query | QPS batched 1 thread | others' CPU |",
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for s in result["systems"]:
         if "skipped" in s:
-            lines.append(f"| {s['name']} | skipped: {s['skipped']} |||||||")
+            lines.append(f"| {s['name']} | skipped: {s['skipped']} ||||||||")
             continue
         if "build" not in s:
-            lines.append(f"| {s['name']} | error (see JSON) |||||||")
+            lines.append(f"| {s['name']} | error (see JSON) ||||||||")
             continue
         b = s["build"]
         dk = s.get("default_knobs")
@@ -140,7 +147,8 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
             f"| {s['name']} | {b['seconds']:.2f} | {_mb(b['index_bytes'])} | "
             f"{_mb(b['build_peak_rss'])} | {json.dumps(dk) if dk else '—'} | "
             + (f"{p['recall']:.4f} | {_fmt_qps(p['qps_single'])} | "
-               f"{_fmt_qps(p['qps_batched']['1'])} |" if p else "— | — | — |"))
+               f"{_fmt_qps(p['qps_batched']['1'])} |" if p else "— | — | — |")
+            + f" {_noise(s)} |")
     lines.append("")
     errors = [s["name"] for s in result["systems"] if "error" in s]
     if errors:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import datasets, report, systems
-from benchmarks.common import REPO, environment
+from benchmarks.common import REPO, environment, wait_for_quiet
 
 
 def _ints(text: str) -> list[int]:
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--update-readme", action="store_true",
                     help="rewrite README.md's bench section from benchmarks/results/")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="before each variant, wait up to this many seconds for other "
+                         "processes to use under 0.3 cores (the machine is shared)")
     return ap.parse_args(argv)
 
 
@@ -127,12 +130,13 @@ def config(args, ds: datasets.Dataset) -> dict:
     if args.leaves_grid:
         lgrid = _ints(args.leaves_grid)
     else:
-        fracs = (0.05, 0.1, 0.3) if args.quick else (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+        fracs = ((0.05, 0.1, 0.3) if args.quick else
+                 (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0))
         lgrid = sorted({max(1, min(leaves, round(leaves * f))) for f in fracs})
     if args.reorder_grid:
         rgrid = _ints(args.reorder_grid)
     else:
-        rgrid = [k * m for m in ((5, 50) if args.quick else (4, 10, 25, 50))]
+        rgrid = [k * m for m in ((5, 50) if args.quick else (4, 10, 25, 50, 100))]
     rgrid = sorted({min(r, n) for r in rgrid})
     default_ls = max(1, min(leaves, round(leaves * 0.3)))
     ef = _ints(args.ef_grid) if args.ef_grid else (
@@ -141,7 +145,7 @@ def config(args, ds: datasets.Dataset) -> dict:
         "k": k, "metric": ds.metric, "d": d,
         "num_leaves": leaves, "leaves_to_search": default_ls,
         "training_sample_size": min(n, 100_000), "training_iterations": 12,
-        "dims_per_block": 2, "aq_threshold": 0.2, "reorder": max(rgrid),
+        "dims_per_block": 2, "aq_threshold": 0.2, "reorder": min(rgrid, key=lambda r: abs(r - 50 * k)),
         "leaves_grid": lgrid, "reorder_grid": rgrid,
         "ef_grid": ef, "ef_construction": 100 if args.quick else args.ef_construction,
         "build_threads": args.build_threads,
@@ -228,7 +232,11 @@ def main(argv=None) -> dict:
             arrays[key] = str(tmp / f"{key}.npy")
             np.save(arrays[key], arr)
         for name in names:
-            print(f"[{name}]", flush=True)
+            if args.wait_quiet:
+                others = wait_for_quiet(args.wait_quiet)
+                print(f"[{name}] (others used {others or 0:.2f} cores before it)", flush=True)
+            else:
+                print(f"[{name}]", flush=True)
             r = run_variant(name, cfg, arrays, tmp, args)
             if "skipped" in r:
                 print(f"  skipped {name}: {r['skipped']}", flush=True)

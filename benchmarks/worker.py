@@ -20,8 +20,8 @@ import traceback
 import numpy as np
 
 from benchmarks import systems
-from benchmarks.common import (peak_rss_bytes, pinned_threads, reset_peak_rss, rss_bytes,
-                               threadpool_info, time_median)
+from benchmarks.common import (CpuNoise, peak_rss_bytes, pinned_threads, reset_peak_rss,
+                               rss_bytes, threadpool_info, time_median)
 
 
 def recall_at_k(train: np.ndarray, queries: np.ndarray, ids: np.ndarray, gt: np.ndarray,
@@ -101,12 +101,13 @@ def run(job: dict) -> dict:
     try:
         rss0 = rss_bytes()
         reset_ok = reset_peak_rss()
-        with pinned_threads(job["cfg"]["build_threads"]):
+        with pinned_threads(job["cfg"]["build_threads"]), CpuNoise() as noise:
             t0 = time.perf_counter()
             v.build(data["train"])
             build_s = time.perf_counter() - t0
         out["build"] = {
             "seconds": build_s,
+            "foreign_cores": noise.foreign_cores,
             "threads": job["cfg"]["build_threads"],
             "index_bytes": v.index_bytes(),
             "build_peak_rss": peak_rss_bytes() - rss0,
@@ -122,12 +123,16 @@ def run(job: dict) -> dict:
         points = []
         for knobs in v.knob_grid():
             t0 = time.perf_counter()
-            p = measure_point(v, knobs, data, job)
+            with CpuNoise() as noise:
+                p = measure_point(v, knobs, data, job)
+            p["foreign_cores"] = noise.foreign_cores
             p["loadavg"] = os.getloadavg()[0]
             points.append(p)
             print(f"  {v.name:15s} {json.dumps(knobs):45s} recall={p['recall']:.4f} "
                   f"qps1={p['qps_single']:9.0f} batch={p['qps_batched']} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+                  f"({time.perf_counter() - t0:.1f}s; others used "
+                  f"{noise.foreign_cores or 0:.2f} cores)",
+                  flush=True)
         out["points"] = points
     except Exception:  # noqa: BLE001 - one failing library must not stop the others
         out["error"] = traceback.format_exc()
