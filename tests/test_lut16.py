@@ -1,0 +1,70 @@
+"""The LUT16 kernels against a numpy reference, bit for bit, at every SIMD level."""
+
+import numpy as np
+import pytest
+
+import mipscan
+from mipscan import _mipscan
+
+LEVELS = ["scalar"] + (["avx2"] if _mipscan.cpu_has_avx2() else [])
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    return request.param
+
+
+@pytest.mark.parametrize("n,num_blocks", [(1, 1), (31, 3), (32, 16), (100, 17), (257, 64), (64, 300)])
+def test_pack_unpack_is_identity(rng, n, num_blocks):
+    codes = rng.integers(0, 16, size=(n, num_blocks), dtype=np.uint8)
+    packed = _mipscan.pack_codes(codes)
+    nbp = num_blocks + (num_blocks & 1)
+    assert packed.shape == (((n + 31) // 32) * nbp * 16,)
+    np.testing.assert_array_equal(_mipscan.unpack_codes(packed, n, num_blocks), codes)
+
+
+@pytest.mark.parametrize("n,num_blocks", [(32, 2), (96, 16), (50, 17), (320, 64), (64, 300)])
+def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
+    nbp = num_blocks + (num_blocks & 1)
+    cap = min(255, 65535 // nbp)  # the searcher's bound: sums fit in 16 bits
+    codes = rng.integers(0, 16, size=(n, num_blocks), dtype=np.uint8)
+    lut = np.zeros((nbp, 16), np.uint8)
+    lut[:num_blocks] = rng.integers(0, cap + 1, size=(num_blocks, 16))
+    lut[0, :] = cap  # hit the bound on purpose
+    packed = _mipscan.pack_codes(codes)
+    cut = int(np.median(lut[np.arange(num_blocks)[None, :], codes].sum(1)))
+    sums, masks = _mipscan.scan_lut16(packed, num_blocks, lut, level, cut)
+    ref = lut[np.arange(num_blocks)[None, :], codes].sum(axis=1)
+    assert ref.max() <= 65535
+    np.testing.assert_array_equal(sums[:n], ref.astype(np.uint16))
+    bits = np.unpackbits(masks.view(np.uint8), bitorder="little").reshape(-1)[:len(sums)]
+    np.testing.assert_array_equal(bits.astype(bool), sums >= cut)
+
+
+def test_levels_agree_on_whole_searches(rng):
+    if len(LEVELS) < 2:
+        pytest.skip("this CPU has only the scalar kernel")
+    db = rng.normal(size=(3000, 20)).astype(np.float32)
+    q = rng.normal(size=(50, 20)).astype(np.float32)
+    s = mipscan.builder(db, 10, "dot_product").tree(20, 5).score_ah(2).build()
+    before = mipscan.simd_level()
+    try:
+        results = {}
+        for lv in LEVELS:
+            assert _mipscan.set_simd_level(lv)
+            assert mipscan.simd_level() == lv
+            results[lv] = s.search_batched(q)
+    finally:
+        _mipscan.set_simd_level(before)
+    np.testing.assert_array_equal(results["scalar"].indices, results["avx2"].indices)
+    np.testing.assert_array_equal(results["scalar"].distances, results["avx2"].distances)
+
+
+def test_simd_env_override_is_honoured():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import mipscan; print(mipscan.simd_level())"],
+                         env={**__import__("os").environ, "MIPSCAN_SIMD": "scalar"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
