@@ -182,9 +182,12 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
         except Exception as exc:  # truncated header, wrong magic, pickled object, ...
             raise ValueError(f"load_searcher(): {str(path)!r} is not a readable .npy file "
                              f"({field}): {exc}") from None
-        if arr.dtype != np.dtype(dtype) or list(arr.shape) != shape:
-            raise ValueError(f"load_searcher(): {str(path)!r} holds {arr.dtype} {arr.shape}; "
-                             f"{MANIFEST} says {entry['dtype']} {tuple(shape)} ({field})")
+        if arr.dtype != np.dtype(dtype):
+            raise ValueError(f"load_searcher(): {str(path)!r} holds {arr.dtype}; {MANIFEST} "
+                             f"says {entry['dtype']} ({field}.dtype)")
+        if list(arr.shape) != shape:
+            raise ValueError(f"load_searcher(): {str(path)!r} has shape {arr.shape}; {MANIFEST} "
+                             f"says {tuple(shape)} ({field}.shape)")
         arrays[name] = arr
     try:
         return Searcher(config, arrays)

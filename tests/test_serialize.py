@@ -1,0 +1,153 @@
+"""Index folders: round trips, damaged or foreign folders, atomic replacement."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import mipscan
+
+
+@pytest.fixture(scope="module")
+def built():
+    rng = np.random.default_rng(3)
+    db = rng.normal(size=(3000, 16)).astype(np.float32)
+    q = rng.normal(size=(40, 16)).astype(np.float32)
+    return db, q
+
+
+def verify_serialization(searcher, q, path, mmap=True):
+    searcher.serialize(path)
+    loaded = mipscan.load_searcher(path, mmap=mmap)
+    a, b = searcher.search_batched(q), loaded.search_batched(q)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.distances, b.distances)
+    return loaded
+
+
+@pytest.mark.parametrize("metric", ["dot_product", "cosine", "squared_l2"])
+@pytest.mark.parametrize("stages", ["tree_ah_reorder", "ah", "tree_bf"])
+def test_round_trip_is_identical(built, tmp_path, metric, stages):
+    db, q = built
+    b = mipscan.builder(db, 10, metric)
+    if "tree" in stages:
+        b = b.tree(30, 5)
+    b = b.score_ah(2) if "ah" in stages else b.score_brute_force()
+    if "reorder" in stages:
+        b = b.reorder(50)
+    s = b.build()
+    for mmap in (True, False):
+        loaded = verify_serialization(s, q, tmp_path / f"index-{mmap}", mmap=mmap)
+        assert loaded.index_bytes == s.index_bytes
+        assert loaded.config == json.loads(json.dumps(s.config))
+
+
+def test_serialize_replaces_an_existing_index_atomically(built, tmp_path):
+    db, q = built
+    s1 = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    s2 = mipscan.builder(db, 5, "dot_product").tree(30, 5).score_ah(2).build()
+    path = tmp_path / "idx"
+    s1.serialize(path)
+    s2.serialize(path)
+    loaded = mipscan.load_searcher(path)
+    assert loaded.num_neighbors == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary left
+
+
+def test_refuses_to_overwrite_a_foreign_folder(built, tmp_path):
+    db, _ = built
+    (tmp_path / "mine.txt").write_text("precious")
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    with pytest.raises(ValueError, match="not a mipscan index"):
+        s.serialize(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+@pytest.fixture
+def saved(built, tmp_path):
+    db, _ = built
+    s = mipscan.builder(db, 10, "dot_product").tree(30, 5).score_ah(2).reorder(50).build()
+    path = tmp_path / "idx"
+    s.serialize(path)
+    return path
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_damaged_files_are_rejected_naming_path_and_field(saved):
+    for name in [f for f in _files(saved) if f.endswith(".npy")]:
+        p = saved / name
+        raw = p.read_bytes()
+        # flip one byte in the data
+        damaged = bytearray(raw)
+        damaged[-1] ^= 0xFF
+        p.write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match=name):
+            mipscan.load_searcher(saved)
+        # truncate
+        p.write_bytes(raw[: len(raw) // 2])
+        with pytest.raises(ValueError, match=name):
+            mipscan.load_searcher(saved)
+        # delete
+        p.unlink()
+        with pytest.raises(ValueError, match=name):
+            mipscan.load_searcher(saved)
+        p.write_bytes(raw)
+    mipscan.load_searcher(saved)  # restored: loads again
+
+
+def test_edited_manifest_fields_are_rejected(saved):
+    mpath = saved / "mipscan.json"
+    original = json.loads(mpath.read_text())
+    edits = {
+        "format": lambda m: m.update(format="faiss"),
+        "format_version": lambda m: m.update(format_version=99),
+        "config.n": lambda m: m["config"].update(n=-1),
+        "config.distance_measure": lambda m: m["config"].update(distance_measure="hamming"),
+        "config.tree.num_leaves": lambda m: m["config"]["tree"].update(num_leaves="many"),
+        "arrays.slot_ids.shape": lambda m: m["arrays"]["slot_ids"].update(shape=[5]),
+        "arrays.codebooks.dtype": lambda m: m["arrays"]["codebooks"].update(dtype="<f8"),
+        "arrays.centroids.sha256": lambda m: m["arrays"]["centroids"].update(sha256="0" * 64),
+        "arrays": lambda m: m["arrays"].pop("reorder_rows"),
+    }
+    for field, edit in edits.items():
+        m = json.loads(json.dumps(original))
+        edit(m)
+        mpath.write_text(json.dumps(m))
+        with pytest.raises(ValueError) as info:
+            mipscan.load_searcher(saved)
+        msg = str(info.value)
+        assert str(saved) in msg and field.split(".")[-1] in msg, msg
+    mpath.write_text("{not json")
+    with pytest.raises(ValueError, match="JSON"):
+        mipscan.load_searcher(saved)
+    mpath.unlink()
+    with pytest.raises(ValueError, match="not a mipscan index"):
+        mipscan.load_searcher(saved)
+
+
+def test_swapped_file_from_another_index_is_rejected(built, saved, tmp_path):
+    db, _ = built
+    other = tmp_path / "other"
+    mipscan.builder(db[:2000], 10, "dot_product").tree(30, 5).score_ah(2).reorder(50).build().serialize(other)
+    os.replace(other / "slot_ids.npy", saved / "slot_ids.npy")
+    with pytest.raises(ValueError, match="slot_ids"):
+        mipscan.load_searcher(saved)
+
+
+def test_structurally_inconsistent_arrays_are_rejected_even_unverified(saved):
+    # A consistent manifest (checksums recomputed) over inconsistent arrays: the loader's
+    # structural checks still refuse it instead of reading out of bounds.
+    ids = np.load(saved / "slot_ids.npy")
+    ids[0] = 10**9
+    np.save(saved / "slot_ids.npy", ids)
+    with pytest.raises(ValueError, match="slot_ids"):
+        mipscan.load_searcher(saved, verify=False)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        mipscan.load_searcher(tmp_path / "missing")
