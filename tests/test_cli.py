@@ -66,3 +66,20 @@ def test_demo_without_data(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli.app, ["demo", "--data", str(tmp_path / "nothing")])
     assert result.exit_code == 2
     assert "no MovieLens 100K" in result.output
+
+
+def test_demo_k_larger_than_candidates(ml100k_dir):
+    result = CliRunner().invoke(cli.app, ["demo", "--data", str(ml100k_dir), "--copies", "0",
+                                          "--k", "2683"])
+    assert result.exit_code == 2
+    assert "--k must be at most the 2,682 candidates; got 2683" in result.output
+
+
+def test_demo_damaged_data(ml100k_dir, tmp_path):
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    (folder / "u.item").write_bytes((ml100k_dir / "u.item").read_bytes())
+    (folder / "u.data").write_text("1\t2\n")
+    result = CliRunner().invoke(cli.app, ["demo", "--data", str(folder)])
+    assert result.exit_code == 2
+    assert "u.data line 1: expected 4 TAB-separated fields" in result.output

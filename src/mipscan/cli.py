@@ -159,7 +159,7 @@ def demo(
         TimeElapsedColumn
 
     from mipscan.recsys import DataNotFoundError, load_ml100k
-    from mipscan.recsys.model import TUTORIAL_QUERY_USERS, tutorial_embeddings
+    from mipscan.recsys.model import TABLE_SLACK, TUTORIAL_QUERY_USERS, tutorial_embeddings
 
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: room for the whole table
@@ -167,9 +167,14 @@ def demo(
     t_start = time.perf_counter()
     try:
         ml = load_ml100k(data)
-    except DataNotFoundError as exc:
-        console.print(f"[red]{exc}[/red]")
+    except (DataNotFoundError, ValueError) as exc:  # missing or damaged
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    num_candidates = (ml.num_movies + TABLE_SLACK) * (copies + 1)
+    if k > num_candidates:
+        console.print(f"--k must be at most the {num_candidates:,} candidates; got {k}",
+                      style="red")
+        raise typer.Exit(2)
     console.print(f"MovieLens 100K from {ml.source}: {ml.num_ratings:,} ratings, "
                   f"{ml.num_users:,} users, {ml.num_movies:,} movies "
                   "(GroupLens; Harper & Konstan, ACM TiiS 2015)")
@@ -194,11 +199,6 @@ def demo(
     train_s = time.perf_counter() - t0
     console.print(f"candidates: {emb.candidates.shape[0]:,} x {emb.candidates.shape[1]} "
                   f"(the {emb.movie_table_rows:,}-row movie table + {copies} noisy copies)")
-
-    if k > emb.candidates.shape[0]:
-        console.print(f"[red]--k must be at most the {emb.candidates.shape[0]} candidates; "
-                      f"got {k}[/red]")
-        raise typer.Exit(2)
     query_sets = {"tutorial": emb.tutorial_queries, "all": emb.all_users}
     with console.status("measuring") as status:
         rows = compare(emb.candidates, query_sets, k, repeats,
