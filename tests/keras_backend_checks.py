@@ -127,6 +127,18 @@ def check_contract(_):
     ref_scores, ref_ids = keras.ops.top_k(keras.ops.matmul(queries, db.T), k=5)
     assert np.array_equal(_np(top), _np(ref_ids)), "ids differ from keras.ops.top_k"
     assert np.allclose(_np(scores), _np(ref_scores), rtol=1e-5, atol=1e-6)
+    # The other distance measures: cosine similarities highest first, squared L2
+    # distances smallest first.
+    unit = db / np.linalg.norm(db, axis=1, keepdims=True)
+    scores, top = ApproximateRetrieval(db, k=5, distance_measure="cosine")(queries)
+    ref_scores, ref_ids = keras.ops.top_k(
+        keras.ops.matmul(queries / np.linalg.norm(queries, axis=1, keepdims=True), unit.T), k=5)
+    assert np.array_equal(_np(top), _np(ref_ids)), "cosine ids differ from keras.ops.top_k"
+    assert np.allclose(_np(scores), _np(ref_scores), rtol=1e-5, atol=1e-6)
+    scores, top = ApproximateRetrieval(db, k=5, distance_measure="squared_l2")(queries)
+    dist = ((queries[:, None, :] - db[None, :, :]) ** 2).sum(-1)
+    assert np.array_equal(_np(top), np.argsort(dist, axis=1)[:, :5]), "squared_l2 ids differ"
+    assert np.allclose(_np(scores), np.sort(dist, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
     # The approximate path (tree + AH + reorder): ids map through candidate_ids.
     db, queries = _data(3000, 16, 20, seed=1)
     layer = ApproximateRetrieval(db, ids[np.arange(3000) % 300], k=10, num_leaves=8,

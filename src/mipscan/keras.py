@@ -7,14 +7,15 @@ anisotropic AH, exact reorder) instead of scoring every candidate.
 
 It runs on the JAX, TensorFlow and PyTorch backends, eagerly and inside compiled
 functions: under ``jax.jit`` the search is a ``jax.pure_callback``, under ``tf.function``
-a ``tf.numpy_function``; PyTorch runs eagerly. Those backend branches all live in
-:func:`_host_call`.
+a ``tf.numpy_function``; PyTorch runs eagerly. Every backend branch lives in
+:func:`_host_call` and the two helpers after it.
 
 This module imports Keras and Keras-RS (the ``recsys`` extra); ``import mipscan`` does not.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -89,6 +90,12 @@ def _host_call_supports_jit() -> bool:
     ``model.compile(jit_compile=True)`` falls back (with a warning) to tf.function on
     TensorFlow and to eager execution on PyTorch."""
     return keras.backend.backend() == "jax"
+
+
+def _top_k_index_dtype() -> str:
+    """The dtype of ``keras.ops.top_k``'s indices, which BruteForceRetrieval returns
+    when it has no candidate ids: torch.topk gives int64, JAX and TensorFlow int32."""
+    return "int64" if keras.backend.backend() == "torch" else "int32"
 
 
 def _to_numpy(name: str, x: Any) -> np.ndarray:
@@ -180,7 +187,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         searcher: an already built `mipscan.Searcher` over the candidates; the tuning
             arguments are then used only by later `update_candidates` calls.
         distance_measure: `"dot_product"` (as `BruteForceRetrieval`), `"cosine"`, or
-            `"squared_l2"` (scores are then squared distances, smallest first).
+            `"squared_l2"` (scores are then squared distances, smallest first). With
+            `searcher`, the searcher's own measure is used.
         num_leaves: k-means leaves of the tree; `None` means no tree below 100,000
             candidates and `round(sqrt(n))` above. Clamped to `n`; 1 means no tree.
         num_leaves_to_search: leaves searched per query; `None` means a quarter of the
@@ -355,6 +363,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             raise TypeError("`searcher` must be a mipscan searcher (mipscan.builder(...).build() "
                             f"or mipscan.load_searcher()), received {type(searcher).__name__}")
         n, d = int(searcher.size()), int(searcher.d)
+        self.distance_measure = getattr(searcher, "distance_measure", self.distance_measure)
         emb = ids = None
         if candidate_embeddings is not None:
             emb = np.ascontiguousarray(_embeddings_array(candidate_embeddings), dtype=np.float32)
@@ -388,11 +397,9 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     # ------------------------------------------------------------------ calling
     def _ids_dtype(self) -> str:
-        # BruteForceRetrieval returns keras.ops.top_k's indices (int64 on torch, int32
-        # elsewhere), or the candidate ids, which it stores as int32.
-        if self.candidate_ids is None and keras.backend.backend() == "torch":
-            return "int64"
-        return "int32"
+        # BruteForceRetrieval returns the candidate ids, which it stores as int32, or
+        # keras.ops.top_k's indices.
+        return _top_k_index_dtype() if self._ids_np is None else "int32"
 
     def _scores_dtype(self) -> str:
         # BruteForceRetrieval's scores come out in the compute dtype (float16 under a
@@ -400,12 +407,12 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         dtype = keras.backend.standardize_dtype(self.compute_dtype)
         return dtype if "float" in dtype else "float32"
 
-    def _search(self, queries: np.ndarray):
-        """numpy (..., d) float32 -> (scores (..., k) float32, ids (..., k))."""
+    def _search(self, queries: np.ndarray, ids_dtype: str):
+        """numpy (..., d) float32 -> (scores (..., k) float32, ids (..., k) ids_dtype)."""
         flat = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self._dim)
         shape = queries.shape[:-1] + (self.k,)
         if len(flat) == 0:
-            return np.zeros(shape, np.float32), np.zeros(shape, self._ids_dtype())
+            return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
         if not np.isfinite(flat).all():
             raise ValueError("ApproximateRetrieval: the queries (`inputs`) must be finite; "
                              "received NaN or inf")
@@ -415,7 +422,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         rows = result.indices.astype(np.int64)
         ids = rows if self._ids_np is None else self._ids_np[rows]
         return (np.asarray(result.distances, np.float32).reshape(shape),
-                ids.astype(self._ids_dtype()).reshape(shape))
+                ids.astype(ids_dtype).reshape(shape))
 
     def call(self, inputs: Any) -> Any:
         """Returns the top candidates for the queries passed as input.
@@ -437,8 +444,9 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         if keras.backend.standardize_dtype(inputs.dtype) != "float32":
             queries = keras.ops.cast(inputs, "float32")
         out_shape = tuple(inputs.shape[:-1]) + (self.k,)
-        top_scores, top_ids = _host_call(self._search, queries,
-                                         ("float32", self._ids_dtype()), out_shape)
+        ids_dtype = self._ids_dtype()  # fixed when traced, so passed to the callback
+        top_scores, top_ids = _host_call(functools.partial(self._search, ids_dtype=ids_dtype),
+                                         queries, ("float32", ids_dtype), out_shape)
         if self._scores_dtype() != "float32":
             top_scores = keras.ops.cast(top_scores, self._scores_dtype())
         if self.return_scores:
