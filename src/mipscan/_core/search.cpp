@@ -76,8 +76,8 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
     for (size_t i = 0; i < nb * 16; ++i) {
-      float v = std::nearbyint(lf[i] * out.scale);
-      s.lut_u8[i] = static_cast<uint8_t>(std::min(std::max(v, 0.f), cap));
+      const float v = lf[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
+      s.lut_u8[i] = static_cast<uint8_t>(std::min(v, cap));
     }
   }
   return out;
@@ -120,22 +120,25 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
     s.sums.resize(groups * 32);
     s.masks.resize(groups);
   }
-  // Integer prefilter: a point can only enter when base + sum * inv_scale >= threshold,
-  // i.e. sum >= (threshold - base) * scale. The cut is lowered by one to absorb float
-  // rounding; the float comparison below decides. It is refreshed every kChunk groups
-  // (the threshold only rises, so a stale cut lets through more points, never fewer).
+  // Integer filter: a point can only enter when base + sum * inv_scale > threshold, i.e.
+  // sum > x = (threshold - base) * scale, i.e. sum >= floor(x) + 1. (Float rounding can
+  // only misjudge a sum equal to x: a tie with the threshold, which loses anyway.) The
+  // threshold changes only when a push prunes the buffer, so the cut is recomputed then,
+  // and the kernel's masks (made with the cut at the start of each chunk of kChunk
+  // groups) are re-checked against the current cut.
   constexpr size_t kChunk = 32;
   auto current_cut = [&]() -> uint16_t {
     const float thr = top.threshold();
     if (!(thr > -INFINITY) || ql.scale <= 0) return 0;
-    const double c = std::floor(double(thr - base) * ql.scale) - 1.0;
+    const double c = std::floor(double(thr - base) * ql.scale) + 1.0;
     return c <= 0 ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));
   };
   const uint8_t* codes = ix.packed_codes + g0 * nbp * 16;
   uint16_t* sums = s.sums.data();
   for (size_t c0 = 0; c0 < groups; c0 += kChunk) {
     const size_t c1 = std::min(groups, c0 + kChunk);
-    kernels().scan_lut16(codes + c0 * nbp * 16, c1 - c0, nbp, s.lut_u8.data(), current_cut(),
+    uint16_t cut = current_cut();
+    kernels().scan_lut16(codes + c0 * nbp * 16, c1 - c0, nbp, s.lut_u8.data(), cut,
                          sums + c0 * 32, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint32_t m = s.masks[g];
@@ -143,8 +146,11 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
         const size_t i = g * 32 + static_cast<size_t>(__builtin_ctz(m));
         m &= m - 1;
         if (i >= count) break;  // padding points of the last group
-        const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
-        if (v >= top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
+        if (sums[i] < cut) continue;
+        if (top.push(base + static_cast<float>(sums[i]) * ql.inv_scale,
+                     static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)))) {
+          cut = current_cut();
+        }
       }
     }
   }
@@ -154,7 +160,7 @@ void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffe
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
   for (int64_t slot = a; slot < b; ++slot) {
     const float v = dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
-    if (v >= top.threshold()) top.push(v, static_cast<uint32_t>(slot));
+    if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
   }
 }
 
@@ -183,7 +189,7 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     seen += static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     if (r + 1 >= first && seen >= cand_k) break;
   }
-  const size_t nc = cand.finish();
+  const size_t nc = cand.finish_unsorted();
 
   TopKBuffer& fin = s.final_;
   fin.reset(p.final_k);
@@ -198,9 +204,9 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     const uint32_t row = ix.slot_ids[cand.id(i)];
     const float v = reorder ? dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d)
                             : cand.score(i);
-    fin.push(v, row);
+    if (v > fin.threshold()) fin.push(v, row);
   }
-  const size_t nf = fin.finish();
+  const size_t nf = fin.finish_sorted();
   for (size_t i = 0; i < p.final_k; ++i) {
     out_ids[i] = i < nf ? fin.id(i) : 0;
     out_scores[i] = i < nf ? fin.score(i) : -INFINITY;

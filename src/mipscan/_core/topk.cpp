@@ -1,6 +1,7 @@
 #include "topk.h"
 
 #include <algorithm>
+#include <functional>
 #include <utility>
 
 #include "parallel.h"
@@ -56,20 +57,63 @@ void HeapView::sort_best_first() {
 }
 
 void TopKBuffer::prune() {
-  auto cmp = [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); };
-  std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_, cmp);
-  size_ = k_;
-  thr_ = items_[k_ - 1].s;
+  // Cheap path: estimate a score that about 1.25k of the buffered pairs reach, from a
+  // strided sample of 64, and keep everything at or above it in one linear pass. The
+  // estimate becomes the threshold only if at least k pairs reach it (so the true top k
+  // are all kept) and the pass frees a useful amount of space; else select exactly.
+  constexpr size_t kSample = 64;
+  const size_t n = size_;
+  float sample[kSample];
+  for (size_t i = 0; i < kSample; ++i) sample[i] = items_[(i * n) / kSample].s;
+  const size_t rank = std::min(kSample - 1, (k_ * kSample) / n + 4);
+  std::nth_element(sample, sample + rank, sample + kSample, std::greater<float>());
+  const float est = sample[rank];
+  size_t reach = 0;
+  for (size_t i = 0; i < n; ++i) reach += items_[i].s >= est;
+  if (reach >= k_ && reach <= n - (n - k_) / 4) {
+    size_t w = 0;
+    for (size_t i = 0; i < n; ++i) {
+      items_[w] = items_[i];
+      w += items_[i].s >= est;
+    }
+    size_ = w;
+    thr_ = est;
+    return;
+  }
+  select_exact();
 }
 
-size_t TopKBuffer::finish() {
-  auto cmp = [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); };
-  if (size_ > k_) {
-    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_, cmp);
-    size_ = k_;
+void TopKBuffer::select_exact() {
+  // Select on a copy of the scores (4-byte floats, plain comparison: much cheaper than
+  // moving 8-byte pairs), then keep the pairs above the k-th score plus enough ties.
+  // Which tied pairs survive is settled by finish_sorted() only among the survivors.
+  scratch_.resize(size_);
+  for (size_t i = 0; i < size_; ++i) scratch_[i] = items_[i].s;
+  std::nth_element(scratch_.begin(), scratch_.begin() + (k_ - 1), scratch_.end(), std::greater<float>());
+  const float kth = scratch_[k_ - 1];
+  size_t above = 0;
+  for (size_t i = 0; i < size_; ++i) above += items_[i].s > kth;
+  size_t ties = k_ - above, w = 0;
+  for (size_t i = 0; i < size_; ++i) {
+    const bool keep = items_[i].s > kth || (items_[i].s == kth && ties > 0);
+    if (items_[i].s == kth && keep) --ties;
+    items_[w] = items_[i];
+    w += keep;
   }
-  std::sort(items_.begin(), items_.begin() + size_, cmp);
+  size_ = k_;
+  thr_ = kth;
+}
+
+size_t TopKBuffer::finish_unsorted() {
+  if (size_ > k_) select_exact();
   return size_;
+}
+
+size_t TopKBuffer::finish_sorted() {
+  const size_t n = finish_unsorted();
+  std::sort(items_.begin(), items_.begin() + n,
+            [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); });
+  return n;
 }
 
 void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,

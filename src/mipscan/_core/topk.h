@@ -44,38 +44,46 @@ struct TopK {
   }
 };
 
-// Top-k by "collect, then select": pairs at or above the running threshold are appended
-// to a buffer of 2k; when it fills, nth_element keeps the best k and raises the threshold.
-// Amortised O(1) per accepted pair, against O(log k) sifts for a heap: this matters when
-// k is the reorder depth (hundreds) and tens of thousands of points are offered.
+// Top-k by "collect, then select": pairs above the running threshold are appended to a
+// buffer of 4k + 16; when it fills, prune() drops the pairs below an estimate of the k-th
+// best score (or, failing that, nth_element keeps exactly the best k) and raises the
+// threshold to it. Amortised O(1) per accepted pair, against O(log k) sifts for a
+// heap: this matters when k is the reorder depth (hundreds) and tens of thousands of
+// points are offered. Once the buffer has been pruned, a pair must beat the threshold
+// strictly: approximate (quantized) scores tie often, and letting every tie in would
+// refill the buffer with pairs that cannot improve it. Ties are thus won by the pairs
+// offered first; finish_sorted() orders the survivors by `better`.
 class TopKBuffer {
  public:
   void reset(size_t k) {
     k_ = k;
-    cap_ = 2 * k + 16;
+    cap_ = 4 * k + 16;
     if (items_.size() < cap_) items_.resize(cap_);
     size_ = 0;
     thr_ = -std::numeric_limits<float>::infinity();
   }
-  // Callers may skip pairs with score < threshold() without calling push().
+  // A pair can enter only if score > threshold(); callers may skip the others.
   float threshold() const { return thr_; }
-  size_t size() const { return size_ < k_ ? size_ : k_; }
-  void push(float score, uint32_t id) {
-    if (score < thr_) return;
+  // Appends the pair; returns true when this filled the buffer and the threshold rose.
+  bool push(float score, uint32_t id) {
     items_[size_++] = Item{score, id};
-    if (size_ == cap_) prune();
+    if (size_ < cap_) return false;
+    prune();
+    return true;
   }
-  // Keeps the best min(k, size) pairs, best first; returns how many.
-  size_t finish();
+  // Keeps the best min(k, size) pairs, in no particular order; returns how many.
+  size_t finish_unsorted();
+  // Keeps the best min(k, size) pairs, best first (ties: smaller id); returns how many.
+  size_t finish_sorted();
   float score(size_t i) const { return items_[i].s; }
   uint32_t id(size_t i) const { return items_[i].id; }
-  // Offered pairs not yet pruned (for iterating candidates before finish()).
-  size_t raw_size() const { return size_; }
 
  private:
   struct Item { float s; uint32_t id; };
   void prune();
+  void select_exact();
   std::vector<Item> items_;
+  std::vector<float> scratch_;
   size_t k_ = 0, cap_ = 0, size_ = 0;
   float thr_ = 0;
 };
