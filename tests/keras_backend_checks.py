@@ -4,6 +4,7 @@ Run by tests/test_keras.py, once per backend, in a subprocess (Keras picks its b
 from KERAS_BACKEND on first import, so each backend needs its own interpreter):
 
     KERAS_BACKEND=torch python tests/keras_backend_checks.py [--embeddings tutorial.npz]
+        [--save-model DIR | --load-model DIR]
 
 Every check runs even if another fails; the last line of stdout is
 ``KERAS_CHECKS_JSON: {check: {"ok": bool, "detail": str}}``. The exit status is 0 when
@@ -72,15 +73,15 @@ def _assert_exact_scores(scores, rows, db, queries, what):
 
 # ---------------------------------------------------------------- checks
 @check
-def check_recall(emb_path):
+def check_recall(args):
     """recall@10 vs BruteForceRetrieval on the trained tutorial model's embeddings."""
-    if emb_path is None:
+    if args.embeddings is None:
         return None
     import keras_rs
 
     from mipscan.keras import ApproximateRetrieval
 
-    with np.load(emb_path) as z:
+    with np.load(args.embeddings) as z:
         db, users = z["candidates"], z["users"]
     layer = ApproximateRetrieval(db, k=10)
     brute = keras_rs.layers.BruteForceRetrieval(db, k=10)
@@ -95,7 +96,7 @@ def check_recall(emb_path):
 
 
 @check
-def check_contract(_):
+def check_contract(args):
     """Outputs match BruteForceRetrieval's: types, dtypes, shapes, order, ids mapping."""
     import keras
     import keras_rs
@@ -152,7 +153,7 @@ def check_contract(_):
 
 
 @check
-def check_compiled(_):
+def check_compiled(args):
     """Identical ids (and scores) eagerly, compiled, and in model.predict()."""
     import keras
 
@@ -192,7 +193,7 @@ def check_compiled(_):
 
 
 @check
-def check_config(_):
+def check_config(args):
     """get_config/from_config round-trips every argument (return_scores included)."""
     import keras
 
@@ -220,7 +221,7 @@ def check_config(_):
 
 
 @check
-def check_save_load(_):
+def check_save_load(args):
     """model.save() + keras.models.load_model() restore the index: identical results."""
     import keras
 
@@ -246,6 +247,10 @@ def check_save_load(_):
     assert np.array_equal(_np(restored.candidate_embeddings), db)
     assert np.array_equal(_np(restored.candidate_ids), cand_ids)
     assert restored.get_config() == layer.get_config()
+    if args.save_model:  # for check_load_other_backend, run on the other backends
+        model.save(os.path.join(args.save_model, "model.keras"))
+        np.savez(os.path.join(args.save_model, "expected.npz"), queries=queries, scores=before[0],
+                 ids=before[1])
 
     # A layer built around a searcher (no candidate_embeddings) saves its index too.
     searcher = mipscan.builder(db, 10, "dot_product").score_ah(2).reorder(50).build()
@@ -263,7 +268,23 @@ def check_save_load(_):
 
 
 @check
-def check_errors(_):
+def check_load_other_backend(args):
+    """A model saved on another backend loads here and gives identical results."""
+    if args.load_model is None:
+        return None
+    import keras
+
+    loaded = keras.models.load_model(os.path.join(args.load_model, "model.keras"))
+    with np.load(os.path.join(args.load_model, "expected.npz")) as z:
+        queries, scores, ids = z["queries"], z["scores"], z["ids"]
+    got_scores, got_ids = (_np(t) for t in loaded(queries))
+    assert np.array_equal(got_ids, ids), "ids differ from the saving backend's"
+    assert np.array_equal(got_scores, scores), "scores differ from the saving backend's"
+    return f"identical results from the model saved in {args.load_model}"
+
+
+@check
+def check_errors(args):
     """Bad input raises BruteForceRetrieval's errors, with messages naming the argument."""
     import keras
     import keras_rs
@@ -334,7 +355,7 @@ def check_errors(_):
 
 
 @check
-def check_update_candidates(_):
+def check_update_candidates(args):
     """update_candidates rebuilds the index; ids are kept as BruteForceRetrieval does."""
     import keras_rs
 
@@ -369,6 +390,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embeddings", help=".npz with candidates and users (recall check)")
     parser.add_argument("--only", nargs="*", help="run only these checks")
+    parser.add_argument("--save-model", metavar="DIR", help="save_load also saves its model here")
+    parser.add_argument("--load-model", metavar="DIR", help="a --save-model folder to load")
     parser.add_argument("--make-embeddings", metavar="OUT")
     parser.add_argument("--data-dir")
     parser.add_argument("--epochs", type=int, default=10)
@@ -386,7 +409,7 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         try:
-            detail = fn(args.embeddings)
+            detail = fn(args)
             report[name] = {"ok": True, "skipped": detail is None, "detail": detail or ""}
         except Exception as exc:
             report[name] = {"ok": False, "skipped": False,

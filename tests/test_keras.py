@@ -20,7 +20,10 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("keras_backend_checks.py")
 BACKENDS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}  # name -> module
-CHECKS = ["contract", "compiled", "config", "save_load", "errors", "update_candidates"]
+CHECKS = ["contract", "compiled", "config", "save_load", "load_other_backend", "errors",
+          "update_candidates"]
+#: The backend whose saved model the others load (check load_other_backend).
+SAVING_BACKEND = "jax"
 MARKER = "KERAS_CHECKS_JSON: "
 # Few epochs and copies keep the session short (56,322 candidates); recall, not speed,
 # is the point here. benchmarks/bench_keras.py uses the tutorial's 50 epochs, 100 copies.
@@ -55,7 +58,8 @@ def tutorial_npz(ml100k_dir, tmp_path_factory) -> Path:
 
 def _backend_report(request, backend: str) -> tuple[dict, str]:
     """Runs every check on ``backend`` once per session; the recall check runs when the
-    data is there (its own test skips or fails through the ml100k_dir fixture)."""
+    data is there (its own test skips or fails through the ml100k_dir fixture). The
+    saving backend runs first and saves a model that the others load."""
     if importlib.util.find_spec(BACKENDS[backend]) is None:
         pytest.skip(f"{BACKENDS[backend]} is not installed (pip install '.[test]')")
     if backend not in _runs:
@@ -64,6 +68,14 @@ def _backend_report(request, backend: str) -> tuple[dict, str]:
         except (pytest.skip.Exception, pytest.fail.Exception):
             npz = None
         args = [] if npz is None else ["--embeddings", str(npz)]
+        saved = request.getfixturevalue("tmp_path_factory").getbasetemp() / "keras_saved_model"
+        if backend == SAVING_BACKEND:
+            saved.mkdir(exist_ok=True)
+            args += ["--save-model", str(saved)]
+        else:
+            _backend_report(request, SAVING_BACKEND)
+            if (saved / "model.keras").is_file():
+                args += ["--load-model", str(saved)]
         proc = _run(args, backend)
         report = None
         for line in proc.stdout.splitlines():
@@ -82,6 +94,9 @@ def _expect(report: dict, output: str, backend: str, name: str) -> str:
         pytest.fail(f"{backend}: check {name!r} did not run\n{output}", pytrace=False)
     if not entry["ok"]:
         pytest.fail(f"{backend}: {name}: {entry['detail']}\n{output}", pytrace=False)
+    if entry["skipped"]:
+        pytest.fail(f"{backend}: {name} did not run (no model saved by {SAVING_BACKEND}: see "
+                    f"its save_load check)\n{output}", pytrace=False)
     return entry["detail"]
 
 
@@ -95,8 +110,9 @@ def test_recall_vs_brute_force_on_tutorial_embeddings(request, backend, ml100k_d
     _expect(report, output, backend, "recall")
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend,check", [
+    (b, c) for b in BACKENDS for c in CHECKS
+    if not (c == "load_other_backend" and b == SAVING_BACKEND)])
 def test_backend(request, backend, check):
     report, output = _backend_report(request, backend)
     _expect(report, output, backend, check)
