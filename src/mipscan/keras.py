@@ -171,8 +171,14 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     Unlike ``BruteForceRetrieval``, ``model.save()`` keeps the candidates: the index
     and the candidates are written as assets of the ``.keras`` file, and
-    ``keras.models.load_model()`` restores a layer that gives identical results.
-    ``get_config()`` holds the arguments, not the candidates.
+    ``keras.models.load_model()`` restores a layer that gives identical results, on any
+    backend. ``get_config()`` holds the arguments, not the candidates.
+
+    Other differences: ``candidate_embeddings`` and ``candidate_ids`` are read-only
+    tensors, not ``keras.Variable``s (change them with ``update_candidates``, which
+    rebuilds the index), and ``update_candidates`` may add ids to candidates that had
+    none. The search runs on the host, outside autodiff: the outputs carry no gradient
+    (a retrieval layer serves; training uses the exact scores).
 
     Args:
         candidate_embeddings: (n, d) candidate embeddings (any backend tensor, numpy
