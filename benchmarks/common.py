@@ -35,7 +35,8 @@ def cpu_flags() -> list[str]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512bw"})
+                wanted = {"avx", "avx2", "fma", "avx512f", "avx512bw"}
+                return sorted(flags & wanted)
     except OSError:
         pass
     return []
@@ -47,6 +48,20 @@ def package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def git_state() -> dict | None:
+    """The checkout's commit and whether ``src/`` has uncommitted changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "CMakeLists.txt"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head or None, "src_dirty": bool(dirty.strip())}
 
 
 def environment() -> dict:
@@ -62,6 +77,7 @@ def environment() -> dict:
                      ("mipscan", "numpy", "scann", "faiss-cpu", "hnswlib", "threadpoolctl",
                       "keras", "keras-rs", "jax")},
     }
+    env["git"] = git_state()
     try:
         import mipscan
 

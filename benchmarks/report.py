@@ -104,7 +104,10 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
         f"`{env.get('mipscan_simd_level')}`); load average {env['loadavg_start'][0]:.2f} at the "
         f"start and {env.get('loadavg_end', [float('nan')])[0]:.2f} at the end "
         "(other engineers share the machine). Versions: "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".",
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + "."
+        + (f" Checkout {env['git']['commit']}"
+           + (" with uncommitted changes in src/." if env["git"]["src_dirty"] else ".")
+           if env.get("git") else ""),
         f"Command: `{result['command']}`",
         "",
         f"QPS at recall@10 >= target: the fastest measured point reaching it (no "
@@ -153,6 +156,12 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
     errors = [s["name"] for s in result["systems"] if "error" in s]
     if errors:
         lines += [f"Failed: {', '.join(errors)} (traceback in the JSON).", ""]
+    for s in result["systems"]:
+        for e in s.get("point_errors", []):
+            lines += [f"{s['name']} failed at {json.dumps(e['knobs'])}: `{e['error']}`", ""]
+    if result.get("merged"):
+        lines += ["Merged runs: " + "; ".join(
+            f"{', '.join(m['systems'])} from {m['date']}" for m in result["merged"]) + ".", ""]
     if plot_name:
         lines += [f"![recall-QPS fronts, {ds['name']}]({plot_name})", ""]
     return "\n".join(lines)
@@ -209,6 +218,20 @@ def readme_section(results_dir: Path = RESULTS) -> str:
         png = path.with_suffix(".png")
         rel = png.relative_to(REPO).as_posix() if png.exists() else None
         parts.append(markdown(result, rel))
+    bf = results_dir / "brute_force.json"
+    if bf.exists():
+        found = True
+        r = json.loads(bf.read_text())
+        ds = r["dataset"]
+        parts += ["### Exact search (brute force), one thread", "",
+                  f"{r['date']}; {ds['name']}: {ds['n']:,} x {ds['d']}, {ds['nq']} queries, "
+                  f"k={r['k']}, {r['threads']} thread, median of {r['repeats']} runs "
+                  f"(`{r['command']}`).", "",
+                  "| method | ms for all queries | QPS | mipscan speed-up |",
+                  "|---|---:|---:|---:|"]
+        parts += [f"| {name} | {row['seconds'] * 1e3:,.1f} | {row['qps']:,.0f} | "
+                  f"{row['mipscan_speedup']:.2f}x |" for name, row in r["results"].items()]
+        parts.append("")
     if not found:
         parts.append("No committed results yet.")
     return "\n".join(parts).rstrip() + "\n"

@@ -64,10 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reorder-grid", default=None,
                     help="comma list of pre_reorder_num_neighbors (faiss: k_factor = it / k)")
     ap.add_argument("--ef-grid", default=None, help="comma list of hnswlib ef")
+    ap.add_argument("--aq-threshold", type=float, default=0.2,
+                    help="anisotropic_quantization_threshold of score_ah (mipscan and ScaNN)")
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run in under 2 minutes: 200 queries, at most 20,000 base "
                          "vectors, small grids, one timed run, hnswlib M=16 only")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other systems of an existing <out>/<dataset>.json made with "
+                         "the same settings, replacing only the systems run now")
     ap.add_argument("--update-readme", action="store_true",
                     help="rewrite README.md's bench section from benchmarks/results/")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
@@ -138,14 +143,16 @@ def config(args, ds: datasets.Dataset) -> dict:
     else:
         rgrid = [k * m for m in ((5, 50) if args.quick else (4, 10, 25, 50, 100))]
     rgrid = sorted({min(r, n) for r in rgrid})
+    # The tutorial's knobs scaled to this tree: 30% of the leaves, reorder 50 * k.
     default_ls = max(1, min(leaves, round(leaves * 0.3)))
+    default_reorder = min(rgrid, key=lambda r: abs(r - 50 * k))
     ef = _ints(args.ef_grid) if args.ef_grid else (
         [10, 40, 160] if args.quick else [10, 20, 40, 80, 160, 320, 640])
     return {
         "k": k, "metric": ds.metric, "d": d,
         "num_leaves": leaves, "leaves_to_search": default_ls,
         "training_sample_size": min(n, 100_000), "training_iterations": 12,
-        "dims_per_block": 2, "aq_threshold": 0.2, "reorder": min(rgrid, key=lambda r: abs(r - 50 * k)),
+        "dims_per_block": 2, "aq_threshold": args.aq_threshold, "reorder": default_reorder,
         "leaves_grid": lgrid, "reorder_grid": rgrid,
         "ef_grid": ef, "ef_construction": 100 if args.quick else args.ef_construction,
         "build_threads": args.build_threads,
@@ -162,6 +169,7 @@ def run_variant(name: str, cfg: dict, arrays: dict, tmp: Path, args) -> dict:
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     stderr = ""
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(job_path)],
@@ -176,9 +184,30 @@ def run_variant(name: str, cfg: dict, arrays: dict, tmp: Path, args) -> dict:
     else:
         out = {"name": name, "family": job["family"],
                "error": f"worker exited with {rc}; stderr tail:\n{stderr[-3000:]}"}
+    out["date"] = date
     out["wall_seconds"] = time.perf_counter() - t0
     out["loadavg"] = [load0, os.getloadavg()[0]]
     return out
+
+
+def merge(result: dict, old: dict) -> None:
+    """Adds ``old``'s systems that ``result`` did not run (same dataset and settings only)."""
+    keys = ("num_leaves", "leaves_grid", "reorder_grid", "ef_grid", "threads", "repeats",
+            "nq_single", "aq_threshold", "k")
+    same = (old["dataset"]["spec"] == result["dataset"]["spec"]
+            and old["dataset"]["nq"] == result["dataset"]["nq"]
+            and all(old["config"].get(k) == result["config"].get(k) for k in keys))
+    if not same:
+        raise SystemExit("--merge: the existing results were made with other settings")
+    ran = {s["name"] for s in result["systems"]}
+    kept = [s for s in old["systems"] if s["name"] not in ran]
+    for s in kept:
+        s.setdefault("date", old["date"])
+    order = [v for vs in systems.FAMILIES.values() for v in vs]
+    result["systems"] = sorted(result["systems"] + kept, key=lambda s: (
+        order.index(s["name"]) if s["name"] in order else len(order), s["name"]))
+    result["merged"] = old.get("merged", []) + [
+        {"date": old["date"], "command": old["command"], "systems": [s["name"] for s in kept]}]
 
 
 def main(argv=None) -> dict:
@@ -261,10 +290,12 @@ def main(argv=None) -> dict:
                              "recall_ids = plain id-set intersection"},
         "systems": results,
     }
-    result["summary"] = report.summarize(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / report.slug(ds.name)
+    if args.merge and stem.with_suffix(".json").exists():
+        merge(result, json.loads(stem.with_suffix(".json").read_text()))
+    result["summary"] = report.summarize(result)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot_path = stem.with_suffix(".png")
     try:

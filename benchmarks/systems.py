@@ -114,7 +114,12 @@ class Mipscan(Variant):
         return int(self.searcher.index_bytes)
 
     def knob_grid(self):
-        return _tree_grid(self.cfg)
+        # The tree may hold fewer leaves than asked for (empty ones are dropped): "all the
+        # leaves" is then num_leaves of the built searcher.
+        top = int(getattr(self.searcher, "num_leaves", self.cfg["num_leaves"]))
+        grid = [dict(g, leaves_to_search=min(g["leaves_to_search"], top))
+                for g in _tree_grid(self.cfg)]
+        return [g for i, g in enumerate(grid) if g not in grid[:i]]
 
     def default_knobs(self):
         return {"leaves_to_search": self.cfg["leaves_to_search"], "reorder": self.cfg["reorder"]}
@@ -172,8 +177,10 @@ class Scann(Variant):
         self.version = package_version("scann")
 
     build_params = Mipscan.build_params
-    knob_grid = Mipscan.knob_grid
     default_knobs = Mipscan.default_knobs
+
+    def knob_grid(self):
+        return _tree_grid(self.cfg)
 
     def build(self, train):
         c = self.cfg

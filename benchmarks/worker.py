@@ -120,11 +120,17 @@ def run(job: dict) -> dict:
         }
         out["threadpools"] = threadpool_info()
         out["default_knobs"] = v.default_knobs()
-        points = []
+        points, point_errors = [], []
+        out["point_errors"] = point_errors
         for knobs in v.knob_grid():
             t0 = time.perf_counter()
-            with CpuNoise() as noise:
-                p = measure_point(v, knobs, data, job)
+            try:
+                with CpuNoise() as noise:
+                    p = measure_point(v, knobs, data, job)
+            except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                point_errors.append({"knobs": knobs, "error": repr(exc)})
+                print(f"  {v.name:15s} {json.dumps(knobs):45s} FAILED: {exc!r}", flush=True)
+                continue
             p["foreign_cores"] = noise.foreign_cores
             p["loadavg"] = os.getloadavg()[0]
             points.append(p)
