@@ -210,7 +210,7 @@ def demo(
         f"{emb.all_users.shape[0]}; latency = one call "
         f"with all the queries, median of {repeats} after a warm-up; recall@{k} vs exact "
         f"mipscan.brute_force"))
-    console.print(f"total {total_s:.1f} s (training {train_s:.1f} s); "
+    console.print(f"total {total_s:.1f} s (training and candidates {train_s:.1f} s); "
                   f"mipscan {mipscan.__version__}, simd {mipscan.simd_level()}, "
                   f"{mipscan.get_num_threads()} threads")
 
