@@ -378,6 +378,67 @@ def check_update_candidates(args):
     return "rebuilds on new candidates, keeps previous ids when none are given"
 
 
+@check
+def check_tutorial_model(args):
+    """The Keras-RS tutorials' pattern: the model's build() assigns the candidate tower's
+    variable (`retrieval.candidate_embeddings = ...embeddings`), fit() trains it, and
+    predict() retrieves with the trained values, after every fit."""
+    import keras
+
+    from mipscan.keras import ApproximateRetrieval
+
+    keras.utils.set_random_seed(7)
+    num_users, num_candidates, dim = 40, 300, 8  # < 1000 candidates: exact scoring
+
+    class RetrievalModel(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.user_embedding = keras.layers.Embedding(num_users, dim)
+            self.candidate_embedding = keras.layers.Embedding(num_candidates, dim)
+            self.retrieval = ApproximateRetrieval(k=10, return_scores=False)
+            self.loss_fn = keras.losses.MeanSquaredError()
+
+        def build(self, input_shape):
+            self.user_embedding.build(input_shape)
+            self.candidate_embedding.build(input_shape)
+            self.retrieval.candidate_embeddings = self.candidate_embedding.embeddings
+            self.retrieval.build(input_shape)
+            super().build(input_shape)
+
+        def call(self, inputs, training=False):
+            result = {"user_embeddings": self.user_embedding(inputs)}
+            if not training:
+                result["predictions"] = self.retrieval(result["user_embeddings"])
+            return result
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            cand = self.candidate_embedding(y["movie_id"])
+            scores = keras.ops.sum(y_pred["user_embeddings"] * cand, axis=1, keepdims=True)
+            return self.loss_fn(keras.ops.expand_dims(y["rating"], -1), scores, sample_weight)
+
+    rng = np.random.default_rng(8)
+    users = rng.integers(0, num_users, 2000).astype(np.int32)
+    labels = {"movie_id": rng.integers(0, num_candidates, 2000).astype(np.int32),
+              "rating": rng.random(2000).astype(np.float32)}
+    model = RetrievalModel()
+    model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.5))
+    query_users = np.arange(num_users, dtype=np.int32)
+
+    def expected():
+        u = _np(model.user_embedding.embeddings)[query_users]
+        c = _np(model.candidate_embedding.embeddings)
+        return _np(keras.ops.top_k(keras.ops.convert_to_tensor(u @ c.T), k=10)[1])
+
+    for epochs in (1, 2):
+        model.fit(users, labels, batch_size=200, epochs=epochs, verbose=0)
+        got = model.predict(query_users, batch_size=16, verbose=0)["predictions"]
+        assert np.array_equal(_np(got), expected()), f"predict() after fit #{epochs} is stale"
+        eager = model(query_users)["predictions"]
+        assert np.array_equal(_np(eager), expected()), f"call after fit #{epochs} is stale"
+    assert model.retrieval.candidate_embeddings is model.candidate_embedding.embeddings
+    return "predict() after each fit() retrieves with the trained candidate embeddings"
+
+
 # ---------------------------------------------------------------- driver
 def make_embeddings(out: str, data_dir: str, epochs: int, copies: int) -> None:
     from mipscan.recsys import tutorial_embeddings

@@ -55,10 +55,10 @@ _EMBEDDINGS_FILE = "candidate_embeddings.npy"
 _IDS_FILE = "candidate_ids.npy"
 
 
-def _host_call(fn, x, out_dtypes: tuple[str, ...], out_shape: tuple):
-    """Runs ``fn`` (numpy in, tuple of numpy arrays out) on the host for backend tensor
-    ``x`` (float32) and returns backend tensors of ``out_dtypes``, each of ``out_shape``
-    (None for a dimension only known at run time).
+def _host_call(fn, xs: tuple, out_dtypes: tuple[str, ...], out_shape: tuple):
+    """Runs ``fn`` (numpy arrays in, tuple of numpy arrays out) on the host for backend
+    tensors ``xs`` (float32) and returns backend tensors of ``out_dtypes``, each of
+    ``out_shape`` (None for a dimension only known at run time).
 
     This is the only place with per-backend code: JAX traces become a
     ``jax.pure_callback``, TensorFlow graphs a ``tf.numpy_function``; eager tensors of
@@ -68,19 +68,23 @@ def _host_call(fn, x, out_dtypes: tuple[str, ...], out_shape: tuple):
     if backend == "jax":
         import jax
 
-        if isinstance(x, jax.core.Tracer):
+        if any(isinstance(x, jax.core.Tracer) for x in xs):
             specs = tuple(jax.ShapeDtypeStruct(out_shape, dt) for dt in out_dtypes)
-            return jax.pure_callback(fn, specs, x, vmap_method="broadcast_all")
+            # One call for a vmapped batch of queries; with candidates as a second
+            # operand, which vmap must not batch, one call per element.
+            method = "broadcast_all" if len(xs) == 1 else "sequential"
+            return jax.pure_callback(fn, specs, *xs, vmap_method=method)
     elif backend == "tensorflow":
         import tensorflow as tf
 
         if not tf.executing_eagerly():
             # stateful: the results depend on the layer's candidates, not only on x.
-            outs = tf.numpy_function(fn, [x], list(out_dtypes), stateful=True)
+            outs = tf.numpy_function(fn, list(xs), list(out_dtypes), stateful=True)
             for out in outs:
                 out.set_shape(out_shape)
             return tuple(outs)
-    return tuple(keras.ops.convert_to_tensor(o) for o in fn(keras.ops.convert_to_numpy(x)))
+    outs = fn(*(keras.ops.convert_to_numpy(x) for x in xs))
+    return tuple(keras.ops.convert_to_tensor(o) for o in outs)
 
 
 def _host_call_supports_jit() -> bool:
@@ -280,11 +284,15 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                                                    reordering_num_neighbors, 1)
         self.seed = _check_int("seed", seed, 0, allow_none=False)
 
-        self.candidate_embeddings = None
+        self._candidate_embeddings = None
         self.candidate_ids = None
         self.searcher = None
         self._ids_np: np.ndarray | None = None
         self._dim: int | None = None
+        # A keras.Variable given as `candidate_embeddings` (see the property), and the
+        # values the searcher was last built from.
+        self._linked = None
+        self._linked_snapshot: np.ndarray | None = None
 
         if searcher is not None:
             self._use_searcher(searcher, candidate_embeddings, candidate_ids)
@@ -314,12 +322,16 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         """
         if candidate_embeddings is None:
             raise ValueError("`candidate_embeddings` is required.")
-        emb = _embeddings_array(candidate_embeddings)
-        ids = None
-        if candidate_ids is not None:
-            ids = _ids_array(candidate_ids)
-        elif self.candidate_ids is not None:
-            ids = keras.ops.convert_to_numpy(self.candidate_ids)
+        ids = None if candidate_ids is None else _ids_array(candidate_ids)
+        emb, ids = self._checked_candidates(_embeddings_array(candidate_embeddings), ids)
+        searcher = self._build_searcher(emb)
+        self._set_state(searcher, emb, ids)
+
+    def _checked_candidates(self, emb: np.ndarray, ids: np.ndarray | None):
+        """(n, d) float32 candidates and (n,) int32 ids (None: the current ones), after
+        every check."""
+        if ids is None:
+            ids = self._ids_np
         self._validate_candidate_embeddings_and_ids(emb, ids)
         if ids is not None:
             ids = _check_ids_values(ids)
@@ -331,8 +343,38 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             row = int(np.argwhere(~np.isfinite(emb))[0][0])
             raise ValueError("`candidate_embeddings` must be finite, received NaN or inf "
                              f"in row {row}")
-        searcher = self._build_searcher(emb)
-        self._set_state(searcher, emb, ids)
+        return emb, ids
+
+    @property
+    def candidate_embeddings(self):
+        """The candidates: a tensor, or the `keras.Variable` assigned here."""
+        return self._candidate_embeddings
+
+    @candidate_embeddings.setter
+    def candidate_embeddings(self, value) -> None:
+        """Assigning a tensor or array is `update_candidates(value)`. Assigning a
+        `keras.Variable` links the layer to it, as the Keras-RS tutorials do with
+        `BruteForceRetrieval` (``retrieval.candidate_embeddings =
+        candidate_embedding.embeddings`` in the model's `build()`): the index is then
+        built on the first call and rebuilt whenever the variable's values have changed
+        (after `fit()`, say). Each call compares the values with those indexed (one pass
+        over the table): for serving, `update_candidates` with the trained values avoids
+        that."""
+        if not isinstance(value, keras.Variable):
+            self.update_candidates(value)
+            return
+        ids = self._ids_np
+        self._validate_candidate_embeddings_and_ids(value, ids)
+        if keras.backend.standardize_dtype(value.dtype) not in ("float16", "bfloat16",
+                                                                  "float32", "float64"):
+            raise ValueError("`candidate_embeddings` must have a float dtype, received a "
+                             f"variable of dtype {value.dtype}")
+        self._candidate_embeddings = value
+        self._linked = value
+        self._linked_snapshot = None
+        self.searcher = None
+        self._dim = int(value.shape[1])
+        self.built = True
 
     def _build_searcher(self, emb: np.ndarray):
         """Builds a searcher over emb (n, d) float32 from the tuning arguments."""
@@ -396,7 +438,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                    d: int | None = None) -> None:
         self.searcher = searcher
         self._dim = emb.shape[1] if d is None else d
-        self.candidate_embeddings = None if emb is None else keras.ops.convert_to_tensor(emb)
+        self._candidate_embeddings = None if emb is None else keras.ops.convert_to_tensor(emb)
+        self._linked = self._linked_snapshot = None
         self.candidate_ids = None if ids is None else keras.ops.convert_to_tensor(ids)
         self._ids_np = ids
         self.built = True
@@ -430,6 +473,18 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         return (np.asarray(result.distances, np.float32).reshape(shape),
                 ids.astype(ids_dtype).reshape(shape))
 
+    def _search_linked(self, queries: np.ndarray, candidates: np.ndarray, ids_dtype: str):
+        """_search, after (re)building the index if the linked variable's values differ
+        from those it was built from."""
+        snapshot = self._linked_snapshot
+        if snapshot is None or snapshot.shape != candidates.shape \
+                or not np.array_equal(snapshot, candidates):
+            # An owned copy: the searcher keeps a reference to the array it is built from.
+            emb, _ = self._checked_candidates(np.array(candidates, np.float32), None)
+            self.searcher = self._build_searcher(emb)
+            self._linked_snapshot = emb
+        return self._search(queries, ids_dtype)
+
     def call(self, inputs: Any) -> Any:
         """Returns the top candidates for the queries passed as input.
 
@@ -441,7 +496,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             highest first, in the layer's compute dtype, float32 by default), otherwise
             `top_ids` alone.
         """
-        if self.searcher is None:
+        if self.searcher is None and self._linked is None:
             raise ValueError("ApproximateRetrieval has no candidates: pass "
                              "`candidate_embeddings` (or `searcher`) to the constructor or "
                              "call `update_candidates()` first")
@@ -451,8 +506,14 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             queries = keras.ops.cast(inputs, "float32")
         out_shape = tuple(inputs.shape[:-1]) + (self.k,)
         ids_dtype = self._ids_dtype()  # fixed when traced, so passed to the callback
-        top_scores, top_ids = _host_call(functools.partial(self._search, ids_dtype=ids_dtype),
-                                         queries, ("float32", ids_dtype), out_shape)
+        if self._linked is None:
+            fn, operands = functools.partial(self._search, ids_dtype=ids_dtype), (queries,)
+        else:
+            # The variable's current values (the traced state inside compiled functions).
+            candidates = keras.ops.cast(keras.ops.convert_to_tensor(self._linked), "float32")
+            fn = functools.partial(self._search_linked, ids_dtype=ids_dtype)
+            operands = (queries, candidates)
+        top_scores, top_ids = _host_call(fn, operands, ("float32", ids_dtype), out_shape)
         if self._scores_dtype() != "float32":
             top_scores = keras.ops.cast(top_scores, self._scores_dtype())
         if self.return_scores:
