@@ -390,6 +390,7 @@ def check_tutorial_model(args):
     keras.utils.set_random_seed(7)
     num_users, num_candidates, dim = 40, 300, 8  # < 1000 candidates: exact scoring
 
+    @keras.saving.register_keras_serializable(package="mipscan_tests")
     class RetrievalModel(keras.Model):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
@@ -436,7 +437,15 @@ def check_tutorial_model(args):
         eager = model(query_users)["predictions"]
         assert np.array_equal(_np(eager), expected()), f"call after fit #{epochs} is stale"
     assert model.retrieval.candidate_embeddings is model.candidate_embedding.embeddings
-    return "predict() after each fit() retrieves with the trained candidate embeddings"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    got = loaded.predict(query_users, verbose=0)["predictions"]
+    assert np.array_equal(_np(got), expected()), "predict() after load_model differs"
+    assert loaded.retrieval.candidate_embeddings is loaded.candidate_embedding.embeddings
+    return ("predict() after each fit() retrieves with the trained candidate embeddings; "
+            "save/load keeps the link")
 
 
 # ---------------------------------------------------------------- driver

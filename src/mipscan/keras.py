@@ -178,11 +178,16 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
     ``keras.models.load_model()`` restores a layer that gives identical results, on any
     backend. ``get_config()`` holds the arguments, not the candidates.
 
-    Other differences: ``candidate_embeddings`` and ``candidate_ids`` are read-only
-    tensors, not ``keras.Variable``s (change them with ``update_candidates``, which
-    rebuilds the index), and ``update_candidates`` may add ids to candidates that had
-    none. The search runs on the host, outside autodiff: the outputs carry no gradient
-    (a retrieval layer serves; training uses the exact scores).
+    As with ``BruteForceRetrieval`` in the Keras-RS tutorials, a model's ``build()`` may
+    link the layer to its candidate tower's variable (``self.retrieval.candidate_embeddings
+    = self.candidate_embedding.embeddings``): the index then follows the variable through
+    ``fit()`` (see the ``candidate_embeddings`` property).
+
+    Other differences: otherwise ``candidate_embeddings`` and ``candidate_ids`` are
+    read-only tensors, not ``keras.Variable``s (change them with ``update_candidates``,
+    which rebuilds the index), and ``update_candidates`` may add ids to candidates that
+    had none. The search runs on the host, outside autodiff: the outputs carry no
+    gradient (a retrieval layer serves; training uses the exact scores).
 
     Args:
         candidate_embeddings: (n, d) candidate embeddings (any backend tensor, numpy
@@ -473,8 +478,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         return (np.asarray(result.distances, np.float32).reshape(shape),
                 ids.astype(ids_dtype).reshape(shape))
 
-    def _search_linked(self, queries: np.ndarray, candidates: np.ndarray, ids_dtype: str):
-        """_search, after (re)building the index if the linked variable's values differ
+    def _sync_linked(self, candidates: np.ndarray) -> None:
+        """(Re)builds the index if the linked variable's values (``candidates``) differ
         from those it was built from."""
         snapshot = self._linked_snapshot
         if snapshot is None or snapshot.shape != candidates.shape \
@@ -483,6 +488,9 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             emb, _ = self._checked_candidates(np.array(candidates, np.float32), None)
             self.searcher = self._build_searcher(emb)
             self._linked_snapshot = emb
+
+    def _search_linked(self, queries: np.ndarray, candidates: np.ndarray, ids_dtype: str):
+        self._sync_linked(candidates)
         return self._search(queries, ids_dtype)
 
     def call(self, inputs: Any) -> Any:
@@ -559,12 +567,15 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     def save_assets(self, dir_path: str) -> None:
         """Keras saving hook: writes the index folder and the candidates."""
+        emb = self._candidate_embeddings
+        if self._linked is not None:  # save an index of the variable's current values
+            self._sync_linked(keras.ops.convert_to_numpy(self._linked))
+            emb = self._linked_snapshot
         if self.searcher is None:
             return
         self.searcher.serialize(os.path.join(dir_path, _SEARCHER_DIR))
-        if self.candidate_embeddings is not None:
-            np.save(os.path.join(dir_path, _EMBEDDINGS_FILE),
-                    keras.ops.convert_to_numpy(self.candidate_embeddings))
+        if emb is not None:
+            np.save(os.path.join(dir_path, _EMBEDDINGS_FILE), keras.ops.convert_to_numpy(emb))
         if self._ids_np is not None:
             np.save(os.path.join(dir_path, _IDS_FILE), self._ids_np)
 
@@ -579,4 +590,10 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         emb = np.load(path) if os.path.isfile(path) else None
         path = os.path.join(dir_path, _IDS_FILE)
         ids = np.load(path) if os.path.isfile(path) else None
+        if self._linked is not None:
+            # Linked again by the model's build(): keep following the variable, starting
+            # from the saved index of the values it was saved with.
+            self.searcher, self._linked_snapshot, self._ids_np = searcher, emb, ids
+            self.candidate_ids = None if ids is None else keras.ops.convert_to_tensor(ids)
+            return
         self._set_state(searcher, emb, ids, d=int(searcher.d))
