@@ -11,6 +11,7 @@ enum class SimdLevel { kScalar = 0, kAvx2 = 1 };
 struct Kernels {
   SimdLevel level;
   ScanLut16Fn scan_lut16;
+  DotFn dot;
 };
 
 // The kernels in use. Set at module init; set_simd_level() changes it (tests only: it is

@@ -31,6 +31,12 @@ void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* c
   }
 }
 
+float dot_scalar(const float* a, const float* b, size_t d) {
+  float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (size_t j = 0; j < d; ++j) l[j % 8] += a[j] * b[j];
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
 void scan_lut16_scalar(const uint8_t* packed, size_t num_groups, size_t nbp,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
   for (size_t g = 0; g < num_groups; ++g) {

@@ -14,9 +14,10 @@
 // block b and lane 1 block b + 1, matching a LUT register whose lanes are LUT rows b, b + 1.
 //
 // LUT. lut[b * 16 + c] is the quantized (uint8) contribution of codeword c of block b,
-// nbp rows. Callers keep every entry <= floor(65535 / nbp) so that the sum over blocks of
-// one point fits in 16 bits: then the uint16 accumulators never overflow and the scalar
-// and AVX2 kernels return identical sums.
+// nbp rows. Callers keep every entry <= min(127, floor(65535 / nbp)): 127 lets the AVX2
+// kernel add the lookups of two block pairs in 8-bit lanes before widening (<= 254), and
+// the second bound keeps the sum over blocks of one point within 16 bits, so the uint16
+// accumulators never overflow and the scalar and AVX2 kernels return identical sums.
 //
 // Output. sums[g * 32 + j] = sum over b of lut[b * 16 + code(point 32g + j, block b)], and
 // bit j of masks[g] is set iff sums[g * 32 + j] >= cut (so the caller visits only the
@@ -45,6 +46,15 @@ void scan_lut16_scalar(const uint8_t* packed, size_t num_groups, size_t nbp,
 #if MIPSCAN_HAVE_AVX2
 void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
                      const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks);
+#endif
+
+// Float inner product, also one kernel per ISA with identical results: eight running
+// sums (lane j % 8 takes a[j] * b[j], multiply then add, never fused), reduced as
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+using DotFn = float (*)(const float* a, const float* b, size_t d);
+float dot_scalar(const float* a, const float* b, size_t d);
+#if MIPSCAN_HAVE_AVX2
+float dot_avx2(const float* a, const float* b, size_t d);
 #endif
 
 }  // namespace mipscan

@@ -6,28 +6,47 @@
 
 namespace mipscan {
 
-void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
-                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
+namespace {
+
+// kIters = nbp / 2 (32-byte steps per group) when known at compile time, so that the
+// loop unrolls completely; 0 = read it from nbp.
+template <size_t kIters>
+void scan_impl(const uint8_t* packed, size_t num_groups, size_t nbp, const uint8_t* lut,
+               uint16_t cut, uint16_t* sums, uint32_t* masks) {
+  const size_t iters = kIters != 0 ? kIters : nbp / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m128i cutv = _mm_set1_epi16(static_cast<short>(cut));
+  const __m256i* tables = reinterpret_cast<const __m256i*>(lut);
   for (size_t g = 0; g < num_groups; ++g) {
-    const uint8_t* grp = packed + g * nbp * 16;
+    const __m256i* codes = reinterpret_cast<const __m256i*>(packed + g * nbp * 16);
     // Shuffle results are 32 bytes; read as 16 uint16 lanes, lane t holds point 2t in its
-    // low byte and point 2t + 1 in its high byte. acc_*_all sums whole lanes and acc_*_odd
-    // sums the high bytes, so even = all - 256 * odd. Every true sum is < 65536 (see the
-    // header), so this modular arithmetic is exact.
+    // low byte and point 2t + 1 in its high byte. *_all sums whole lanes and *_odd the
+    // high bytes, so even = all - 256 * odd. Every true sum is < 65536 (see the header),
+    // so this modular arithmetic is exact.
     __m256i lo_all = _mm256_setzero_si256(), lo_odd = _mm256_setzero_si256();
     __m256i hi_all = _mm256_setzero_si256(), hi_odd = _mm256_setzero_si256();
-    for (size_t b = 0; b < nbp; b += 2) {
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + b * 16));
-      const __m256i table = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + b * 16));
-      const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(codes, low4));
-      const __m256i hi =
-          _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4));
+    auto accumulate = [&](__m256i lo, __m256i hi) {
       lo_all = _mm256_add_epi16(lo_all, lo);
       lo_odd = _mm256_add_epi16(lo_odd, _mm256_srli_epi16(lo, 8));
       hi_all = _mm256_add_epi16(hi_all, hi);
       hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(hi, 8));
+    };
+    size_t it = 0;
+    // Two steps at a time: LUT entries are <= 127, so two lookups add in 8 bits.
+    for (; it + 2 <= iters; it += 2) {
+      const __m256i c0 = _mm256_loadu_si256(codes + it), c1 = _mm256_loadu_si256(codes + it + 1);
+      const __m256i t0 = _mm256_loadu_si256(tables + it), t1 = _mm256_loadu_si256(tables + it + 1);
+      const __m256i lo = _mm256_add_epi8(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
+                                         _mm256_shuffle_epi8(t1, _mm256_and_si256(c1, low4)));
+      const __m256i hi = _mm256_add_epi8(
+          _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4)),
+          _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(c1, 4), low4)));
+      accumulate(lo, hi);
+    }
+    if (it < iters) {
+      const __m256i c0 = _mm256_loadu_si256(codes + it), t0 = _mm256_loadu_si256(tables + it);
+      accumulate(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
+                 _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4)));
     }
     const __m256i lo_even = _mm256_sub_epi16(lo_all, _mm256_slli_epi16(lo_odd, 8));
     const __m256i hi_even = _mm256_sub_epi16(hi_all, _mm256_slli_epi16(hi_odd, 8));
@@ -51,6 +70,38 @@ void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
     const uint32_t hi_mask = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(ge(p2), ge(p3))));
     masks[g] = lo_mask | (hi_mask << 16);
   }
+}
+
+}  // namespace
+
+void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
+                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
+  // Specialised for the block counts of common embedding widths with 2 or 4 dimensions
+  // per block (d = 16 ... 256).
+  switch (nbp / 2) {
+    case 2: return scan_impl<2>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 4: return scan_impl<4>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 8: return scan_impl<8>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 12: return scan_impl<12>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 16: return scan_impl<16>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 24: return scan_impl<24>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 32: return scan_impl<32>(packed, num_groups, nbp, lut, cut, sums, masks);
+    case 64: return scan_impl<64>(packed, num_groups, nbp, lut, cut, sums, masks);
+    default: return scan_impl<0>(packed, num_groups, nbp, lut, cut, sums, masks);
+  }
+}
+
+float dot_avx2(const float* a, const float* b, size_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  size_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    // mul then add, not FMA: the scalar kernel rounds the product first.
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
+  }
+  alignas(32) float l[8];
+  _mm256_store_ps(l, acc);
+  for (size_t t = 0; j < d; ++j, ++t) l[t] += a[j] * b[j];
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
 }  // namespace mipscan

@@ -14,19 +14,7 @@ namespace mipscan {
 
 namespace {
 
-inline float dot(const float* a, const float* b, size_t d) {
-  // Four partial sums: lets the baseline (SSE2) build vectorise without -ffast-math.
-  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  size_t j = 0;
-  for (; j + 4 <= d; j += 4) {
-    s0 += a[j] * b[j];
-    s1 += a[j + 1] * b[j + 1];
-    s2 += a[j + 2] * b[j + 2];
-    s3 += a[j + 3] * b[j + 3];
-  }
-  for (; j < d; ++j) s0 += a[j] * b[j];
-  return (s0 + s1) + (s2 + s3);
-}
+inline float dot(const float* a, const float* b, size_t d) { return kernels().dot(a, b, d); }
 
 struct Scratch {
   std::vector<float> leaf_scores;
@@ -35,12 +23,14 @@ struct Scratch {
   std::vector<uint8_t> lut_u8;
   std::vector<uint16_t> sums;
   std::vector<uint32_t> masks;
+  std::vector<uint32_t> histogram;
   TopKBuffer candidates;
   TopKBuffer final_;
 };
 
 // Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
 struct QuantLut {
+  size_t max_sum = 0;   // largest possible integer sum
   float bias = 0;
   float scale = 0;      // float units -> integer units
   float inv_scale = 0;  // integer units -> float units
@@ -71,7 +61,8 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     max_range = std::max(max_range, hi - lo);
   }
   // Largest entry such that nbp entries still sum within 16 bits (see lut16.h).
-  const float cap = static_cast<float>(std::min<size_t>(255, 65535 / nbp));
+  const float cap = static_cast<float>(std::min<size_t>(127, 65535 / nbp));
+  out.max_sum = static_cast<size_t>(cap) * nbp;
   if (max_range > 0) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
@@ -156,6 +147,38 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
   }
 }
 
+// The first leaf searched, when it alone holds more than k points: instead of offering
+// all of them (and pruning the buffer repeatedly), find the k-th largest integer sum with
+// a histogram and offer only the points at or above it. Its score then bounds the final
+// k-th score from below and becomes the threshold for every later leaf.
+void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& ql,
+                        Scratch& s, TopKBuffer& top) {
+  const size_t nbp = padded_blocks(ix.num_blocks);
+  const int64_t g0 = ix.leaf_groups[leaf];
+  const int64_t slot0 = ix.leaf_offsets[leaf];
+  const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
+  const size_t groups = (count + 31) / 32;
+  if (s.sums.size() < groups * 32) {
+    s.sums.resize(groups * 32);
+    s.masks.resize(groups);
+  }
+  kernels().scan_lut16(ix.packed_codes + g0 * nbp * 16, groups, nbp, s.lut_u8.data(), 0,
+                       s.sums.data(), s.masks.data());
+  const uint16_t* sums = s.sums.data();
+  s.histogram.assign(ql.max_sum + 1, 0);
+  uint32_t* hist = s.histogram.data();
+  for (size_t i = 0; i < count; ++i) ++hist[sums[i]];
+  size_t above = 0, t = ql.max_sum;
+  while (above + hist[t] < top.k()) above += hist[t--];
+  for (size_t i = 0; i < count; ++i) {
+    if (sums[i] >= t) {
+      top.push(base + static_cast<float>(sums[i]) * ql.inv_scale,
+               static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
+    }
+  }
+  top.raise_threshold(base + (static_cast<float>(t) - 0.5f) * ql.inv_scale);
+}
+
 void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffer& top) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
   for (int64_t slot = a; slot < b; ++slot) {
@@ -184,7 +207,12 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
       sort_remaining_leaves(first, s);  // fewer points than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
-    if (ah) scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+    const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+    if (ah && r == 0 && size > cand_k && ql.scale > 0) {
+      scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+    } else if (ah) {
+      scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+    }
     else scan_leaf_float(ix, leaf, q, cand);
     seen += static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     if (r + 1 >= first && seen >= cand_k) break;
@@ -193,14 +221,18 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
 
   TopKBuffer& fin = s.final_;
   fin.reset(p.final_k);
+  // The reorder rows are random accesses: request each a few rows ahead of its use, so
+  // that several cache misses are in flight at once.
+  constexpr size_t kAhead = 8;
+  auto prefetch_row = [&](size_t i) {
+    const float* row = ix.reorder_rows + static_cast<size_t>(ix.slot_ids[cand.id(i)]) * ix.d;
+    for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(row + off);
+  };
   if (reorder) {
-    // The reorder rows are random accesses: request them all before the first use.
-    for (size_t i = 0; i < nc; ++i) {
-      const float* row = ix.reorder_rows + static_cast<size_t>(ix.slot_ids[cand.id(i)]) * ix.d;
-      for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(row + off);
-    }
+    for (size_t i = 0; i < std::min(nc, kAhead); ++i) prefetch_row(i);
   }
   for (size_t i = 0; i < nc; ++i) {
+    if (reorder && i + kAhead < nc) prefetch_row(i + kAhead);
     const uint32_t row = ix.slot_ids[cand.id(i)];
     const float v = reorder ? dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d)
                             : cand.score(i);

@@ -84,24 +84,40 @@ void TopKBuffer::prune() {
 }
 
 void TopKBuffer::select_exact() {
-  // Select on a copy of the scores (4-byte floats, plain comparison: much cheaper than
-  // moving 8-byte pairs), then keep the pairs above the k-th score plus enough ties.
-  // Which tied pairs survive is settled by finish_sorted() only among the survivors.
-  scratch_.resize(size_);
-  for (size_t i = 0; i < size_; ++i) scratch_[i] = items_[i].s;
-  std::nth_element(scratch_.begin(), scratch_.begin() + (k_ - 1), scratch_.end(), std::greater<float>());
-  const float kth = scratch_[k_ - 1];
-  size_t above = 0;
-  for (size_t i = 0; i < size_; ++i) above += items_[i].s > kth;
-  size_t ties = k_ - above, w = 0;
-  for (size_t i = 0; i < size_; ++i) {
-    const bool keep = items_[i].s > kth || (items_[i].s == kth && ties > 0);
-    if (items_[i].s == kth && keep) --ties;
-    items_[w] = items_[i];
-    w += keep;
+  // Exact k-th largest score without sorting: a 1024-bin histogram over [min, max] finds
+  // the bin holding it (the bin index is monotone in the score), the pairs in higher
+  // bins are kept, and nth_element runs only on the boundary bin's pairs.
+  constexpr int kBins = 1024;
+  float lo = items_[0].s, hi = items_[0].s;
+  for (size_t i = 1; i < size_; ++i) {
+    lo = std::min(lo, items_[i].s);
+    hi = std::max(hi, items_[i].s);
   }
+  if (!(hi > lo)) {  // all scores equal (or a single pair)
+    size_ = k_;
+    thr_ = hi;
+    return;
+  }
+  const float scale = static_cast<float>(kBins) / (hi - lo);
+  auto bin = [&](float v) { return std::min(kBins - 1, static_cast<int>((v - lo) * scale)); };
+  uint32_t hist[kBins] = {0};
+  for (size_t i = 0; i < size_; ++i) ++hist[bin(items_[i].s)];
+  size_t above = 0;
+  int b = kBins - 1;
+  while (above + hist[b] < k_) above += hist[b--];
+  boundary_.clear();
+  size_t w = 0;
+  for (size_t i = 0; i < size_; ++i) {
+    const int bi = bin(items_[i].s);
+    if (bi > b) items_[w++] = items_[i];
+    else if (bi == b) boundary_.push_back(items_[i]);
+  }
+  const size_t need = k_ - above;  // 1 <= need <= boundary_.size()
+  std::nth_element(boundary_.begin(), boundary_.begin() + (need - 1), boundary_.end(),
+                   [](const Item& x, const Item& y) { return x.s > y.s; });
+  for (size_t i = 0; i < need; ++i) items_[w++] = boundary_[i];
   size_ = k_;
-  thr_ = kth;
+  thr_ = boundary_[need - 1].s;
 }
 
 size_t TopKBuffer::finish_unsorted() {

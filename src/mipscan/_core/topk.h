@@ -64,6 +64,9 @@ class TopKBuffer {
   }
   // A pair can enter only if score > threshold(); callers may skip the others.
   float threshold() const { return thr_; }
+  size_t k() const { return k_; }
+  // Raises the threshold to t. Precondition: at least k buffered pairs score above t.
+  void raise_threshold(float t) { thr_ = t > thr_ ? t : thr_; }
   // Appends the pair; returns true when this filled the buffer and the threshold rose.
   bool push(float score, uint32_t id) {
     items_[size_++] = Item{score, id};
@@ -83,7 +86,7 @@ class TopKBuffer {
   void prune();
   void select_exact();
   std::vector<Item> items_;
-  std::vector<float> scratch_;
+  std::vector<Item> boundary_;
   size_t k_ = 0, cap_ = 0, size_ = 0;
   float thr_ = 0;
 };
