@@ -12,7 +12,9 @@ subprocess (Keras picks its backend on first import), and times, for both layers
 
 - ``eager``: ``layer(queries)``, the tutorial's uncompiled forward pass;
 - ``predict_on_batch``: the layer in a Keras model, through the model's compiled predict
-  function (jax.jit on JAX, tf.function on TensorFlow; PyTorch runs it eagerly).
+  function (jax.jit on JAX, tf.function on TensorFlow; PyTorch runs it eagerly);
+- and, for reference, the layer's mipscan searcher called directly on numpy queries
+  (the layer's own cost is the difference).
 
 Each time is the median of ``--repeats`` calls after one warm-up call, and includes
 converting the outputs to numpy (so JAX's asynchronous dispatch is waited for). Also
@@ -128,6 +130,10 @@ def worker(args) -> dict:
                 lambda: [keras.ops.convert_to_numpy(t) for t in layer(q)], args.repeats)
             row[f"{lname}_predict_on_batch"] = _median_seconds(
                 lambda: [np.asarray(t) for t in model.predict_on_batch(q)], args.repeats)
+        search = (approx.searcher.search_batched_parallel if len(q) >= 64
+                  else approx.searcher.search_batched)  # what the layer calls
+        row["searcher_numpy"] = _median_seconds(lambda: search(q, final_num_neighbors=args.k),
+                                                args.repeats)
         ids = keras.ops.convert_to_numpy(approx(q)[1])
         truth = keras.ops.convert_to_numpy(brute(q)[1])
         row["recall@k"] = float(np.mean([len(set(a) & set(b)) / args.k
@@ -180,13 +186,14 @@ def _ms(seconds: float) -> str:
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'backend':<11} {'queries':<10} {'mode':<17} {'approx ms':>10} {'brute ms':>10} "
-          f"{'speed-up':>9} {'recall@k':>9}")
+          f"{'speed-up':>9} {'recall@k':>9} {'searcher ms':>12}")
     for r in results:
         for qname, row in r["queries"].items():
             for mode in ("eager", "predict_on_batch"):
                 a, b = row[f"approx_{mode}"], row[f"brute_{mode}"]
                 print(f"{r['backend']:<11} {qname:<10} {mode:<17} {_ms(a):>10} {_ms(b):>10} "
-                      f"{b / a:8.1f}x {row['recall@k']:9.4f}")
+                      f"{b / a:8.1f}x {row['recall@k']:9.4f} {_ms(row['searcher_numpy']):>12}")
+    print("(searcher ms: the layer's mipscan searcher called directly on numpy queries)")
     for r in results:
         print(f"{r['backend']}: {r['searcher']}; build {r['build_seconds']['approx']:.2f} s "
               f"(BruteForceRetrieval {r['build_seconds']['brute']:.2f} s); predict "

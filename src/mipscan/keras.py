@@ -60,7 +60,7 @@ def _host_call(fn, xs: tuple, out_dtypes: tuple[str, ...], out_shape: tuple):
     tensors ``xs`` (float32) and returns backend tensors of ``out_dtypes``, each of
     ``out_shape`` (None for a dimension only known at run time).
 
-    This is the only place with per-backend code: JAX traces become a
+    With the two helpers below, the only per-backend code: JAX traces become a
     ``jax.pure_callback``, TensorFlow graphs a ``tf.numpy_function``; eager tensors of
     every backend go through numpy directly.
     """
