@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -142,7 +143,8 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
         raise bad("(whole file)", "not a JSON object")
     if manifest.get("format") != FORMAT:
         raise bad("format", f"expected {FORMAT!r}; got {manifest.get('format')!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
         raise bad("format_version", f"this mipscan reads version {FORMAT_VERSION}; "
                                     f"got {manifest.get('format_version')!r}")
     config = manifest.get("config")
@@ -154,7 +156,13 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
     config = _check_config(config, bad)
     need = _required(config)
     if set(entries) != need:
-        raise bad("arrays", f"expected entries {sorted(need)}; got {sorted(entries)}")
+        stage = {"codebooks": "score_ah", "packed_codes": "score_ah", "leaf_groups": "score_ah",
+                 "slot_rows": "score_brute_force", "reorder_rows": "reorder"}
+        why = [f"{a} is listed but config.{stage.get(a, '?')} is absent"
+               for a in sorted(set(entries) - need)]
+        why += [f"{a} (needed by config.{stage[a]}) is not listed" if a in stage else f"{a} is not listed"
+                for a in sorted(need - set(entries))]
+        raise bad("arrays", f"expected entries {sorted(need)}; got {sorted(entries)}: {'; '.join(why)}")
 
     arrays = {}
     for name in sorted(need):
@@ -189,6 +197,7 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
             raise ValueError(f"load_searcher(): {str(path)!r} has shape {arr.shape}; {MANIFEST} "
                              f"says {tuple(shape)} ({field}.shape)")
         arrays[name] = arr
+    _check_config_against_arrays(config, arrays, bad)
     try:
         return Searcher(config, arrays)
     except ValueError as exc:  # structural checks of the C++ index view
@@ -226,6 +235,23 @@ def _check_config(config: dict, bad) -> dict:
                 check_value("load_searcher()", f"config.{stage}.{name}", params[name], rule)
             except (TypeError, ValueError) as exc:
                 raise bad(f"config.{stage}.{name}", str(exc)) from None
+    # The builder's cross-argument rules (see ScannBuilder.create_config).
+    d = config["d"]
+    tree, ah, reorder = config.get("tree"), config.get("score_ah"), config.get("reorder")
+    if tree is not None and tree["num_leaves"] > n:
+        raise bad("config.tree.num_leaves", f"must be <= n={n}; got {tree['num_leaves']}")
+    if tree is not None and tree["num_leaves_to_search"] > tree["num_leaves"]:
+        raise bad("config.tree.num_leaves_to_search",
+                  f"must be <= num_leaves={tree['num_leaves']}; got {tree['num_leaves_to_search']}")
+    if ah is not None and ah["dimensions_per_block"] > d:
+        raise bad("config.score_ah.dimensions_per_block",
+                  f"must be <= d={d}; got {ah['dimensions_per_block']}")
+    if reorder is not None and reorder["reordering_num_neighbors"] > n:
+        raise bad("config.reorder.reordering_num_neighbors",
+                  f"must be <= n={n}; got {reorder['reordering_num_neighbors']}")
+    seconds = field("build_seconds", Interval(float, 0.0, None))
+    if not math.isfinite(seconds):
+        raise bad("config.build_seconds", f"must be a finite number >= 0; got {seconds!r}")
     if ("score_ah" in config) == ("score_brute_force" in config):
         raise bad("config", "exactly one of score_ah or score_brute_force is required")
     unknown = set(config) - set(STAGES) - {"n", "d", "num_neighbors", "distance_measure", "seed",
@@ -233,3 +259,22 @@ def _check_config(config: dict, bad) -> dict:
     if unknown:
         raise bad("config", f"unknown keys {sorted(unknown)}")
     return config
+
+
+def _check_config_against_arrays(config: dict, arrays: dict, bad) -> None:
+    """n, d and the tree in the config must describe the arrays (Searcher trusts them)."""
+    n, d = config["n"], config["d"]
+    held = arrays["slot_ids"].shape[0]
+    if held != n:
+        raise bad("config.n", f"is {n}, but slot_ids.npy holds {held} datapoints")
+    width = d + 1 if config["distance_measure"] == "squared_l2" else d
+    if arrays["centroids"].shape[1] != width:
+        raise bad("config.d", f"is {d} ({config['distance_measure']}), but centroids.npy has "
+                              f"{arrays['centroids'].shape[1]} columns; expected {width}")
+    leaves = arrays["centroids"].shape[0]
+    tree = config.get("tree")
+    if tree is None and leaves != 1:
+        raise bad("config.tree", f"missing, but centroids.npy holds {leaves} leaves")
+    if tree is not None and leaves > tree["num_leaves"]:
+        raise bad("config.tree.num_leaves", f"is {tree['num_leaves']}, but centroids.npy holds "
+                                            f"{leaves} leaves")
