@@ -17,6 +17,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # `ci`: reproducible (derandomize) and timing-free (deadline=None); the default here.
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=50,
                           print_blob=True)
+# `long`: the hardening fuzz (tests/test_fuzz.py) at >= 10,000 cases in total;
+# HYPOTHESIS_PROFILE=long also makes tests/test_killed_writes.py and
+# tests/test_concurrency.py do their long runs.
+settings.register_profile("long", deadline=None, derandomize=False, max_examples=1000,
+                          print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # ---------------------------------------------------------------- data
