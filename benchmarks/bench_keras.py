@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(REPO))
 TUTORIAL_USERS = (10, 5, 42, 345)
 MARKER = "BENCH_KERAS_JSON: "
 
@@ -55,6 +57,13 @@ def parse_args(argv=None):
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="pin every library to N threads")
+    ap.add_argument("--layer-kwargs", default="{}",
+                    help='ApproximateRetrieval arguments as JSON, e.g. the tutorial\'s ScaNN '
+                         'settings: \'{"num_leaves": 100, "num_leaves_to_search": 30, '
+                         '"dimensions_per_block": 2, "reordering_num_neighbors": 500}\'')
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each backend, wait up to this long for other processes "
+                         "to leave the CPU idle")
     ap.add_argument("--out", default=None, help="folder for bench_keras-<time>.json")
     ap.add_argument("--worker", metavar="BACKEND", help=argparse.SUPPRESS)
     ap.add_argument("--embeddings", help=argparse.SUPPRESS)
@@ -104,7 +113,7 @@ def worker(args) -> dict:
     queries = {"4 users": users[list(TUTORIAL_USERS)], "943 users": users[1:]}
 
     t0 = time.perf_counter()
-    approx = ApproximateRetrieval(candidates, k=args.k)
+    approx = ApproximateRetrieval(candidates, k=args.k, **json.loads(args.layer_kwargs))
     build_approx = time.perf_counter() - t0
     t0 = time.perf_counter()
     brute = keras_rs.layers.BruteForceRetrieval(candidates, k=args.k)
@@ -142,6 +151,7 @@ def worker(args) -> dict:
     result["versions"] = {"keras": keras.__version__, "keras_rs": keras_rs.__version__,
                           "mipscan": mipscan.__version__,
                           backend: __import__(backend).__version__}
+    result["load_average"] = os.getloadavg()
     result["simd_level"] = mipscan.simd_level()
     result["mipscan_threads"] = mipscan.get_num_threads()
     return result
@@ -161,7 +171,8 @@ def _env(backend: str, threads: int | None) -> dict:
 
 def _child(args, backend: str, extra: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend,
-           "--k", str(args.k), "--repeats", str(args.repeats), *extra]
+           "--k", str(args.k), "--repeats", str(args.repeats),
+           "--layer-kwargs", args.layer_kwargs, *extra]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=_env(backend, args.threads), capture_output=True, text=True)
@@ -197,7 +208,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['backend']}: {r['searcher']}; build {r['build_seconds']['approx']:.2f} s "
               f"(BruteForceRetrieval {r['build_seconds']['brute']:.2f} s); predict "
-              f"jit_compile={r['predict_jit_compile']}")
+              f"jit_compile={r['predict_jit_compile']}; load average after timing "
+              f"{r['load_average'][0]:.2f}")
 
 
 def main(argv=None) -> int:
@@ -226,6 +238,10 @@ def main(argv=None) -> int:
         print(f"tutorial embeddings (epochs={args.epochs}, copies={args.copies}): "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         for backend in args.backends:
+            if args.wait_quiet:
+                from benchmarks.common import wait_for_quiet
+
+                wait_for_quiet(args.wait_quiet)
             proc = _child(args, backend, ["--embeddings", npz])
             line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
             results.append(json.loads(line[len(MARKER):]))
@@ -234,6 +250,7 @@ def main(argv=None) -> int:
     report = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "cpu": _cpu(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
               "threads": args.threads, "epochs": args.epochs, "copies": args.copies,
+              "layer_kwargs": json.loads(args.layer_kwargs),
               "seed": args.seed, "repeats": args.repeats, "results": results}
     print(f"cpu: {report['cpu']} x {report['cores']}; load average {report['load_average']}")
     if args.out:
