@@ -16,9 +16,16 @@ namespace {
 
 inline float dot(const float* a, const float* b, size_t d) { return kernels().dot(a, b, d); }
 
+struct LeafKey {
+  float s;
+  uint32_t l;
+};
+
 struct Scratch {
+  std::vector<LeafKey> leaf_keys;
   std::vector<float> leaf_scores;
   std::vector<uint32_t> leaf_order;
+  std::vector<float> qpad;
   std::vector<float> lut_f;
   std::vector<uint8_t> lut_u8;
   std::vector<uint16_t> sums;
@@ -38,26 +45,27 @@ struct QuantLut {
 
 QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   const size_t nb = ix.num_blocks, dpb = ix.dims_per_block, nbp = padded_blocks(nb);
-  s.lut_f.assign(nb * 16, 0.f);
+  s.qpad.assign(nb * dpb, 0.f);  // the query, zero padded to whole blocks
+  std::copy(q, q + ix.d, s.qpad.begin());
+  s.lut_f.resize(nb * 16);
   s.lut_u8.assign(nbp * 16, 0);
   QuantLut out;
   float max_range = 0;
-  std::vector<float>& lf = s.lut_f;
   for (size_t b = 0; b < nb; ++b) {
-    float lo = INFINITY, hi = -INFINITY;
-    for (size_t c = 0; c < 16; ++c) {
-      const float* cw = ix.codebooks + (b * 16 + c) * dpb;
-      float v = 0;
-      for (size_t j = 0; j < dpb; ++j) {
-        const size_t dim = b * dpb + j;
-        if (dim < ix.d) v += q[dim] * cw[j];
-      }
-      lf[b * 16 + c] = v;
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
+    // Sixteen independent sums over the block's dimensions: vectorises over codewords.
+    float acc[16] = {0};
+    const float* book = ix.codebooks + b * 16 * dpb;
+    for (size_t j = 0; j < dpb; ++j) {
+      const float qj = s.qpad[b * dpb + j];
+      for (size_t c = 0; c < 16; ++c) acc[c] += qj * book[c * dpb + j];
+    }
+    float lo = acc[0], hi = acc[0];
+    for (size_t c = 1; c < 16; ++c) {
+      lo = std::min(lo, acc[c]);
+      hi = std::max(hi, acc[c]);
     }
     out.bias += lo;
-    for (size_t c = 0; c < 16; ++c) lf[b * 16 + c] -= lo;
+    for (size_t c = 0; c < 16; ++c) s.lut_f[b * 16 + c] = acc[c] - lo;
     max_range = std::max(max_range, hi - lo);
   }
   // Largest entry such that nbp entries still sum within 16 bits (see lut16.h).
@@ -67,7 +75,7 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
     for (size_t i = 0; i < nb * 16; ++i) {
-      const float v = lf[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
+      const float v = s.lut_f[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
       s.lut_u8[i] = static_cast<uint8_t>(std::min(v, cap));
     }
   }
@@ -83,13 +91,16 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   } else {
     for (size_t l = 0; l < L; ++l) s.leaf_scores[l] = dot(q, ix.centroids + l * ix.d, ix.d);
   }
-  s.leaf_order.resize(L);
-  std::iota(s.leaf_order.begin(), s.leaf_order.end(), 0u);
-  const float* sc = s.leaf_scores.data();
-  auto cmp = [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); };
+  // Select on (score, leaf) pairs held by value: cheaper than comparing through indices.
+  s.leaf_keys.resize(L);
+  for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {s.leaf_scores[l], static_cast<uint32_t>(l)};
+  auto cmp = [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); };
   if (first < L) {
-    std::partial_sort(s.leaf_order.begin(), s.leaf_order.begin() + first, s.leaf_order.end(), cmp);
+    std::nth_element(s.leaf_keys.begin(), s.leaf_keys.begin() + (first - 1), s.leaf_keys.end(), cmp);
   }
+  std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first, cmp);
+  s.leaf_order.resize(L);
+  for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
 }
 
 // Sorts the leaves past `first` (only needed when the searched ones held too few points).
@@ -117,7 +128,7 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
   // threshold changes only when a push prunes the buffer, so the cut is recomputed then,
   // and the kernel's masks (made with the cut at the start of each chunk of kChunk
   // groups) are re-checked against the current cut.
-  constexpr size_t kChunk = 32;
+  constexpr size_t kChunk = 64;
   auto current_cut = [&]() -> uint16_t {
     const float thr = top.threshold();
     if (!(thr > -INFINITY) || ql.scale <= 0) return 0;
@@ -126,8 +137,10 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
   };
   const uint8_t* codes = ix.packed_codes + g0 * nbp * 16;
   uint16_t* sums = s.sums.data();
-  for (size_t c0 = 0; c0 < groups; c0 += kChunk) {
-    const size_t c1 = std::min(groups, c0 + kChunk);
+  for (size_t c0 = 0, c1 = 0; c0 < groups; c0 = c1) {
+    // While nothing bounds the scores yet (no threshold), scan a few groups at a time so
+    // the first threshold arrives early.
+    c1 = std::min(groups, c0 + (top.threshold() > -INFINITY ? kChunk : 2));
     uint16_t cut = current_cut();
     kernels().scan_lut16(codes + c0 * nbp * 16, c1 - c0, nbp, s.lut_u8.data(), cut,
                          sums + c0 * 32, s.masks.data() + c0);
@@ -208,7 +221,8 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
-    if (ah && r == 0 && size > cand_k && ql.scale > 0) {
+    // (The histogram pays off only when k is large enough for pruning to cost.)
+    if (ah && r == 0 && cand_k >= 64 && size > cand_k && ql.scale > 0) {
       scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     } else if (ah) {
       scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
@@ -223,7 +237,7 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
   fin.reset(p.final_k);
   // The reorder rows are random accesses: request each a few rows ahead of its use, so
   // that several cache misses are in flight at once.
-  constexpr size_t kAhead = 8;
+  constexpr size_t kAhead = 4;
   auto prefetch_row = [&](size_t i) {
     const float* row = ix.reorder_rows + static_cast<size_t>(ix.slot_ids[cand.id(i)]) * ix.d;
     for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(row + off);

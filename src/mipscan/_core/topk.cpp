@@ -63,6 +63,10 @@ void TopKBuffer::prune() {
   // are all kept) and the pass frees a useful amount of space; else select exactly.
   constexpr size_t kSample = 64;
   const size_t n = size_;
+  if (n < 8 * kSample) {  // small buffers: exact selection is cheaper than estimating
+    select_exact();
+    return;
+  }
   float sample[kSample];
   for (size_t i = 0; i < kSample; ++i) sample[i] = items_[(i * n) / kSample].s;
   const size_t rank = std::min(kSample - 1, (k_ * kSample) / n + 4);
@@ -88,6 +92,13 @@ void TopKBuffer::select_exact() {
   // the bin holding it (the bin index is monotone in the score), the pairs in higher
   // bins are kept, and nth_element runs only on the boundary bin's pairs.
   constexpr int kBins = 1024;
+  if (size_ < 2 * kBins) {  // small: zeroing the histogram would cost more than it saves
+    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_,
+                     [](const Item& x, const Item& y) { return x.s > y.s; });
+    size_ = k_;
+    thr_ = items_[k_ - 1].s;
+    return;
+  }
   float lo = items_[0].s, hi = items_[0].s;
   for (size_t i = 1; i < size_; ++i) {
     lo = std::min(lo, items_[i].s);
