@@ -348,6 +348,14 @@ def check_errors(args):
     raises(lambda: ApproximateRetrieval(db, distance_measure="l1"), ValueError,
            "`distance_measure`")
     raises(lambda: ApproximateRetrieval(searcher=object()), TypeError, "`searcher`")
+    import mipscan
+
+    searcher = mipscan.builder(db, 5, "dot_product").score_brute_force().build()
+    raises(lambda: ApproximateRetrieval(searcher=searcher, candidate_ids=np.arange(49)),
+           ValueError, "`candidate_ids`", "(50)")
+    raises(lambda: ApproximateRetrieval(searcher=searcher, k=51), ValueError, "(50)", "k=51")
+    raises(lambda: ApproximateRetrieval(db[:, :4], searcher=searcher), ValueError,
+           "`candidate_embeddings`", "(50, 8)")
     # Queries of an integer dtype are converted (as BruteForceRetrieval does).
     scores, _ = layer(keras.ops.convert_to_tensor(np.ones((2, 8), np.int32)))
     assert _dtype(scores) == "float32"
