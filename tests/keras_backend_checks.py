@@ -122,6 +122,12 @@ def check_contract(args):
                 assert np.array_equal(_np(a[-1]), _np(b[-1])), "ids differ from brute force"
                 if rs:
                     assert np.allclose(_np(a[0]), _np(b[0]), rtol=1e-5, atol=1e-6)
+    # Output dtypes under other dtype policies.
+    for policy in ("mixed_float16", "float16", "bfloat16"):
+        a = ApproximateRetrieval(db, k=5, dtype=policy)(queries)
+        b = keras_rs.layers.BruteForceRetrieval(db, k=5, dtype=policy)(queries)
+        assert [_dtype(t) for t in a] == [_dtype(t) for t in b], \
+            f"{policy}: dtypes {[_dtype(t) for t in a]} != {[_dtype(t) for t in b]}"
     # keras.ops.top_k as the reference of scores and ids.
     layer = ApproximateRetrieval(db, k=5)
     scores, top = layer(queries)

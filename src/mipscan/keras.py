@@ -456,10 +456,14 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         return _top_k_index_dtype() if self._ids_np is None else "int32"
 
     def _scores_dtype(self) -> str:
-        # BruteForceRetrieval's scores come out in the compute dtype (float16 under a
-        # mixed_float16 policy); the search itself is float32.
-        dtype = keras.backend.standardize_dtype(self.compute_dtype)
-        return dtype if "float" in dtype else "float32"
+        # BruteForceRetrieval multiplies the queries (cast to the compute dtype) with its
+        # float32 variable, which a mixed policy casts to the compute dtype as well; the
+        # search itself is float32.
+        policy = self.dtype_policy
+        compute = keras.backend.standardize_dtype(policy.compute_dtype)
+        if policy.variable_dtype != policy.compute_dtype:
+            return compute
+        return keras.backend.result_type(compute, "float32")
 
     def _search(self, queries: np.ndarray, ids_dtype: str):
         """numpy (..., d) float32 -> (scores (..., k) float32, ids (..., k) ids_dtype)."""
@@ -501,8 +505,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
         Returns:
             `(top_scores, top_ids)`, each (..., k), if `return_scores` is True (scores
-            highest first, in the layer's compute dtype, float32 by default), otherwise
-            `top_ids` alone.
+            highest first; float32, or the compute dtype under a mixed dtype policy,
+            as `BruteForceRetrieval`), otherwise `top_ids` alone.
         """
         if self.searcher is None and self._linked is None:
             raise ValueError("ApproximateRetrieval has no candidates: pass "
