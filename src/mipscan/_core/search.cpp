@@ -31,6 +31,7 @@ struct Scratch {
   std::vector<uint16_t> sums;
   std::vector<uint32_t> masks;
   std::vector<uint32_t> histogram;
+  std::vector<uint32_t> rows;
   TopKBuffer candidates;
   TopKBuffer final_;
 };
@@ -235,22 +236,26 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
 
   TopKBuffer& fin = s.final_;
   fin.reset(p.final_k);
-  // The reorder rows are random accesses: request each a few rows ahead of its use, so
-  // that several cache misses are in flight at once.
-  constexpr size_t kAhead = 4;
-  auto prefetch_row = [&](size_t i) {
-    const float* row = ix.reorder_rows + static_cast<size_t>(ix.slot_ids[cand.id(i)]) * ix.d;
-    for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(row + off);
-  };
   if (reorder) {
-    for (size_t i = 0; i < std::min(nc, kAhead); ++i) prefetch_row(i);
-  }
-  for (size_t i = 0; i < nc; ++i) {
-    if (reorder && i + kAhead < nc) prefetch_row(i + kAhead);
-    const uint32_t row = ix.slot_ids[cand.id(i)];
-    const float v = reorder ? dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d)
-                            : cand.score(i);
-    if (v > fin.threshold()) fin.push(v, row);
+    // The reorder rows are random accesses: look up every row and request it first, so
+    // that many cache misses are in flight at once, then rescore.
+    s.rows.resize(nc);
+    for (size_t i = 0; i < nc; ++i) {
+      const uint32_t row = ix.slot_ids[cand.id(i)];
+      s.rows[i] = row;
+      const float* r = ix.reorder_rows + static_cast<size_t>(row) * ix.d;
+      for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(r + off);
+    }
+    for (size_t i = 0; i < nc; ++i) {
+      const uint32_t row = s.rows[i];
+      const float v = dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
+      if (v > fin.threshold()) fin.push(v, row);
+    }
+  } else {
+    for (size_t i = 0; i < nc; ++i) {
+      const float v = cand.score(i);
+      if (v > fin.threshold()) fin.push(v, ix.slot_ids[cand.id(i)]);
+    }
   }
   const size_t nf = fin.finish_sorted();
   for (size_t i = 0; i < p.final_k; ++i) {

@@ -92,7 +92,7 @@ void TopKBuffer::select_exact() {
   // the bin holding it (the bin index is monotone in the score), the pairs in higher
   // bins are kept, and nth_element runs only on the boundary bin's pairs.
   constexpr int kBins = 1024;
-  if (size_ < 2 * kBins) {  // small: zeroing the histogram would cost more than it saves
+  if (size_ < kBins / 4) {  // small: zeroing the histogram would cost more than it saves
     std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_,
                      [](const Item& x, const Item& y) { return x.s > y.s; });
     size_ = k_;
