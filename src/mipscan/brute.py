@@ -8,7 +8,7 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._threads import get_num_threads
-from mipscan._validation import as_float_array, check_distance_measure, check_int
+from mipscan._validation import MAX_THREADS, as_float_array, check_distance_measure, check_int
 
 
 class SearchResult(NamedTuple):
@@ -21,10 +21,11 @@ class SearchResult(NamedTuple):
     distances: np.ndarray
 
 
-# Queries and database rows per block: 128 x 8192 float32 scores = 4 MiB, which stays in
-# cache between the BLAS product that writes it and the top-k pass that reads it.
+# Scores per block: 128 queries x 8192 rows of float32 = 4 MiB, which stays in cache
+# between the BLAS product that writes it and the top-k pass that reads it. With fewer
+# queries the database block grows to keep that size (small BLAS calls are slow).
 _QUERY_BLOCK = 128
-_DB_BLOCK = 8192
+_BLOCK_SCORES = 1 << 20
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ def brute_force(db, queries, k: int = 10, distance_measure: str = "dot_product",
     q = as_float_array(call, "queries", queries, (1, 2), d=d, d_owner="db")
     k = check_int(call, "k", k, 1, n, high_name=f"n={n}")
     threads = get_num_threads() if num_threads is None else check_int(
-        call, "num_threads", num_threads, 1, None)
+        call, "num_threads", num_threads, 1, MAX_THREADS)
     single = q.ndim == 1
     q2 = q.reshape(1, d) if single else q
     nq = q2.shape[0]
@@ -85,10 +86,11 @@ def brute_force(db, queries, k: int = 10, distance_measure: str = "dot_product",
     heap_s = np.empty((nq, k), np.float32)
     heap_i = np.empty((nq, k), np.uint32)
     sizes = np.zeros(nq, np.int64)
+    db_block = max(8192, _BLOCK_SCORES // min(nq, _QUERY_BLOCK))
     for qb in range(0, nq, _QUERY_BLOCK):
         qs = slice(qb, min(nq, qb + _QUERY_BLOCK))
-        for db0 in range(0, n, _DB_BLOCK):
-            db1 = min(n, db0 + _DB_BLOCK)
+        for db0 in range(0, n, db_block):
+            db1 = min(n, db0 + db_block)
             scores = q2[qs] @ x[db0:db1].T
             _mipscan.topk_update_rows(scores, None if bias is None else bias[db0:db1], db0,
                                       heap_s[qs], heap_i[qs], sizes[qs], threads)
