@@ -36,16 +36,17 @@ def test_demo_report(demo_run):
     for (method, queries), r in rows.items():
         assert r["num_queries"] == (4 if queries == "tutorial" else 943)
         assert method in output
-        if r["status"] != "ok":  # only the approximate engine may be missing
-            assert method == "mipscan approximate" and not hasattr(mipscan, "builder")
-            assert r["status"].startswith("not available yet")
-            assert r["recall"] is None and r["latency_s"] is None
-            continue
+        assert r["status"] == "ok"
         assert r["latency_s"] > 0 and r["build_s"] >= 0
         assert 0.0 <= r["recall"] <= 1.0
     for q in ("tutorial", "all"):
         assert rows[("mipscan brute force", q)]["recall"] == 1.0  # it is the reference
         assert rows[("keras-rs brute force", q)]["recall"] >= 0.99  # exact, up to float ties
+        # the layer and the searcher hold the same index (same parameters, same seed)
+        layer = rows[("mipscan ApproximateRetrieval (Keras layer)", q)]["recall"]
+        assert layer == rows[("mipscan searcher (ScaNN API)", q)]["recall"]
+        # 5 epochs, 8,046 candidates: measured 0.90 (the full demo: 0.94)
+        assert layer >= 0.85, f"approximate recall@10 {layer:.3f} < 0.85 on {q}"
     assert "recall@10" in output
 
 
@@ -53,12 +54,6 @@ def test_recall_at_k():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     assert cli.recall_at_k(np.array([[3, 2, 1], [4, 9, 8]]), exact) == pytest.approx(4 / 6)
     assert cli.recall_at_k(exact, exact) == 1.0
-
-
-def test_approximate_row_waits_for_the_engine(monkeypatch, rng):
-    monkeypatch.delattr(mipscan, "builder", raising=False)
-    with pytest.raises(cli.NotAvailable, match="not available yet"):
-        cli.mipscan_approximate(rng.standard_normal((50, 4)).astype(np.float32), 10)
 
 
 def test_demo_without_data(tmp_path, monkeypatch):
