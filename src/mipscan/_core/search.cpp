@@ -270,7 +270,9 @@ void search_batch(const IndexView& index, const float* queries, size_t nq,
                   const float* leaf_scores, const SearchParams& params, int num_threads,
                   uint32_t* out_ids, float* out_scores) {
   parallel_for(nq, num_threads, 1, [&](size_t b, size_t e, int) {
-    Scratch s;
+    // Per-thread scratch, kept between calls: a single-query search() on the calling
+    // thread then allocates nothing. (Worker threads live for one call only.)
+    thread_local Scratch s;
     for (size_t i = b; i < e; ++i) {
       search_one(index, queries + i * index.d,
                  leaf_scores ? leaf_scores + i * index.num_leaves : nullptr, params, s,
