@@ -36,8 +36,13 @@ _runs: dict[str, tuple[dict | None, str]] = {}
 def _run(args: list[str], backend: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    cmd = [sys.executable, str(SCRIPT), *args]
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:  # report what it printed, as for a failure
+        text = [o.decode(errors="replace") if isinstance(o, bytes) else (o or "")
+                for o in (exc.stdout, exc.stderr)]
+        return subprocess.CompletedProcess(cmd, f"timed out after {TIMEOUT} s", *text)
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:
