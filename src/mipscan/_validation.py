@@ -18,6 +18,10 @@ import numpy as np
 
 DISTANCE_MEASURES = ("dot_product", "squared_l2", "cosine")
 
+#: Upper bound of every thread count (the core takes a C int; more threads than this only
+#: thrash, and creating them can fail).
+MAX_THREADS = 1024
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -69,7 +73,10 @@ def check_value(call: str, name: str, value: Any, rule) -> Any:
             raise TypeError(bad)
         return bool(value)
     if isinstance(rule, Options):
-        if not isinstance(value, (str, bool, int, float, type(None))) or value not in rule.values:
+        if isinstance(value, np.bool_):
+            value = bool(value)
+        # Same type and value: 0 == False and 1.0 == 1 in Python, but 0 is not an option.
+        if not any(value is o or (type(value) is type(o) and value == o) for o in rule.values):
             raise (TypeError if not isinstance(value, type(rule.values[0])) else ValueError)(bad)
         return value
     if value is None and rule.allow_none:
@@ -139,8 +146,22 @@ def as_float_array(call: str, name: str, x: Any, ndim: int | tuple[int, ...],
         raise ValueError(f"{call}: {name} has {x.shape[-1]} features, but {d_owner} "
                          f"expects {d} features")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+    hi, lo = float(x.max()), float(x.min())  # NaN propagates; no temporary array
+    if not (math.isfinite(hi) and math.isfinite(lo)):
         bad = np.argwhere(~np.isfinite(x))[0]
         raise ValueError(f"{call}: {name} contains NaN or inf (first at index "
                          f"{tuple(int(i) for i in bad)}); only finite values are allowed")
+    limit = max_abs_value(x.shape[-1])
+    if max(hi, -lo) > limit:
+        bad = np.argwhere(np.abs(x) > limit)[0]
+        raise ValueError(f"{call}: {name} has a value of magnitude {max(hi, -lo):.3g} (first too "
+                         f"large at index {tuple(int(i) for i in bad)}); with {x.shape[-1]} "
+                         f"features values must be at most {limit:.3g}, or float32 scores overflow")
     return x
+
+
+def max_abs_value(d: int) -> float:
+    """The largest |value| accepted in a d-dimensional vector: then every squared norm is
+    at most FLT_MAX / 16, so dot products, squared distances, residuals and their sums stay
+    finite in float32 (beyond it the core would see inf/NaN scores and return garbage)."""
+    return math.sqrt(float(np.finfo(np.float32).max) / 16.0 / max(d, 1))
