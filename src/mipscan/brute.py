@@ -31,6 +31,14 @@ _BLOCK_SCORES = 1 << 20
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """Unit-norm rows (float32); all-zero rows stay zero."""
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    # Below ~1e-19 the float32 squares underflow (a row of 1e-31 would get norm 0 and
+    # stay unnormalised): recompute those rows' norms in float64.
+    tiny = norms < 1e-18
+    if tiny.any():
+        norms = norms.astype(np.float64)
+        rows = np.flatnonzero(tiny.reshape(-1))
+        flat = x.reshape(-1, x.shape[-1])
+        norms.reshape(-1)[rows] = np.linalg.norm(flat[rows].astype(np.float64), axis=-1)
     return (x / np.where(norms > 0, norms, 1)).astype(np.float32, copy=False)
 
 
