@@ -22,8 +22,8 @@ import numpy as np
 from mipscan import _mipscan
 from mipscan._threads import get_num_threads
 from mipscan._training import assign_nearest, kmeans, train_codebooks
-from mipscan._validation import (Bool, Interval, Options, as_float_array, check_distance_measure,
-                                 check_int, check_value)
+from mipscan._validation import (MAX_THREADS, Bool, Interval, Options, as_float_array,
+                                 check_distance_measure, check_int, check_value)
 from mipscan.brute import normalize_rows
 
 _NAN = float("nan")
@@ -151,7 +151,8 @@ class ScannBuilder:
 
     def set_n_training_threads(self, threads: int) -> "ScannBuilder":
         """Threads for training and encoding (0 = all cores), as in ScaNN."""
-        self.training_threads = check_int("set_n_training_threads()", "threads", threads, 0, None)
+        self.training_threads = check_int("set_n_training_threads()", "threads", threads, 0,
+                                           MAX_THREADS)
         return self
 
     def set_seed(self, seed: int) -> "ScannBuilder":
