@@ -13,16 +13,16 @@ def set_num_threads(num_threads: int) -> None:
     """Sets how many threads mipscan's parallel calls use (default: all cores).
 
     Args:
-        num_threads: an int >= 1.
+        num_threads: an int in [1, 1024].
 
     Raises:
         TypeError: num_threads is not an int.
         ValueError: num_threads < 1.
     """
-    from mipscan._validation import check_int
+    from mipscan._validation import MAX_THREADS, check_int
 
     global _num_threads
-    _num_threads = check_int("set_num_threads()", "num_threads", num_threads, 1, None)
+    _num_threads = check_int("set_num_threads()", "num_threads", num_threads, 1, MAX_THREADS)
 
 
 def get_num_threads() -> int:
