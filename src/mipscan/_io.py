@@ -68,8 +68,22 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+def _as_path(call: str, directory) -> Path:
+    if isinstance(directory, bytes):
+        directory = os.fsdecode(directory)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{call}: directory must be a str or os.PathLike; got "
+                        f"{type(directory).__name__}")
+    raw = os.fspath(directory)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if not raw or "\0" in raw:
+        raise ValueError(f"{call}: directory must be a non-empty path without NUL; got {directory!r}")
+    return Path(raw)
+
+
 def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
-    target = Path(os.fspath(directory)).absolute()
+    target = _as_path("serialize()", directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"serialize(): directory {str(target)!r} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).exists():
@@ -125,7 +139,11 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
     """
     from mipscan.searcher import Searcher
 
-    root = Path(os.fspath(directory))
+    from mipscan._validation import Bool, check_value
+
+    root = _as_path("load_searcher()", directory)
+    mmap = check_value("load_searcher()", "mmap", mmap, Bool())
+    verify = check_value("load_searcher()", "verify", verify, Bool())
     mpath = root / MANIFEST
 
     def bad(field: str, why: str) -> ValueError:
