@@ -77,7 +77,7 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     out.inv_scale = max_range / cap;
     for (size_t i = 0; i < nb * 16; ++i) {
       const float v = s.lut_f[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
-      s.lut_u8[i] = static_cast<uint8_t>(std::min(v, cap));
+      s.lut_u8[i] = static_cast<uint8_t>(v < cap ? (v >= 0 ? v : 0.f) : cap);  // NaN -> 0
     }
   }
   return out;
@@ -134,7 +134,7 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
     const float thr = top.threshold();
     if (!(thr > -INFINITY) || ql.scale <= 0) return 0;
     const double c = std::floor(double(thr - base) * ql.scale) + 1.0;
-    return c <= 0 ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));
+    return !(c > 0) ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));  // NaN -> 0
   };
   const uint8_t* codes = ix.packed_codes + g0 * nbp * 16;
   uint16_t* sums = s.sums.data();

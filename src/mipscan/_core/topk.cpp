@@ -110,7 +110,11 @@ void TopKBuffer::select_exact() {
     return;
   }
   const float scale = static_cast<float>(kBins) / (hi - lo);
-  auto bin = [&](float v) { return std::min(kBins - 1, static_cast<int>((v - lo) * scale)); };
+  // Written so that no float reaches the int conversion unless it is in [0, kBins).
+  auto bin = [&](float v) {
+    const float f = (v - lo) * scale;
+    return f >= 1.0f ? (f < static_cast<float>(kBins) ? static_cast<int>(f) : kBins - 1) : 0;
+  };
   uint32_t hist[kBins] = {0};
   for (size_t i = 0; i < size_; ++i) ++hist[bin(items_[i].s)];
   size_t above = 0;
