@@ -20,7 +20,7 @@ settings.register_profile("ci", deadline=None, derandomize=True, max_examples=50
 # `long`: the hardening fuzz (tests/test_fuzz.py) at >= 10,000 cases in total;
 # HYPOTHESIS_PROFILE=long also makes tests/test_killed_writes.py and
 # tests/test_concurrency.py do their long runs.
-settings.register_profile("long", deadline=None, derandomize=False, max_examples=1000,
+settings.register_profile("long", deadline=None, derandomize=False, max_examples=1200,
                           print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
