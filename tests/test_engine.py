@@ -153,6 +153,22 @@ def test_recall_glove(glove, metric, threshold):
     assert rec >= threshold, f"recall@10 {rec:.3f} < {threshold} on glove-50-dev ({metric})"
 
 
+def test_autopilot(small, glove):
+    db, q = small  # 4,000 points: exact scoring
+    s = mipscan.builder(db, 10, "dot_product").autopilot().build()
+    assert "score_brute_force" in s.config and "tree" not in s.config
+    np.testing.assert_array_equal(s.search_batched(q).indices, mipscan.brute_force(db, q, 10).indices)
+    with pytest.raises(ValueError, match="only stage"):
+        mipscan.builder(db, 10, "dot_product").score_ah(2).autopilot()
+    train, test, gt_ip, _ = glove  # 90,000 points: tree + AH + reorder
+    s = mipscan.builder(train, 10, "dot_product").autopilot().build()
+    # sqrt(90,000) = 300 leaves (a few may merge under min_partition_size), 15% searched
+    assert 290 <= s.num_leaves <= 300 and s.num_leaves_to_search == 45
+    assert s.reordering_num_neighbors == 250
+    rec = recall_at(s.search_batched_parallel(test).indices, gt_ip)
+    assert rec >= 0.88, f"autopilot recall@10 {rec:.3f} < 0.88 on glove-50-dev (measured 0.92)"
+
+
 def test_scann_ops_aliases_run_the_tutorial_code(small):
     from mipscan import scann_ops
 

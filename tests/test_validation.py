@@ -43,6 +43,7 @@ def minimal_args(stage):
     return {"tree": {"num_leaves": 10, "num_leaves_to_search": 3},
             "score_ah": {"dimensions_per_block": 2},
             "score_brute_force": {},
+            "autopilot": {},
             "reorder": {"reordering_num_neighbors": 20}}[stage]
 
 

