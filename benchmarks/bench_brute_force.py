@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
     from threadpoolctl import threadpool_limits
 
     import mipscan
-    from benchmarks.common import environment, numpy_topk, threadpool_info, time_median
+    from benchmarks.common import (CpuNoise, environment, numpy_topk, threadpool_info,
+                                   time_median)
     from benchmarks.run import exact_neighbors
 
     ds, note = load(args.dataset)
@@ -116,10 +117,12 @@ def main(argv=None) -> dict:
             ids = np.asarray(fn()).astype(np.int64)
             got = topk_scores(db, queries, ids)
             agree = bool(np.allclose(got, exact, rtol=1e-4, atol=1e-5))
-            median, times = time_median(fn, args.repeats, warmup=0)
+            with CpuNoise() as noise:
+                median, times = time_median(fn, args.repeats, warmup=0)
             rows[name] = {"seconds": median, "times": times, "qps": nq / median,
-                          "topk_scores_exact": agree}
+                          "topk_scores_exact": agree, "foreign_cores": noise.foreign_cores}
             print(f"  {name:45s} {median * 1e3:9.1f} ms  {nq / median:10.0f} QPS"
+                  f"  (others used {noise.foreign_cores or 0:.2f} cores)"
                   f"{'' if agree else '  (top-k scores differ!)'}", flush=True)
 
     ref = rows["mipscan.brute_force"]["seconds"]
