@@ -357,7 +357,7 @@ def _build_ah(rows, centroids, labels, order, counts, ah, rng, threads):
 
     offsets = np.concatenate([[0], np.cumsum(counts)])
     packed = [_mipscan.pack_codes(codes[offsets[l]:offsets[l + 1]]) for l in range(len(counts))]
-    groups = (counts + 31) // 32
+    groups = (counts + 63) // 64  # lut16.h: groups of 64 points
     return {"codebooks": books,
             "packed_codes": np.concatenate(packed) if packed else np.zeros(0, np.uint8),
             "leaf_groups": np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)}

@@ -66,7 +66,7 @@ NB_MODULE(_mipscan, m) {
 
   m.def("pack_codes", [](In<uint8_t, 2> codes) {
     const size_t n = codes.shape(0), nb_ = codes.shape(1);
-    auto out = new_array<uint8_t>(((n + 31) / 32) * mipscan::packed_group_bytes(nb_));
+    auto out = new_array<uint8_t>(mipscan::num_groups(n) * mipscan::group_bytes(nb_));
     {
       nb::gil_scoped_release release;
       mipscan::pack_codes(codes.data(), n, nb_, out.data());
@@ -75,7 +75,7 @@ NB_MODULE(_mipscan, m) {
   }, "codes"_a.noconvert());
 
   m.def("unpack_codes", [](In<uint8_t, 1> packed, size_t n, size_t num_blocks) {
-    require(packed.shape(0) >= ((n + 31) / 32) * mipscan::packed_group_bytes(num_blocks),
+    require(packed.shape(0) >= mipscan::num_groups(n) * mipscan::group_bytes(num_blocks),
             "unpack_codes: packed array too small for n and num_blocks");
     auto out = new_array<uint8_t>(n, num_blocks);
     nb::gil_scoped_release release;
@@ -85,11 +85,11 @@ NB_MODULE(_mipscan, m) {
 
   m.def("scan_lut16", [](In<uint8_t, 1> packed, size_t num_blocks, In<uint8_t, 2> lut,
                          const std::string& level, uint16_t cut) {
-    const size_t nbp = mipscan::padded_blocks(num_blocks);
-    const size_t group = mipscan::packed_group_bytes(num_blocks);
-    require(packed.shape(0) % group == 0, "scan_lut16: packed size is not a whole number of groups");
-    require(lut.shape(0) == nbp && lut.shape(1) == 16, "scan_lut16: lut must be (padded_blocks, 16)");
-    const size_t groups = packed.shape(0) / group;
+    const size_t bytes = mipscan::group_bytes(num_blocks);
+    require(num_blocks >= 1 && packed.shape(0) % bytes == 0,
+            "scan_lut16: packed size is not a whole number of groups");
+    require(lut.shape(0) == num_blocks && lut.shape(1) == 16, "scan_lut16: lut must be (num_blocks, 16)");
+    const size_t groups = packed.shape(0) / bytes;
     mipscan::ScanLut16Fn fn = &mipscan::scan_lut16_scalar;
     if (parse_level(level) == mipscan::SimdLevel::kAvx2) {
 #if MIPSCAN_HAVE_AVX2
@@ -99,11 +99,11 @@ NB_MODULE(_mipscan, m) {
       throw std::invalid_argument("scan_lut16: built without AVX2");
 #endif
     }
-    auto out = new_array<uint16_t>(groups * 32);
-    auto masks = new_array<uint32_t>(groups);
+    auto out = new_array<uint16_t>(groups * mipscan::kGroup);
+    auto masks = new_array<uint64_t>(groups);
     {
       nb::gil_scoped_release release;
-      fn(packed.data(), groups, nbp, lut.data(), cut, out.data(), masks.data());
+      fn(packed.data(), groups, num_blocks, lut.data(), cut, out.data(), masks.data());
     }
     return std::make_pair(out, masks);
   }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a, "cut"_a = 0);
@@ -194,8 +194,9 @@ NB_MODULE(_mipscan, m) {
                const int64_t* g = leaf_groups->data();
                require(g[0] == 0, "Index: leaf_groups must start at 0");
                for (size_t l = 0; l < v.num_leaves; ++l)
-                 require(g[l + 1] - g[l] == (off[l + 1] - off[l] + 31) / 32, "Index: leaf_groups do not match leaf sizes");
-               require(size_t(g[v.num_leaves]) * mipscan::packed_group_bytes(v.num_blocks) == packed_codes->shape(0),
+                 require(g[l + 1] - g[l] == int64_t(mipscan::num_groups(size_t(off[l + 1] - off[l]))),
+                         "Index: leaf_groups do not match leaf sizes");
+               require(size_t(g[v.num_leaves]) * mipscan::group_bytes(v.num_blocks) == packed_codes->shape(0),
                        "Index: packed_codes size does not match leaf_groups");
                v.codebooks = codebooks->data();
                v.packed_codes = packed_codes->data();

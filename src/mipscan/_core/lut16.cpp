@@ -4,30 +4,52 @@
 
 namespace mipscan {
 
+namespace {
+// Byte offset within a block's 32 bytes, and nibble, of point j (< 64) of a group.
+inline size_t byte_of(size_t j) { return (j / 32) * 16 + (j % 16); }
+inline bool high_nibble(size_t j) { return (j % 32) >= 16; }
+}  // namespace
+
 void pack_codes(const uint8_t* codes, size_t n, size_t num_blocks, uint8_t* packed) {
-  const size_t nbp = padded_blocks(num_blocks);
-  const size_t groups = (n + 31) / 32;
-  std::memset(packed, 0, groups * nbp * 16);
+  std::memset(packed, 0, num_groups(n) * group_bytes(num_blocks));
   for (size_t i = 0; i < n; ++i) {
-    const size_t g = i / 32, j = i % 32;
-    uint8_t* grp = packed + g * nbp * 16;
+    uint8_t* grp = packed + (i / kGroup) * group_bytes(num_blocks);
+    const size_t j = i % kGroup;
     for (size_t b = 0; b < num_blocks; ++b) {
       const uint8_t c = codes[i * num_blocks + b] & 0x0F;
-      if (j < 16) grp[b * 16 + j] |= c;
-      else grp[b * 16 + (j - 16)] |= static_cast<uint8_t>(c << 4);
+      grp[b * 32 + byte_of(j)] |= high_nibble(j) ? static_cast<uint8_t>(c << 4) : c;
     }
   }
 }
 
 void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* codes) {
-  const size_t nbp = padded_blocks(num_blocks);
   for (size_t i = 0; i < n; ++i) {
-    const size_t g = i / 32, j = i % 32;
-    const uint8_t* grp = packed + g * nbp * 16;
+    const uint8_t* grp = packed + (i / kGroup) * group_bytes(num_blocks);
+    const size_t j = i % kGroup;
     for (size_t b = 0; b < num_blocks; ++b) {
-      const uint8_t byte = grp[b * 16 + (j % 16)];
-      codes[i * num_blocks + b] = j < 16 ? (byte & 0x0F) : (byte >> 4);
+      const uint8_t byte = grp[b * 32 + byte_of(j)];
+      codes[i * num_blocks + b] = high_nibble(j) ? (byte >> 4) : (byte & 0x0F);
     }
+  }
+}
+
+void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  for (size_t g = 0; g < groups; ++g) {
+    const uint8_t* grp = packed + g * group_bytes(num_blocks);
+    uint16_t acc[kGroup] = {0};
+    for (size_t b = 0; b < num_blocks; ++b) {
+      const uint8_t* row = lut + b * 16;
+      const uint8_t* bytes = grp + b * 32;
+      for (size_t j = 0; j < kGroup; ++j) {
+        const uint8_t byte = bytes[byte_of(j)];
+        acc[j] = static_cast<uint16_t>(acc[j] + row[high_nibble(j) ? (byte >> 4) : (byte & 0x0F)]);
+      }
+    }
+    std::memcpy(sums + g * kGroup, acc, sizeof(acc));
+    uint64_t mask = 0;
+    for (size_t j = 0; j < kGroup; ++j) mask |= static_cast<uint64_t>(acc[j] >= cut) << j;
+    masks[g] = mask;
   }
 }
 

@@ -8,19 +8,22 @@ namespace mipscan {
 
 namespace {
 
-// kIters = nbp / 2 (32-byte steps per group) when known at compile time, so that the
-// loop unrolls completely; 0 = read it from nbp.
-template <size_t kIters>
-void scan_impl(const uint8_t* packed, size_t num_groups, size_t nbp, const uint8_t* lut,
-               uint16_t cut, uint16_t* sums, uint32_t* masks) {
-  const size_t iters = kIters != 0 ? kIters : nbp / 2;
+// kBlocks = num_blocks when known at compile time, so that the loop unrolls completely;
+// 0 = read it from num_blocks.
+template <size_t kBlocks>
+void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const uint8_t* lut,
+               uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m128i cutv = _mm_set1_epi16(static_cast<short>(cut));
-  const __m256i* tables = reinterpret_cast<const __m256i*>(lut);
-  for (size_t g = 0; g < num_groups; ++g) {
-    const __m256i* codes = reinterpret_cast<const __m256i*>(packed + g * nbp * 16);
-    // Shuffle results are 32 bytes; read as 16 uint16 lanes, lane t holds point 2t in its
-    // low byte and point 2t + 1 in its high byte. *_all sums whole lanes and *_odd the
+  const __m256i cutv = _mm256_set1_epi16(static_cast<short>(cut));
+  auto table = [lut](size_t b) {  // LUT row b in both lanes
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
+  };
+  for (size_t g = 0; g < groups; ++g) {
+    const __m256i* codes = reinterpret_cast<const __m256i*>(packed + g * nb * 32);
+    // Shuffle results are 32 bytes: lo covers points 0-15 (lane 0) and 32-47 (lane 1), hi
+    // points 16-31 and 48-63. Read as uint16 lanes, lane t of a 16-point run holds point
+    // 2t in its low byte and 2t + 1 in its high byte. *_all sums whole lanes and *_odd the
     // high bytes, so even = all - 256 * odd. Every true sum is < 65536 (see the header),
     // so this modular arithmetic is exact.
     __m256i lo_all = _mm256_setzero_si256(), lo_odd = _mm256_setzero_si256();
@@ -31,11 +34,11 @@ void scan_impl(const uint8_t* packed, size_t num_groups, size_t nbp, const uint8
       hi_all = _mm256_add_epi16(hi_all, hi);
       hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(hi, 8));
     };
-    size_t it = 0;
-    // Two steps at a time: LUT entries are <= 127, so two lookups add in 8 bits.
-    for (; it + 2 <= iters; it += 2) {
-      const __m256i c0 = _mm256_loadu_si256(codes + it), c1 = _mm256_loadu_si256(codes + it + 1);
-      const __m256i t0 = _mm256_loadu_si256(tables + it), t1 = _mm256_loadu_si256(tables + it + 1);
+    size_t b = 0;
+    // Two blocks at a time: LUT entries are <= 127, so two lookups add in 8 bits.
+    for (; b + 2 <= nb; b += 2) {
+      const __m256i c0 = _mm256_loadu_si256(codes + b), c1 = _mm256_loadu_si256(codes + b + 1);
+      const __m256i t0 = table(b), t1 = table(b + 1);
       const __m256i lo = _mm256_add_epi8(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
                                          _mm256_shuffle_epi8(t1, _mm256_and_si256(c1, low4)));
       const __m256i hi = _mm256_add_epi8(
@@ -43,51 +46,55 @@ void scan_impl(const uint8_t* packed, size_t num_groups, size_t nbp, const uint8
           _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(c1, 4), low4)));
       accumulate(lo, hi);
     }
-    if (it < iters) {
-      const __m256i c0 = _mm256_loadu_si256(codes + it), t0 = _mm256_loadu_si256(tables + it);
+    if (b < nb) {
+      const __m256i c0 = _mm256_loadu_si256(codes + b), t0 = table(b);
       accumulate(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
                  _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4)));
     }
     const __m256i lo_even = _mm256_sub_epi16(lo_all, _mm256_slli_epi16(lo_odd, 8));
     const __m256i hi_even = _mm256_sub_epi16(hi_all, _mm256_slli_epi16(hi_odd, 8));
-    // Lane 0 holds even blocks, lane 1 odd blocks: add the two 128-bit halves.
-    const __m128i le = _mm_add_epi16(_mm256_castsi256_si128(lo_even), _mm256_extracti128_si256(lo_even, 1));
-    const __m128i lo_ = _mm_add_epi16(_mm256_castsi256_si128(lo_odd), _mm256_extracti128_si256(lo_odd, 1));
-    const __m128i he = _mm_add_epi16(_mm256_castsi256_si128(hi_even), _mm256_extracti128_si256(hi_even, 1));
-    const __m128i ho = _mm_add_epi16(_mm256_castsi256_si128(hi_odd), _mm256_extracti128_si256(hi_odd, 1));
-    // Interleave even/odd lanes back into point order.
-    const __m128i p0 = _mm_unpacklo_epi16(le, lo_), p1 = _mm_unpackhi_epi16(le, lo_);
-    const __m128i p2 = _mm_unpacklo_epi16(he, ho), p3 = _mm_unpackhi_epi16(he, ho);
-    __m128i* out = reinterpret_cast<__m128i*>(sums + g * 32);
-    _mm_storeu_si128(out + 0, p0);
-    _mm_storeu_si128(out + 1, p1);
-    _mm_storeu_si128(out + 2, p2);
-    _mm_storeu_si128(out + 3, p3);
-    // Unsigned a >= cut  <=>  max(a, cut) == a. Packing the 0/-1 words to bytes keeps
-    // the point order, so movemask yields one bit per point.
-    auto ge = [&](__m128i v) { return _mm_cmpeq_epi16(_mm_max_epu16(v, cutv), v); };
-    const uint32_t lo_mask = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(ge(p0), ge(p1))));
-    const uint32_t hi_mask = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(ge(p2), ge(p3))));
-    masks[g] = lo_mask | (hi_mask << 16);
+    // Interleave even/odd back into point order within each lane, then gather lanes:
+    // a: points 0-7 | 32-39, b: 8-15 | 40-47 (lo); 16-23 | 48-55, 24-31 | 56-63 (hi).
+    const __m256i la = _mm256_unpacklo_epi16(lo_even, lo_odd), lb = _mm256_unpackhi_epi16(lo_even, lo_odd);
+    const __m256i ha = _mm256_unpacklo_epi16(hi_even, hi_odd), hb = _mm256_unpackhi_epi16(hi_even, hi_odd);
+    const __m256i p0 = _mm256_permute2x128_si256(la, lb, 0x20);  // points 0-15
+    const __m256i p1 = _mm256_permute2x128_si256(ha, hb, 0x20);  // points 16-31
+    const __m256i p2 = _mm256_permute2x128_si256(la, lb, 0x31);  // points 32-47
+    const __m256i p3 = _mm256_permute2x128_si256(ha, hb, 0x31);  // points 48-63
+    __m256i* out = reinterpret_cast<__m256i*>(sums + g * kGroup);
+    _mm256_storeu_si256(out + 0, p0);
+    _mm256_storeu_si256(out + 1, p1);
+    _mm256_storeu_si256(out + 2, p2);
+    _mm256_storeu_si256(out + 3, p3);
+    // Unsigned a >= cut  <=>  max(a, cut) == a. packs works within lanes, giving 8-byte
+    // runs in the order (0-7, 16-23 | 8-15, 24-31); permute4x64 0xD8 restores point order
+    // so movemask yields one bit per point.
+    auto ge = [&](__m256i v) { return _mm256_cmpeq_epi16(_mm256_max_epu16(v, cutv), v); };
+    auto bits = [&](__m256i x, __m256i y) {
+      const __m256i packed8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(ge(x), ge(y)), 0xD8);
+      return static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(packed8)));
+    };
+    masks[g] = bits(p0, p1) | (bits(p2, p3) << 32);
   }
 }
 
 }  // namespace
 
-void scan_lut16_avx2(const uint8_t* packed, size_t num_groups, size_t nbp,
-                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint32_t* masks) {
+void scan_lut16_avx2(const uint8_t* packed, size_t groups, size_t num_blocks,
+                     const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
   // Specialised for the block counts of common embedding widths with 2 or 4 dimensions
   // per block (d = 16 ... 256).
-  switch (nbp / 2) {
-    case 2: return scan_impl<2>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 4: return scan_impl<4>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 8: return scan_impl<8>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 12: return scan_impl<12>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 16: return scan_impl<16>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 24: return scan_impl<24>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 32: return scan_impl<32>(packed, num_groups, nbp, lut, cut, sums, masks);
-    case 64: return scan_impl<64>(packed, num_groups, nbp, lut, cut, sums, masks);
-    default: return scan_impl<0>(packed, num_groups, nbp, lut, cut, sums, masks);
+  switch (num_blocks) {
+    case 4: return scan_impl<4>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 8: return scan_impl<8>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 16: return scan_impl<16>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 17: return scan_impl<17>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 24: return scan_impl<24>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 25: return scan_impl<25>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 32: return scan_impl<32>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 48: return scan_impl<48>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 64: return scan_impl<64>(packed, groups, num_blocks, lut, cut, sums, masks);
+    default: return scan_impl<0>(packed, groups, num_blocks, lut, cut, sums, masks);
   }
 }
 
