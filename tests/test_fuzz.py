@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import mipscan
@@ -93,9 +93,11 @@ def expect_outcome(problems, fn):
     raise. Returns fn's result (or None after an expected error)."""
     problems = [p for p in problems if p is not None]
     if not problems:
+        event("valid input: result checked")
         return fn()
     with pytest.raises((TypeError, ValueError)) as info:
         fn()
+    event(f"invalid input: {type(info.value).__name__}")
     msg = str(info.value)
     ok = [p for p in problems if isinstance(info.value, p.exc)
           and re.search(rf"(?<![A-Za-z_]){re.escape(p.name)}(?![A-Za-z_])", msg)]
@@ -262,14 +264,31 @@ def check_result(res, db32, q32, k, metric, *, exact_scores_expected, exact_topk
 
 
 # ---------------------------------------------------------------- brute_force
+def _mode():
+    """'valid': every argument valid; 'one': one argument from the full strategy; 'any'."""
+    return st.sampled_from(["valid", "valid", "one", "any"])
+
+
+def _pick(data, mode, bad_arg, name, valid, anything):
+    use_any = mode == "any" or (mode == "one" and bad_arg == name)
+    return data.draw(anything if use_any else valid, label=name)
+
+
 @FUZZ
-@given(db=any_array(2), data=st.data(), k=counts(1, 12), metric=METRIC_ARGS,
-       threads=st.one_of(st.none(), counts(1, 4), st.just(MAX_THREADS + 1)))
-def test_fuzz_brute_force(db, data, k, metric, threads):
+@given(data=st.data(), mode=_mode(),
+       bad_arg=st.sampled_from(["db", "queries", "k", "metric", "threads"]))
+def test_fuzz_brute_force(data, mode, bad_arg):
+    db = _pick(data, mode, bad_arg, "db", any_array(2, valid_only=True, n_max=12), any_array(2))
     db_problem = array_problem(db, "db", (2,))
     d = np.asarray(db).shape[1] if db_problem is None else 3
-    queries = data.draw(any_array(data.draw(st.sampled_from([1, 2])), d=d))
     n = np.asarray(db).shape[0] if db_problem is None else 1
+    ndim = data.draw(st.sampled_from([1, 2]))
+    queries = _pick(data, mode, bad_arg, "queries", any_array(ndim, d=d, valid_only=True),
+                    any_array(ndim, d=d))
+    k = _pick(data, mode, bad_arg, "k", st.integers(1, n), counts(1, n))
+    metric = _pick(data, mode, bad_arg, "metric", st.sampled_from(METRICS), METRIC_ARGS)
+    threads = _pick(data, mode, bad_arg, "threads", st.one_of(st.none(), st.integers(1, 4)),
+                    st.one_of(st.none(), counts(1, 4), st.just(MAX_THREADS + 1)))
     problems = [_metric_problem(metric), db_problem,
                 array_problem(queries, "queries", (1, 2), d) if db_problem is None else None,
                 count_problem(k, "k", 1, n),
@@ -304,8 +323,13 @@ def _stage_value():
 
 
 @FUZZ
-@given(db=any_array(2, n_max=40), nn=counts(1, 45), metric=METRIC_ARGS)
-def test_fuzz_builder(db, nn, metric):
+@given(data=st.data(), mode=_mode(), bad_arg=st.sampled_from(["db", "nn", "metric"]))
+def test_fuzz_builder(data, mode, bad_arg):
+    db = _pick(data, mode, bad_arg, "db", any_array(2, n_max=40, valid_only=True),
+               any_array(2, n_max=40))
+    n0 = np.asarray(db).shape[0] if array_problem(db, "db", (2,)) is None else 1
+    nn = _pick(data, mode, bad_arg, "nn", st.integers(1, n0), counts(1, 45))
+    metric = _pick(data, mode, bad_arg, "metric", st.sampled_from(METRICS), METRIC_ARGS)
     db_problem = array_problem(db, "db", (2,))
     n = np.asarray(db).shape[0] if db_problem is None else 1
     problems = [db_problem, count_problem(nn, "num_neighbors", 1, n) if db_problem is None else
@@ -481,9 +505,10 @@ def test_fuzz_build_and_search(cfg_db, data):
     pre_k = int(pre) if pre is not None else (cfg.get("reorder", {}).get(
         "reordering_num_neighbors") or kk)
     all_leaves = (leaves if leaves is not None else s.num_leaves_to_search) == s.num_leaves
-    exact_scores = "score_brute_force" in cfg or "reorder" in cfg
+    exact_dist = "score_brute_force" in cfg or "reorder" in cfg
+    event(f"exact top-k checked: {bool(all_leaves and ('score_brute_force' in cfg or ('reorder' in cfg and pre_k >= n)))}")
     exact_topk = all_leaves and ("score_brute_force" in cfg or ("reorder" in cfg and pre_k >= n))
-    check_result(a, db, q, kk, metric, exact_scores_expected=exact_scores, exact_topk=exact_topk)
+    check_result(a, db, q, kk, metric, exact_scores_expected=exact_dist, exact_topk=exact_topk)
     # one thread, all threads, one query at a time: bit-identical
     if b is not None:
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -513,7 +538,7 @@ def searchers():
 def test_fuzz_search_inputs(searchers, metric, data, method):
     db, s = searchers[metric]
     ndim = 1 if method == "search" else 2
-    q = data.draw(any_array(ndim, d=5, n_max=6, d_max=7))
+    q = data.draw(any_array(ndim, d=5, n_max=6, d_max=7, valid_only=data.draw(st.booleans())))
     name = "q" if method == "search" else "queries"
     problem = array_problem(q, name, (ndim,), 5)
     res = expect_outcome([problem], lambda: getattr(s, method)(q))
@@ -642,19 +667,20 @@ def keras_jax():
 
 @st.composite
 def keras_candidates(draw):
-    n = draw(st.integers(0, 14))
+    valid = draw(st.booleans())  # half the examples: valid candidates (for k <= 6)
+    n = draw(st.integers(6 if valid else 0, 14))
     d = draw(st.integers(1, 4))
-    kind = draw(st.sampled_from(["normal", "normal", "int-like", "dupes", "zeros", "nan",
-                                 "overflow"]))
+    kind = draw(st.sampled_from(["normal", "normal", "int-like", "dupes", "zeros"]
+                                + ([] if valid else ["nan", "overflow"])))
     v = draw(values((n, d), kind))
     dtype = draw(st.sampled_from([np.float32, np.float32, np.float64, np.float16, np.int32,
-                                  np.bool_, object]))
+                                  np.bool_] + ([] if valid else [object])))
     with np.errstate(all="ignore"):
         emb = v.astype(dtype)
-    if draw(st.integers(0, 6)) == 0:
+    if not valid and draw(st.integers(0, 6)) == 0:
         emb = emb.reshape(-1)  # wrong rank
-    ids_kind = draw(st.sampled_from(["none", "none", "ok", "ok", "short", "float", "huge",
-                                     "2d", "str"]))
+    ids_kind = draw(st.sampled_from(["none", "none", "ok", "ok", "float"] + (
+        [] if valid else ["short", "huge", "2d", "str"])))
     ids = {"none": None,
            "ok": np.arange(100, 100 + n, dtype=np.int64)[::-1].copy(),
            "short": np.arange(max(n - 1, 0)),
@@ -666,9 +692,9 @@ def keras_candidates(draw):
 
 
 @FUZZ
-@given(cands=keras_candidates(), k=st.one_of(st.integers(1, 6), st.sampled_from([0, -1, True,
-                                                                               2.0, None])),
-       metric=st.sampled_from(METRICS + ("hamming",)), return_scores=st.booleans(),
+@given(cands=keras_candidates(), k=st.one_of(st.integers(1, 6), st.integers(1, 6),
+                                            st.sampled_from([0, -1, True, 2.0, None])),
+       metric=st.sampled_from(METRICS * 3 + ("hamming",)), return_scores=st.booleans(),
        data=st.data())
 def test_fuzz_keras_layer(keras_jax, cands, k, metric, return_scores, data):
     keras, mk = keras_jax
