@@ -137,13 +137,43 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
         ValueError: a missing, damaged, truncated or foreign folder; the message names
             the path and the offending field.
     """
-    from mipscan.searcher import Searcher
-
     from mipscan._validation import Bool, check_value
 
     root = _as_path("load_searcher()", directory)
     mmap = check_value("load_searcher()", "mmap", mmap, Bool())
     verify = check_value("load_searcher()", "verify", verify, Bool())
+    # serialize() swaps a whole new folder in at this path. A load that overlaps the swap
+    # could read the old manifest and some new files (a spurious "damaged" error, or a
+    # mix when verify=False and shapes agree). The folders are immutable once in place,
+    # so a load during which the path kept naming the same folder is consistent; else retry.
+    for _ in range(_LOAD_ATTEMPTS):
+        before = _folder_identity(root)
+        try:
+            searcher = _load_once(root, mmap, verify)
+        except ValueError:
+            if before is not None and _folder_identity(root) != before:
+                continue
+            raise
+        if _folder_identity(root) == before:
+            return searcher
+    raise ValueError(f"load_searcher(): {str(root)!r} was replaced {_LOAD_ATTEMPTS} times while "
+                     "being read; try again")
+
+
+_LOAD_ATTEMPTS = 20
+
+
+def _folder_identity(root: Path):
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _load_once(root: Path, mmap: bool, verify: bool):
+    from mipscan.searcher import Searcher
+
     mpath = root / MANIFEST
 
     def bad(field: str, why: str) -> ValueError:
