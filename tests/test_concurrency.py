@@ -124,6 +124,47 @@ def test_threads_search_while_another_loads_and_serializes(setup):
     assert io_rounds[0] >= 1 and all(c > 0 for c in compared)
 
 
+def test_loads_racing_a_writer_see_the_old_or_the_new_index(setup):
+    """A thread re-serializes two same-shaped indexes in turn over one folder while this
+    thread loads it (verify on and off): every load succeeds and is one of the two, never
+    a 'damaged' error or a mix of their files."""
+    _, q, _, root = setup
+    rng = np.random.default_rng(8)
+    pair = [mipscan.builder(rng.normal(size=(2000, 24)).astype(np.float32), 10, "dot_product")
+            .tree(20, 4).score_ah(2).reorder(30).build() for _ in range(2)]
+    refs = [s.search_batched(q) for s in pair]
+    path = root / "raced"
+    pair[0].serialize(path)
+    stop = threading.Event()
+    writes = [0]
+    errors: list[str] = []
+
+    def writer():
+        try:
+            while not stop.is_set():
+                pair[writes[0] % 2].serialize(path)
+                writes[0] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"writer: {type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    loads = {0: 0, 1: 0}
+    try:
+        for i in range(600 if LONG else 150):
+            s = mipscan.load_searcher(path, mmap=bool(i % 2), verify=bool(i % 3))
+            got = s.search_batched(q)
+            match = [j for j, r in enumerate(refs) if np.array_equal(got.indices, r.indices)
+                     and np.array_equal(got.distances, r.distances)]
+            assert match, f"load {i} is neither index"
+            loads[match[0]] += 1
+    finally:
+        stop.set()
+        t.join()
+    print(f"\n{sum(loads.values())} loads during {writes[0]} writes: {loads}")
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("name", ["c_leaves", "bf"])
 def test_parallel_and_sequential_paths_agree_under_load(setup, name):
     """The same queries through every method, from 8 threads at once, with the thread
