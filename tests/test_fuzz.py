@@ -482,9 +482,13 @@ def test_fuzz_build_and_search(cfg_db, data):
         return
     assert s.n == n and s.d == d and 1 <= s.num_leaves <= cfg.get("tree", {}).get("num_leaves", 1)
     metric = cfg["metric"]
-    k = data.draw(st.one_of(st.none(), counts(1, n)), label="final_num_neighbors")
-    pre = data.draw(st.one_of(st.none(), counts(1, n)), label="pre_reorder_num_neighbors")
-    leaves = data.draw(st.one_of(st.none(), counts(1, s.num_leaves)), label="leaves_to_search")
+    def count_arg(high, label):  # mostly valid (None or in range), else any count
+        return data.draw(st.one_of(st.none(), st.integers(1, high), st.integers(1, high),
+                                   st.integers(1, high), counts(1, high)), label=label)
+
+    k = count_arg(n, "final_num_neighbors")
+    pre = count_arg(n, "pre_reorder_num_neighbors")
+    leaves = count_arg(s.num_leaves, "leaves_to_search")
     batch = data.draw(st.one_of(st.integers(1, 5), counts(1, 5)), label="batch_size")
     nq = data.draw(st.integers(1, 6))
     q = data.draw(values((nq, d), data.draw(st.sampled_from(["normal", "zeros", "int-like"])))
@@ -578,8 +582,10 @@ def test_fuzz_serialize_round_trip(cfg_db, mmap, verify, tmp_path_factory):
 @given(directory=st.one_of(st.none(), st.integers(), st.just(""), st.just(b""),
                            st.just("a\0b"), st.sampled_from(["missing", "file", "empty",
                                                              "foreign", "index"])),
-       mmap=st.one_of(st.booleans(), st.sampled_from([0, 1, "yes", None, np.bool_(True)])),
-       verify=st.one_of(st.booleans(), st.sampled_from([0, "no", None])))
+       mmap=st.one_of(st.booleans(), st.booleans(), st.booleans(),
+                      st.sampled_from([0, 1, "yes", None, np.bool_(True)])),
+       verify=st.one_of(st.booleans(), st.booleans(), st.booleans(),
+                        st.sampled_from([0, "no", None])))
 def test_fuzz_load_and_serialize_arguments(searchers, directory, mmap, verify, tmp_path_factory):
     db, s = searchers["dot_product"]
     root = tmp_path_factory.mktemp("args")
