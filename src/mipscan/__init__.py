@@ -19,6 +19,16 @@ from mipscan import scann_ops, scann_ops_pybind
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `mipscan.keras` (the Keras-RS layer) and `mipscan.recsys` load on first use, so that
+    # `import mipscan` never imports Keras or a deep-learning backend.
+    if name in ("keras", "recsys"):
+        import importlib
+
+        return importlib.import_module(f"mipscan.{name}")
+    raise AttributeError(f"module 'mipscan' has no attribute {name!r}")
+
 __all__ = [
     "ScannBuilder",
     "SearchResult",

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -23,6 +24,7 @@ struct LeafKey {
 
 struct Scratch {
   std::vector<LeafKey> leaf_keys;
+  std::vector<float> score_copy;
   std::vector<float> leaf_scores;
   std::vector<uint32_t> leaf_order;
   std::vector<float> qpad;
@@ -92,14 +94,35 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   } else {
     for (size_t l = 0; l < L; ++l) s.leaf_scores[l] = dot(q, ix.centroids + l * ix.d, ix.d);
   }
-  // Select on (score, leaf) pairs held by value: cheaper than comparing through indices.
+  // The first-th best score by nth_element on plain floats; then the leaves above it,
+  // and ties at it by leaf index, are the selection, sorted by (score desc, index asc).
+  // The unselected leaves follow in index order (sorted only if ever needed).
   s.leaf_keys.resize(L);
-  for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {s.leaf_scores[l], static_cast<uint32_t>(l)};
-  auto cmp = [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); };
+  size_t w = 0;
   if (first < L) {
-    std::nth_element(s.leaf_keys.begin(), s.leaf_keys.begin() + (first - 1), s.leaf_keys.end(), cmp);
+    s.score_copy.assign(s.leaf_scores.begin(), s.leaf_scores.end());
+    std::nth_element(s.score_copy.begin(), s.score_copy.begin() + (first - 1), s.score_copy.end(),
+                     std::greater<float>());
+    const float kth = s.score_copy[first - 1];
+    size_t above = 0;
+    for (size_t l = 0; l < L; ++l) above += s.leaf_scores[l] > kth;
+    size_t ties = first - above;
+    size_t rest = first;
+    for (size_t l = 0; l < L; ++l) {
+      const float v = s.leaf_scores[l];
+      const LeafKey key{v, static_cast<uint32_t>(l)};
+      if (v > kth || (v == kth && ties > 0)) {
+        if (v == kth) --ties;
+        s.leaf_keys[w++] = key;
+      } else {
+        s.leaf_keys[rest++] = key;
+      }
+    }
+  } else {
+    for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {s.leaf_scores[l], static_cast<uint32_t>(l)};
   }
-  std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first, cmp);
+  std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first,
+            [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
   s.leaf_order.resize(L);
   for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
 }
@@ -178,10 +201,14 @@ void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const Quan
   kernels().scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
                        groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
   const uint16_t* sums = s.sums.data();
-  s.histogram.assign(ql.max_sum + 1, 0);
+  // Sums rarely come near their bound (max_sum): size the histogram, and start the walk
+  // down from the top, at the largest sum present.
+  uint16_t top_sum = 0;
+  for (size_t i = 0; i < count; ++i) top_sum = std::max(top_sum, sums[i]);
+  s.histogram.assign(size_t{top_sum} + 1, 0);
   uint32_t* hist = s.histogram.data();
   for (size_t i = 0; i < count; ++i) ++hist[sums[i]];
-  size_t above = 0, t = ql.max_sum;
+  size_t above = 0, t = top_sum;
   while (above + hist[t] < top.k()) above += hist[t--];
   for (size_t i = 0; i < count; ++i) {
     if (sums[i] >= t) {
