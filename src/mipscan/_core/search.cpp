@@ -248,14 +248,15 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
-    // (The histogram pays off only when k is large enough for pruning to cost.)
-    if (ah && r == 0 && cand_k >= 64 && size > cand_k && ql.scale > 0) {
+    if (!ah) {
+      scan_leaf_float(ix, leaf, q, cand);
+    } else if (r == 0 && cand_k >= 64 && size > cand_k && ql.scale > 0) {
+      // (The histogram pays off only when k is large enough for pruning to cost.)
       scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
-    } else if (ah) {
+    } else {
       scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     }
-    else scan_leaf_float(ix, leaf, q, cand);
-    seen += static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+    seen += size;
     if (r + 1 >= first && seen >= cand_k) break;
   }
   const size_t nc = cand.finish_unsorted();
