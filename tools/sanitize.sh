@@ -7,10 +7,11 @@
 #   SANITIZE_REBUILD=1 tools/sanitize.sh      # force a rebuild of the instrumented module
 #
 # Nothing in the main venv or the editable install is touched:
-#   - the venv lives in build/sanitize/venv; a .pth file makes the main venv's packages
+#   - the venv lives in $SANITIZE_DIR/venv (default /tmp/mipscan-sanitize-<hash of the
+#     checkout path>); a .pth file makes the main venv's packages
 #     (numpy, pytest, hypothesis, nanobind, scikit-build-core, ...) importable, but its
 #     editable-install hook is not run, so `import mipscan` finds the instrumented copy;
-#   - CMake builds in build/sanitize/cmake.
+#   - CMake builds in $SANITIZE_DIR/cmake.
 # The instrumented module is built at -O1 -g without NDEBUG, so any assert() also fires.
 # Python itself is not instrumented, so libasan (and libubsan) are LD_PRELOADed and
 # leak detection is off (the interpreter's own allocations would drown the report).
@@ -27,7 +28,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MAIN_PY="${MAIN_PY:-$ROOT/../venv/bin/python}"
 [ -x "$MAIN_PY" ] || MAIN_PY="$(command -v python3)"
-OUT="${SANITIZE_DIR:-$ROOT/build/sanitize}"
+# Outside the checkout: a `rm -rf build` elsewhere must not pull the venv from under a run.
+OUT="${SANITIZE_DIR:-${TMPDIR:-/tmp}/mipscan-sanitize-$(printf %s "$ROOT" | md5sum | cut -c1-8)}"
 VENV="$OUT/venv"
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -61,9 +63,9 @@ if [ "${SANITIZE_REBUILD:-0}" = 1 ] || ! ls "$site_new"/mipscan/_mipscan*.so >/d
 fi
 
 # The instrumented copy must be the one imported.
-LD_PRELOAD="$LIBASAN:$LIBUBSAN" ASAN_OPTIONS=detect_leaks=0 "$PY" -c '
-import mipscan, mipscan._mipscan as m, sys
-assert "/sanitize/" in m.__file__, m.__file__
+LD_PRELOAD="$LIBASAN:$LIBUBSAN" ASAN_OPTIONS=detect_leaks=0 SANITIZE_VENV="$VENV" "$PY" -c '
+import os, mipscan, mipscan._mipscan as m, sys
+assert os.path.realpath(m.__file__).startswith(os.path.realpath(os.environ["SANITIZE_VENV"])), m.__file__
 print("sanitize.sh: testing", m.__file__, "simd", mipscan.simd_level(), file=sys.stderr)'
 
 export LD_PRELOAD="$LIBASAN:$LIBUBSAN"
