@@ -151,3 +151,22 @@ def test_structurally_inconsistent_arrays_are_rejected_even_unverified(saved):
 def test_not_a_folder(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         mipscan.load_searcher(tmp_path / "missing")
+
+
+def test_serialize_removes_temporaries_of_dead_writers(built, tmp_path):
+    db, _ = built
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    target = tmp_path / "idx"
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = tmp_path / f".idx.tmp-{dead}-abc123"  # a writer killed mid-write
+    orphan.mkdir()
+    (orphan / "centroids.npy").write_bytes(b"partial")
+    alive = tmp_path / ".idx.tmp-1-xyz789"  # pid 1 is alive: maybe a concurrent writer
+    alive.mkdir()
+    s.serialize(target)
+    assert not orphan.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.tmp-1-xyz789", "idx"]

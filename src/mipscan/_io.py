@@ -82,6 +82,25 @@ def _as_path(call: str, directory) -> Path:
     return Path(raw)
 
 
+def _remove_orphans(target: Path) -> None:
+    """Deletes temporary folders that earlier serialize() calls into ``target`` left behind
+    when their process died (killed mid-write). Each is named after its writer's pid; a
+    folder whose writer is still alive (a concurrent serialize) is left alone."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*-*"):
+        try:
+            pid = int(tmp.name[len(f".{target.name}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive but not ours (PermissionError), or unknown: keep it
+            pass
+
+
 def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
     target = _as_path("serialize()", directory).absolute()
     if target.exists() and not target.is_dir():
@@ -90,7 +109,8 @@ def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
         raise ValueError(f"serialize(): {str(target)!r} is a non-empty folder that is not a "
                          "mipscan index; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "config": config, "arrays": {}}
