@@ -114,9 +114,11 @@ class Searcher:
         default_pre = self.reordering_num_neighbors or final_k
         pre_k = default_pre if pre_k is None else check_int(
             call, "pre_reorder_num_neighbors", pre_k, 1, n, high_name=f"n={n}")
-        leaves = self.num_leaves_to_search if leaves is None else check_int(
-            call, "leaves_to_search", leaves, 1, self.num_leaves,
-            high_name=f"num_leaves={self.num_leaves}")
+        # Up to the configured num_leaves, as ScaNN accepts, even when small partitions
+        # were merged at build time (min_partition_size); then clamped to the leaves built.
+        configured = max(self.num_leaves, (self.config.get("tree") or {}).get("num_leaves", 1))
+        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, check_int(
+            call, "leaves_to_search", leaves, 1, configured, high_name=f"num_leaves={configured}"))
         q = self._to_mips(queries)
         nq = len(q)
         if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
