@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -181,16 +180,6 @@ def _child(args, backend: str, extra: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.2f}"
 
@@ -247,8 +236,10 @@ def main(argv=None) -> int:
             results.append(json.loads(line[len(MARKER):]))
             print(f"{backend}: done", flush=True)
     print_table(results)
+    from benchmarks.common import cpu_model
+
     report = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "cpu": _cpu(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+              "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
               "threads": args.threads, "epochs": args.epochs, "copies": args.copies,
               "layer_kwargs": json.loads(args.layer_kwargs),
               "seed": args.seed, "repeats": args.repeats, "results": results}
