@@ -343,6 +343,9 @@ def check_errors(args):
            "`candidate_embeddings`", "dtype")
     raises(lambda: ApproximateRetrieval(db.astype(np.complex64), k=5), ValueError,
            "`candidate_embeddings`", "dtype")
+    # Float ids must be whole numbers (0.5 would otherwise be truncated to 0).
+    raises(lambda: ApproximateRetrieval(db, candidate_ids=np.arange(50) + 0.5, k=5), ValueError,
+           "`candidate_ids`", "whole numbers")
     raises(lambda: ApproximateRetrieval(db, np.array(["x"] * 50), k=5), ValueError,
            "`candidate_ids`", "dtype")
     bad = db.copy()

@@ -130,6 +130,11 @@ def _ids_array(x: Any) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise ValueError("`candidate_ids` must have an integer dtype, received "
                          f"`candidate_ids` with dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        # Float ids are accepted only when they are whole numbers: truncating 0.5 to 0
+        # would silently return the wrong identifiers.
+        raise ValueError("`candidate_ids` must hold whole numbers; received float "
+                         f"`candidate_ids` such as {arr[~(arr == np.round(arr))][:3].tolist()}")
     return arr
 
 
