@@ -6,7 +6,7 @@
 namespace mipscan {
 
 namespace {
-Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar};
+Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
 }
 
 bool cpu_has_avx2() {
@@ -22,12 +22,12 @@ const Kernels& kernels() { return g_kernels; }
 
 bool set_simd_level(SimdLevel level) {
   if (level == SimdLevel::kScalar) {
-    g_kernels = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar};
+    g_kernels = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
   if (level == SimdLevel::kAvx2 && cpu_has_avx2()) {
-    g_kernels = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2};
+    g_kernels = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2};
     return true;
   }
 #endif

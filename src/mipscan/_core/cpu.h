@@ -12,6 +12,7 @@ struct Kernels {
   SimdLevel level;
   ScanLut16Fn scan_lut16;
   DotFn dot;
+  DotsFn dots;
 };
 
 // The kernels in use. Set at module init; set_simd_level() changes it (tests only: it is

@@ -33,6 +33,10 @@ void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* c
   }
 }
 
+void dots_scalar(const float* q, const float* rows, size_t m, size_t d, float* out) {
+  for (size_t i = 0; i < m; ++i) out[i] = dot_scalar(q, rows + i * d, d);
+}
+
 void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
   for (size_t g = 0; g < groups; ++g) {

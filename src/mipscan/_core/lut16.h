@@ -59,4 +59,12 @@ float dot_scalar(const float* a, const float* b, size_t d);
 float dot_avx2(const float* a, const float* b, size_t d);
 #endif
 
+// out[i] = dot(q, rows + i * d, d) for i < m, each exactly as the dot kernel computes it
+// (the AVX2 version works on four rows at a time to share the loads of q).
+using DotsFn = void (*)(const float* q, const float* rows, size_t m, size_t d, float* out);
+void dots_scalar(const float* q, const float* rows, size_t m, size_t d, float* out);
+#if MIPSCAN_HAVE_AVX2
+void dots_avx2(const float* q, const float* rows, size_t m, size_t d, float* out);
+#endif
+
 }  // namespace mipscan

@@ -111,4 +111,34 @@ float dot_avx2(const float* a, const float* b, size_t d) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
+void dots_avx2(const float* q, const float* rows, size_t m, size_t d, float* out) {
+  const size_t d8 = d - d % 8;
+  size_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const float* r0 = rows + i * d;
+    const float* r1 = r0 + d;
+    const float* r2 = r1 + d;
+    const float* r3 = r2 + d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (size_t j = 0; j < d8; j += 8) {
+      const __m256 qj = _mm256_loadu_ps(q + j);
+      // mul then add, as dot_avx2 and the scalar kernel (no FMA)
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(qj, _mm256_loadu_ps(r0 + j)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(qj, _mm256_loadu_ps(r1 + j)));
+      a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
+      a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
+    }
+    const __m256 acc[4] = {a0, a1, a2, a3};
+    const float* r[4] = {r0, r1, r2, r3};
+    for (size_t t = 0; t < 4; ++t) {
+      alignas(32) float l[8];
+      _mm256_store_ps(l, acc[t]);
+      for (size_t j = d8, u = 0; j < d; ++j, ++u) l[u] += q[j] * r[t][j];
+      out[i + t] = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    }
+  }
+  for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
+}
+
 }  // namespace mipscan

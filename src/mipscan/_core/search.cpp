@@ -92,7 +92,7 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   if (precomputed != nullptr) {
     std::copy(precomputed, precomputed + L, s.leaf_scores.begin());
   } else {
-    for (size_t l = 0; l < L; ++l) s.leaf_scores[l] = dot(q, ix.centroids + l * ix.d, ix.d);
+    kernels().dots(q, ix.centroids, L, ix.d, s.leaf_scores.data());
   }
   // The first-th best score by nth_element on plain floats; then the leaves above it,
   // and ties at it by leaf index, are the selection, sorted by (score desc, index asc).
