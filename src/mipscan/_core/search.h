@@ -25,7 +25,7 @@ struct IndexView {
   size_t num_blocks = 0;        // blocks of dims_per_block dimensions covering d (zero padded)
   size_t dims_per_block = 0;
   const float* codebooks = nullptr;           // num_blocks * 16 * dims_per_block
-  const uint8_t* packed_codes = nullptr;      // per leaf, ceil(size/32) groups (lut16.h)
+  const uint8_t* packed_codes = nullptr;      // per leaf, ceil(size/64) groups (lut16.h)
   const int64_t* leaf_groups = nullptr;       // num_leaves + 1: group offsets of each leaf
 
   // Exact float scoring of the searched leaves (score_brute_force): n * d, slot order.
