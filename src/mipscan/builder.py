@@ -27,7 +27,6 @@ from mipscan._validation import (MAX_THREADS, Bool, Interval, Options, as_float_
 from mipscan.brute import normalize_rows
 
 _NAN = float("nan")
-_OFF = object()  # marks an argument accepted for ScaNN compatibility whose only allowed value is "off"
 
 # One table per stage: argument -> (rule, default). Read by _stage() and by the tests.
 STAGES: dict[str, dict[str, tuple[Any, Any]]] = {

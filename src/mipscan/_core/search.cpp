@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <numeric>
 #include <vector>
 
 #include "cpu.h"
@@ -40,7 +39,6 @@ struct Scratch {
 
 // Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
 struct QuantLut {
-  size_t max_sum = 0;   // largest possible integer sum
   float bias = 0;
   float scale = 0;      // float units -> integer units
   float inv_scale = 0;  // integer units -> float units
@@ -73,7 +71,6 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   }
   // Largest entry such that nb entries still sum within 16 bits (see lut16.h).
   const float cap = static_cast<float>(std::min<size_t>(127, 65535 / nb));
-  out.max_sum = static_cast<size_t>(cap) * nb;
   if (max_range > 0) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
@@ -201,8 +198,8 @@ void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const Quan
   kernels().scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
                        groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
   const uint16_t* sums = s.sums.data();
-  // Sums rarely come near their bound (max_sum): size the histogram, and start the walk
-  // down from the top, at the largest sum present.
+  // Sums rarely come near their bound (127 * num_blocks): size the histogram, and start
+  // the walk down from the top, at the largest sum present.
   uint16_t top_sum = 0;
   for (size_t i = 0; i < count; ++i) top_sum = std::max(top_sum, sums[i]);
   s.histogram.assign(size_t{top_sum} + 1, 0);

@@ -16,8 +16,8 @@ inline bool better(float sa, uint32_t ia, float sb, uint32_t ib) {
 }
 
 // A binary heap over two parallel arrays (scores, ids) of capacity k whose root is the
-// worst kept pair. The arrays are owned by the caller (so the same code serves
-// per-thread scratch and the caller-owned state of `topk_update_rows`).
+// worst kept pair. The arrays are owned by the caller: they are the state that
+// `topk_update_rows` carries from one block of brute-force scores to the next.
 struct HeapView {
   float* s;
   uint32_t* id;
@@ -31,17 +31,6 @@ struct HeapView {
   void push(float score, uint32_t i);
   // Sorts the kept pairs best first, in place; the heap is unusable afterwards.
   void sort_best_first();
-};
-
-// Heap with its own storage, for scratch space that lives across queries.
-struct TopK {
-  std::vector<float> s;
-  std::vector<uint32_t> id;
-  HeapView heap{nullptr, nullptr, 0, 0};
-  void reset(size_t k) {
-    if (s.size() < k) { s.resize(k); id.resize(k); }
-    heap = HeapView{s.data(), id.data(), k, 0};
-  }
 };
 
 // Top-k by "collect, then select": pairs above the running threshold are appended to a
