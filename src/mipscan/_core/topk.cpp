@@ -67,18 +67,23 @@ void TopKBuffer::prune() {
     select_exact();
     return;
   }
+  float* s = s_.data();
+  uint32_t* id = id_.data();
   float sample[kSample];
-  for (size_t i = 0; i < kSample; ++i) sample[i] = items_[(i * n) / kSample].s;
+  for (size_t i = 0; i < kSample; ++i) sample[i] = s[(i * n) / kSample];
   const size_t rank = std::min(kSample - 1, (k_ * kSample) / n + 4);
   std::nth_element(sample, sample + rank, sample + kSample, std::greater<float>());
   const float est = sample[rank];
   size_t reach = 0;
-  for (size_t i = 0; i < n; ++i) reach += items_[i].s >= est;
+  for (size_t i = 0; i < n; ++i) reach += s[i] >= est;
   if (reach >= k_ && reach <= n - (n - k_) / 4) {
     size_t w = 0;
-    for (size_t i = 0; i < n; ++i) {
-      items_[w] = items_[i];
-      w += items_[i].s >= est;
+    for (size_t i = 0; i < n; ++i) {  // branch-free: keeps are unpredictable
+      const float v = s[i];
+      const uint32_t d = id[i];
+      s[w] = v;
+      id[w] = d;
+      w += v >= est;
     }
     size_ = w;
     thr_ = est;
@@ -91,48 +96,81 @@ void TopKBuffer::select_exact() {
   // Exact k-th largest score without sorting: a 1024-bin histogram over [min, max] finds
   // the bin holding it (the bin index is monotone in the score), the pairs in higher
   // bins are kept, and nth_element runs only on the boundary bin's pairs.
-  constexpr int kBins = 1024;
-  if (size_ < kBins / 4) {  // small: zeroing the histogram would cost more than it saves
-    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.begin() + size_,
-                     [](const Item& x, const Item& y) { return x.s > y.s; });
+  constexpr size_t kBins = 1024;
+  const size_t n = size_;
+  float* s = s_.data();
+  uint32_t* id = id_.data();
+  auto by_score = [](const std::pair<float, uint32_t>& x, const std::pair<float, uint32_t>& y) {
+    return x.first > y.first;
+  };
+  // Keeps the best `need` of pairs_ after position w of the buffer; returns the lowest kept.
+  auto keep_best_pairs = [&](size_t w, size_t need) {
+    std::nth_element(pairs_.begin(), pairs_.begin() + (need - 1), pairs_.end(), by_score);
+    for (size_t i = 0; i < need; ++i) {
+      s[w + i] = pairs_[i].first;
+      id[w + i] = pairs_[i].second;
+    }
+    return pairs_[need - 1].first;
+  };
+  if (n < kBins / 4) {  // small: zeroing the histogram would cost more than it saves
+    pairs_.resize(n);
+    for (size_t i = 0; i < n; ++i) pairs_[i] = {s[i], id[i]};
+    thr_ = keep_best_pairs(0, k_);
     size_ = k_;
-    thr_ = items_[k_ - 1].s;
     return;
   }
-  float lo = items_[0].s, hi = items_[0].s;
-  for (size_t i = 1; i < size_; ++i) {
-    lo = std::min(lo, items_[i].s);
-    hi = std::max(hi, items_[i].s);
+  // Eight running minima and maxima: independent chains, so the loop is not latency bound.
+  float lo8[8], hi8[8];
+  for (size_t t = 0; t < 8; ++t) lo8[t] = hi8[t] = s[0];
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (size_t t = 0; t < 8; ++t) {
+      lo8[t] = s[i + t] < lo8[t] ? s[i + t] : lo8[t];
+      hi8[t] = s[i + t] > hi8[t] ? s[i + t] : hi8[t];
+    }
   }
+  for (; i < n; ++i) {
+    lo8[0] = std::min(lo8[0], s[i]);
+    hi8[0] = std::max(hi8[0], s[i]);
+  }
+  const float lo = *std::min_element(lo8, lo8 + 8), hi = *std::max_element(hi8, hi8 + 8);
   if (!(hi > lo)) {  // all scores equal (or a single pair)
     size_ = k_;
     thr_ = hi;
     return;
   }
+  // Bins in a separate pass (it vectorises); clamped in float so that no out-of-range
+  // value reaches the int conversion.
   const float scale = static_cast<float>(kBins) / (hi - lo);
-  // Written so that no float reaches the int conversion unless it is in [0, kBins).
-  auto bin = [&](float v) {
-    const float f = (v - lo) * scale;
-    return f >= 1.0f ? (f < static_cast<float>(kBins) ? static_cast<int>(f) : kBins - 1) : 0;
-  };
-  uint32_t hist[kBins] = {0};
-  for (size_t i = 0; i < size_; ++i) ++hist[bin(items_[i].s)];
-  size_t above = 0;
-  int b = kBins - 1;
-  while (above + hist[b] < k_) above += hist[b--];
-  boundary_.clear();
-  size_t w = 0;
-  for (size_t i = 0; i < size_; ++i) {
-    const int bi = bin(items_[i].s);
-    if (bi > b) items_[w++] = items_[i];
-    else if (bi == b) boundary_.push_back(items_[i]);
+  const float top_bin = static_cast<float>(kBins - 1);
+  bins_.resize(n);
+  uint16_t* bins = bins_.data();
+  for (size_t j = 0; j < n; ++j) {
+    float f = (s[j] - lo) * scale;
+    f = f > 0.f ? f : 0.f;
+    f = f < top_bin ? f : top_bin;
+    bins[j] = static_cast<uint16_t>(static_cast<int>(f));
   }
-  const size_t need = k_ - above;  // 1 <= need <= boundary_.size()
-  std::nth_element(boundary_.begin(), boundary_.begin() + (need - 1), boundary_.end(),
-                   [](const Item& x, const Item& y) { return x.s > y.s; });
-  for (size_t i = 0; i < need; ++i) items_[w++] = boundary_[i];
+  uint32_t hist[kBins] = {0};
+  for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
+  size_t above = 0;
+  size_t b = kBins - 1;
+  while (above + hist[b] < k_) above += hist[b--];
+  // One branch-free pass: pairs above bin b stay (compacted in place, w <= j), the pairs
+  // of bin b go to pairs_.
+  pairs_.resize(hist[b]);
+  size_t w = 0, e = 0;
+  for (size_t j = 0; j < n; ++j) {
+    const float v = s[j];
+    const uint32_t d = id[j];
+    const size_t bj = bins[j];
+    s[w] = v;
+    id[w] = d;
+    w += bj > b;
+    if (bj == b) pairs_[e++] = {v, d};
+  }
+  thr_ = keep_best_pairs(w, k_ - above);  // 1 <= k - above <= hist[b]
   size_ = k_;
-  thr_ = boundary_[need - 1].s;
 }
 
 size_t TopKBuffer::finish_unsorted() {
@@ -142,8 +180,15 @@ size_t TopKBuffer::finish_unsorted() {
 
 size_t TopKBuffer::finish_sorted() {
   const size_t n = finish_unsorted();
-  std::sort(items_.begin(), items_.begin() + n,
-            [](const Item& a, const Item& b) { return better(a.s, a.id, b.s, b.id); });
+  pairs_.resize(n);
+  for (size_t i = 0; i < n; ++i) pairs_[i] = {s_[i], id_[i]};
+  std::sort(pairs_.begin(), pairs_.end(), [](const auto& a, const auto& b) {
+    return better(a.first, a.second, b.first, b.second);
+  });
+  for (size_t i = 0; i < n; ++i) {
+    s_[i] = pairs_[i].first;
+    id_[i] = pairs_[i].second;
+  }
   return n;
 }
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace mipscan {
@@ -47,7 +48,10 @@ class TopKBuffer {
   void reset(size_t k) {
     k_ = k;
     cap_ = 4 * k + 16;
-    if (items_.size() < cap_) items_.resize(cap_);
+    if (s_.size() < cap_) {
+      s_.resize(cap_);
+      id_.resize(cap_);
+    }
     size_ = 0;
     thr_ = -std::numeric_limits<float>::infinity();
   }
@@ -58,8 +62,9 @@ class TopKBuffer {
   void raise_threshold(float t) { thr_ = t > thr_ ? t : thr_; }
   // Appends the pair; returns true when this filled the buffer and the threshold rose.
   bool push(float score, uint32_t id) {
-    items_[size_++] = Item{score, id};
-    if (size_ < cap_) return false;
+    s_[size_] = score;
+    id_[size_] = id;
+    if (++size_ < cap_) return false;
     prune();
     return true;
   }
@@ -67,15 +72,19 @@ class TopKBuffer {
   size_t finish_unsorted();
   // Keeps the best min(k, size) pairs, best first (ties: smaller id); returns how many.
   size_t finish_sorted();
-  float score(size_t i) const { return items_[i].s; }
-  uint32_t id(size_t i) const { return items_[i].id; }
+  float score(size_t i) const { return s_[i]; }
+  uint32_t id(size_t i) const { return id_[i]; }
 
  private:
-  struct Item { float s; uint32_t id; };
   void prune();
   void select_exact();
-  std::vector<Item> items_;
-  std::vector<Item> boundary_;
+  // Scores and ids in separate arrays (not pairs): the passes over scores vectorise.
+  std::vector<float> s_;
+  std::vector<uint32_t> id_;
+  std::vector<uint16_t> bins_;                 // select_exact's bin of each pair
+  std::vector<float> edge_s_;                  // select_exact's boundary-bin pairs
+  std::vector<uint32_t> edge_id_;
+  std::vector<std::pair<float, uint32_t>> pairs_;  // small selections and the final sort
   size_t k_ = 0, cap_ = 0, size_ = 0;
   float thr_ = 0;
 };
