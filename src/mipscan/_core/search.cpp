@@ -247,7 +247,7 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     if (!ah) {
       scan_leaf_float(ix, leaf, q, cand);
-    } else if (r == 0 && cand_k >= 64 && size > cand_k && ql.scale > 0) {
+    } else if (r == 0 && size > cand_k && ql.scale > 0) {
       // (The histogram pays off only when k is large enough for pruning to cost.)
       scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     } else {

@@ -4,6 +4,7 @@
 // scores are equal and its id is smaller. Results are therefore deterministic even with
 // ties, and equal to a stable descending sort.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -35,7 +36,7 @@ struct HeapView {
 };
 
 // Top-k by "collect, then select": pairs above the running threshold are appended to a
-// buffer of 4k + 16; when it fills, prune() drops the pairs below an estimate of the k-th
+// buffer of max(4k + 16, 1024); when it fills, prune() drops the pairs below an estimate of the k-th
 // best score (or, failing that, nth_element keeps exactly the best k) and raises the
 // threshold to it. Amortised O(1) per accepted pair, against O(log k) sifts for a
 // heap: this matters when k is the reorder depth (hundreds) and tens of thousands of
@@ -47,7 +48,9 @@ class TopKBuffer {
  public:
   void reset(size_t k) {
     k_ = k;
-    cap_ = 4 * k + 16;
+    // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
+    // more than the pushes a later threshold lets through.
+    cap_ = std::max<size_t>(4 * k + 16, 1024);
     if (s_.size() < cap_) {
       s_.resize(cap_);
       id_.resize(cap_);
