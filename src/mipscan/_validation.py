@@ -9,12 +9,15 @@ validator and the generic tests both read those tables.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from mipscan import _mipscan
 
 DISTANCE_MEASURES = ("dot_product", "squared_l2", "cosine")
 
@@ -100,15 +103,16 @@ def check_value(call: str, name: str, value: Any, rule) -> Any:
 
 def check_int(call: str, name: str, value: Any, low: int | None, high: int | None,
               high_name: str | None = None, allow_none: bool = False) -> int | None:
-    """An int in [low, high]; high_name (e.g. 'n=1000') is shown instead of the number."""
-    if value is None and allow_none:
-        return None
-    if not _is_int(value):
-        rng = f"[{low}, {high_name or ('inf' if high is None else high)}]"
-        raise TypeError(f"{call}: {name} must be an int in {rng}; got {value!r}")
-    value = int(value)
+    """An int in [low, high]; high_name (e.g. 'n') names the bound: shown as 'n=1000'."""
+    if type(value) is not int:  # fast path for plain ints (per-query calls)
+        if value is None and allow_none:
+            return None
+        if not _is_int(value):
+            rng = f"[{low}, {f'{high_name}={high}' if high_name else ('inf' if high is None else high)}]"
+            raise TypeError(f"{call}: {name} must be an int in {rng}; got {value!r}")
+        value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        rng = f"[{low}, {high_name or ('inf' if high is None else high)}]"
+        rng = f"[{low}, {f'{high_name}={high}' if high_name else ('inf' if high is None else high)}]"
         raise ValueError(f"{call}: {name} must be an int in {rng}; got {value}")
     return value
 
@@ -146,20 +150,21 @@ def as_float_array(call: str, name: str, x: Any, ndim: int | tuple[int, ...],
         raise ValueError(f"{call}: {name} has {x.shape[-1]} features, but {d_owner} "
                          f"expects {d} features")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    hi, lo = float(x.max()), float(x.min())  # NaN propagates; no temporary array
-    if not (math.isfinite(hi) and math.isfinite(lo)):
+    big = _mipscan.max_abs(x)  # NaN if any NaN; one pass, no temporary array
+    if not math.isfinite(big):
         bad = np.argwhere(~np.isfinite(x))[0]
         raise ValueError(f"{call}: {name} contains NaN or inf (first at index "
                          f"{tuple(int(i) for i in bad)}); only finite values are allowed")
     limit = max_abs_value(x.shape[-1])
-    if max(hi, -lo) > limit:
+    if big > limit:
         bad = np.argwhere(np.abs(x) > limit)[0]
-        raise ValueError(f"{call}: {name} has a value of magnitude {max(hi, -lo):.3g} (first too "
+        raise ValueError(f"{call}: {name} has a value of magnitude {big:.3g} (first too "
                          f"large at index {tuple(int(i) for i in bad)}); with {x.shape[-1]} "
                          f"features values must be at most {limit:.3g}, or float32 scores overflow")
     return x
 
 
+@functools.lru_cache(maxsize=64)
 def max_abs_value(d: int) -> float:
     """The largest |value| accepted in a d-dimensional vector: then every squared norm is
     at most FLT_MAX / 16, so dot products, squared distances, residuals and their sums stay

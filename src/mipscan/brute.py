@@ -77,7 +77,7 @@ def brute_force(db, queries, k: int = 10, distance_measure: str = "dot_product",
     x = as_float_array(call, "db", db, 2)
     n, d = x.shape
     q = as_float_array(call, "queries", queries, (1, 2), d=d, d_owner="db")
-    k = check_int(call, "k", k, 1, n, high_name=f"n={n}")
+    k = check_int(call, "k", k, 1, n, high_name="n")
     threads = 1 if num_threads is None else check_int(
         call, "num_threads", num_threads, 1, MAX_THREADS)
     single = q.ndim == 1

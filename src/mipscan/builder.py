@@ -115,7 +115,7 @@ class ScannBuilder:
         call = "builder()"
         self.db = as_float_array(call, "db", db, 2)
         n = self.db.shape[0]
-        self.num_neighbors = check_int(call, "num_neighbors", num_neighbors, 1, n, high_name=f"n={n}")
+        self.num_neighbors = check_int(call, "num_neighbors", num_neighbors, 1, n, high_name="n")
         self.distance_measure = check_distance_measure(call, distance_measure)
         self.params: dict[str, dict] = {}
         self.training_threads = 0

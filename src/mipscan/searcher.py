@@ -38,6 +38,10 @@ class Searcher:
         tree = config.get("tree")
         self.num_leaves = len(arrays["centroids"])
         self.num_leaves_to_search = min(tree["num_leaves_to_search"], self.num_leaves) if tree else 1
+        # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts, even
+        # when small partitions were merged at build time (min_partition_size); searches
+        # clamp it to the leaves built.
+        self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
         reorder = config.get("reorder")
         self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
@@ -110,15 +114,13 @@ class Searcher:
     def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256) -> SearchResult:
         n = self.n
         final_k = self.num_neighbors if final_k is None else check_int(
-            call, "final_num_neighbors", final_k, 1, n, high_name=f"n={n}")
+            call, "final_num_neighbors", final_k, 1, n, high_name="n")
         default_pre = self.reordering_num_neighbors or final_k
         pre_k = default_pre if pre_k is None else check_int(
-            call, "pre_reorder_num_neighbors", pre_k, 1, n, high_name=f"n={n}")
-        # Up to the configured num_leaves, as ScaNN accepts, even when small partitions
-        # were merged at build time (min_partition_size); then clamped to the leaves built.
-        configured = max(self.num_leaves, (self.config.get("tree") or {}).get("num_leaves", 1))
+            call, "pre_reorder_num_neighbors", pre_k, 1, n, high_name="n")
+        configured = self._configured_leaves
         leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, check_int(
-            call, "leaves_to_search", leaves, 1, configured, high_name=f"num_leaves={configured}"))
+            call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
         q = self._to_mips(queries)
         nq = len(q)
         if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:

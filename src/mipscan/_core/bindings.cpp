@@ -8,6 +8,8 @@
 #include <nanobind/stl/pair.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -62,6 +64,34 @@ NB_MODULE(_mipscan, m) {
 
   m.def("simd_level", [] { return std::string(mipscan::simd_level_name(mipscan::kernels().level)); });
   m.def("cpu_has_avx2", &mipscan::cpu_has_avx2);
+  // max |x| over a float32 array, NaN if any element is NaN: the input check's one pass
+  // (cheaper than numpy's max and min, which matters for single queries).
+  m.def("max_abs", [](nb::ndarray<const float, nb::c_contig, nb::device::cpu> x) {
+    const float* p = x.data();
+    const size_t n = x.size();
+    nb::gil_scoped_release release;
+    float hi[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    bool nan[8] = {false, false, false, false, false, false, false, false};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (size_t t = 0; t < 8; ++t) {
+        const float a = std::fabs(p[i + t]);
+        hi[t] = a > hi[t] ? a : hi[t];
+        nan[t] |= a != a;
+      }
+    }
+    for (; i < n; ++i) {
+      const float a = std::fabs(p[i]);
+      hi[0] = a > hi[0] ? a : hi[0];
+      nan[0] |= a != a;
+    }
+    float m = 0;
+    for (size_t t = 0; t < 8; ++t) {
+      if (nan[t]) return std::numeric_limits<float>::quiet_NaN();
+      m = std::max(m, hi[t]);
+    }
+    return m;
+  });
   m.def("set_simd_level", [](const std::string& name) { return mipscan::set_simd_level(parse_level(name)); });
 
   m.def("pack_codes", [](In<uint8_t, 2> codes) {
