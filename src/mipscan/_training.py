@@ -29,6 +29,7 @@ def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
     Empty clusters are re-seeded with the rows farthest from their centroid, so every
     centroid ends up owning at least one training row when len(x) >= k.
     """
+    x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     if kmeanspp:
         centroids = _kmeanspp_init(x, k, rng)
@@ -38,9 +39,7 @@ def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
         centroids = _unit(centroids)
     for _ in range(iterations):
         labels = assign_nearest(x, centroids)
-        counts = np.bincount(labels, minlength=k)
-        sums = np.stack([np.bincount(labels, weights=x[:, j], minlength=k)
-                         for j in range(x.shape[1])], axis=1)
+        sums, counts = _mipscan.cluster_sums(x, labels, k)
         new = centroids.copy()
         nz = counts > 0
         new[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)

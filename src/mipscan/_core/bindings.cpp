@@ -195,6 +195,16 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "data"_a.noconvert(), "init"_a.noconvert(), "iterations"_a, "num_threads"_a);
 
+  m.def("cluster_sums", [](In<float, 2> x, In<int64_t, 1> labels, size_t k) {
+    const size_t n = x.shape(0), d = x.shape(1);
+    require(labels.shape(0) == n && k >= 1, "cluster_sums: labels must have one entry per row, k >= 1");
+    auto sums = new_array<double>(k, d);
+    auto counts = new_array<int64_t>(k);
+    nb::gil_scoped_release release;
+    mipscan::cluster_sums(x.data(), n, d, labels.data(), k, sums.data(), counts.data());
+    return std::make_pair(sums, counts);
+  }, "x"_a.noconvert(), "labels"_a.noconvert(), "k"_a);
+
   nb::class_<Index>(m, "Index")
       .def("__init__",
            [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,

@@ -83,47 +83,97 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
   });
 }
 
+namespace {
+
+// One block's Lloyd iterations over xb (m * dpb floats, contiguous). kDpb = dims per
+// block when known at compile time (the distance loops then unroll and stay in
+// registers), 0 = read dpb.
+template <size_t kDpb>
+void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
+                     const float* data, size_t dp, size_t b, float* book) {
+  const size_t dpb = kDpb != 0 ? kDpb : dpb_rt;
+  std::vector<double> sums(16 * dpb);
+  std::vector<size_t> counts(16);
+  std::vector<float> bt(16 * dpb);
+  for (int it = 0; it < iterations; ++it) {
+    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(counts.begin(), counts.end(), 0);
+    // Codewords transposed (bt[j * 16 + c]): a point's 16 distances vectorise over c.
+    for (size_t c = 0; c < 16; ++c)
+      for (size_t j = 0; j < dpb; ++j) bt[j * 16 + c] = book[c * dpb + j];
+    for (size_t i = 0; i < m; ++i) {
+      const float* x = xb + i * dpb;
+      float d2[16] = {0};
+      for (size_t j = 0; j < dpb; ++j) {
+        const float xj = x[j];
+        for (size_t c = 0; c < 16; ++c) {
+          const float e = xj - bt[j * 16 + c];
+          d2[c] += e * e;
+        }
+      }
+      // The nearest codeword without a branch per codeword (unpredictable) or a
+      // 15-step dependency chain: a min tree, then the first index holding the min.
+      float m8[8];
+      for (size_t c = 0; c < 8; ++c) m8[c] = d2[c + 8] < d2[c] ? d2[c + 8] : d2[c];
+      for (size_t c = 0; c < 4; ++c) m8[c] = m8[c + 4] < m8[c] ? m8[c + 4] : m8[c];
+      const float best = std::min(std::min(m8[0], m8[1]), std::min(m8[2], m8[3]));
+      unsigned hits = 0;
+      for (size_t c = 0; c < 16; ++c) hits |= unsigned(d2[c] == best) << c;
+      const size_t arg = hits != 0 ? static_cast<size_t>(__builtin_ctz(hits)) : 0;
+      ++counts[arg];
+      for (size_t j = 0; j < dpb; ++j) sums[arg * dpb + j] += x[j];
+    }
+    bool changed = false;
+    for (size_t c = 0; c < 16; ++c) {
+      for (size_t j = 0; j < dpb; ++j) {
+        // An empty codeword takes a deterministic, spread-out training row.
+        const float v = counts[c] > 0
+                            ? static_cast<float>(sums[c * dpb + j] / double(counts[c]))
+                            : data[((c * 7919 + size_t(it) * 104729 + b) % m) * dp + b * dpb + j];
+        changed |= v != book[c * dpb + j];
+        book[c * dpb + j] = v;
+      }
+    }
+    if (!changed) break;
+  }
+}
+
+}  // namespace
+
 void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
                            size_t dims_per_block, int iterations, int num_threads, float* books) {
   const size_t dpb = dims_per_block, dp = num_blocks * dpb;
   parallel_for(num_blocks, num_threads, 1, [&](size_t b0, size_t b1, int) {
-    std::vector<double> sums(16 * dpb);
-    std::vector<size_t> counts(16);
+    std::vector<float> xb(m * dpb);  // this block's columns, contiguous
     for (size_t b = b0; b < b1; ++b) {
+      // One strided pass per block instead of one per iteration: the rows are wide
+      // (num_blocks * dpb floats) and only dpb of them belong to this block.
+      for (size_t i = 0; i < m; ++i) {
+        std::copy(data + i * dp + b * dpb, data + i * dp + (b + 1) * dpb, xb.data() + i * dpb);
+      }
       float* book = books + b * 16 * dpb;
-      for (int it = 0; it < iterations; ++it) {
-        std::fill(sums.begin(), sums.end(), 0.0);
-        std::fill(counts.begin(), counts.end(), 0);
-        for (size_t i = 0; i < m; ++i) {
-          const float* x = data + i * dp + b * dpb;
-          float best = std::numeric_limits<float>::infinity();
-          size_t arg = 0;
-          for (size_t c = 0; c < 16; ++c) {
-            float d2 = 0;
-            for (size_t j = 0; j < dpb; ++j) {
-              const float e = x[j] - book[c * dpb + j];
-              d2 += e * e;
-            }
-            if (d2 < best) { best = d2; arg = c; }
-          }
-          ++counts[arg];
-          for (size_t j = 0; j < dpb; ++j) sums[arg * dpb + j] += x[j];
-        }
-        bool changed = false;
-        for (size_t c = 0; c < 16; ++c) {
-          for (size_t j = 0; j < dpb; ++j) {
-            // An empty codeword takes a deterministic, spread-out training row.
-            const float v = counts[c] > 0
-                                ? static_cast<float>(sums[c * dpb + j] / double(counts[c]))
-                                : data[((c * 7919 + size_t(it) * 104729 + b) % m) * dp + b * dpb + j];
-            changed |= v != book[c * dpb + j];
-            book[c * dpb + j] = v;
-          }
-        }
-        if (!changed) break;
+      switch (dpb) {
+        case 1: train_one_block<1>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        case 2: train_one_block<2>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        case 4: train_one_block<4>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        default: train_one_block<0>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
       }
     }
   });
+}
+
+void cluster_sums(const float* x, size_t n, size_t d, const int64_t* labels, size_t k,
+                  double* sums, int64_t* counts) {
+  std::fill(sums, sums + k * d, 0.0);
+  std::fill(counts, counts + k, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t l = static_cast<size_t>(labels[i]);
+    if (l >= k) continue;  // (callers pass labels in [0, k); never write out of bounds)
+    ++counts[l];
+    double* s = sums + l * d;
+    const float* r = x + i * d;
+    for (size_t j = 0; j < d; ++j) s[j] += r[j];
+  }
 }
 
 }  // namespace mipscan

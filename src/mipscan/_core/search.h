@@ -69,4 +69,9 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
 void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
                            size_t dims_per_block, int iterations, int num_threads, float* books);
 
+// Per-cluster sums (k * d, float64) and sizes of the rows of x (n * d) under labels in
+// [0, k): the update step of Lloyd's k-means for the tree.
+void cluster_sums(const float* x, size_t n, size_t d, const int64_t* labels, size_t k,
+                  double* sums, int64_t* counts);
+
 }  // namespace mipscan
