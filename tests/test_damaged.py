@@ -25,8 +25,10 @@ LAYOUTS = {
     "tree_ah_reorder": lambda b: b.tree(12, 4, min_partition_size=1).score_ah(2).reorder(40),
     "tree_bf_reorder": lambda b: b.tree(12, 4, min_partition_size=1).score_brute_force().reorder(40),
     "ah_l2": lambda b: b.score_ah(3),
+    "soar_ah_l2": lambda b: b.tree(12, 4, min_partition_size=1, soar_lambda=1.5).score_ah(2),
 }
-METRIC = {"tree_ah_reorder": "dot_product", "tree_bf_reorder": "cosine", "ah_l2": "squared_l2"}
+METRIC = {"tree_ah_reorder": "dot_product", "tree_bf_reorder": "cosine", "ah_l2": "squared_l2",
+          "soar_ah_l2": "squared_l2"}
 
 
 @pytest.fixture(scope="module")

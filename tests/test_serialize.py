@@ -27,12 +27,12 @@ def verify_serialization(searcher, q, path, mmap=True):
 
 
 @pytest.mark.parametrize("metric", ["dot_product", "cosine", "squared_l2"])
-@pytest.mark.parametrize("stages", ["tree_ah_reorder", "ah", "tree_bf"])
+@pytest.mark.parametrize("stages", ["tree_ah_reorder", "ah", "tree_bf", "tree_soar_ah", "tree_soar_bf_reorder"])
 def test_round_trip_is_identical(built, tmp_path, metric, stages):
     db, q = built
     b = mipscan.builder(db, 10, metric)
     if "tree" in stages:
-        b = b.tree(30, 5)
+        b = b.tree(30, 5, soar_lambda=1.0 if "soar" in stages else None)
     b = b.score_ah(2) if "ah" in stages else b.score_brute_force()
     if "reorder" in stages:
         b = b.reorder(50)

@@ -68,8 +68,10 @@ def test_unknown_and_internal_arguments(db):
         b.tree(10, 3, distance_measure="dot_product")
     with pytest.raises(TypeError, match="missing required argument 'num_leaves_to_search'"):
         b.tree(num_leaves=10)
-    with pytest.raises(ValueError, match="soar_lambda"):
-        b.tree(10, 3, soar_lambda=1.5)  # not honoured yet: refused, not ignored
+    with pytest.raises(ValueError, match="overretrieve_factor"):
+        b.tree(10, 3, soar_lambda=1.5, overretrieve_factor=2.0)  # not honoured: refused
+    with pytest.raises(ValueError, match=r"soar_lambda must be a number in \[0.0, inf\] or None; got -1"):
+        b.tree(10, 3, soar_lambda=-1.0)
     with pytest.raises(ValueError, match="quantize"):
         b.reorder(20, quantize=True)
 

@@ -333,14 +333,22 @@ def _check_config_against_arrays(config: dict, arrays: dict, bad) -> None:
     """n, d and the tree in the config must describe the arrays (Searcher trusts them)."""
     n, d = config["n"], config["d"]
     held = arrays["slot_ids"].shape[0]
-    if held != n:
-        raise bad("config.n", f"is {n}, but slot_ids.npy holds {held} datapoints")
+    tree = config.get("tree")
+    spilled = (tree is not None and tree.get("soar_lambda") is not None
+               and arrays["centroids"].shape[0] > 1)
+    if held != (2 * n if spilled else n):
+        if tree is not None and held == (n if spilled else 2 * n):
+            raise bad("config.tree.soar_lambda",
+                      f"is {tree.get('soar_lambda')!r}, but slot_ids.npy holds {held} slots for "
+                      f"n={n} datapoints: " + ("no point is spilled" if spilled else
+                                               "every point is spilled into a second leaf"))
+        raise bad("config.n", f"is {n}, but slot_ids.npy holds {held} slots; expected "
+                              f"{2 * n if spilled else n}")
     width = d + 1 if config["distance_measure"] == "squared_l2" else d
     if arrays["centroids"].shape[1] != width:
         raise bad("config.d", f"is {d} ({config['distance_measure']}), but centroids.npy has "
                               f"{arrays['centroids'].shape[1]} columns; expected {width}")
     leaves = arrays["centroids"].shape[0]
-    tree = config.get("tree")
     if tree is None and leaves != 1:
         raise bad("config.tree", f"missing, but centroids.npy holds {leaves} leaves")
     if tree is not None and leaves > tree["num_leaves"]:

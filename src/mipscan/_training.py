@@ -22,6 +22,30 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = _ASSIGN_CH
     return labels
 
 
+def soar_assign(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, lam: float,
+                chunk: int = _ASSIGN_CHUNK) -> np.ndarray:
+    """Second leaf of each row for SOAR spilling (Sun et al., NeurIPS 2023).
+
+    With r = x - c1 the residual to the row's own leaf, the second leaf is the
+    c != c1 minimising |x - c|^2 + lam * <x - c, r / |r|>^2: the penalty steers the
+    second residual away from r's direction, so the two leaves err differently and a
+    query that misses one tends to find the other. Needs at least two centroids.
+    """
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    out = np.empty(len(x), np.int64)
+    for b in range(0, len(x), chunk):
+        xb, lb = x[b:b + chunk], labels[b:b + chunk]
+        r = xb - centroids[lb]
+        rn = np.sqrt(np.einsum("ij,ij->i", r, r))
+        r_hat = r / np.where(rn > 0, rn, 1)[:, None]
+        cost = c_norms[None, :] - 2 * (xb @ centroids.T)  # |x - c|^2 less |x|^2
+        along = np.einsum("ij,ij->i", r_hat, xb)[:, None] - r_hat @ centroids.T  # <x - c, r_hat>
+        cost += lam * along * along
+        cost[np.arange(len(xb)), lb] = np.inf
+        out[b:b + chunk] = np.argmin(cost, axis=1)
+    return out
+
+
 def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
            spherical: bool = False, kmeanspp: bool = False) -> np.ndarray:
     """Lloyd's k-means on the rows of x (float32). Returns (k, d) float32 centroids.

@@ -7,8 +7,8 @@
                 .build())
 
 Every argument of ScaNN's builder stages is accepted. Those mipscan cannot honour yet
-(SOAR spilling, int8/bfloat16 reorder, lut256, ...) raise ValueError when set to
-anything but their "off" value, instead of being silently ignored.
+(int8/bfloat16 reorder, lut256, ...) raise ValueError when set to anything but their
+"off" value, instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._threads import get_num_threads
-from mipscan._training import assign_nearest, kmeans, train_codebooks
+from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan._validation import (MAX_THREADS, Bool, Interval, Options, as_float_array,
                                  check_distance_measure, check_int, check_value)
 from mipscan.brute import normalize_rows
@@ -41,7 +41,7 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "random_init": (Bool(), True),
         "incremental_threshold": (Options((None,)), None),
         "avq": (Options((None, False)), None),
-        "soar_lambda": (Options((None,)), None),
+        "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
         "overretrieve_factor": (Options((None,)), None),
     },
     "score_ah": {
@@ -284,25 +284,35 @@ def build_arrays(db: np.ndarray, config: dict, threads: int) -> dict[str, np.nda
                            spherical=tree["spherical"], kmeanspp=not tree["random_init"])
         labels = assign_nearest(space, centroids)
         centroids, labels = _merge_small_leaves(space, centroids, labels, tree["min_partition_size"])
+        # Slots: every row in its own leaf, and with SOAR a second time in another one.
+        slot_rows_of = np.arange(n)
+        slot_leaves = labels
+        if tree.get("soar_lambda") is not None and len(centroids) > 1:
+            second = soar_assign(space, centroids, labels, tree["soar_lambda"])
+            slot_rows_of = np.concatenate([slot_rows_of, slot_rows_of])
+            slot_leaves = np.concatenate([labels, second])
         if metric == "squared_l2":
             half = -0.5 * np.einsum("ij,ij->i", centroids, centroids)
             centroids = np.hstack([centroids, half[:, None]]).astype(np.float32)
     else:
         centroids = np.zeros((1, mips_d), np.float32)
-        labels = np.zeros(n, np.int64)
+        labels = slot_leaves = np.zeros(n, np.int64)
+        slot_rows_of = np.arange(n)
     num_leaves = len(centroids)
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=num_leaves)
+    order = np.argsort(slot_leaves, kind="stable")
+    slot_ids = slot_rows_of[order]  # datapoint row of each slot
+    counts = np.bincount(slot_leaves, minlength=num_leaves)
     leaf_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     arrays = {"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
               "leaf_offsets": leaf_offsets,
-              "slot_ids": order.astype(np.uint32)}
+              "slot_ids": slot_ids.astype(np.uint32)}
 
     ah = config.get("score_ah")
     if ah is not None:
-        arrays.update(_build_ah(rows, centroids, labels, order, counts, ah, rng, threads))
+        arrays.update(_build_ah(rows, centroids, labels, slot_ids, slot_leaves[order], counts, ah,
+                                rng, threads))
     else:
-        arrays["slot_rows"] = np.ascontiguousarray(rows[order])
+        arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
     if config.get("reorder") is not None:
         arrays["reorder_rows"] = np.ascontiguousarray(rows, dtype=np.float32)
     return arrays
@@ -321,15 +331,17 @@ def _merge_small_leaves(x, centroids, labels, min_size):
     return centroids, assign_nearest(x, centroids)
 
 
-def _build_ah(rows, centroids, labels, order, counts, ah, rng, threads):
+def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, threads):
+    """AH arrays. labels: each row's own leaf (codebooks train on those residuals);
+    slot_ids / slot_leaf: row and leaf of each slot, in slot order (what is encoded)."""
     n, mips_d = rows.shape
     dpb = ah["dimensions_per_block"]
     num_blocks = math.ceil(mips_d / dpb)
     dp = num_blocks * dpb
 
-    def padded_residuals(idx):
+    def padded_residuals(idx, leaves):
         out = np.zeros((len(idx), dp), np.float32)
-        out[:, :mips_d] = rows[idx] - centroids[labels[idx]]
+        out[:, :mips_d] = rows[idx] - centroids[leaves]
         return out
 
     def padded_rows(idx):
@@ -339,8 +351,8 @@ def _build_ah(rows, centroids, labels, order, counts, ah, rng, threads):
 
     m = min(n, ah["training_sample_size"])
     sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
-    books = train_codebooks(padded_residuals(sample), num_blocks, dpb, ah["training_iterations"], rng,
-                            threads)
+    books = train_codebooks(padded_residuals(sample, labels[sample]), num_blocks, dpb,
+                            ah["training_iterations"], rng, threads)
 
     threshold = ah["anisotropic_quantization_threshold"]
     # Relative to the median row norm: for unit-norm rows (ScaNN's recommended setting)
@@ -348,11 +360,11 @@ def _build_ah(rows, centroids, labels, order, counts, ah, rng, threads):
     # same meaning instead of degenerating (t = T / |x| >= 1 when norms are below T).
     threshold = 0.0 if math.isnan(threshold) else threshold * float(
         np.median(np.linalg.norm(rows[sample], axis=1)))
-    codes = np.empty((n, num_blocks), np.uint8)
-    for b in range(0, n, _ENCODE_CHUNK):
-        idx = order[b:b + _ENCODE_CHUNK]
+    codes = np.empty((len(slot_ids), num_blocks), np.uint8)
+    for b in range(0, len(slot_ids), _ENCODE_CHUNK):
+        idx, leaves = slot_ids[b:b + _ENCODE_CHUNK], slot_leaf[b:b + _ENCODE_CHUNK]
         codes[b:b + len(idx)] = _mipscan.encode_anisotropic(
-            padded_residuals(idx), padded_rows(idx), books, threshold, mips_d, 10, threads)
+            padded_residuals(idx, leaves), padded_rows(idx), books, threshold, mips_d, 10, threads)
 
     offsets = np.concatenate([[0], np.cumsum(counts)])
     packed = [_mipscan.pack_codes(codes[offsets[l]:offsets[l + 1]]) for l in range(len(counts))]

@@ -45,7 +45,7 @@ class Searcher:
         reorder = config.get("reorder")
         self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-                                     *(arrays.get(k) for k in _OPTIONAL))
+                                     *(arrays.get(k) for k in _OPTIONAL), n=self.n)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -13,6 +13,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu.h"
 #include "lut16.h"
@@ -210,17 +211,28 @@ NB_MODULE(_mipscan, m) {
            [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,
               std::optional<In<float, 3>> codebooks, std::optional<In<uint8_t, 1>> packed_codes,
               std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 2>> slot_rows,
-              std::optional<In<float, 2>> reorder_rows) {
+              std::optional<In<float, 2>> reorder_rows, std::optional<size_t> n) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
-             v.n = slot_ids.shape(0);
+             v.num_slots = slot_ids.shape(0);
+             v.n = n ? *n : v.num_slots;
              require(v.num_leaves >= 1 && v.n >= 1, "Index: empty index");
+             require(v.num_slots >= v.n && v.num_slots <= 2 * v.n, "Index: slot_ids must hold n to 2n slots");
              require(leaf_offsets.shape(0) == v.num_leaves + 1, "Index: leaf_offsets must have num_leaves + 1 entries");
              const int64_t* off = leaf_offsets.data();
-             require(off[0] == 0 && off[v.num_leaves] == int64_t(v.n), "Index: leaf_offsets must run from 0 to n");
+             require(off[0] == 0 && off[v.num_leaves] == int64_t(v.num_slots), "Index: leaf_offsets must run from 0 to the slot count");
              for (size_t l = 0; l < v.num_leaves; ++l) require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
-             for (size_t i = 0; i < v.n; ++i) require(slot_ids.data()[i] < v.n, "Index: slot_ids out of range");
+             {
+               // Every datapoint in one or two slots: what the k-results guarantee rests on.
+               std::vector<uint8_t> times(v.n, 0);
+               for (size_t i = 0; i < v.num_slots; ++i) {
+                 const uint32_t row = slot_ids.data()[i];
+                 require(row < v.n, "Index: slot_ids out of range");
+                 require(++times[row] <= 2, "Index: a datapoint is in more than two slots");
+               }
+               for (size_t r = 0; r < v.n; ++r) require(times[r] >= 1, "Index: a datapoint is in no slot");
+             }
              v.centroids = centroids.data();
              v.leaf_offsets = off;
              v.slot_ids = slot_ids.data();
@@ -245,7 +257,7 @@ NB_MODULE(_mipscan, m) {
                require(slot_rows.has_value(), "Index: needs AH arrays or slot_rows");
              }
              if (slot_rows) {
-               require(slot_rows->shape(0) == v.n && slot_rows->shape(1) == v.d, "Index: slot_rows must be (n, d)");
+               require(slot_rows->shape(0) == v.num_slots && slot_rows->shape(1) == v.d, "Index: slot_rows must be (slots, d)");
                v.slot_rows = slot_rows->data();
              }
              if (reorder_rows) {
@@ -257,10 +269,11 @@ NB_MODULE(_mipscan, m) {
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
            "codebooks"_a.noconvert().none(), "packed_codes"_a.noconvert().none(),
            "leaf_groups"_a.noconvert().none(), "slot_rows"_a.noconvert().none(),
-           "reorder_rows"_a.noconvert().none(),
+           "reorder_rows"_a.noconvert().none(), "n"_a.none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
            nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
+      .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
       .def_prop_ro("num_leaves", [](const Index& ix) { return ix.view.num_leaves; })
       .def("search_batch",

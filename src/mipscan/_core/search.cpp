@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "cpu.h"
@@ -33,6 +34,9 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint64_t> masks;
   std::vector<uint32_t> histogram;
   std::vector<uint32_t> rows;
+  std::vector<float> row_scores;
+  std::vector<uint32_t> hash;
+  std::vector<std::pair<float, uint32_t>> pairs;
   TopKBuffer candidates;
   TopKBuffer final_;
 };
@@ -224,61 +228,118 @@ void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffe
   }
 }
 
+// Spilled indexes hold a datapoint in two leaves, so the candidates (slots) may name a
+// row twice. Keeps each row once, with its best approximate score: rows[0, u) and
+// row_scores[0, u); returns u. Open addressing on the row id, sized to the candidates.
+size_t unique_rows(const IndexView& ix, const TopKBuffer& cand, size_t nc, Scratch& s) {
+  s.rows.resize(nc);
+  s.row_scores.resize(nc);
+  size_t cap = 16;
+  while (cap < 2 * nc) cap *= 2;
+  s.hash.assign(cap, 0);  // 0 = empty, else position + 1 in rows
+  size_t u = 0;
+  for (size_t i = 0; i < nc; ++i) {
+    const uint32_t row = ix.slot_ids[cand.id(i)];
+    const float v = cand.score(i);
+    size_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> 40;
+    for (;; ++h) {
+      uint32_t& e = s.hash[h & (cap - 1)];
+      if (e == 0) {
+        e = static_cast<uint32_t>(u + 1);
+        s.rows[u] = row;
+        s.row_scores[u] = v;
+        ++u;
+        break;
+      }
+      if (s.rows[e - 1] == row) {
+        s.row_scores[e - 1] = std::max(s.row_scores[e - 1], v);
+        break;
+      }
+    }
+  }
+  return u;
+}
+
+// Keeps the best k of the nr candidate rows (by approximate score) in rows[0, k).
+size_t keep_best_rows(size_t k, size_t nr, Scratch& s) {
+  s.pairs.resize(nr);
+  for (size_t i = 0; i < nr; ++i) s.pairs[i] = {s.row_scores[i], s.rows[i]};
+  std::nth_element(s.pairs.begin(), s.pairs.begin() + (k - 1), s.pairs.end(),
+                   [](const auto& a, const auto& b) { return better(a.first, a.second, b.first, b.second); });
+  for (size_t i = 0; i < k; ++i) {
+    s.row_scores[i] = s.pairs[i].first;
+    s.rows[i] = s.pairs[i].second;
+  }
+  return k;
+}
+
 void search_one(const IndexView& ix, const float* q, const float* precomputed,
                 const SearchParams& p, Scratch& s, uint32_t* out_ids, float* out_scores) {
   const bool reorder = ix.reorder_rows != nullptr;
+  // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
+  // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
   const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
+  const bool spilled = ix.num_slots > ix.n;
+  const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
   select_leaves(ix, q, precomputed, first, s);
 
   TopKBuffer& cand = s.candidates;
-  cand.reset(cand_k);
+  cand.reset(keep);
   QuantLut ql;
   const bool ah = ix.packed_codes != nullptr;
   if (ah) ql = build_lut(ix, q, s);
-  size_t seen = 0;  // points scanned so far: every scanned point was offered
+  size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
-      if (seen >= cand_k) break;
-      sort_remaining_leaves(first, s);  // fewer points than needed so far: widen
+      if (seen >= keep) break;
+      sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     if (!ah) {
       scan_leaf_float(ix, leaf, q, cand);
-    } else if (r == 0 && size > cand_k && ql.scale > 0) {
-      // (The histogram pays off only when k is large enough for pruning to cost.)
+    } else if (r == 0 && size > keep && ql.scale > 0) {
       scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     } else {
       scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
     }
     seen += size;
-    if (r + 1 >= first && seen >= cand_k) break;
+    if (r + 1 >= first && seen >= keep) break;
   }
   const size_t nc = cand.finish_unsorted();
+  size_t nr = nc;  // candidate rows: s.rows / s.row_scores
+  if (spilled) {
+    nr = unique_rows(ix, cand, nc, s);
+    if (nr > cand_k) nr = keep_best_rows(cand_k, nr, s);
+  } else {
+    s.rows.resize(nc);
+    s.row_scores.resize(nc);
+    for (size_t i = 0; i < nc; ++i) {
+      s.rows[i] = ix.slot_ids[cand.id(i)];
+      s.row_scores[i] = cand.score(i);
+    }
+  }
 
   TopKBuffer& fin = s.final_;
   fin.reset(p.final_k);
   if (reorder) {
-    // The reorder rows are random accesses: look up every row and request it first, so
-    // that many cache misses are in flight at once, then rescore.
-    s.rows.resize(nc);
-    for (size_t i = 0; i < nc; ++i) {
-      const uint32_t row = ix.slot_ids[cand.id(i)];
-      s.rows[i] = row;
-      const float* r = ix.reorder_rows + static_cast<size_t>(row) * ix.d;
+    // The reorder rows are random accesses: request every row first, so that many cache
+    // misses are in flight at once, then rescore.
+    for (size_t i = 0; i < nr; ++i) {
+      const float* r = ix.reorder_rows + static_cast<size_t>(s.rows[i]) * ix.d;
       for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(r + off);
     }
-    for (size_t i = 0; i < nc; ++i) {
+    for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
       const float v = dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else {
-    for (size_t i = 0; i < nc; ++i) {
-      const float v = cand.score(i);
-      if (v > fin.threshold()) fin.push(v, ix.slot_ids[cand.id(i)]);
+    for (size_t i = 0; i < nr; ++i) {
+      const float v = s.row_scores[i];
+      if (v > fin.threshold()) fin.push(v, s.rows[i]);
     }
   }
   const size_t nf = fin.finish_sorted();

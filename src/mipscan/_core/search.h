@@ -14,12 +14,13 @@
 namespace mipscan {
 
 struct IndexView {
-  size_t n = 0;           // datapoints (= slots; every point sits in exactly one leaf)
+  size_t n = 0;           // datapoints (rows of reorder_rows; ids returned are < n)
+  size_t num_slots = 0;   // leaf entries: n, or up to 2n when points are spilled (SOAR)
   size_t d = 0;           // MIPS-space dimension of queries, centroids and float rows
   size_t num_leaves = 0;  // >= 1; a searcher without a tree has one leaf, centroid 0
   const float* centroids = nullptr;       // num_leaves * d
   const int64_t* leaf_offsets = nullptr;  // num_leaves + 1: slots of leaf l are [o[l], o[l+1])
-  const uint32_t* slot_ids = nullptr;     // n: datapoint row of each slot
+  const uint32_t* slot_ids = nullptr;     // num_slots: datapoint row of each slot
 
   // Asymmetric hashing (present when packed_codes != nullptr).
   size_t num_blocks = 0;        // blocks of dims_per_block dimensions covering d (zero padded)
@@ -28,7 +29,7 @@ struct IndexView {
   const uint8_t* packed_codes = nullptr;      // per leaf, ceil(size/64) groups (lut16.h)
   const int64_t* leaf_groups = nullptr;       // num_leaves + 1: group offsets of each leaf
 
-  // Exact float scoring of the searched leaves (score_brute_force): n * d, slot order.
+  // Exact float scoring of the searched leaves (score_brute_force): num_slots * d, slot order.
   const float* slot_rows = nullptr;
   // Exact reorder: n * d, datapoint-row order (nullptr: no reorder).
   const float* reorder_rows = nullptr;
@@ -44,9 +45,10 @@ struct SearchParams {
 // precomputed query-centroid inner products (nq * num_leaves); otherwise they are
 // computed here. Writes nq * final_k ids (datapoint rows) and scores, best first.
 //
-// Guarantee: exactly final_k results per query (final_k <= n is a precondition). When the
-// searched leaves hold fewer than the needed candidates, further leaves are searched in
-// order of their centroid score until there are enough.
+// Guarantee: exactly final_k distinct results per query (final_k <= n is a precondition).
+// When the searched leaves hold fewer than the needed candidates, further leaves are
+// searched in order of their centroid score until there are enough. A row spilled into
+// two searched leaves counts once, with the better of its two approximate scores.
 void search_batch(const IndexView& index, const float* queries, size_t nq,
                   const float* leaf_scores, const SearchParams& params, int num_threads,
                   uint32_t* out_ids, float* out_scores);
