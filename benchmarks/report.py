@@ -112,7 +112,9 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
         "",
         f"QPS at recall@10 >= target: the fastest measured point reaching it (no "
         f"interpolation; — = not reached). In brackets: {REFERENCE}'s QPS / that system's. "
-        f"Median of {cfg['repeats']} timed runs after a warm-up; single-query QPS over "
+        + (f"Each system ran {cfg['rounds']} times, interleaved with the others; each point "
+           "keeps its best round (the VM's speed drifts). " if cfg.get("rounds", 1) > 1 else "")
+        + f"Median of {cfg['repeats']} timed runs after a warm-up; single-query QPS over "
         f"{cfg['nq_single']} queries. \"Others' CPU\": the median, over a system's points, "
         "of the cores that other processes kept busy while it was measured (from /proc/stat).",
         "",

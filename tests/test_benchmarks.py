@@ -101,3 +101,22 @@ def test_at_target_and_front():
     assert report.at_target(pts, "batched:1", 0.99)["qps_single"] == 10.0
     assert report.at_target(pts, "single", 0.995) is None
     assert [p["recall"] for p in report.front(pts, "single")] == [0.8, 0.96, 0.99]
+
+
+def test_best_of_rounds_keeps_each_points_best_timing():
+    from benchmarks.run import best_of_rounds
+
+    def run(build_s, qps):
+        return {"name": "x", "build": {"seconds": build_s},
+                "points": [{"knobs": {"a": i}, "recall": 0.5, "foreign_cores": 0.0,
+                            "qps_single": q, "qps_single_best": q,
+                            "qps_batched": {"1": q, "2": 2 * q},
+                            "qps_batched_best": {"1": q, "2": 2 * q}} for i, q in enumerate(qps)]}
+
+    best = best_of_rounds([run(2.0, [10, 40]), run(1.5, [30, 20]), {"name": "x", "error": "boom"}])
+    assert best["rounds"] == 2 and best["build"]["seconds"] == 1.5
+    assert [p["qps_single"] for p in best["points"]] == [30, 40]
+    assert [p["qps_batched"]["2"] for p in best["points"]] == [60, 80]
+    assert [p["recall"] for p in best["points"]] == [0.5, 0.5]
+    skipped = {"name": "x", "skipped": "not installed"}
+    assert best_of_rounds([skipped]) is skipped
