@@ -326,10 +326,13 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
   fin.reset(p.final_k);
   if (reorder) {
     // The reorder rows are random accesses: request every row first, so that many cache
-    // misses are in flight at once, then rescore.
+    // misses are in flight at once, then rescore. (The last byte too: a row that is not
+    // line aligned may end in one more line.)
+    const size_t row_bytes = ix.d * sizeof(float);
     for (size_t i = 0; i < nr; ++i) {
-      const float* r = ix.reorder_rows + static_cast<size_t>(s.rows[i]) * ix.d;
-      for (size_t off = 0; off < ix.d; off += 16) __builtin_prefetch(r + off);
+      const char* r = reinterpret_cast<const char*>(ix.reorder_rows + size_t{s.rows[i]} * ix.d);
+      for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(r + off);
+      __builtin_prefetch(r + row_bytes - 1);
     }
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
