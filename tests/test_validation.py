@@ -158,3 +158,21 @@ def test_set_num_threads_validation():
         mipscan.set_num_threads(0)
     with pytest.raises(TypeError, match="num_threads"):
         mipscan.set_num_threads("2")
+
+
+def test_max_abs_finds_every_nan_and_inf_position():
+    # The input check's single C++ pass (eight lanes plus a tail): whatever the position
+    # of a NaN or inf, and whatever the length, it must be seen.
+    from mipscan import _mipscan
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 8, 9, 16, 23):
+        x = rng.normal(size=n).astype(np.float32)
+        assert _mipscan.max_abs(x) == np.abs(x).max()
+        for i in range(n):
+            for bad in (np.nan, np.inf, -np.inf):
+                y = x.copy()
+                y[i] = bad
+                got = _mipscan.max_abs(y)
+                assert (np.isnan(got) if np.isnan(bad) else got == np.inf), (n, i, bad, got)
+    assert _mipscan.max_abs(np.zeros((3, 5), np.float32)) == 0.0
