@@ -25,6 +25,7 @@ struct LeafKey {
 struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache line
   std::vector<LeafKey> leaf_keys;
   std::vector<float> score_copy;
+  std::vector<uint16_t> leaf_bins;
   std::vector<float> leaf_scores;
   std::vector<uint32_t> leaf_order;
   std::vector<float> qpad;
@@ -95,16 +96,14 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   } else {
     kernels().dots(q, ix.centroids, L, ix.d, s.leaf_scores.data());
   }
-  // The first-th best score by nth_element on plain floats; then the leaves above it,
-  // and ties at it by leaf index, are the selection, sorted by (score desc, index asc).
-  // The unselected leaves follow in index order (sorted only if ever needed).
+  // The first-th best score (kth_largest: a histogram, then nth_element on one bin); then
+  // the leaves above it, and ties at it by leaf index, are the selection, sorted by
+  // (score desc, index asc). The unselected leaves follow in index order (sorted only if
+  // ever needed).
   s.leaf_keys.resize(L);
   size_t w = 0;
   if (first < L) {
-    s.score_copy.assign(s.leaf_scores.begin(), s.leaf_scores.end());
-    std::nth_element(s.score_copy.begin(), s.score_copy.begin() + (first - 1), s.score_copy.end(),
-                     std::greater<float>());
-    const float kth = s.score_copy[first - 1];
+    const float kth = kth_largest(s.leaf_scores.data(), L, first, s.leaf_bins, s.score_copy);
     size_t above = 0;
     for (size_t l = 0; l < L; ++l) above += s.leaf_scores[l] > kth;
     size_t ties = first - above;

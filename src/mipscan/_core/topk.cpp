@@ -92,85 +92,84 @@ void TopKBuffer::prune() {
   select_exact();
 }
 
-void TopKBuffer::select_exact() {
-  // Exact k-th largest score without sorting: a 1024-bin histogram over [min, max] finds
-  // the bin holding it (the bin index is monotone in the score), the pairs in higher
-  // bins are kept, and nth_element runs only on the boundary bin's pairs.
-  constexpr size_t kBins = 1024;
-  const size_t n = size_;
-  float* s = s_.data();
-  uint32_t* id = id_.data();
-  auto by_score = [](const std::pair<float, uint32_t>& x, const std::pair<float, uint32_t>& y) {
-    return x.first > y.first;
-  };
-  // Keeps the best `need` of pairs_ after position w of the buffer; returns the lowest kept.
-  auto keep_best_pairs = [&](size_t w, size_t need) {
-    std::nth_element(pairs_.begin(), pairs_.begin() + (need - 1), pairs_.end(), by_score);
-    for (size_t i = 0; i < need; ++i) {
-      s[w + i] = pairs_[i].first;
-      id[w + i] = pairs_[i].second;
-    }
-    return pairs_[need - 1].first;
-  };
-  if (n < kBins / 4) {  // small: zeroing the histogram would cost more than it saves
-    pairs_.resize(n);
-    for (size_t i = 0; i < n; ++i) pairs_[i] = {s[i], id[i]};
-    thr_ = keep_best_pairs(0, k_);
-    size_ = k_;
-    return;
+float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bins_scratch,
+                  std::vector<float>& edge_scratch) {
+  // A histogram over [min, max] with about two values per bin (at most 1024 bins) finds
+  // the bin holding the k-th largest (the bin index is monotone in the value);
+  // nth_element then runs on that bin's few values only.
+  if (n <= 16) {
+    edge_scratch.assign(v, v + n);
+    std::nth_element(edge_scratch.begin(), edge_scratch.begin() + (k - 1), edge_scratch.end(),
+                     std::greater<float>());
+    return edge_scratch[k - 1];
   }
   // Eight running minima and maxima: independent chains, so the loop is not latency bound.
   float lo8[8], hi8[8];
-  for (size_t t = 0; t < 8; ++t) lo8[t] = hi8[t] = s[0];
+  for (size_t t = 0; t < 8; ++t) lo8[t] = hi8[t] = v[0];
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (size_t t = 0; t < 8; ++t) {
-      lo8[t] = s[i + t] < lo8[t] ? s[i + t] : lo8[t];
-      hi8[t] = s[i + t] > hi8[t] ? s[i + t] : hi8[t];
+      lo8[t] = v[i + t] < lo8[t] ? v[i + t] : lo8[t];
+      hi8[t] = v[i + t] > hi8[t] ? v[i + t] : hi8[t];
     }
   }
   for (; i < n; ++i) {
-    lo8[0] = std::min(lo8[0], s[i]);
-    hi8[0] = std::max(hi8[0], s[i]);
+    lo8[0] = std::min(lo8[0], v[i]);
+    hi8[0] = std::max(hi8[0], v[i]);
   }
   const float lo = *std::min_element(lo8, lo8 + 8), hi = *std::max_element(hi8, hi8 + 8);
-  if (!(hi > lo)) {  // all scores equal (or a single pair)
-    size_ = k_;
-    thr_ = hi;
-    return;
-  }
+  if (!(hi > lo)) return hi;  // all equal
+  const size_t nbins = std::min<size_t>(1024, n / 2);
   // Bins in a separate pass (it vectorises); clamped in float so that no out-of-range
   // value reaches the int conversion.
-  const float scale = static_cast<float>(kBins) / (hi - lo);
-  const float top_bin = static_cast<float>(kBins - 1);
-  bins_.resize(n);
-  uint16_t* bins = bins_.data();
+  const float scale = static_cast<float>(nbins) / (hi - lo);
+  const float top_bin = static_cast<float>(nbins - 1);
+  bins_scratch.resize(n);
+  uint16_t* bins = bins_scratch.data();
   for (size_t j = 0; j < n; ++j) {
-    float f = (s[j] - lo) * scale;
+    float f = (v[j] - lo) * scale;
     f = f > 0.f ? f : 0.f;
     f = f < top_bin ? f : top_bin;
     bins[j] = static_cast<uint16_t>(static_cast<int>(f));
   }
-  uint32_t hist[kBins] = {0};
+  uint32_t hist[1024];
+  std::fill(hist, hist + nbins, 0u);
   for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
+  size_t above = 0, b = nbins - 1;
+  while (above + hist[b] < k) above += hist[b--];
+  edge_scratch.resize(hist[b]);
+  size_t e = 0;
+  for (size_t j = 0; j < n; ++j) {
+    if (bins[j] == b) edge_scratch[e++] = v[j];
+  }
+  const size_t need = k - above;  // 1 <= need <= hist[b]
+  std::nth_element(edge_scratch.begin(), edge_scratch.begin() + (need - 1), edge_scratch.end(),
+                   std::greater<float>());
+  return edge_scratch[need - 1];
+}
+
+void TopKBuffer::select_exact() {
+  // The k-th largest score t, then one branch-free pass keeps the pairs above t and as
+  // many pairs at t as make k.
+  const size_t n = size_;
+  float* s = s_.data();
+  uint32_t* id = id_.data();
+  const float t = kth_largest(s, n, k_, bins_, edge_);
   size_t above = 0;
-  size_t b = kBins - 1;
-  while (above + hist[b] < k_) above += hist[b--];
-  // One branch-free pass: pairs above bin b stay (compacted in place, w <= j), the pairs
-  // of bin b go to pairs_.
-  pairs_.resize(hist[b]);
-  size_t w = 0, e = 0;
+  for (size_t j = 0; j < n; ++j) above += s[j] > t;
+  const size_t ties = k_ - above;  // pairs at t to keep (>= 1)
+  size_t w = 0, seen_ties = 0;
   for (size_t j = 0; j < n; ++j) {
     const float v = s[j];
     const uint32_t d = id[j];
-    const size_t bj = bins[j];
+    const bool tie = v == t;
     s[w] = v;
     id[w] = d;
-    w += bj > b;
-    if (bj == b) pairs_[e++] = {v, d};
+    w += (v > t) | (tie & (seen_ties < ties));
+    seen_ties += tie;
   }
-  thr_ = keep_best_pairs(w, k_ - above);  // 1 <= k - above <= hist[b]
   size_ = k_;
+  thr_ = t;
 }
 
 size_t TopKBuffer::finish_unsorted() {

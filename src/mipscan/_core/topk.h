@@ -84,13 +84,18 @@ class TopKBuffer {
   // Scores and ids in separate arrays (not pairs): the passes over scores vectorise.
   std::vector<float> s_;
   std::vector<uint32_t> id_;
-  std::vector<uint16_t> bins_;                 // select_exact's bin of each pair
-  std::vector<float> edge_s_;                  // select_exact's boundary-bin pairs
-  std::vector<uint32_t> edge_id_;
-  std::vector<std::pair<float, uint32_t>> pairs_;  // small selections and the final sort
+  std::vector<uint16_t> bins_;                 // select_exact's scratch
+  std::vector<float> edge_;
+  std::vector<std::pair<float, uint32_t>> pairs_;  // the final sort
   size_t k_ = 0, cap_ = 0, size_ = 0;
   float thr_ = 0;
 };
+
+// The k-th largest of v[0, n) (1 <= k <= n), exactly and in O(n): a histogram over
+// [min, max] narrows it to one bin, nth_element finishes on that bin's values. The two
+// vectors are scratch memory the caller keeps between calls.
+float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bins_scratch,
+                  std::vector<float>& edge_scratch);
 
 // Streams a block of scores into per-row heaps: for each row r < nq, the m scores
 // scores[r*ld + j] (+ col_bias[j] when col_bias is non-null) are offered with id
