@@ -65,3 +65,18 @@ def test_simd_env_override_is_honoured():
                          env={**__import__("os").environ, "MIPSCAN_SIMD": "scalar"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 16, 20, 33, 50, 64])
+def test_centroid_dots_are_identical_across_levels_and_batch_sizes(rng, d):
+    # Batched searches score a chunk of queries against the centroids in one pass; every
+    # value must equal the one-query kernel's, at every level, or results would depend on
+    # how the queries were chunked.
+    rows = rng.normal(size=(13, d)).astype(np.float32)
+    qs = rng.normal(size=(9, d)).astype(np.float32)
+    ref = np.stack([_mipscan.dots(q[None, :], rows, "scalar")[0] for q in qs])
+    np.testing.assert_allclose(ref, qs.astype(np.float64) @ rows.T.astype(np.float64),
+                               rtol=1e-4, atol=1e-4)
+    for lv in LEVELS:
+        for nq in (1, 4, 5, 9):
+            np.testing.assert_array_equal(_mipscan.dots(qs[:nq], rows, lv), ref[:nq])

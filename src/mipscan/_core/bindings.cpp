@@ -196,6 +196,24 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "data"_a.noconvert(), "init"_a.noconvert(), "iterations"_a, "num_threads"_a);
 
+  m.def("dots", [](In<float, 2> qs, In<float, 2> rows, const std::string& level) {
+    // For tests: the centroid-scoring kernel of one SIMD level.
+    const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
+    require(rows.shape(1) == d, "dots: queries and rows must have the same width");
+    mipscan::DotsFn fn = &mipscan::dots_scalar;
+    if (parse_level(level) == mipscan::SimdLevel::kAvx2) {
+#if MIPSCAN_HAVE_AVX2
+      require(mipscan::cpu_has_avx2(), "dots: this CPU has no AVX2");
+      fn = &mipscan::dots_avx2;
+#else
+      throw std::invalid_argument("dots: built without AVX2");
+#endif
+    }
+    auto out = new_array<float>(nq, m_);
+    fn(qs.data(), nq, rows.data(), m_, d, out.data());
+    return out;
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
+
   m.def("cluster_sums", [](In<float, 2> x, In<int64_t, 1> labels, size_t k) {
     const size_t n = x.shape(0), d = x.shape(1);
     require(labels.shape(0) == n && k >= 1, "cluster_sums: labels must have one entry per row, k >= 1");

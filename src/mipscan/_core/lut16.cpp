@@ -33,8 +33,9 @@ void unpack_codes(const uint8_t* packed, size_t n, size_t num_blocks, uint8_t* c
   }
 }
 
-void dots_scalar(const float* q, const float* rows, size_t m, size_t d, float* out) {
-  for (size_t i = 0; i < m; ++i) out[i] = dot_scalar(q, rows + i * d, d);
+void dots_scalar(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {
+  for (size_t i = 0; i < nq; ++i)
+    for (size_t r = 0; r < m; ++r) out[i * m + r] = dot_scalar(qs + i * d, rows + r * d, d);
 }
 
 void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,

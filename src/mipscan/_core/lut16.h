@@ -59,12 +59,15 @@ float dot_scalar(const float* a, const float* b, size_t d);
 float dot_avx2(const float* a, const float* b, size_t d);
 #endif
 
-// out[i] = dot(q, rows + i * d, d) for i < m, each exactly as the dot kernel computes it
-// (the AVX2 version works on four rows at a time to share the loads of q).
-using DotsFn = void (*)(const float* q, const float* rows, size_t m, size_t d, float* out);
-void dots_scalar(const float* q, const float* rows, size_t m, size_t d, float* out);
+// out[i * m + r] = dot(qs + i * d, rows + r * d, d) for i < nq, r < m: many queries
+// against many rows (the centroids), each result exactly as the dot kernel computes it.
+// (The AVX2 version scores four queries against two rows at a time, sharing the loads,
+// and streams the rows once per four queries.)
+using DotsFn = void (*)(const float* qs, size_t nq, const float* rows, size_t m, size_t d,
+                        float* out);
+void dots_scalar(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out);
 #if MIPSCAN_HAVE_AVX2
-void dots_avx2(const float* q, const float* rows, size_t m, size_t d, float* out);
+void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out);
 #endif
 
 }  // namespace mipscan

@@ -111,7 +111,18 @@ float dot_avx2(const float* a, const float* b, size_t d) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-void dots_avx2(const float* q, const float* rows, size_t m, size_t d, float* out) {
+namespace {
+
+// Lanes of acc plus the scalar tail (j >= d8, lane j - d8), reduced as dot_avx2 does.
+inline float finish_dot(__m256 acc, const float* a, const float* b, size_t d8, size_t d) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, acc);
+  for (size_t j = d8, u = 0; j < d; ++j, ++u) l[u] += a[j] * b[j];
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// One query against every row, four rows at a time sharing the loads of q.
+void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
   const size_t d8 = d - d % 8;
   size_t i = 0;
   for (; i + 4 <= m; i += 4) {
@@ -129,16 +140,46 @@ void dots_avx2(const float* q, const float* rows, size_t m, size_t d, float* out
       a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
       a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
     }
-    const __m256 acc[4] = {a0, a1, a2, a3};
-    const float* r[4] = {r0, r1, r2, r3};
-    for (size_t t = 0; t < 4; ++t) {
-      alignas(32) float l[8];
-      _mm256_store_ps(l, acc[t]);
-      for (size_t j = d8, u = 0; j < d; ++j, ++u) l[u] += q[j] * r[t][j];
-      out[i + t] = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-    }
+    out[i] = finish_dot(a0, q, r0, d8, d);
+    out[i + 1] = finish_dot(a1, q, r1, d8, d);
+    out[i + 2] = finish_dot(a2, q, r2, d8, d);
+    out[i + 3] = finish_dot(a3, q, r3, d8, d);
   }
   for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
+}
+
+}  // namespace
+
+void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {
+  const size_t d8 = d - d % 8;
+  size_t i = 0;
+  // Four queries against two rows at a time: eight accumulators, and each row is read
+  // once per four queries instead of once per query.
+  for (; i + 4 <= nq; i += 4) {
+    const float* q[4] = {qs + i * d, qs + (i + 1) * d, qs + (i + 2) * d, qs + (i + 3) * d};
+    size_t r = 0;
+    for (; r + 2 <= m; r += 2) {
+      const float* r0 = rows + r * d;
+      const float* r1 = r0 + d;
+      __m256 acc[4][2];
+      for (size_t t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+      for (size_t j = 0; j < d8; j += 8) {
+        const __m256 x0 = _mm256_loadu_ps(r0 + j), x1 = _mm256_loadu_ps(r1 + j);
+        for (size_t t = 0; t < 4; ++t) {
+          const __m256 qj = _mm256_loadu_ps(q[t] + j);
+          acc[t][0] = _mm256_add_ps(acc[t][0], _mm256_mul_ps(qj, x0));
+          acc[t][1] = _mm256_add_ps(acc[t][1], _mm256_mul_ps(qj, x1));
+        }
+      }
+      for (size_t t = 0; t < 4; ++t) {
+        out[(i + t) * m + r] = finish_dot(acc[t][0], q[t], r0, d8, d);
+        out[(i + t) * m + r + 1] = finish_dot(acc[t][1], q[t], r1, d8, d);
+      }
+    }
+    for (; r < m; ++r)
+      for (size_t t = 0; t < 4; ++t) out[(i + t) * m + r] = dot_avx2(q[t], rows + r * d, d);
+  }
+  for (; i < nq; ++i) dots_one_query(qs + i * d, rows, m, d, out + i * m);
 }
 
 }  // namespace mipscan

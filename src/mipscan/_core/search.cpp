@@ -27,6 +27,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> score_copy;
   std::vector<uint16_t> leaf_bins;
   std::vector<float> leaf_scores;
+  std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
   std::vector<uint32_t> leaf_order;
   std::vector<float> qpad;
   std::vector<float> lut_f;
@@ -94,7 +95,7 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   if (precomputed != nullptr) {
     std::copy(precomputed, precomputed + L, s.leaf_scores.begin());
   } else {
-    kernels().dots(q, ix.centroids, L, ix.d, s.leaf_scores.data());
+    kernels().dots(q, 1, ix.centroids, L, ix.d, s.leaf_scores.data());
   }
   // The first-th best score (kth_largest: a histogram, then nth_element on one bin); then
   // the leaves above it, and ties at it by leaf index, are the selection, sorted by
@@ -361,12 +362,21 @@ void search_batch(const IndexView& index, const float* queries, size_t nq,
   // kept between calls measured 3x slower searches here; not understood yet.)
   const int workers = num_threads <= 0 ? hardware_threads() : num_threads;
   std::vector<Scratch> scratch(static_cast<size_t>(std::max(workers, 1)));
+  const size_t L = index.num_leaves;
   parallel_for_dynamic(nq, num_threads, 8, [&](size_t b, size_t e, int w) {
     Scratch& s = scratch[static_cast<size_t>(w)];
+    const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
+    if (chunk_scores == nullptr && e - b > 1) {
+      // The chunk's centroid scores in one pass over the centroids (the same values the
+      // per-query kernel gives, so results do not depend on how queries are chunked).
+      s.chunk_scores.resize((e - b) * L);
+      kernels().dots(queries + b * index.d, e - b, index.centroids, L, index.d,
+                     s.chunk_scores.data());
+      chunk_scores = s.chunk_scores.data();
+    }
     for (size_t i = b; i < e; ++i) {
-      search_one(index, queries + i * index.d,
-                 leaf_scores ? leaf_scores + i * index.num_leaves : nullptr, params, s,
-                 out_ids + i * params.final_k, out_scores + i * params.final_k);
+      search_one(index, queries + i * index.d, chunk_scores ? chunk_scores + (i - b) * L : nullptr,
+                 params, s, out_ids + i * params.final_k, out_scores + i * params.final_k);
     }
   });
 }
