@@ -77,6 +77,12 @@ class TopKBuffer {
   size_t finish_sorted();
   float score(size_t i) const { return s_[i]; }
   uint32_t id(size_t i) const { return id_[i]; }
+  // Memory held (for callers that keep buffers between searches).
+  size_t bytes() const {
+    return s_.capacity() * sizeof(float) + id_.capacity() * sizeof(uint32_t) +
+           bins_.capacity() * sizeof(uint16_t) + edge_.capacity() * sizeof(float) +
+           pairs_.capacity() * sizeof(pairs_[0]);
+  }
 
  private:
   void prune();
