@@ -209,15 +209,18 @@ void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const Quan
   kernels().scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
                        groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
   const uint16_t* sums = s.sums.data();
-  // Sums rarely come near their bound (127 * num_blocks): size the histogram, and start
-  // the walk down from the top, at the largest sum present.
-  uint16_t top_sum = 0;
-  for (size_t i = 0; i < count; ++i) top_sum = std::max(top_sum, sums[i]);
-  s.histogram.assign(size_t{top_sum} + 1, 0);
-  uint32_t* hist = s.histogram.data();
-  for (size_t i = 0; i < count; ++i) ++hist[sums[i]];
-  size_t above = 0, t = top_sum;
-  while (above + hist[t] < top.k()) above += hist[t--];
+  // The histogram spans only the sums present ([low, top], usually far narrower than
+  // 0 .. 127 * num_blocks), and the walk starts at the top.
+  uint16_t top_sum = 0, low_sum = 65535;
+  for (size_t i = 0; i < count; ++i) {
+    top_sum = std::max(top_sum, sums[i]);
+    low_sum = std::min(low_sum, sums[i]);
+  }
+  s.histogram.assign(size_t{top_sum} - low_sum + 1, 0);
+  uint32_t* hist = s.histogram.data();  // hist[v - low_sum]: how many points sum to v
+  for (size_t i = 0; i < count; ++i) ++hist[sums[i] - low_sum];
+  size_t above = 0, t = top_sum;  // count > k: the walk stops at or above low_sum
+  while (above + hist[t - low_sum] < top.k()) above += hist[t-- - low_sum];
   for (size_t i = 0; i < count; ++i) {
     if (sums[i] >= t) {
       top.push(base + static_cast<float>(sums[i]) * ql.inv_scale,
