@@ -3,6 +3,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "parallel.h"
 #include "search.h"
 
@@ -85,6 +89,41 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
 
 namespace {
 
+#if defined(__SSE2__)
+// The assignment step for two dimensions per block, in SSE2 (part of every x86-64 CPU):
+// the 16 distances in four registers, the minimum by a min tree, the first codeword
+// holding it from the compare masks. Same float operations, in the same order, as the
+// portable loop below, so the same codewords result. bt: the codewords transposed (dim 0
+// of the 16, then dim 1). Adds into sums/counts; returns m.
+size_t nearest_codewords_sse2(const float* xb, size_t m, const float* bt, double* sums,
+                              size_t* counts) {
+  __m128 b0[4], b1[4];
+  for (int k = 0; k < 4; ++k) {
+    b0[k] = _mm_loadu_ps(bt + 4 * k);
+    b1[k] = _mm_loadu_ps(bt + 16 + 4 * k);
+  }
+  for (size_t i = 0; i < m; ++i) {
+    const __m128 x0 = _mm_set1_ps(xb[2 * i]), x1 = _mm_set1_ps(xb[2 * i + 1]);
+    __m128 d[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m128 e0 = _mm_sub_ps(x0, b0[k]), e1 = _mm_sub_ps(x1, b1[k]);
+      d[k] = _mm_add_ps(_mm_mul_ps(e0, e0), _mm_mul_ps(e1, e1));
+    }
+    __m128 mn = _mm_min_ps(_mm_min_ps(d[0], d[1]), _mm_min_ps(d[2], d[3]));
+    mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0x4E));
+    mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0xB1));
+    unsigned hits = 0;
+    for (int k = 0; k < 4; ++k)
+      hits |= static_cast<unsigned>(_mm_movemask_ps(_mm_cmpeq_ps(d[k], mn))) << (4 * k);
+    const size_t arg = hits != 0 ? static_cast<size_t>(__builtin_ctz(hits)) : 0;
+    ++counts[arg];
+    sums[2 * arg] += xb[2 * i];
+    sums[2 * arg + 1] += xb[2 * i + 1];
+  }
+  return m;
+}
+#endif
+
 // One block's Lloyd iterations over xb (m * dpb floats, contiguous). kDpb = dims per
 // block when known at compile time (the distance loops then unroll and stay in
 // registers), 0 = read dpb.
@@ -101,7 +140,11 @@ void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
     // Codewords transposed (bt[j * 16 + c]): a point's 16 distances vectorise over c.
     for (size_t c = 0; c < 16; ++c)
       for (size_t j = 0; j < dpb; ++j) bt[j * 16 + c] = book[c * dpb + j];
-    for (size_t i = 0; i < m; ++i) {
+    size_t i = 0;
+#if defined(__SSE2__)
+    if (kDpb == 2) i = nearest_codewords_sse2(xb, m, bt.data(), sums.data(), counts.data());
+#endif
+    for (; i < m; ++i) {
       const float* x = xb + i * dpb;
       float d2[16] = {0};
       for (size_t j = 0; j < dpb; ++j) {
