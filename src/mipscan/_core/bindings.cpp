@@ -53,6 +53,14 @@ mipscan::SimdLevel parse_level(const std::string& name) {
   throw std::invalid_argument("simd level must be 'scalar' or 'avx2'; got '" + name + "'");
 }
 
+// The kernels of a named level, for the tests' direct kernel calls.
+mipscan::Kernels kernels_at(const std::string& level, const char* call) {
+  mipscan::Kernels k{};
+  if (!mipscan::kernels_for(parse_level(level), &k))
+    throw std::invalid_argument(std::string(call) + ": this CPU or build cannot run '" + level + "'");
+  return k;
+}
+
 // Owns nothing: the keep_alive policies below keep every array alive with the view.
 struct Index {
   mipscan::IndexView view;
@@ -121,15 +129,7 @@ NB_MODULE(_mipscan, m) {
             "scan_lut16: packed size is not a whole number of groups");
     require(lut.shape(0) == num_blocks && lut.shape(1) == 16, "scan_lut16: lut must be (num_blocks, 16)");
     const size_t groups = packed.shape(0) / bytes;
-    mipscan::ScanLut16Fn fn = &mipscan::scan_lut16_scalar;
-    if (parse_level(level) == mipscan::SimdLevel::kAvx2) {
-#if MIPSCAN_HAVE_AVX2
-      require(mipscan::cpu_has_avx2(), "scan_lut16: this CPU has no AVX2");
-      fn = &mipscan::scan_lut16_avx2;
-#else
-      throw std::invalid_argument("scan_lut16: built without AVX2");
-#endif
-    }
+    const mipscan::ScanLut16Fn fn = kernels_at(level, "scan_lut16").scan_lut16;
     auto out = new_array<uint16_t>(groups * mipscan::kGroup);
     auto masks = new_array<uint64_t>(groups);
     {
@@ -200,15 +200,7 @@ NB_MODULE(_mipscan, m) {
     // For tests: the centroid-scoring kernel of one SIMD level.
     const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
     require(rows.shape(1) == d, "dots: queries and rows must have the same width");
-    mipscan::DotsFn fn = &mipscan::dots_scalar;
-    if (parse_level(level) == mipscan::SimdLevel::kAvx2) {
-#if MIPSCAN_HAVE_AVX2
-      require(mipscan::cpu_has_avx2(), "dots: this CPU has no AVX2");
-      fn = &mipscan::dots_avx2;
-#else
-      throw std::invalid_argument("dots: built without AVX2");
-#endif
-    }
+    const mipscan::DotsFn fn = kernels_at(level, "dots").dots;
     auto out = new_array<float>(nq, m_);
     fn(qs.data(), nq, rows.data(), m_, d, out.data());
     return out;

@@ -20,19 +20,21 @@ bool cpu_has_avx2() {
 
 const Kernels& kernels() { return g_kernels; }
 
-bool set_simd_level(SimdLevel level) {
+bool kernels_for(SimdLevel level, Kernels* out) {
   if (level == SimdLevel::kScalar) {
-    g_kernels = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
+    *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
   if (level == SimdLevel::kAvx2 && cpu_has_avx2()) {
-    g_kernels = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2};
+    *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2};
     return true;
   }
 #endif
   return false;
 }
+
+bool set_simd_level(SimdLevel level) { return kernels_for(level, &g_kernels); }
 
 void init_kernels_from_env() {
   const char* env = std::getenv("MIPSCAN_SIMD");

@@ -19,6 +19,9 @@ struct Kernels {
 // not synchronised with searches running in other threads).
 const Kernels& kernels();
 bool cpu_has_avx2();
+// The kernels of one level, in *out; false (and *out unchanged) when this CPU or build
+// cannot run that level.
+bool kernels_for(SimdLevel level, Kernels* out);
 // Returns false (and changes nothing) when the CPU cannot run that level.
 bool set_simd_level(SimdLevel level);
 void init_kernels_from_env();
