@@ -101,6 +101,11 @@ def check_value(call: str, name: str, value: Any, rule) -> Any:
     return value
 
 
+def _range(low, high, high_name) -> str:
+    top = f"{high_name}={high}" if high_name else ("inf" if high is None else high)
+    return f"[{low}, {top}]"
+
+
 def check_int(call: str, name: str, value: Any, low: int | None, high: int | None,
               high_name: str | None = None, allow_none: bool = False) -> int | None:
     """An int in [low, high]; high_name (e.g. 'n') names the bound: shown as 'n=1000'."""
@@ -108,12 +113,12 @@ def check_int(call: str, name: str, value: Any, low: int | None, high: int | Non
         if value is None and allow_none:
             return None
         if not _is_int(value):
-            rng = f"[{low}, {f'{high_name}={high}' if high_name else ('inf' if high is None else high)}]"
-            raise TypeError(f"{call}: {name} must be an int in {rng}; got {value!r}")
+            raise TypeError(f"{call}: {name} must be an int in {_range(low, high, high_name)}; "
+                            f"got {value!r}")
         value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        rng = f"[{low}, {f'{high_name}={high}' if high_name else ('inf' if high is None else high)}]"
-        raise ValueError(f"{call}: {name} must be an int in {rng}; got {value}")
+        raise ValueError(f"{call}: {name} must be an int in {_range(low, high, high_name)}; "
+                         f"got {value}")
     return value
 
 
