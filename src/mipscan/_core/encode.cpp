@@ -12,6 +12,25 @@
 
 namespace mipscan {
 
+namespace {
+
+#if defined(__SSE2__)
+// The first index holding the minimum of 16 floats in four registers, from a min tree
+// and the compare masks: the answer of a strict-< scan, without a branch per value.
+// `none` is returned when no value is a minimum (all NaN), as such a scan would keep it.
+inline unsigned first_min_index(const __m128 v[4], unsigned none) {
+  __m128 mn = _mm_min_ps(_mm_min_ps(v[0], v[1]), _mm_min_ps(v[2], v[3]));
+  mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0x4E));
+  mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0xB1));
+  unsigned hits = 0;
+  for (int k = 0; k < 4; ++k)
+    hits |= static_cast<unsigned>(_mm_movemask_ps(_mm_cmpeq_ps(v[k], mn))) << (4 * k);
+  return hits != 0 ? static_cast<unsigned>(__builtin_ctz(hits)) : none;
+}
+#endif
+
+}  // namespace
+
 void encode_anisotropic(const float* residuals, const float* rows, size_t n,
                         size_t num_blocks, size_t dims_per_block, const float* codebooks,
                         float threshold, size_t d_eff, int max_iterations, int num_threads,
@@ -22,6 +41,12 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
     std::vector<float> dir(dp);
     // err_par[b * 16 + c]: (r_b - C_b[c]) . x_hat_b ; err_sq likewise |r_b - C_b[c]|^2.
     std::vector<float> err_par(num_blocks * 16), err_sq(num_blocks * 16);
+    // The codebooks transposed per block (dimension-major), for the SSE2 path.
+    std::vector<float> books_t(num_blocks * 16 * dpb);
+    for (size_t b = 0; b < num_blocks; ++b)
+      for (size_t c = 0; c < 16; ++c)
+        for (size_t j = 0; j < dpb; ++j)
+          books_t[(b * dpb + j) * 16 + c] = codebooks[(b * 16 + c) * dpb + j];
     for (size_t i = begin; i < end; ++i) {
       const float* r = residuals + i * dp;
       const float* x = rows + i * dp;
@@ -42,7 +67,29 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
       const float w = static_cast<float>(eta - 1.0);
       for (size_t j = 0; j < dp; ++j) dir[j] = norm > 0 ? float(x[j] / norm) : 0.f;
 
-      for (size_t b = 0; b < num_blocks; ++b) {
+      size_t b0 = 0;
+#if defined(__SSE2__)
+      // Two dimensions per block (the common case) in SSE2, four codewords per register,
+      // with the same float operations in the same order as the portable loop below.
+      if (dpb == 2) {
+        for (; b0 < num_blocks; ++b0) {
+          const __m128 r0 = _mm_set1_ps(r[2 * b0]), r1 = _mm_set1_ps(r[2 * b0 + 1]);
+          const __m128 d0 = _mm_set1_ps(dir[2 * b0]), d1 = _mm_set1_ps(dir[2 * b0 + 1]);
+          const float* bt = books_t.data() + b0 * 32;  // dim 0 of the 16 codewords, then dim 1
+          __m128 sq[4];
+          for (int k = 0; k < 4; ++k) {
+            const __m128 e0 = _mm_sub_ps(r0, _mm_loadu_ps(bt + 4 * k));
+            const __m128 e1 = _mm_sub_ps(r1, _mm_loadu_ps(bt + 16 + 4 * k));
+            sq[k] = _mm_add_ps(_mm_mul_ps(e0, e0), _mm_mul_ps(e1, e1));
+            _mm_storeu_ps(&err_sq[b0 * 16 + 4 * k], sq[k]);
+            _mm_storeu_ps(&err_par[b0 * 16 + 4 * k],
+                          _mm_add_ps(_mm_mul_ps(e0, d0), _mm_mul_ps(e1, d1)));
+          }
+          code[b0] = static_cast<uint8_t>(first_min_index(sq, 0));
+        }
+      }
+#endif
+      for (size_t b = b0; b < num_blocks; ++b) {
         const float* rb = r + b * dpb;
         const float* db = dir.data() + b * dpb;
         float best = std::numeric_limits<float>::infinity();
@@ -68,13 +115,26 @@ void encode_anisotropic(const float* residuals, const float* rows, size_t n,
         bool changed = false;
         for (size_t b = 0; b < num_blocks; ++b) {
           const float rest = total_par - err_par[b * 16 + code[b]];
-          float best = std::numeric_limits<float>::infinity();
           uint8_t arg = code[b];
+#if defined(__SSE2__)
+          {
+            const __m128 rv = _mm_set1_ps(rest), wv = _mm_set1_ps(w);
+            __m128 loss[4];
+            for (int k = 0; k < 4; ++k) {
+              const __m128 p = _mm_add_ps(rv, _mm_loadu_ps(&err_par[b * 16 + 4 * k]));
+              loss[k] = _mm_add_ps(_mm_loadu_ps(&err_sq[b * 16 + 4 * k]),
+                                   _mm_mul_ps(_mm_mul_ps(wv, p), p));
+            }
+            arg = static_cast<uint8_t>(first_min_index(loss, arg));
+          }
+#else
+          float best = std::numeric_limits<float>::infinity();
           for (size_t c = 0; c < 16; ++c) {
             const float p = rest + err_par[b * 16 + c];
             const float loss = err_sq[b * 16 + c] + w * p * p;
             if (loss < best) { best = loss; arg = static_cast<uint8_t>(c); }
           }
+#endif
           if (arg != code[b]) {
             changed = true;
             code[b] = arg;
@@ -109,13 +169,7 @@ size_t nearest_codewords_sse2(const float* xb, size_t m, const float* bt, double
       const __m128 e0 = _mm_sub_ps(x0, b0[k]), e1 = _mm_sub_ps(x1, b1[k]);
       d[k] = _mm_add_ps(_mm_mul_ps(e0, e0), _mm_mul_ps(e1, e1));
     }
-    __m128 mn = _mm_min_ps(_mm_min_ps(d[0], d[1]), _mm_min_ps(d[2], d[3]));
-    mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0x4E));
-    mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, 0xB1));
-    unsigned hits = 0;
-    for (int k = 0; k < 4; ++k)
-      hits |= static_cast<unsigned>(_mm_movemask_ps(_mm_cmpeq_ps(d[k], mn))) << (4 * k);
-    const size_t arg = hits != 0 ? static_cast<size_t>(__builtin_ctz(hits)) : 0;
+    const size_t arg = first_min_index(d, 0);
     ++counts[arg];
     sums[2 * arg] += xb[2 * i];
     sums[2 * arg + 1] += xb[2 * i + 1];
