@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <utility>
 #include <vector>
 
@@ -24,7 +23,7 @@ struct LeafKey {
 
 struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache line
   std::vector<LeafKey> leaf_keys;
-  std::vector<float> score_copy;
+  std::vector<float> leaf_edge;  // kth_largest scratch for the leaf selection
   std::vector<uint16_t> leaf_bins;
   std::vector<float> leaf_scores;
   std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
@@ -44,7 +43,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
 
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return b(leaf_keys) + b(score_copy) + b(leaf_bins) + b(leaf_scores) + b(chunk_scores) +
+    return b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(chunk_scores) +
            b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) + b(masks) + b(histogram) +
            b(rows) + b(row_scores) + b(hash) + b(pairs) + candidates.bytes() + final_.bytes();
   }
@@ -111,7 +110,7 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   s.leaf_keys.resize(L);
   size_t w = 0;
   if (first < L) {
-    const float kth = kth_largest(s.leaf_scores.data(), L, first, s.leaf_bins, s.score_copy);
+    const float kth = kth_largest(s.leaf_scores.data(), L, first, s.leaf_bins, s.leaf_edge);
     size_t above = 0;
     for (size_t l = 0; l < L; ++l) above += s.leaf_scores[l] > kth;
     size_t ties = first - above;
