@@ -5,25 +5,27 @@ two-tower model on MovieLens 100K, builds the tutorial's 270,882 candidates, and
 keras-rs brute force, mipscan's exact brute force and mipscan's approximate index (as the
 Keras layer mipscan.keras.ApproximateRetrieval and through the ScaNN-style API) on
 build time, latency and recall@k for the tutorial's 4 users and for all 943 users.
-Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``).
+Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``); ``mipscan --help`` and
+``mipscan --version`` need only the core (the parser is the standard library's argparse).
+Errors go to stderr with a non-zero exit status: 2 for bad arguments or data, 1 for a
+missing extra (one line naming it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
 import numpy as np
-import typer
 
 import mipscan
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="mipscan: fast top-k retrieval for learned embeddings.")
+from mipscan.recsys._extras import MissingExtraError, require_recsys, reraise
 
 SearchFn = Callable[[np.ndarray], np.ndarray]
 
@@ -145,32 +147,29 @@ def _render(rows: list[dict], k: int, repeats: int, title: str, caption: str):
     return table
 
 
-@app.callback()
-def _root() -> None:
-    """mipscan: fast top-k retrieval for learned embeddings."""
+class _Fail(Exception):
+    """A demo error: its message goes to stderr and the command exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
 
 
-@app.command()
-def demo(
-    data: Optional[Path] = typer.Option(
-        None, help="ml-100k folder or ml-100k.zip (default: $MIPSCAN_DATA_DIR, the user "
-        "cache folder, else download from GroupLens)."),
-    epochs: int = typer.Option(50, min=1, help="Training epochs (the tutorial: 50)."),
-    copies: int = typer.Option(100, min=0, help="Noisy copies of the movie table to add "
-                               "(the tutorial: 100 -> 270,882 candidates)."),
-    k: int = typer.Option(10, min=1, help="Neighbours per query."),
-    out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here."),
-    seed: int = typer.Option(42, min=0, help="Seeds the split, Keras and the noise."),
-    repeats: int = typer.Option(3, min=1, help="Timed calls per measurement."),
-) -> None:
+def demo(data: Path | None = None, epochs: int = 50, copies: int = 100, k: int = 10,
+         out: Path | None = None, seed: int = 42, repeats: int = 3) -> None:
     """Train the Keras-RS tutorial's two-tower model on MovieLens 100K and compare
     keras-rs brute force, mipscan.brute_force and mipscan's approximate search."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
-
+    require_recsys("mipscan demo")  # before the data: one line instead of a traceback
     from mipscan.recsys import DataNotFoundError, load_ml100k
-    from mipscan.recsys.model import TABLE_SLACK, TUTORIAL_QUERY_USERS, tutorial_embeddings
+
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        from mipscan.recsys.model import TABLE_SLACK, TUTORIAL_QUERY_USERS, tutorial_embeddings
+    except ImportError as exc:  # a backend that is present but broken, say
+        raise reraise("mipscan demo", exc) from None
 
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: room for the whole table
@@ -179,13 +178,10 @@ def demo(
     try:
         ml = load_ml100k(data)
     except (DataNotFoundError, ValueError) as exc:  # missing or damaged
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _Fail(str(exc)) from None
     num_candidates = (ml.num_movies + TABLE_SLACK) * (copies + 1)
     if k > num_candidates:
-        console.print(f"--k must be at most the {num_candidates:,} candidates; got {k}",
-                      style="red")
-        raise typer.Exit(2)
+        raise _Fail(f"--k must be at most the {num_candidates:,} candidates; got {k}")
     console.print(f"MovieLens 100K from {ml.source}: {ml.num_ratings:,} ratings, "
                   f"{ml.num_users:,} users, {ml.num_movies:,} movies "
                   "(GroupLens; Harper & Konstan, ACM TiiS 2015)")
@@ -247,15 +243,81 @@ def demo(
                             "python": platform.python_version(),
                             "machine": platform.machine()},
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise _Fail(f"--out: cannot write {out}: {exc.strerror or exc}") from None
         console.print(f"wrote {out}")
 
 
-def main() -> None:
-    """Entry point of the ``mipscan`` script."""
-    app()
+# --- the command line (argparse: the core install has no other dependency)
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not in the range x>={low}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mipscan`` parser: ``--version`` and the ``demo`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mipscan", description="mipscan: fast top-k retrieval for learned embeddings.")
+    parser.add_argument("--version", action="version", version=f"mipscan {mipscan.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    doc = demo.__doc__
+    p = commands.add_parser(
+        "demo", help="train the Keras-RS tutorial's model on MovieLens 100K and compare "
+        "brute force with mipscan's approximate search",
+        description=" ".join(doc.split()) + ' Needs the recsys extra: pip install '
+        '"mipscan[recsys]".')
+    p.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="ml-100k folder or ml-100k.zip (default: $MIPSCAN_DATA_DIR, the user "
+                   "cache folder, else download from GroupLens)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=50,
+                   help="training epochs (default and the tutorial: 50)")
+    p.add_argument("--copies", type=_int_at_least(0), default=100,
+                   help="noisy copies of the movie table to add (default and the tutorial: "
+                   "100 -> 270,882 candidates)")
+    p.add_argument("--k", type=_int_at_least(1), default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH",
+                   help="also write the results as JSON here")
+    p.add_argument("--seed", type=_int_at_least(0), default=42,
+                   help="seeds the split, Keras and the noise (default: 42)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=3,
+                   help="timed calls per measurement (default: 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mipscan`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 (usage on stderr) on bad arguments
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        demo(data=args.data, epochs=args.epochs, copies=args.copies, k=args.k, out=args.out,
+             seed=args.seed, repeats=args.repeats)
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except _Fail as exc:
+        print(f"mipscan demo: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("mipscan demo: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,11 +21,16 @@ import numbers
 import os
 from typing import Any
 
-import keras
-import keras_rs
 import numpy as np
 
 import mipscan
+from mipscan.recsys._extras import reraise
+
+try:
+    import keras
+    import keras_rs
+except ImportError as _exc:  # one line naming the extra, not the import's traceback
+    raise reraise("mipscan.keras", _exc) from None
 
 __all__ = ["ApproximateRetrieval"]
 
