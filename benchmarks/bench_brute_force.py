@@ -6,7 +6,7 @@ Example (from the repository root)::
 
 The tutorial's 270,882 x 32 candidates and 943 user queries (``seed``; a synthetic set of
 the same shape, with a printed note, when ``mipscan.recsys.tutorial_embeddings`` is not
-available). BLAS is pinned with threadpoolctl, mipscan's pool with ``set_num_threads``, XLA
+available). BLAS is pinned with threadpoolctl, mipscan's top-k with ``num_threads``, XLA
 with ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` (one thread), and
 every contender answers the same queries in the same run. Reported: median seconds over
 ``--repeats`` timed calls after one warm-up, queries per second, and mipscan's speed-up.
@@ -111,7 +111,6 @@ def main(argv=None) -> dict:
     rows = {}
     exact = topk_scores(db, queries, exact_neighbors(db, queries, k, ds.metric))
     with threadpool_limits(limits=args.threads):
-        mipscan.set_num_threads(args.threads)
         pools = threadpool_info()
         for name, fn in contenders.items():
             ids = np.asarray(fn()).astype(np.int64)

@@ -84,9 +84,6 @@ def _median_seconds(fn, repeats: int) -> float:
 def _pin_threads(threads: int | None, backend: str) -> None:
     if threads is None:
         return
-    import mipscan
-
-    mipscan.set_num_threads(threads)
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -161,6 +158,7 @@ def _env(backend: str, threads: int | None) -> dict:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   MIPSCAN_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads))
         if threads == 1:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"

@@ -87,20 +87,20 @@ def environment() -> dict:
     return env
 
 
+#: The thread count of the innermost pinned_threads() block (None outside any).
+PINNED: int | None = None
+
+
 @contextlib.contextmanager
 def pinned_threads(n: int):
-    """Limits BLAS, OpenMP (threadpoolctl), faiss's OpenMP and mipscan's pool to ``n`` threads.
-
-    Libraries that take a thread count per call (hnswlib, ScaNN) get ``n`` from the caller.
+    """Limits BLAS, OpenMP (threadpoolctl) and faiss's OpenMP to ``n`` threads, and sets
+    ``PINNED`` to ``n`` for the libraries that take a thread count per searcher or call
+    (mipscan, hnswlib, ScaNN), which read it from there or get it from the caller.
     """
     from threadpoolctl import threadpool_limits
 
-    old_mipscan = None
-    if "mipscan" in sys.modules:
-        import mipscan
-
-        old_mipscan = mipscan.get_num_threads()
-        mipscan.set_num_threads(n)
+    global PINNED
+    old_pinned, PINNED = PINNED, n
     old_faiss = None
     if "faiss" in sys.modules:
         import faiss
@@ -111,10 +111,7 @@ def pinned_threads(n: int):
         with threadpool_limits(limits=n):
             yield
     finally:
-        if old_mipscan is not None:
-            import mipscan
-
-            mipscan.set_num_threads(old_mipscan)
+        PINNED = old_pinned
         if old_faiss is not None:
             import faiss
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import numpy_topk, package_version
 
 # family -> variants; one worker subprocess per variant.
@@ -108,6 +109,7 @@ class Mipscan(Variant):
             .score_ah(c["dims_per_block"],
                       anisotropic_quantization_threshold=c["aq_threshold"])
             .reorder(c["reorder"])
+            .set_n_training_threads(common.PINNED or 0)
             .build())
 
     def index_bytes(self):
@@ -130,6 +132,7 @@ class Mipscan(Variant):
         if threads == 1:
             r = self.searcher.search_batched(queries, **kw)
         else:
+            self.searcher.set_num_threads(threads)
             r = self.searcher.search_batched_parallel(queries, **kw)
         return np.asarray(r[0], dtype=np.int64)
 

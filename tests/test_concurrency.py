@@ -172,7 +172,6 @@ def test_parallel_and_sequential_paths_agree_under_load(setup, name):
     searchers, q, ref, _ = setup
     s, r = searchers[name], ref[name]
     errors: list[str] = []
-    old = mipscan.get_num_threads()
 
     def run(t):
         try:
@@ -184,15 +183,12 @@ def test_parallel_and_sequential_paths_agree_under_load(setup, name):
         except Exception as exc:  # noqa: BLE001
             errors.append(f"thread {t}: {type(exc).__name__}: {exc}")
 
-    try:
-        mipscan.set_num_threads(3)
-        threads = [threading.Thread(target=run, args=(t,)) for t in range(SEARCH_THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        mipscan.set_num_threads(old)
+    s.set_num_threads(3)
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(SEARCH_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not errors, errors[:10]
 
 

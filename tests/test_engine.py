@@ -83,7 +83,7 @@ def test_search_forms_agree(small, metric):
     db, q = small
     s = mipscan.builder(db, 10, metric).tree(40, 8).score_ah(2).reorder(50).build()
     batched = s.search_batched(q)
-    mipscan.set_num_threads(2)
+    s.set_num_threads(2)
     par = s.search_batched_parallel(q, batch_size=7)
     singles = [s.search(row) for row in q]
     np.testing.assert_array_equal(batched.indices, par.indices)

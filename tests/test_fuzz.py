@@ -642,23 +642,19 @@ def test_fuzz_load_and_serialize_arguments(searchers, directory, mmap, verify, t
        big=st.sampled_from([MAX_THREADS, MAX_THREADS + 1, 2**31, 2**40]))
 def test_fuzz_thread_and_seed_settings(threads, training, seed, big):
     db = np.random.default_rng(1).normal(size=(40, 3)).astype(np.float32)
-    old = mipscan.get_num_threads()
-    try:
-        for value in (threads, big):
-            ok = expect_outcome([count_problem(value, "num_threads", 1, MAX_THREADS)],
-                                lambda: mipscan.set_num_threads(value) or True)
-            if ok:
-                assert mipscan.get_num_threads() == int(value)
-        b = mipscan.builder(db, 3, "dot_product")
-        expect_outcome([count_problem(training, "threads", 0, MAX_THREADS)],
-                       lambda: b.set_n_training_threads(training))
-        expect_outcome([count_problem(seed, "seed", 0, None)], lambda: b.set_seed(seed))
-        s = b.tree(4, 2, min_partition_size=1).score_ah(1).reorder(10).build()
-        r = s.search_batched_parallel(db[:5])
-        check_result(r, db, db[:5], 3, "dot_product", exact_scores_expected=True,
-                     exact_topk=False)
-    finally:
-        mipscan.set_num_threads(old)
+    b = mipscan.builder(db, 3, "dot_product")
+    expect_outcome([count_problem(training, "threads", 0, MAX_THREADS)],
+                   lambda: b.set_n_training_threads(training))
+    expect_outcome([count_problem(seed, "seed", 0, None)], lambda: b.set_seed(seed))
+    s = b.tree(4, 2, min_partition_size=1).score_ah(1).reorder(10).build()
+    for value in (threads, big):
+        before = s.num_threads
+        ok = expect_outcome([count_problem(value, "num_threads", 1, MAX_THREADS)],
+                            lambda: s.set_num_threads(value) or True)
+        assert s.num_threads == (int(value) if ok else before)
+    r = s.search_batched_parallel(db[:5])
+    check_result(r, db, db[:5], 3, "dot_product", exact_scores_expected=True,
+                 exact_topk=False)
 
 
 # ---------------------------------------------------------------- Keras layer (JAX)

@@ -89,8 +89,16 @@ def test_cross_argument_rules(db):
         mipscan.builder(db, 10, "dot_product").score_ah(D + 1).build()
     with pytest.raises(ValueError, match="already been configured"):
         mipscan.builder(db, 10, "dot_product").score_ah(2).score_ah(2)
-    with pytest.raises(TypeError, match="build"):
+    with pytest.raises(ValueError, match=r"build\(\): docids are not supported"):
         mipscan.builder(db, 10, "dot_product").score_ah(2).build(docids=[1])
+    with pytest.raises(TypeError, match="copy"):
+        mipscan.builder(db, 10, "dot_product").score_ah(2).build(copy=1)
+    with pytest.raises(TypeError):
+        mipscan.builder(db, 10, "dot_product").score_ah(2).build(unknown=1)
+    with pytest.raises(ValueError, match=r"build\(\): score_ah dimensions_per_block gives 65536 "
+                                         r"blocks for d=65536 \(dot_product\); at most 65535"):
+        wide = np.ones((2, 65536), np.float32)
+        mipscan.builder(wide, 1, "dot_product").score_ah(1).build()
 
 
 @pytest.mark.parametrize("bad,exc,word", [
@@ -153,11 +161,16 @@ def test_search_argument_errors(searcher, method):
             call(q, batch_size=0)
 
 
-def test_set_num_threads_validation():
-    with pytest.raises(ValueError, match="num_threads"):
-        mipscan.set_num_threads(0)
+def test_set_num_threads_validation(db):
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    with pytest.raises(ValueError, match=r"set_num_threads\(\): num_threads must be an int in \[1, 1024\]; got 0"):
+        s.set_num_threads(0)
     with pytest.raises(TypeError, match="num_threads"):
-        mipscan.set_num_threads("2")
+        s.set_num_threads("2")
+    assert s.num_threads == mipscan.get_num_threads()  # unchanged by the refused calls
+    other = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    s.set_num_threads(3)
+    assert s.num_threads == 3 and other.num_threads == mipscan.get_num_threads()
 
 
 def test_max_abs_finds_every_nan_and_inf_position():

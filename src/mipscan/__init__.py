@@ -10,11 +10,11 @@ Code written for ScaNN switches by its import: ``from mipscan import scann_ops``
 """
 
 from mipscan._mipscan import simd_level
-from mipscan._io import load_searcher
-from mipscan._threads import get_num_threads, set_num_threads
+from mipscan._policy import suggest_config
+from mipscan._threads import get_num_threads
 from mipscan.brute import SearchResult, brute_force
 from mipscan.builder import ScannBuilder, builder
-from mipscan.searcher import Searcher
+from mipscan.searcher import Searcher, load_searcher
 from mipscan import scann_ops, scann_ops_pybind
 
 __version__ = "0.1.0"
@@ -39,6 +39,6 @@ __all__ = [
     "load_searcher",
     "scann_ops",
     "scann_ops_pybind",
-    "set_num_threads",
     "simd_level",
+    "suggest_config",
 ]

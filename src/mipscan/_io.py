@@ -14,26 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mipscan._schema import ARRAYS, check_stored_config, required_arrays
+from mipscan._validation import Bool, check_value
+
 FORMAT = "mipscan-index"
 FORMAT_VERSION = 1
 MANIFEST = "mipscan.json"
-
-# Every array an index may hold, with its dtype and rank; which ones are required depends
-# on the configuration (see _required).
-ARRAYS = {
-    "centroids": (np.float32, 2), "leaf_offsets": (np.int64, 1), "slot_ids": (np.uint32, 1),
-    "codebooks": (np.float32, 3), "packed_codes": (np.uint8, 1), "leaf_groups": (np.int64, 1),
-    "slot_rows": (np.float32, 2), "reorder_rows": (np.float32, 2),
-}
-
-
-def _required(config: dict) -> set[str]:
-    names = {"centroids", "leaf_offsets", "slot_ids"}
-    names |= {"codebooks", "packed_codes", "leaf_groups"} if "score_ah" in config else {"slot_rows"}
-    if "reorder" in config:
-        names.add("reorder_rows")
-    return names
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -101,7 +87,9 @@ def _remove_orphans(target: Path) -> None:
             pass
 
 
-def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
+def write_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Writes an index folder (``Searcher.serialize``), atomically: readers see the old
+    index or the complete new one, never a mix."""
     target = _as_path("serialize()", directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"serialize(): directory {str(target)!r} exists and is not a folder")
@@ -142,8 +130,9 @@ def save_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_searcher(directory, mmap: bool = True, verify: bool = True):
-    """Loads an index written by ``Searcher.serialize``.
+def read_index(directory, mmap: bool = True, verify: bool = True) -> tuple[dict, dict]:
+    """Reads an index folder written by :func:`write_index`: ``(config, arrays)``, both
+    checked against the schema (``mipscan._schema``). ``mipscan.load_searcher`` wraps it.
 
     Args:
         directory: the index folder.
@@ -151,14 +140,12 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
         verify: check every file's sha256 against mipscan.json (reads each file once).
 
     Returns:
-        A :class:`mipscan.searcher.Searcher`.
+        The configuration and the arrays, by name.
 
     Raises:
         ValueError: a missing, damaged, truncated or foreign folder; the message names
             the path and the offending field.
     """
-    from mipscan._validation import Bool, check_value
-
     root = _as_path("load_searcher()", directory)
     mmap = check_value("load_searcher()", "mmap", mmap, Bool())
     verify = check_value("load_searcher()", "verify", verify, Bool())
@@ -169,13 +156,13 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True):
     for _ in range(_LOAD_ATTEMPTS):
         before = _folder_identity(root)
         try:
-            searcher = _load_once(root, mmap, verify)
+            loaded = _load_once(root, mmap, verify)
         except ValueError:
             if before is not None and _folder_identity(root) != before:
                 continue
             raise
         if _folder_identity(root) == before:
-            return searcher
+            return loaded
     raise ValueError(f"load_searcher(): {str(root)!r} was replaced {_LOAD_ATTEMPTS} times while "
                      "being read; try again")
 
@@ -191,9 +178,7 @@ def _folder_identity(root: Path):
     return (st.st_dev, st.st_ino)
 
 
-def _load_once(root: Path, mmap: bool, verify: bool):
-    from mipscan.searcher import Searcher
-
+def _load_once(root: Path, mmap: bool, verify: bool) -> tuple[dict, dict]:
     mpath = root / MANIFEST
 
     def bad(field: str, why: str) -> ValueError:
@@ -221,11 +206,10 @@ def _load_once(root: Path, mmap: bool, verify: bool):
         raise bad("config", "missing or not an object")
     if not isinstance(entries, dict):
         raise bad("arrays", "missing or not an object")
-    config = _check_config(config, bad)
-    need = _required(config)
+    config = check_stored_config(config, bad)
+    need = required_arrays(config)
     if set(entries) != need:
-        stage = {"codebooks": "score_ah", "packed_codes": "score_ah", "leaf_groups": "score_ah",
-                 "slot_rows": "score_brute_force", "reorder_rows": "reorder"}
+        stage = {a: s for a, (_, _, s) in ARRAYS.items() if s is not None}
         why = [f"{a} is listed but config.{stage.get(a, '?')} is absent"
                for a in sorted(set(entries) - need)]
         why += [f"{a} (needed by config.{stage[a]}) is not listed" if a in stage else f"{a} is not listed"
@@ -240,7 +224,7 @@ def _load_once(root: Path, mmap: bool, verify: bool):
             raise bad(field, "must have exactly file, dtype, shape, sha256")
         if entry["file"] != f"{name}.npy":
             raise bad(f"{field}.file", f"expected {name}.npy; got {entry['file']!r}")
-        dtype, ndim = ARRAYS[name]
+        dtype, ndim, _ = ARRAYS[name]
         if entry["dtype"] != np.dtype(dtype).str:
             raise bad(f"{field}.dtype", f"expected {np.dtype(dtype).str!r}; got {entry['dtype']!r}")
         shape = entry["shape"]
@@ -266,67 +250,7 @@ def _load_once(root: Path, mmap: bool, verify: bool):
                              f"says {tuple(shape)} ({field}.shape)")
         arrays[name] = arr
     _check_config_against_arrays(config, arrays, bad)
-    try:
-        return Searcher(config, arrays)
-    except ValueError as exc:  # structural checks of the C++ index view
-        raise ValueError(f"load_searcher(): {str(root)!r}: inconsistent arrays: {exc}") from None
-
-
-def _check_config(config: dict, bad) -> dict:
-    """Re-validates a stored config with the builder's own tables."""
-    from mipscan.builder import STAGES
-    from mipscan._validation import DISTANCE_MEASURES, check_value, Interval, Options
-
-    def field(name, rule, where="config"):
-        if name not in config:
-            raise bad(f"{where}.{name}", "missing")
-        try:
-            return check_value("load_searcher()", f"{where}.{name}", config[name], rule)
-        except (TypeError, ValueError) as exc:
-            raise bad(f"{where}.{name}", str(exc)) from None
-
-    n = field("n", Interval(int, 1, None))
-    field("d", Interval(int, 1, None))
-    field("num_neighbors", Interval(int, 1, n))
-    field("distance_measure", Options(DISTANCE_MEASURES))
-    field("seed", Interval(int, 0, None))
-    for stage, table in STAGES.items():
-        if stage not in config:
-            continue
-        params = config[stage]
-        if not isinstance(params, dict) or set(params) != set(table):
-            raise bad(f"config.{stage}", f"expected keys {sorted(table)}")
-        for name, (rule, _default) in table.items():
-            if name == "anisotropic_quantization_threshold" and params[name] is None:
-                continue
-            try:
-                check_value("load_searcher()", f"config.{stage}.{name}", params[name], rule)
-            except (TypeError, ValueError) as exc:
-                raise bad(f"config.{stage}.{name}", str(exc)) from None
-    # The builder's cross-argument rules (see ScannBuilder.create_config).
-    d = config["d"]
-    tree, ah, reorder = config.get("tree"), config.get("score_ah"), config.get("reorder")
-    if tree is not None and tree["num_leaves"] > n:
-        raise bad("config.tree.num_leaves", f"must be <= n={n}; got {tree['num_leaves']}")
-    if tree is not None and tree["num_leaves_to_search"] > tree["num_leaves"]:
-        raise bad("config.tree.num_leaves_to_search",
-                  f"must be <= num_leaves={tree['num_leaves']}; got {tree['num_leaves_to_search']}")
-    if ah is not None and ah["dimensions_per_block"] > d:
-        raise bad("config.score_ah.dimensions_per_block",
-                  f"must be <= d={d}; got {ah['dimensions_per_block']}")
-    if reorder is not None and reorder["reordering_num_neighbors"] > n:
-        raise bad("config.reorder.reordering_num_neighbors",
-                  f"must be <= n={n}; got {reorder['reordering_num_neighbors']}")
-    seconds = field("build_seconds", Interval(float, 0.0, None))
-    if not math.isfinite(seconds):
-        raise bad("config.build_seconds", f"must be a finite number >= 0; got {seconds!r}")
-    if ("score_ah" in config) == ("score_brute_force" in config):
-        raise bad("config", "exactly one of score_ah or score_brute_force is required")
-    unknown = set(config) - set(STAGES) - {"n", "d", "num_neighbors", "distance_measure", "seed",
-                                           "build_seconds"}
-    if unknown:
-        raise bad("config", f"unknown keys {sorted(unknown)}")
-    return config
+    return config, arrays
 
 
 def _check_config_against_arrays(config: dict, arrays: dict, bad) -> None:

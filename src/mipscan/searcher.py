@@ -1,13 +1,18 @@
-"""The Searcher: holds the index arrays and answers queries through one C++ call."""
+"""The Searcher: holds the index arrays and answers queries through one C++ call; and
+``load_searcher``, which makes one from an index folder."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from mipscan import _mipscan
+from mipscan._io import read_index, write_index
+from mipscan._schema import ARRAYS
 from mipscan._threads import get_num_threads
-from mipscan._validation import as_float_array, check_int
+from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
+
+__all__ = ["Searcher", "load_searcher"]
 
 # Above this many leaves, batched searches score centroids with one BLAS product per
 # batch instead of per query in C++. Kept high: a multi-threaded BLAS call between
@@ -15,7 +20,8 @@ from mipscan.brute import SearchResult, normalize_rows
 # thread waits for them: GloVe-50, 300 leaves: 63 us per query with BLAS, 44 without).
 _BLAS_LEAF_SCORES_MIN_LEAVES = 4096
 
-_OPTIONAL = ("codebooks", "packed_codes", "leaf_groups", "slot_rows", "reorder_rows")
+# The arrays the core's Index takes after the three every index has, in its order.
+_OPTIONAL = tuple(name for name, (_, _, stage) in ARRAYS.items() if stage is not None)
 
 
 class Searcher:
@@ -26,11 +32,18 @@ class Searcher:
     Every search returns exactly ``final_num_neighbors`` results per query: when the
     searched leaves hold fewer candidates than needed, further leaves are searched in
     order of their centroid score until there are enough (so k <= n always gives k).
+
+    A searcher owns its arrays and its thread count (``num_threads``, default
+    :func:`mipscan.get_num_threads`; change it with :meth:`set_num_threads`). It pickles
+    as its configuration and arrays (no C++ state), so it can be sent to worker
+    processes; the copy answers identically.
     """
 
-    def __init__(self, config: dict, arrays: dict[str, np.ndarray]):
+    def __init__(self, config: dict, arrays: dict[str, np.ndarray], num_threads: int | None = None):
         self.config = config
         self._arrays = arrays
+        self.num_threads = get_num_threads() if num_threads is None else check_int(
+            "Searcher()", "num_threads", num_threads, 1, MAX_THREADS)
         self.n = int(config["n"])
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
@@ -61,6 +74,20 @@ class Searcher:
     def size(self) -> int:
         """Number of datapoints (as ScaNN's ``size()``)."""
         return self.n
+
+    def set_num_threads(self, num_threads: int) -> None:
+        """Threads of this searcher's :meth:`search_batched_parallel` (as ScaNN's
+        ``set_num_threads``), an int in [1, 1024]. Other searchers are not affected."""
+        self.num_threads = check_int("set_num_threads()", "num_threads", num_threads, 1,
+                                     MAX_THREADS)
+
+    def __getstate__(self) -> dict:
+        # Plain arrays (a memory-mapped file's pages are read into the pickle).
+        return {"config": self.config, "num_threads": self.num_threads,
+                "arrays": {k: np.asarray(v) for k, v in self._arrays.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"], state["arrays"], state["num_threads"])
 
     # ---------------------------------------------------------------- searching
     def search(self, q, final_num_neighbors=None, pre_reorder_num_neighbors=None,
@@ -102,14 +129,14 @@ class Searcher:
     def search_batched_parallel(self, queries, final_num_neighbors=None,
                                 pre_reorder_num_neighbors=None, leaves_to_search=None,
                                 batch_size: int = 256) -> SearchResult:
-        """As :meth:`search_batched`, on :func:`mipscan.get_num_threads` threads (C++, GIL
-        released). ``batch_size`` (an int >= 1) is how many queries get their centroid
+        """As :meth:`search_batched`, on ``num_threads`` threads (C++, GIL released; see
+        :meth:`set_num_threads`). ``batch_size`` (an int >= 1) is how many queries get their centroid
         scores from one BLAS product; results do not depend on it."""
         call = "search_batched_parallel()"
         queries = as_float_array(call, "queries", queries, 2, d=self.d)
         batch_size = check_int(call, "batch_size", batch_size, 1, None)
         return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
-                         leaves_to_search, threads=get_num_threads(), batch_size=batch_size)
+                         leaves_to_search, threads=self.num_threads, batch_size=batch_size)
 
     def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256) -> SearchResult:
         n = self.n
@@ -154,6 +181,27 @@ class Searcher:
     def serialize(self, directory) -> None:
         """Writes the index to ``directory`` (a folder of .npy files plus mipscan.json),
         atomically: readers see the old index or the complete new one, never a mix."""
-        from mipscan._io import save_index
+        write_index(directory, self.config, self._arrays)
 
-        save_index(directory, self.config, self._arrays)
+
+def load_searcher(directory, mmap: bool = True, verify: bool = True) -> Searcher:
+    """Loads an index written by :meth:`Searcher.serialize`.
+
+    Args:
+        directory: the index folder.
+        mmap: memory-map the arrays (no copy, fast start, pages shared between processes).
+        verify: check every file's sha256 against mipscan.json (reads each file once).
+
+    Returns:
+        A :class:`Searcher`.
+
+    Raises:
+        ValueError: a missing, damaged, truncated or foreign folder; the message names
+            the path and the offending field.
+    """
+    config, arrays = read_index(directory, mmap=mmap, verify=verify)
+    try:
+        return Searcher(config, arrays)
+    except ValueError as exc:  # the structural checks of the C++ index view
+        raise ValueError(f"load_searcher(): {str(directory)!r}: inconsistent arrays: {exc}"
+                         ) from None

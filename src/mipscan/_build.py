@@ -1,0 +1,144 @@
+"""Builds the arrays of an index from a checked configuration: trains the partitioning
+tree and the AH codebooks, encodes, and lays everything out as the core reads it (see
+DESIGN.md, Data layout). The builder (``builder.py``) only compiles the configuration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mipscan import _mipscan
+from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks
+from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
+from mipscan.brute import normalize_rows
+
+# Rows per encoding call: bounds temporary memory and lets Ctrl-C through between calls.
+_ENCODE_CHUNK = 1 << 18
+
+
+def to_mips_rows(x: np.ndarray, metric: str) -> np.ndarray:
+    """Maps database rows into the inner-product space the core searches."""
+    if metric == "cosine":
+        return normalize_rows(x)
+    if metric == "squared_l2":
+        half = -0.5 * np.einsum("ij,ij->i", x, x)
+        return np.ascontiguousarray(np.hstack([x, half[:, None]]), dtype=np.float32)
+    return x
+
+
+def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
+                 ) -> dict[str, np.ndarray]:
+    """Trains and lays out every array of the index (see DESIGN.md, Data layout).
+
+    Every array returned is new memory, except, with ``copy=False``, the float32 reorder
+    rows of a dot-product index, which are then ``db`` itself (zero-copy: the caller
+    must not change ``db`` while the index lives)."""
+    metric = config["distance_measure"]
+    rng = np.random.default_rng(config["seed"])
+    space = normalize_rows(db) if metric == "cosine" else db  # where partitions are trained
+    rows = to_mips_rows(db, metric)
+    n, mips_d = rows.shape
+
+    tree = config.get("tree")
+    if tree is not None:
+        sample = space
+        if tree["training_sample_size"] < n:
+            sample = space[np.sort(rng.choice(n, tree["training_sample_size"], replace=False))]
+        k = min(tree["num_leaves"], len(sample))
+        centroids = kmeans(sample, k, tree["training_iterations"], rng,
+                           spherical=tree["spherical"], kmeanspp=not tree["random_init"])
+        labels = assign_nearest(space, centroids)
+        centroids, labels = _merge_small_leaves(space, centroids, labels, tree["min_partition_size"])
+        # Slots: every row in its own leaf, and with SOAR a second time in another one.
+        slot_rows_of = np.arange(n)
+        slot_leaves = labels
+        if tree.get("soar_lambda") is not None and len(centroids) > 1:
+            second = soar_assign(space, centroids, labels, tree["soar_lambda"])
+            slot_rows_of = np.concatenate([slot_rows_of, slot_rows_of])
+            slot_leaves = np.concatenate([labels, second])
+        if metric == "squared_l2":
+            half = -0.5 * np.einsum("ij,ij->i", centroids, centroids)
+            centroids = np.hstack([centroids, half[:, None]]).astype(np.float32)
+    else:
+        centroids = np.zeros((1, mips_d), np.float32)
+        labels = slot_leaves = np.zeros(n, np.int64)
+        slot_rows_of = np.arange(n)
+    num_leaves = len(centroids)
+    order = np.argsort(slot_leaves, kind="stable")
+    slot_ids = slot_rows_of[order]  # datapoint row of each slot
+    counts = np.bincount(slot_leaves, minlength=num_leaves)
+    leaf_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    arrays = {"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
+              "leaf_offsets": leaf_offsets,
+              "slot_ids": slot_ids.astype(np.uint32)}
+
+    ah = config.get("score_ah")
+    if ah is not None:
+        arrays.update(_build_ah(rows, centroids, labels, slot_ids, slot_leaves[order], counts, ah,
+                                rng, threads))
+    else:
+        arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
+    if config.get("reorder") is not None:
+        reorder_rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if copy and np.shares_memory(reorder_rows, db):
+            reorder_rows = reorder_rows.copy()
+        arrays["reorder_rows"] = reorder_rows
+    return arrays
+
+
+def _merge_small_leaves(x, centroids, labels, min_size):
+    """Drops leaves with fewer than min_size points (ScaNN's min_partition_size) and
+    reassigns their points to the nearest remaining centroid; also drops empty leaves."""
+    counts = np.bincount(labels, minlength=len(centroids))
+    keep = counts >= max(min_size, 1)
+    if keep.all():
+        return centroids, labels
+    if not keep.any():  # every leaf is small: keep the largest one
+        keep[np.argmax(counts)] = True
+    centroids = centroids[keep]
+    return centroids, assign_nearest(x, centroids)
+
+
+def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, threads):
+    """AH arrays. labels: each row's own leaf (codebooks train on those residuals);
+    slot_ids / slot_leaf: row and leaf of each slot, in slot order (what is encoded)."""
+    n, mips_d = rows.shape
+    dpb = ah["dimensions_per_block"]
+    num_blocks = ah_num_blocks(mips_d, dpb)
+    dp = num_blocks * dpb
+
+    def padded_residuals(idx, leaves):
+        out = np.zeros((len(idx), dp), np.float32)
+        out[:, :mips_d] = rows[idx] - centroids[leaves]
+        return out
+
+    def padded_rows(idx):
+        out = np.zeros((len(idx), dp), np.float32)
+        out[:, :mips_d] = rows[idx]
+        return out
+
+    m = min(n, ah["training_sample_size"])
+    sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
+    books = train_codebooks(padded_residuals(sample, labels[sample]), num_blocks, dpb,
+                            ah["training_iterations"], rng, threads)
+
+    threshold = ah["anisotropic_quantization_threshold"]
+    # Relative to the median row norm: for unit-norm rows (ScaNN's recommended setting)
+    # this is ScaNN's absolute threshold; for embeddings of any other scale it keeps the
+    # same meaning instead of degenerating (t = T / |x| >= 1 when norms are below T).
+    threshold = 0.0 if math.isnan(threshold) else threshold * float(
+        np.median(np.linalg.norm(rows[sample], axis=1)))
+    codes = np.empty((len(slot_ids), num_blocks), np.uint8)
+    for b in range(0, len(slot_ids), _ENCODE_CHUNK):
+        idx, leaves = slot_ids[b:b + _ENCODE_CHUNK], slot_leaf[b:b + _ENCODE_CHUNK]
+        codes[b:b + len(idx)] = _mipscan.encode_anisotropic(
+            padded_residuals(idx, leaves), padded_rows(idx), books, threshold, mips_d, ENCODER_ITERATIONS,
+            threads)
+
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    packed = [_mipscan.pack_codes(codes[offsets[l]:offsets[l + 1]]) for l in range(len(counts))]
+    groups = (counts + 63) // 64  # lut16.h: groups of 64 points
+    return {"codebooks": books,
+            "packed_codes": np.concatenate(packed) if packed else np.zeros(0, np.uint8),
+            "leaf_groups": np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)}

@@ -1,0 +1,216 @@
+"""The index schema, in one place: the builder stages and their arguments, the
+cross-argument rules, and which arrays a configuration needs.
+
+Read by the builder (to check a configuration), by the index loader (to re-check a
+stored one and to know which files must be there) and by the searcher. The C++ bindings
+mirror the array invariants that protect memory (``_core/bindings.cpp``, ``Index``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from mipscan._validation import (DISTANCE_MEASURES, Bool, Interval, Options, check_value)
+
+_NAN = float("nan")
+
+#: Largest number of AH blocks: a point's sum of per-block LUT entries (each >= 1 unit)
+#: must fit the scan's uint16 accumulators (see _core/lut16.h).
+MAX_AH_BLOCKS = 65535
+
+#: Iterations of the anisotropic encoder's coordinate descent over blocks. Measured when
+#: it was chosen (tutorial candidates and GloVe-50): codes stop changing after 3-6 passes
+#: for all but a few points; 10 bounds the build time without changing recall@10.
+ENCODER_ITERATIONS = 10
+
+#: Upper bound of k-means iteration counts: a C int in the core; more only wastes time.
+MAX_TRAINING_ITERATIONS = 1 << 20
+
+# One table per stage: argument -> (rule, default). Read by the builder, the loader and
+# the generic validation test (tests/test_validation.py).
+STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
+    "tree": {
+        "num_leaves": (Interval(int, 1, None), None),
+        "num_leaves_to_search": (Interval(int, 1, None), None),
+        "training_sample_size": (Interval(int, 1, None), 100_000),
+        "min_partition_size": (Interval(int, 0, None), 50),
+        "training_iterations": (Interval(int, 1, MAX_TRAINING_ITERATIONS), 12),
+        "spherical": (Bool(), False),
+        "quantize_centroids": (Options((False,)), False),
+        "random_init": (Bool(), True),
+        "incremental_threshold": (Options((None,)), None),
+        "avq": (Options((None, False)), None),
+        "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
+        "overretrieve_factor": (Options((None,)), None),
+    },
+    "score_ah": {
+        "dimensions_per_block": (Interval(int, 1, None), None),
+        "anisotropic_quantization_threshold": (Interval(float, 0.0, None, allow_nan=True), 0.2),
+        "training_sample_size": (Interval(int, 16, None), 100_000),
+        # Accepted (and checked) for ScaNN code, which may pass it positionally; ScaNN
+        # uses it to re-seed small codeword clusters. mipscan re-seeds empty codewords
+        # only, so it has no effect here (documented in ScannBuilder.score_ah).
+        "min_cluster_size": (Interval(int, 0, None, allow_none=True), 100),
+        "hash_type": (Options(("lut16",)), "lut16"),
+        "training_iterations": (Interval(int, 1, MAX_TRAINING_ITERATIONS), 10),
+    },
+    "autopilot": {
+        "mode": (Options(("NONE",)), "NONE"),
+        "quantize": (Options((False, "float32", "FLOAT32")), False),
+    },
+    "score_brute_force": {
+        "quantize": (Options((False, "float32")), False),
+    },
+    "reorder": {
+        "reordering_num_neighbors": (Interval(int, 1, None), None),
+        "quantize": (Options((False, "float32")), False),
+        "anisotropic_quantization_threshold": (Interval(float, None, None, allow_nan=True), _NAN),
+    },
+}
+
+#: Arguments ScaNN derives itself; a user passing them is told so.
+INTERNAL = {"distance_measure", "projection", "upper_tree", "residual_quantization", "n_dims"}
+
+#: Top-level keys of a stored configuration besides the stages.
+CONFIG_KEYS = ("n", "d", "num_neighbors", "distance_measure", "seed", "build_seconds")
+
+#: Every array an index may hold: dtype, rank, and the stage that needs it (None: always).
+ARRAYS: dict[str, tuple[Any, int, str | None]] = {
+    "centroids": (np.float32, 2, None),
+    "leaf_offsets": (np.int64, 1, None),
+    "slot_ids": (np.uint32, 1, None),
+    "codebooks": (np.float32, 3, "score_ah"),
+    "packed_codes": (np.uint8, 1, "score_ah"),
+    "leaf_groups": (np.int64, 1, "score_ah"),
+    "slot_rows": (np.float32, 2, "score_brute_force"),
+    "reorder_rows": (np.float32, 2, "reorder"),
+}
+
+
+def required_arrays(config: dict) -> set[str]:
+    """The arrays an index built from ``config`` holds."""
+    return {name for name, (_, _, stage) in ARRAYS.items() if stage is None or stage in config}
+
+
+def check_stage_args(call: str, stage: str, args: tuple, kwargs: dict) -> dict:
+    """Binds a stage's positional and keyword arguments to its table, checks each, and
+    returns the full argument dict (defaults filled in)."""
+    table = STAGES[stage]
+    names = list(table)
+    if len(args) > len(names):
+        raise TypeError(f"{call}: takes at most {len(names)} positional arguments; got {len(args)}")
+    given = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key in given:
+            raise TypeError(f"{call}: got multiple values for argument {key!r}")
+        if key in INTERNAL:
+            raise TypeError(f"{call}: {key} is set automatically by mipscan; do not pass it")
+        if key not in table:
+            raise TypeError(f"{call}: unexpected argument {key!r}; allowed: {', '.join(names)}")
+        given[key] = value
+    out = {}
+    for name, (rule, default) in table.items():
+        if name not in given:
+            if default is None and not (isinstance(rule, Options) or getattr(rule, "allow_none", False)):
+                raise TypeError(f"{call}: missing required argument {name!r}")
+            out[name] = default
+            continue
+        value = given[name]
+        if isinstance(rule, Options) and value not in rule.values and len(rule.values) <= 2 \
+                and rule.values[0] in (None, False):
+            raise ValueError(f"{call}: {name}={value!r} is not supported by mipscan yet; "
+                             f"allowed: {rule.describe()}")
+        out[name] = check_value(call, name, value, rule)
+    return out
+
+
+def ah_num_blocks(width: int, dimensions_per_block: int) -> int:
+    """AH blocks covering a MIPS-space width (squared_l2 adds one column)."""
+    return math.ceil(width / dimensions_per_block)
+
+
+def mips_width(d: int, distance_measure: str) -> int:
+    """Width of the rows the core searches: squared_l2 appends -|x|^2/2."""
+    return d + 1 if distance_measure == "squared_l2" else d
+
+
+def cross_rule_errors(config: dict) -> list[tuple[str, str]]:
+    """The cross-argument rules of a configuration, as (field, message) pairs for the
+    rules it breaks: field is ``stage.argument`` (or ``stages``), message says what is
+    allowed and what it got. Used by the builder (``build()``) and the loader."""
+    n, d = config["n"], config["d"]
+    errors = []
+    has_ah, has_bf = "score_ah" in config, "score_brute_force" in config
+    if has_ah == has_bf:
+        errors.append(("stages", "exactly one of score_ah() or score_brute_force() must be "
+                                 f"called; got {'both' if has_ah else 'neither'}"))
+    tree, ah, reorder = config.get("tree"), config.get("score_ah"), config.get("reorder")
+    if tree is not None:
+        if tree["num_leaves"] > n:
+            errors.append(("tree.num_leaves",
+                           f"must be an int in [1, n={n}]; got {tree['num_leaves']}"))
+        if tree["num_leaves_to_search"] > tree["num_leaves"]:
+            errors.append(("tree.num_leaves_to_search",
+                           f"must be an int in [1, num_leaves={tree['num_leaves']}]; "
+                           f"got {tree['num_leaves_to_search']}"))
+    if ah is not None:
+        dpb = ah["dimensions_per_block"]
+        if dpb > d:
+            errors.append(("score_ah.dimensions_per_block",
+                           f"must be an int in [1, d={d}]; got {dpb}"))
+        blocks = ah_num_blocks(mips_width(d, config["distance_measure"]), dpb)
+        if blocks > MAX_AH_BLOCKS:
+            errors.append(("score_ah.dimensions_per_block",
+                           f"gives {blocks} blocks for d={d} ({config['distance_measure']}); at "
+                           f"most {MAX_AH_BLOCKS} blocks are supported (uint16 sums), so use "
+                           f"dimensions_per_block >= "
+                           f"{math.ceil(mips_width(d, config['distance_measure']) / MAX_AH_BLOCKS)}"))
+    if reorder is not None and reorder["reordering_num_neighbors"] > n:
+        errors.append(("reorder.reordering_num_neighbors",
+                       f"must be an int in [1, n={n}]; got {reorder['reordering_num_neighbors']}"))
+    return errors
+
+
+def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> dict:
+    """Re-validates a stored configuration with the builder's own tables and rules;
+    ``bad(field, why)`` makes the exception to raise (the loader names the file)."""
+    call = "load_searcher()"
+
+    def field(name, rule):
+        if name not in config:
+            raise bad(f"config.{name}", "missing")
+        try:
+            return check_value(call, f"config.{name}", config[name], rule)
+        except (TypeError, ValueError) as exc:
+            raise bad(f"config.{name}", str(exc)) from None
+
+    n = field("n", Interval(int, 1, None))
+    field("d", Interval(int, 1, None))
+    field("num_neighbors", Interval(int, 1, n))
+    field("distance_measure", Options(DISTANCE_MEASURES))
+    field("seed", Interval(int, 0, None))
+    seconds = field("build_seconds", Interval(float, 0.0, None))
+    if not math.isfinite(seconds):
+        raise bad("config.build_seconds", f"must be a finite number >= 0; got {seconds!r}")
+    unknown = set(config) - set(STAGES) - set(CONFIG_KEYS)
+    if unknown:
+        raise bad("config", f"unknown keys {sorted(unknown)}")
+    for stage, table in STAGES.items():
+        if stage not in config:
+            continue
+        params = config[stage]
+        if not isinstance(params, dict) or set(params) != set(table):
+            raise bad(f"config.{stage}", f"expected keys {sorted(table)}")
+        for name, (rule, _default) in table.items():
+            if name == "anisotropic_quantization_threshold" and params[name] is None:
+                continue  # JSON has no NaN: NaN is stored as null
+            try:
+                check_value(call, f"config.{stage}.{name}", params[name], rule)
+            except (TypeError, ValueError) as exc:
+                raise bad(f"config.{stage}.{name}", str(exc)) from None
+    for where, message in cross_rule_errors(config):
+        raise bad(f"config.{where}" if where != "stages" else "config", message)
+    return config
