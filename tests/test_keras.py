@@ -21,13 +21,14 @@ import pytest
 SCRIPT = Path(__file__).with_name("keras_backend_checks.py")
 BACKENDS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}  # name -> module
 CHECKS = ["contract", "compiled", "config", "save_load", "load_other_backend", "errors",
-          "update_candidates", "tutorial_model"]
+          "update_candidates", "tutorial_model", "owns_data", "nan_queries", "racing_updates",
+          "tampered_assets"]
 #: The backend whose saved model the others load (check load_other_backend).
 SAVING_BACKEND = "jax"
 MARKER = "KERAS_CHECKS_JSON: "
 # Few epochs keep the session short, and the barely trained model's nearly isotropic
-# embeddings are the hard case for recall. 40 copies make 109,962 candidates: enough for
-# the default index to use a tree (>= 100,000); half of them test it without one.
+# embeddings are the hard case for recall. 40 copies make 109,962 candidates: the default
+# index (mipscan.suggest_config) uses a tree; the first 9,000 test exact scoring.
 # benchmarks/bench_keras.py uses the tutorial's 50 epochs and 100 copies.
 EPOCHS, COPIES = 10, 40
 TIMEOUT = 900

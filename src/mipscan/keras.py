@@ -8,22 +8,34 @@ anisotropic AH, exact reorder) instead of scoring every candidate.
 It runs on the JAX, TensorFlow and PyTorch backends, eagerly and inside compiled
 functions: under ``jax.jit`` the search is a ``jax.pure_callback``, under ``tf.function``
 a ``tf.numpy_function``; PyTorch runs eagerly. Every backend branch lives in
-:func:`_host_call` and the two helpers after it.
+:func:`_host_call` and the helpers after it.
+
+State: everything the layer searches with (searcher, ids, embeddings, dimension, the
+linked variable) is one immutable :class:`_Snapshot`, replaced by a single assignment and
+read once per call, so a call racing ``update_candidates`` uses the old or the new
+candidates, never a mix. No index is ever built inside a traced function or a host
+callback (``jax.pure_callback`` may skip or repeat its calls): only eagerly.
 
 This module imports Keras and Keras-RS (the ``recsys`` extra); ``import mipscan`` does not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import io
+import json
 import math
 import numbers
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 
 import mipscan
+from mipscan._policy import LEAVES_SEARCHED, REORDER_MIN, REORDER_PER_NEIGHBOR
 from mipscan.recsys._extras import reraise
 
 try:
@@ -34,31 +46,33 @@ except ImportError as _exc:  # one line naming the extra, not the import's trace
 
 __all__ = ["ApproximateRetrieval"]
 
-# Defaults, chosen for recall first (recall@10 >= 0.95 vs brute force) on the Keras-RS
-# tutorial's embeddings, which are barely trained and so nearly isotropic: the hardest
-# case for partitioning and quantization.
-# Below this many candidates the index has no tree: one AH scan over all of them (16 bytes
-# per candidate at d=32) takes well under a millisecond per query, and a tree that keeps
-# recall >= 0.95 on near-isotropic data must search a large share of its leaves anyway.
-_MIN_CANDIDATES_FOR_TREE = 100_000
-# Fraction of the leaves searched when num_leaves_to_search is not given. On the
-# tutorial's embeddings with round(sqrt(n)) leaves, recall@10 with 1/4 of them is 0.944
-# (110k candidates, 10 epochs) to 0.984 (270k, 50 epochs); with 1/3, 0.970 to 0.992.
-# The misses come from the tree: a larger reorder does not recover them.
-_LEAVES_TO_SEARCH_FRACTION = 1 / 3
-# Below this many candidates the index scores exactly (score_brute_force): an AH
-# codebook of 16 codewords per block needs a few hundred points to be worth training.
-_MIN_CANDIDATES_FOR_AH = 1_000
-# dimensions_per_block when not given: 1 up to this many dimensions (4 bits per
-# dimension: recall@10 0.997 vs 0.96 for 2 on the tutorial's 32-d embeddings), else 2.
-_MAX_DIMS_FOR_ONE_PER_BLOCK = 64
-# Batches at least this large go to search_batched_parallel (all cores); smaller ones to
-# search_batched, whose single thread avoids the pool's start-up cost.
+# Batches at least this large go to search_batched_parallel (the searcher's threads);
+# smaller ones to search_batched, whose single thread avoids the pool's hand-off cost.
 _PARALLEL_MIN_QUERIES = 64
 
+# The assets of a saved layer (inside the .keras file).
 _SEARCHER_DIR = "searcher"
+_MANIFEST_FILE = "retrieval.json"
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
 _IDS_FILE = "candidate_ids.npy"
+_ASSETS_FORMAT = "mipscan-keras-retrieval"
+_ASSETS_VERSION = 1
+
+
+# ---------------------------------------------------------------- backends
+def _is_traced(xs: tuple) -> bool:
+    """Whether any of the backend tensors ``xs`` is symbolic (a JAX tracer, or a
+    TensorFlow graph tensor): the values are then only known inside a host callback."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return any(isinstance(x, jax.core.Tracer) for x in xs)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    return False
 
 
 def _host_call(fn, xs: tuple, out_dtypes: tuple[str, ...], out_shape: tuple):
@@ -66,30 +80,29 @@ def _host_call(fn, xs: tuple, out_dtypes: tuple[str, ...], out_shape: tuple):
     tensors ``xs`` (float32) and returns backend tensors of ``out_dtypes``, each of
     ``out_shape`` (None for a dimension only known at run time).
 
-    With the two helpers below, the only per-backend code: JAX traces become a
+    With the helpers around it, the only per-backend code: JAX traces become a
     ``jax.pure_callback``, TensorFlow graphs a ``tf.numpy_function``; eager tensors of
-    every backend go through numpy directly.
+    every backend go through numpy directly. ``fn`` must be a pure function of its
+    inputs and the layer's current snapshot: a callback may be skipped or repeated.
     """
     backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
+    if _is_traced(xs):
+        if backend == "jax":
+            import jax
 
-        if any(isinstance(x, jax.core.Tracer) for x in xs):
             specs = tuple(jax.ShapeDtypeStruct(out_shape, dt) for dt in out_dtypes)
             # One call for a vmapped batch of queries; with candidates as a second
             # operand, which vmap must not batch, one call per element.
             method = "broadcast_all" if len(xs) == 1 else "sequential"
             return jax.pure_callback(fn, specs, *xs, vmap_method=method)
-    elif backend == "tensorflow":
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            # stateful: the results depend on the layer's candidates, not only on x.
-            outs = tf.numpy_function(fn, list(xs), list(out_dtypes), stateful=True)
-            for out in outs:
-                out.set_shape(out_shape)
-            return tuple(outs)
-    outs = fn(*(keras.ops.convert_to_numpy(x) for x in xs))
+        # stateful: the results depend on the layer's candidates, not only on x.
+        outs = tf.numpy_function(fn, list(xs), list(out_dtypes), stateful=True)
+        for out in outs:
+            out.set_shape(out_shape)
+        return tuple(outs)
+    outs = fn(*(_to_numpy("inputs", x) for x in xs))
     return tuple(keras.ops.convert_to_tensor(o) for o in outs)
 
 
@@ -104,22 +117,39 @@ def _host_call_supports_jit() -> bool:
 
 def _top_k_index_dtype() -> str:
     """The dtype of ``keras.ops.top_k``'s indices, which BruteForceRetrieval returns
-    when it has no candidate ids: torch.topk gives int64, JAX and TensorFlow int32."""
+    when it has no candidate ids: torch.topk gives int64, JAX and TensorFlow int32. Both
+    are what the backend's gather (``keras.ops.take``, ``tf.gather``, ``torch.index_select``)
+    accepts; mipscan's own uint32 rows are not (TensorFlow refuses them)."""
     return "int64" if keras.backend.backend() == "torch" else "int32"
 
 
+# ---------------------------------------------------------------- arrays
 def _to_numpy(name: str, x: Any) -> np.ndarray:
     """Any tensor or array-like as a numpy array; ValueError naming the argument if it
-    cannot be converted."""
+    cannot be converted. Tensors that require grad are detached (the search is not
+    differentiable), not refused."""
     if isinstance(x, np.ndarray):
         return x
     try:
-        arr = np.asarray(x) if isinstance(x, (list, tuple)) else keras.ops.convert_to_numpy(x)
+        if isinstance(x, (list, tuple)):
+            arr = np.asarray(x)
+        else:
+            detach = getattr(x, "detach", None)  # torch tensors (requires_grad or not)
+            if callable(detach) and type(x).__module__.startswith("torch"):
+                x = detach().cpu()
+            arr = keras.ops.convert_to_numpy(x)
     except Exception as exc:  # backend-specific conversion errors
         raise ValueError(f"`{name}` could not be converted to an array: {exc}") from None
     if arr.dtype.name == "bfloat16":
         arr = arr.astype(np.float32)
     return arr
+
+
+def _owned(arr: np.ndarray, dtype) -> np.ndarray:
+    """A read-only copy that nothing else references (the caller may change ``arr``)."""
+    out = np.array(arr, dtype=dtype, order="C", copy=True)
+    out.setflags(write=False)
+    return out
 
 
 def _embeddings_array(x: Any) -> np.ndarray:
@@ -138,22 +168,23 @@ def _ids_array(x: Any) -> np.ndarray:
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
         # Float ids are accepted only when they are whole numbers: truncating 0.5 to 0
         # would silently return the wrong identifiers.
+        bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)))]
         raise ValueError("`candidate_ids` must hold whole numbers; received float "
-                         f"`candidate_ids` such as {arr[~(arr == np.round(arr))][:3].tolist()}")
+                         f"`candidate_ids` such as {bad[:3].tolist()}")
     return arr
 
 
 def _check_ids_values(ids: np.ndarray) -> np.ndarray:
-    """int32 ids (the dtype BruteForceRetrieval stores them in), checked to fit."""
+    """int32 ids (the dtype BruteForceRetrieval stores them in), checked to fit; an
+    owned, read-only copy."""
     if ids.ndim != 1:
         raise ValueError("`candidate_ids` must be a tensor of rank 1 (num_candidates,), "
                          f"received `candidate_ids` with shape {ids.shape}")
     info = np.iinfo(np.int32)
-    if ids.size and (ids.dtype.kind == "f" and not np.all(np.isfinite(ids))
-                     or ids.min() < info.min or ids.max() > info.max):
+    if ids.size and (ids.min() < info.min or ids.max() > info.max):
         raise ValueError(f"`candidate_ids` must fit in int32 [{info.min}, {info.max}], "
                          f"received values in [{ids.min()}, {ids.max()}]")
-    return ids.astype(np.int32)
+    return _owned(ids, np.int32)
 
 
 def _check_int(name: str, value: Any, low: int, allow_none: bool = True) -> int | None:
@@ -168,6 +199,53 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = True) -> int 
     return int(value)
 
 
+def _searcher_rows(searcher: Any, n: int, d: int) -> np.ndarray | None:
+    """The (n, d) float32 candidates as a searcher keeps them, if it does: its exact
+    reorder rows (AH indexes), or its scored rows put back in row order (exact
+    indexes); for dot product and squared L2 their first d columns are the candidates
+    themselves (cosine keeps normalised rows). A saved layer then need not store the
+    candidates a second time. Read through the searcher's pickle state, its public view
+    of its arrays; None when no such rows are there."""
+    try:
+        arrays = searcher.__getstate__()["arrays"]
+    except Exception:  # not a mipscan Searcher, or one that keeps no arrays
+        return None
+    if not isinstance(arrays, dict):
+        return None
+
+    def usable(rows, num_rows):
+        return isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.ndim == 2 \
+            and rows.shape[0] == num_rows and rows.shape[1] >= d
+
+    rows = arrays.get("reorder_rows")
+    if usable(rows, n):
+        return rows[:, :d]
+    rows, slots = arrays.get("slot_rows"), arrays.get("slot_ids")
+    if isinstance(slots, np.ndarray) and slots.ndim == 1 and slots.dtype.kind in "iu" \
+            and usable(rows, len(slots)) and len(slots) >= n and slots.size \
+            and int(slots.max()) < n and np.unique(slots).size == n:
+        out = np.empty((n, d), np.float32)
+        out[slots] = rows[:, :d]
+        return out
+    return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """Everything a search reads, replaced as a whole (never changed in place).
+
+    ``searcher`` is None only in linked mode before the first (eager) build;
+    ``embeddings`` are the (n, d) float32 values the searcher was built from (read-only,
+    owned) or None when a ``searcher=`` came without them; ``ids`` the (n,) int32 ids
+    (read-only, owned) or None; ``linked`` the ``keras.Variable`` the layer follows."""
+
+    searcher: Any
+    dim: int
+    embeddings: np.ndarray | None
+    ids: np.ndarray | None
+    linked: Any = None
+
+
 @keras.saving.register_keras_serializable(package="mipscan")
 class ApproximateRetrieval(keras_rs.layers.Retrieval):
     """Approximate top-k retrieval with a mipscan index (ScaNN's algorithm).
@@ -175,30 +253,35 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
     Same contract as ``keras_rs.layers.BruteForceRetrieval``: it keeps a set of
     candidates and returns, for each query, the top ``k`` candidates by score, sorted
     highest first, as ``(top_scores, top_ids)`` (or ``top_ids`` when
-    ``return_scores=False``). The scores are the exact inner products of the returned
+    ``return_scores=False``). The scores are the exact scores of the returned
     candidates (the index reorders its approximate hits exactly); which candidates are
-    returned is approximate (recall@10 is typically >= 0.95 with the defaults).
+    returned is approximate above 10,000 candidates (exact below).
 
     The index is built when candidates are given (in the constructor or by
-    ``update_candidates``) from the tuning arguments below; their ``None`` defaults
-    adapt to the number of candidates ``n``. Or pass an already built ``searcher``
-    (``mipscan.builder(...).build()`` or ``mipscan.load_searcher(...)``).
+    ``update_candidates``), from ``mipscan.suggest_config`` (the policy ``autopilot()``
+    and the CLI use too) with any tuning argument below that is not ``None`` taking
+    precedence. Or pass an already built ``searcher`` (``mipscan.builder(...).build()``
+    or ``mipscan.load_searcher(...)``). The layer keeps its own copy of the candidates
+    and ids: changing the arrays passed in afterwards does not change its results.
 
-    Unlike ``BruteForceRetrieval``, ``model.save()`` keeps the candidates: the index
-    and the candidates are written as assets of the ``.keras`` file, and
-    ``keras.models.load_model()`` restores a layer that gives identical results, on any
-    backend. ``get_config()`` holds the arguments, not the candidates.
+    Unlike ``BruteForceRetrieval``, ``model.save()`` keeps the candidates: the index,
+    the ids and (unless the index already holds them) the embeddings are written once
+    as assets of the ``.keras`` file, with a manifest of their shapes and sha256;
+    ``keras.models.load_model()`` checks them (a damaged or mismatched file raises
+    ValueError naming the file and the field) and restores a layer that gives identical
+    results, on any backend. ``get_config()`` holds the arguments, not the candidates.
 
     As with ``BruteForceRetrieval`` in the Keras-RS tutorials, a model's ``build()`` may
     link the layer to its candidate tower's variable (``self.retrieval.candidate_embeddings
-    = self.candidate_embedding.embeddings``): the index then follows the variable through
-    ``fit()`` (see the ``candidate_embeddings`` property).
+    = self.candidate_embedding.embeddings``); see the ``candidate_embeddings`` property
+    for when the index follows the variable.
 
     Other differences: otherwise ``candidate_embeddings`` and ``candidate_ids`` are
     read-only tensors, not ``keras.Variable``s (change them with ``update_candidates``,
     which rebuilds the index), and ``update_candidates`` may add ids to candidates that
     had none. The search runs on the host, outside autodiff: the outputs carry no
-    gradient (a retrieval layer serves; training uses the exact scores).
+    gradient (a retrieval layer serves; training uses the exact scores), and query
+    tensors that require grad are detached.
 
     Args:
         candidate_embeddings: (n, d) candidate embeddings (any backend tensor, numpy
@@ -215,18 +298,19 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         distance_measure: `"dot_product"` (as `BruteForceRetrieval`), `"cosine"`, or
             `"squared_l2"` (scores are then squared distances, smallest first). With
             `searcher`, the searcher's own measure is used.
-        num_leaves: k-means leaves of the tree; `None` means no tree below 100,000
-            candidates and `round(sqrt(n))` above. Clamped to `n`; 1 means no tree.
-        num_leaves_to_search: leaves searched per query; `None` means a third of the
-            leaves (at least 1). Clamped to the number of leaves.
+        num_leaves: k-means leaves of the tree; `None`: as `suggest_config` (no tree
+            below 10,000 candidates, `round(sqrt(n))` above). Clamped to `n`; 1 means
+            no tree.
+        num_leaves_to_search: leaves searched per query; `None`: as `suggest_config`
+            (15% of the leaves, at least 1). Clamped to the number of leaves.
         training_iterations: k-means iterations of the tree.
-        dimensions_per_block: dimensions per 4-bit AH code; `None` means 1 for
-            `d <= 64`, else 2. Clamped to `d`. Below 1,000 candidates the index scores
-            exactly instead of with AH.
+        dimensions_per_block: dimensions per 4-bit AH code; `None`: as
+            `suggest_config` (exact scoring below 10,000 candidates, else 2). Given, it
+            selects AH at any size. Clamped to `d`.
         anisotropic_quantization_threshold: AH's anisotropic threshold T (NaN turns
-            the anisotropic weighting off).
-        reordering_num_neighbors: approximate hits rescored exactly per query; `None`
-            means `max(20 * k, 200)`. Clamped to `[k, n]`.
+            the anisotropic weighting off); `None`: as `suggest_config` (0.2).
+        reordering_num_neighbors: approximate hits rescored exactly per query (with
+            AH); `None`: as `suggest_config` (`max(250, 25 * k)`). Clamped to `[k, n]`.
         seed: seed of the index training (k-means and codebooks).
         **kwargs: Args to pass to the base class.
 
@@ -235,9 +319,9 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             of `candidate_embeddings`, fewer candidates than `k`, `candidate_ids` of
             the wrong length or without `candidate_embeddings`); also an unusable
             dtype of `candidate_embeddings` or `candidate_ids`, NaN/inf candidates,
-            queries whose last dimension differs from the candidates', and a call
-            before any candidates were given. Checked in the constructor,
-            `update_candidates` and `call`.
+            NaN/inf queries (see `call`), queries whose last dimension differs from the
+            candidates', and a call before any candidates were given. Checked in the
+            constructor, `update_candidates` and `call`.
         TypeError: a tuning argument of the wrong type, or a `searcher` that is not
             a mipscan searcher.
 
@@ -268,7 +352,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         num_leaves_to_search: int | None = None,
         training_iterations: int = 12,
         dimensions_per_block: int | None = None,
-        anisotropic_quantization_threshold: float = 0.2,
+        anisotropic_quantization_threshold: float | None = None,
         reordering_num_neighbors: int | None = None,
         seed: int = 0,
         **kwargs: Any,
@@ -290,25 +374,19 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                                               allow_none=False)
         self.dimensions_per_block = _check_int("dimensions_per_block", dimensions_per_block, 1)
         threshold = anisotropic_quantization_threshold
-        if not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-                and (math.isnan(threshold) or threshold >= 0)):
-            raise (ValueError if isinstance(threshold, numbers.Real) else TypeError)(
-                "ApproximateRetrieval(): `anisotropic_quantization_threshold` must be a "
-                f"number >= 0 or nan; received {threshold!r}")
-        self.anisotropic_quantization_threshold = float(threshold)
+        if threshold is not None:
+            if not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+                    and (math.isnan(threshold) or threshold >= 0)):
+                raise (ValueError if isinstance(threshold, numbers.Real) else TypeError)(
+                    "ApproximateRetrieval(): `anisotropic_quantization_threshold` must be a "
+                    f"number >= 0, nan or None; received {threshold!r}")
+            threshold = float(threshold)
+        self.anisotropic_quantization_threshold = threshold
         self.reordering_num_neighbors = _check_int("reordering_num_neighbors",
                                                    reordering_num_neighbors, 1)
         self.seed = _check_int("seed", seed, 0, allow_none=False)
 
-        self._candidate_embeddings = None
-        self.candidate_ids = None
-        self.searcher = None
-        self._ids_np: np.ndarray | None = None
-        self._dim: int | None = None
-        # A keras.Variable given as `candidate_embeddings` (see the property), and the
-        # values the searcher was last built from.
-        self._linked = None
-        self._linked_snapshot: np.ndarray | None = None
+        self._state: _Snapshot | None = None
 
         if searcher is not None:
             self._use_searcher(searcher, candidate_embeddings, candidate_ids)
@@ -321,12 +399,74 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         else:
             self.update_candidates(candidate_embeddings, candidate_ids)
 
+    # ------------------------------------------------------------------ state
+    def _publish(self, state: _Snapshot) -> None:
+        """The single assignment that replaces what searches read."""
+        self._state = state
+        self.built = True
+
+    @property
+    def searcher(self):
+        """The mipscan searcher answering the queries (None before any candidates)."""
+        state = self._state
+        return None if state is None else state.searcher
+
+    @property
+    def candidate_ids(self):
+        """The (n,) int32 candidate ids as a tensor, or None."""
+        state = self._state
+        if state is None or state.ids is None:
+            return None
+        return keras.ops.convert_to_tensor(state.ids)
+
+    @property
+    def candidate_embeddings(self):
+        """The candidates: a tensor (a copy the layer owns), or the `keras.Variable`
+        assigned here."""
+        state = self._state
+        if state is None:
+            return None
+        if state.linked is not None:
+            return state.linked
+        return None if state.embeddings is None else keras.ops.convert_to_tensor(state.embeddings)
+
+    @candidate_embeddings.setter
+    def candidate_embeddings(self, value) -> None:
+        """Assigning a tensor or array is `update_candidates(value)`. Assigning a
+        `keras.Variable` links the layer to it, as the Keras-RS tutorials do with
+        `BruteForceRetrieval` (``retrieval.candidate_embeddings =
+        candidate_embedding.embeddings`` in the model's `build()`).
+
+        The index is (re)built from the variable's values eagerly only: on an eager call
+        of the layer whose variable values differ from those indexed, on
+        ``update_candidates(variable)``, and when the model is saved. A compiled call
+        (``model.predict`` on JAX and TensorFlow, ``jax.jit``, ``tf.function``) never
+        builds: if the values it receives differ from those indexed (after ``fit()``,
+        say), it scores them exactly (brute force, correct but slower) and warns; call
+        ``retrieval.update_candidates(retrieval.candidate_embeddings)`` after training
+        to index the trained values. Each call compares the values with those indexed
+        (one pass over the table)."""
+        if not isinstance(value, keras.Variable):
+            self.update_candidates(value)
+            return
+        state = self._state
+        ids = None if state is None else state.ids
+        self._validate_candidate_embeddings_and_ids(value, ids)
+        if keras.backend.standardize_dtype(value.dtype) not in ("float16", "bfloat16",
+                                                                  "float32", "float64"):
+            raise ValueError("`candidate_embeddings` must have a float dtype, received a "
+                             f"variable of dtype {value.dtype}")
+        self._publish(_Snapshot(None, int(value.shape[1]), None, ids, linked=value))
+
     # ------------------------------------------------------------------ candidates
     def update_candidates(self, candidate_embeddings: Any, candidate_ids: Any = None) -> None:
         """Replaces the candidates (and optionally their IDs) and rebuilds the index.
 
         As in `BruteForceRetrieval`, passing no `candidate_ids` keeps the previous IDs
-        (which must then match the new number of candidates).
+        (which must then match the new number of candidates). The layer copies both:
+        later changes to the arrays passed do not reach it. Passing the `keras.Variable`
+        the layer is linked to rebuilds the index from its current values and keeps the
+        link; any other value unlinks the layer.
 
         Args:
             candidate_embeddings: (n, d) candidate embeddings.
@@ -338,20 +478,27 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         """
         if candidate_embeddings is None:
             raise ValueError("`candidate_embeddings` is required.")
+        state = self._state
+        linked = None
+        if state is not None and state.linked is not None \
+                and candidate_embeddings is state.linked:
+            linked = state.linked
+            candidate_embeddings = _to_numpy("candidate_embeddings", linked.value)
         ids = None if candidate_ids is None else _ids_array(candidate_ids)
         emb, ids = self._checked_candidates(_embeddings_array(candidate_embeddings), ids)
         searcher = self._build_searcher(emb)
-        self._set_state(searcher, emb, ids)
+        self._publish(_Snapshot(searcher, emb.shape[1], emb, ids, linked=linked))
 
     def _checked_candidates(self, emb: np.ndarray, ids: np.ndarray | None):
-        """(n, d) float32 candidates and (n,) int32 ids (None: the current ones), after
-        every check."""
+        """Owned, read-only (n, d) float32 candidates and (n,) int32 ids (None: the
+        current ones), after every check."""
         if ids is None:
-            ids = self._ids_np
+            state = self._state
+            ids = None if state is None else state.ids
         self._validate_candidate_embeddings_and_ids(emb, ids)
         if ids is not None:
             ids = _check_ids_values(ids)
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        emb = _owned(emb, np.float32)
         if emb.size == 0:
             raise ValueError("`candidate_embeddings` must not be empty, received "
                              f"`candidate_embeddings` with shape {emb.shape}")
@@ -361,63 +508,52 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                              f"in row {row}")
         return emb, ids
 
-    @property
-    def candidate_embeddings(self):
-        """The candidates: a tensor, or the `keras.Variable` assigned here."""
-        return self._candidate_embeddings
-
-    @candidate_embeddings.setter
-    def candidate_embeddings(self, value) -> None:
-        """Assigning a tensor or array is `update_candidates(value)`. Assigning a
-        `keras.Variable` links the layer to it, as the Keras-RS tutorials do with
-        `BruteForceRetrieval` (``retrieval.candidate_embeddings =
-        candidate_embedding.embeddings`` in the model's `build()`): the index is then
-        built on the first call and rebuilt whenever the variable's values have changed
-        (after `fit()`, say). Each call compares the values with those indexed (one pass
-        over the table): for serving, `update_candidates` with the trained values avoids
-        that."""
-        if not isinstance(value, keras.Variable):
-            self.update_candidates(value)
-            return
-        ids = self._ids_np
-        self._validate_candidate_embeddings_and_ids(value, ids)
-        if keras.backend.standardize_dtype(value.dtype) not in ("float16", "bfloat16",
-                                                                  "float32", "float64"):
-            raise ValueError("`candidate_embeddings` must have a float dtype, received a "
-                             f"variable of dtype {value.dtype}")
-        self._candidate_embeddings = value
-        self._linked = value
-        self._linked_snapshot = None
-        self.searcher = None
-        self._dim = int(value.shape[1])
-        self.built = True
-
-    def _build_searcher(self, emb: np.ndarray):
-        """Builds a searcher over emb (n, d) float32 from the tuning arguments."""
-        n, d = emb.shape
+    def index_config(self, n: int, d: int) -> dict:
+        """The builder stages (stage -> arguments) this layer builds for ``n``
+        candidates of ``d`` dimensions: ``mipscan.suggest_config(n, d, k)`` with the
+        layer's explicit tuning arguments taking precedence (and clamped to n and d)."""
         k = min(self.k, n)
-        b = mipscan.builder(emb, k, self.distance_measure).set_seed(self.seed)
-        num_leaves = self.num_leaves
-        if num_leaves is None and n >= _MIN_CANDIDATES_FOR_TREE:
-            num_leaves = round(math.sqrt(n))
-        if num_leaves is not None and num_leaves > 1:
-            num_leaves = min(num_leaves, n)
-            to_search = self.num_leaves_to_search
-            if to_search is None:
-                to_search = math.ceil(_LEAVES_TO_SEARCH_FRACTION * num_leaves)
-            b = b.tree(num_leaves=num_leaves, num_leaves_to_search=min(to_search, num_leaves),
-                       training_iterations=self.training_iterations)
-        if n < _MIN_CANDIDATES_FOR_AH:
-            return b.score_brute_force().build()
-        dpb = self.dimensions_per_block
-        if dpb is None:
-            dpb = 1 if d <= _MAX_DIMS_FOR_ONE_PER_BLOCK else 2
-        b = b.score_ah(min(dpb, d),
-                       anisotropic_quantization_threshold=self.anisotropic_quantization_threshold)
+        suggested = mipscan.suggest_config(n, d, k=k, distance_measure=self.distance_measure)
+        config: dict = {}
+        tree = suggested.get("tree")
+        if self.num_leaves is not None:
+            leaves = min(self.num_leaves, n)
+            tree = None if leaves <= 1 else {
+                "num_leaves": leaves,
+                "num_leaves_to_search": max(1, math.ceil(LEAVES_SEARCHED * leaves))}
+        if tree is not None:
+            to_search = tree["num_leaves_to_search"]
+            if self.num_leaves_to_search is not None:
+                to_search = self.num_leaves_to_search
+            config["tree"] = {"num_leaves": tree["num_leaves"],
+                              "num_leaves_to_search": min(to_search, tree["num_leaves"]),
+                              "training_iterations": self.training_iterations}
+        ah = suggested.get("score_ah")
+        if ah is None and self.dimensions_per_block is None:
+            config["score_brute_force"] = dict(suggested.get("score_brute_force", {}))
+            return config
+        ah = dict(ah or {"dimensions_per_block": 2, "anisotropic_quantization_threshold": 0.2})
+        if self.dimensions_per_block is not None:
+            ah["dimensions_per_block"] = self.dimensions_per_block
+        ah["dimensions_per_block"] = min(ah["dimensions_per_block"], d)
+        if self.anisotropic_quantization_threshold is not None:
+            ah["anisotropic_quantization_threshold"] = self.anisotropic_quantization_threshold
+        config["score_ah"] = ah
         reorder = self.reordering_num_neighbors
         if reorder is None:
-            reorder = max(20 * self.k, 200)
-        return b.reorder(min(max(reorder, k), n)).build()
+            reorder = suggested.get("reorder", {}).get(
+                "reordering_num_neighbors", max(REORDER_MIN, REORDER_PER_NEIGHBOR * k))
+        config["reorder"] = {"reordering_num_neighbors": min(max(reorder, k), n)}
+        return config
+
+    def _build_searcher(self, emb: np.ndarray):
+        """Builds a searcher over emb (n, d), an owned read-only float32 array (so the
+        index may share it: build(copy=False))."""
+        n, d = emb.shape
+        b = mipscan.builder(emb, min(self.k, n), self.distance_measure).set_seed(self.seed)
+        for stage, kwargs in self.index_config(n, d).items():
+            b = getattr(b, stage)(**kwargs)
+        return b.build(copy=False)
 
     def _use_searcher(self, searcher: Any, candidate_embeddings: Any, candidate_ids: Any) -> None:
         """Adopts an already built searcher (and optional candidates and ids)."""
@@ -430,7 +566,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         self.distance_measure = getattr(searcher, "distance_measure", self.distance_measure)
         emb = ids = None
         if candidate_embeddings is not None:
-            emb = np.ascontiguousarray(_embeddings_array(candidate_embeddings), dtype=np.float32)
+            emb = _owned(_embeddings_array(candidate_embeddings), np.float32)
             self._validate_candidate_embeddings_and_ids(emb)
             if emb.shape != (n, d):
                 raise ValueError("`candidate_embeddings` must have the shape of the searcher's "
@@ -448,23 +584,14 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 f"The number of candidates provided ({n}) is less than the number of "
                 f"candidates to retrieve (k={self.k})."
             )
-        self._set_state(searcher, emb, ids, d=d)
-
-    def _set_state(self, searcher, emb: np.ndarray | None, ids: np.ndarray | None,
-                   d: int | None = None) -> None:
-        self.searcher = searcher
-        self._dim = emb.shape[1] if d is None else d
-        self._candidate_embeddings = None if emb is None else keras.ops.convert_to_tensor(emb)
-        self._linked = self._linked_snapshot = None
-        self.candidate_ids = None if ids is None else keras.ops.convert_to_tensor(ids)
-        self._ids_np = ids
-        self.built = True
+        self._publish(_Snapshot(searcher, d, emb, ids))
 
     # ------------------------------------------------------------------ calling
     def _ids_dtype(self) -> str:
         # BruteForceRetrieval returns the candidate ids, which it stores as int32, or
         # keras.ops.top_k's indices.
-        return _top_k_index_dtype() if self._ids_np is None else "int32"
+        state = self._state
+        return _top_k_index_dtype() if state is None or state.ids is None else "int32"
 
     def _scores_dtype(self) -> str:
         # BruteForceRetrieval multiplies the queries (cast to the compute dtype) with its
@@ -476,66 +603,124 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             return compute
         return keras.backend.result_type(compute, "float32")
 
-    def _search(self, queries: np.ndarray, ids_dtype: str):
-        """numpy (..., d) float32 -> (scores (..., k) float32, ids (..., k) ids_dtype)."""
-        flat = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self._dim)
+    def _flat_queries(self, queries: np.ndarray, dim: int) -> np.ndarray:
+        flat = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, dim)
+        if not np.isfinite(flat).all():
+            row = int(np.argwhere(~np.isfinite(flat))[0][0])
+            raise ValueError("ApproximateRetrieval: the queries (`inputs`) must be finite; "
+                             f"received NaN or inf in query {row}")
+        return flat
+
+    def _search(self, queries: np.ndarray, ids_dtype: str, state: _Snapshot | None = None):
+        """numpy (..., d) float32 -> (scores (..., k) float32, ids (..., k) ids_dtype),
+        with one snapshot (the current one unless given) for the searcher and the ids."""
+        state = self._state if state is None else state
         shape = queries.shape[:-1] + (self.k,)
+        flat = self._flat_queries(queries, state.dim)
         if len(flat) == 0:
             return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
-        if not np.isfinite(flat).all():
-            raise ValueError("ApproximateRetrieval: the queries (`inputs`) must be finite; "
-                             "received NaN or inf")
-        search = (self.searcher.search_batched_parallel if len(flat) >= _PARALLEL_MIN_QUERIES
-                  else self.searcher.search_batched)
+        searcher = state.searcher
+        search = (searcher.search_batched_parallel if len(flat) >= _PARALLEL_MIN_QUERIES
+                  else searcher.search_batched)
         result = search(flat, final_num_neighbors=self.k)
         rows = result.indices.astype(np.int64)
-        ids = rows if self._ids_np is None else self._ids_np[rows]
+        ids = rows if state.ids is None else state.ids[rows]
         return (np.asarray(result.distances, np.float32).reshape(shape),
                 ids.astype(ids_dtype).reshape(shape))
 
-    def _sync_linked(self, candidates: np.ndarray) -> None:
-        """(Re)builds the index if the linked variable's values (``candidates``) differ
-        from those it was built from."""
-        snapshot = self._linked_snapshot
-        if snapshot is None or snapshot.shape != candidates.shape \
-                or not np.array_equal(snapshot, candidates):
-            # An owned copy: the searcher keeps a reference to the array it is built from.
-            emb, _ = self._checked_candidates(np.array(candidates, np.float32), None)
-            self.searcher = self._build_searcher(emb)
-            self._linked_snapshot = emb
-
     def _search_linked(self, queries: np.ndarray, candidates: np.ndarray, ids_dtype: str):
-        self._sync_linked(candidates)
-        return self._search(queries, ids_dtype)
+        """The host callback of a compiled call in linked mode: searches the index if it
+        was built from exactly ``candidates``, else scores ``candidates`` exactly. Never
+        builds and never changes the layer (a pure function of its inputs and the
+        current snapshot)."""
+        state = self._state
+        indexed = state.embeddings
+        if state.searcher is not None and indexed is not None \
+                and indexed.shape == candidates.shape and np.array_equal(indexed, candidates):
+            return self._search(queries, ids_dtype, state)
+        warnings.warn(
+            "ApproximateRetrieval: the linked candidate embeddings differ from the indexed "
+            "ones (trained since?) and a compiled call cannot rebuild the index: scoring "
+            "them exactly instead. Call `update_candidates(layer.candidate_embeddings)` "
+            "after training to index the new values.", RuntimeWarning, stacklevel=2)
+        return self._exact(queries, np.asarray(candidates, np.float32), state.ids, ids_dtype)
+
+    def _exact(self, queries: np.ndarray, candidates: np.ndarray, ids, ids_dtype: str):
+        shape = queries.shape[:-1] + (self.k,)
+        flat = self._flat_queries(queries, candidates.shape[1])
+        if len(flat) == 0:
+            return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
+        if not np.isfinite(candidates).all():
+            raise ValueError("ApproximateRetrieval: the linked `candidate_embeddings` must be "
+                             "finite; received NaN or inf")
+        result = mipscan.brute_force(np.ascontiguousarray(candidates), flat, self.k,
+                                     self.distance_measure)
+        rows = result.indices.astype(np.int64)
+        if ids is not None and len(ids) != len(candidates):
+            raise ValueError(f"ApproximateRetrieval: the linked `candidate_embeddings` have "
+                             f"{len(candidates)} rows but `candidate_ids` {len(ids)}")
+        out = rows if ids is None else ids[rows]
+        return (np.asarray(result.distances, np.float32).reshape(shape),
+                out.astype(ids_dtype).reshape(shape))
+
+    def _sync_linked(self, state: _Snapshot, values: np.ndarray) -> _Snapshot:
+        """Eagerly: (re)builds the index if the linked variable's ``values`` differ from
+        those indexed, and publishes the new snapshot. Returns the snapshot to use."""
+        if state.searcher is not None and state.embeddings is not None \
+                and state.embeddings.shape == values.shape \
+                and np.array_equal(state.embeddings, values):
+            return state
+        emb, ids = self._checked_candidates(values, state.ids)
+        new = _Snapshot(self._build_searcher(emb), emb.shape[1], emb, ids, linked=state.linked)
+        self._publish(new)
+        return new
 
     def call(self, inputs: Any) -> Any:
         """Returns the top candidates for the queries passed as input.
 
         Args:
-            inputs: (..., d) query embeddings (usually (batch, d)).
+            inputs: (..., d) query embeddings (usually (batch, d)). Tensors that require
+                grad are detached.
 
         Returns:
             `(top_scores, top_ids)`, each (..., k), if `return_scores` is True (scores
             highest first; float32, or the compute dtype under a mixed dtype policy,
-            as `BruteForceRetrieval`), otherwise `top_ids` alone.
+            as `BruteForceRetrieval`), otherwise `top_ids` alone. The ids are int32
+            (the candidate ids, as `BruteForceRetrieval` stores them), or the row
+            indices in `keras.ops.top_k`'s dtype (int64 on PyTorch, int32 elsewhere):
+            what each backend's gather accepts.
+
+        Raises:
+            ValueError: NaN or inf in `inputs`, a wrong last dimension, or no candidates.
+                Inside a compiled function the NaN check runs in the host callback: JAX
+                then raises its own runtime error (``JaxRuntimeError``) and TensorFlow an
+                ``InvalidArgumentError``, whose message carries this ValueError's text
+                ("the queries (`inputs`) must be finite").
         """
-        if self.searcher is None and self._linked is None:
+        state = self._state
+        if state is None:
             raise ValueError("ApproximateRetrieval has no candidates: pass "
                              "`candidate_embeddings` (or `searcher`) to the constructor or "
                              "call `update_candidates()` first")
-        self._check_query_shape(inputs.shape)
+        self._check_query_shape(inputs.shape, state.dim)
         queries = inputs
         if keras.backend.standardize_dtype(inputs.dtype) != "float32":
             queries = keras.ops.cast(inputs, "float32")
         out_shape = tuple(inputs.shape[:-1]) + (self.k,)
         ids_dtype = self._ids_dtype()  # fixed when traced, so passed to the callback
-        if self._linked is None:
-            fn, operands = functools.partial(self._search, ids_dtype=ids_dtype), (queries,)
-        else:
+        operands: tuple = (queries,)
+        fn = functools.partial(self._search, ids_dtype=ids_dtype)
+        if state.linked is not None:
             # The variable's current values (the traced state inside compiled functions).
-            candidates = keras.ops.cast(keras.ops.convert_to_tensor(self._linked), "float32")
-            fn = functools.partial(self._search_linked, ids_dtype=ids_dtype)
-            operands = (queries, candidates)
+            candidates = keras.ops.cast(keras.ops.convert_to_tensor(state.linked), "float32")
+            if _is_traced((queries, candidates)):
+                fn = functools.partial(self._search_linked, ids_dtype=ids_dtype)
+                operands = (queries, candidates)
+            else:  # eager: rebuild here, outside any callback, if the values changed
+                state = self._sync_linked(state, _to_numpy("candidate_embeddings", candidates))
+                fn = functools.partial(self._search, ids_dtype=ids_dtype, state=state)
+        elif not _is_traced(operands):
+            fn = functools.partial(self._search, ids_dtype=ids_dtype, state=state)
         top_scores, top_ids = _host_call(fn, operands, ("float32", ids_dtype), out_shape)
         if self._scores_dtype() != "float32":
             top_scores = keras.ops.cast(top_scores, self._scores_dtype())
@@ -543,13 +728,15 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             return top_scores, top_ids
         return top_ids
 
-    def _check_query_shape(self, shape) -> None:
+    def _check_query_shape(self, shape, dim: int | None = None) -> None:
         if len(shape) < 1:
             raise ValueError("ApproximateRetrieval: `inputs` must have rank >= 1 "
                              f"(..., embedding_size), received `inputs` with shape {shape}")
-        if shape[-1] is not None and self._dim is not None and shape[-1] != self._dim:
+        if dim is None and self._state is not None:
+            dim = self._state.dim
+        if shape[-1] is not None and dim is not None and shape[-1] != dim:
             raise ValueError(f"ApproximateRetrieval: `inputs` has {shape[-1]} features, but the "
-                             f"candidates have {self._dim} features")
+                             f"candidates have {dim} features")
 
     def compute_output_spec(self, inputs: Any) -> Any:
         """Output spec for symbolic inputs, without running a search (the searcher
@@ -581,34 +768,155 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         return config
 
     def save_assets(self, dir_path: str) -> None:
-        """Keras saving hook: writes the index folder and the candidates."""
-        emb = self._candidate_embeddings
-        if self._linked is not None:  # save an index of the variable's current values
-            self._sync_linked(keras.ops.convert_to_numpy(self._linked))
-            emb = self._linked_snapshot
-        if self.searcher is None:
+        """Keras saving hook: writes the index folder, the ids, the embeddings (only
+        when the index does not hold them already) and a manifest (retrieval.json) of
+        their shapes and sha256."""
+        state = self._state
+        if state is None:
             return
-        self.searcher.serialize(os.path.join(dir_path, _SEARCHER_DIR))
-        if emb is not None:
-            np.save(os.path.join(dir_path, _EMBEDDINGS_FILE), keras.ops.convert_to_numpy(emb))
-        if self._ids_np is not None:
-            np.save(os.path.join(dir_path, _IDS_FILE), self._ids_np)
+        if state.linked is not None:  # save an index of the variable's current values
+            state = self._sync_linked(state, _to_numpy("candidate_embeddings",
+                                                       state.linked.value))
+        searcher = state.searcher
+        n, d = int(searcher.size()), int(searcher.d)
+        searcher.serialize(os.path.join(dir_path, _SEARCHER_DIR))
+        manifest: dict[str, Any] = {"format": _ASSETS_FORMAT, "version": _ASSETS_VERSION,
+                                    "n": n, "d": d, "embeddings": None, "ids": None}
+        if state.embeddings is not None:
+            rows = _searcher_rows(searcher, n, d)
+            if rows is not None and np.array_equal(rows, state.embeddings):
+                manifest["embeddings"] = "searcher"
+            else:
+                manifest["embeddings"] = _save_npy(dir_path, _EMBEDDINGS_FILE, state.embeddings)
+        if state.ids is not None:
+            manifest["ids"] = _save_npy(dir_path, _IDS_FILE, state.ids)
+        with open(os.path.join(dir_path, _MANIFEST_FILE), "w") as f:
+            json.dump(manifest, f, indent=1)
 
     def load_assets(self, dir_path: str) -> None:
-        """Keras loading hook: restores what :meth:`save_assets` wrote."""
-        folder = os.path.join(dir_path, _SEARCHER_DIR)
-        if not os.path.isdir(folder):
-            return
-        # Keras deletes the extracted assets after loading: read the arrays into memory.
-        searcher = mipscan.load_searcher(folder, mmap=False)
-        path = os.path.join(dir_path, _EMBEDDINGS_FILE)
-        emb = np.load(path) if os.path.isfile(path) else None
-        path = os.path.join(dir_path, _IDS_FILE)
-        ids = np.load(path) if os.path.isfile(path) else None
-        if self._linked is not None:
+        """Keras loading hook: restores what :meth:`save_assets` wrote, after checking
+        every file against the manifest and the layer (ValueError naming the file and
+        the field otherwise)."""
+        if not os.path.isdir(os.path.join(dir_path, _SEARCHER_DIR)) \
+                and not os.path.exists(os.path.join(dir_path, _MANIFEST_FILE)):
+            return  # saved before it had candidates
+        searcher, emb, ids = _read_assets(dir_path)
+        state = self._state
+        if state is not None and state.linked is not None:
             # Linked again by the model's build(): keep following the variable, starting
             # from the saved index of the values it was saved with.
-            self.searcher, self._linked_snapshot, self._ids_np = searcher, emb, ids
-            self.candidate_ids = None if ids is None else keras.ops.convert_to_tensor(ids)
+            shape = tuple(state.linked.shape)
+            if shape != (searcher.size(), searcher.d):
+                raise ValueError(f"{_SEARCHER_DIR}/: the saved index holds "
+                                 f"{(searcher.size(), searcher.d)} candidates, but the linked "
+                                 f"variable `candidate_embeddings` has shape {shape}")
+            self._publish(_Snapshot(searcher, int(searcher.d), emb, ids, linked=state.linked))
             return
-        self._set_state(searcher, emb, ids, d=int(searcher.d))
+        self._publish(_Snapshot(searcher, int(searcher.d), emb, ids))
+
+
+def _save_npy(dir_path: str, name: str, arr: np.ndarray) -> dict:
+    path = os.path.join(dir_path, name)
+    np.save(path, arr, allow_pickle=False)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"file": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "sha256": digest}
+
+
+def _load_npy(dir_path: str, entry: Any, name: str) -> np.ndarray:
+    """Reads the array ``name`` described by the manifest ``entry``; ValueError naming
+    the file and the field when it is missing, damaged or not what the manifest says."""
+    where = f"{_MANIFEST_FILE}: {name.removesuffix('.npy')}"
+    if not isinstance(entry, dict) or entry.get("file") != name \
+            or not isinstance(entry.get("sha256"), str):
+        raise ValueError(f"{where} must be an entry {{'file': {name!r}, 'sha256', ...}}; "
+                         f"got {entry!r}")
+    path = os.path.join(dir_path, name)
+    if not os.path.isfile(path):
+        raise ValueError(f"{name} is missing (listed in {_MANIFEST_FILE})")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{name}: sha256 differs from {_MANIFEST_FILE} (damaged or replaced)")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{name}: not a readable .npy file ({exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{name}: not a single array")
+    return arr
+
+
+def _read_assets(dir_path: str):
+    """(searcher, embeddings or None, ids or None) from a saved layer's assets, every
+    file checked; owned, read-only arrays."""
+    path = os.path.join(dir_path, _MANIFEST_FILE)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{_MANIFEST_FILE} is missing from the layer's assets (saved by "
+                         "another version, or damaged)") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{_MANIFEST_FILE}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _ASSETS_FORMAT:
+        raise ValueError(f"{_MANIFEST_FILE}: format must be {_ASSETS_FORMAT!r}")
+    if manifest.get("version") != _ASSETS_VERSION:
+        raise ValueError(f"{_MANIFEST_FILE}: version must be {_ASSETS_VERSION}; "
+                         f"got {manifest.get('version')!r}")
+    n, d = manifest.get("n"), manifest.get("d")
+    for field, value in (("n", n), ("d", d)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{_MANIFEST_FILE}: {field} must be an int >= 1; got {value!r}")
+    # Keras deletes the extracted assets after loading: read the arrays into memory.
+    searcher = mipscan.load_searcher(os.path.join(dir_path, _SEARCHER_DIR), mmap=False)
+    if (searcher.size(), searcher.d) != (n, d):
+        raise ValueError(f"{_SEARCHER_DIR}/mipscan.json: the index holds "
+                         f"n={searcher.size()}, d={searcher.d}, but {_MANIFEST_FILE} says "
+                         f"n={n}, d={d} (an index from another model?)")
+
+    ids = None
+    if manifest.get("ids") is not None:
+        ids = _load_npy(dir_path, manifest["ids"], _IDS_FILE)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{_IDS_FILE}: dtype must be an integer dtype; got {ids.dtype}")
+        if ids.shape != (n,):
+            raise ValueError(f"{_IDS_FILE}: shape must be ({n},), one id per candidate of the "
+                             f"index; got {ids.shape}")
+        ids = _check_ids_values(ids)
+    elif os.path.exists(os.path.join(dir_path, _IDS_FILE)):
+        raise ValueError(f"{_IDS_FILE} is present but {_MANIFEST_FILE} lists no ids")
+
+    source = manifest.get("embeddings")
+    emb = None
+    if source is not None and source != "searcher" and not isinstance(source, dict):
+        raise ValueError(f"{_MANIFEST_FILE}: embeddings must be null, 'searcher' or a file "
+                         f"entry; got {source!r}")
+    if source == "searcher":
+        rows = _searcher_rows(searcher, n, d)
+        if rows is None:
+            raise ValueError(f"{_MANIFEST_FILE}: embeddings are 'searcher', but the index in "
+                             f"{_SEARCHER_DIR}/ keeps no ({n}, {d}) float32 reorder rows")
+        emb = rows
+    elif source is not None:
+        emb = _load_npy(dir_path, source, _EMBEDDINGS_FILE)
+        if emb.dtype.kind != "f":
+            raise ValueError(f"{_EMBEDDINGS_FILE}: dtype must be a float dtype; got {emb.dtype}")
+        if emb.shape != (n, d):
+            raise ValueError(f"{_EMBEDDINGS_FILE}: shape must be ({n}, {d}), the index's; got "
+                             f"{emb.shape}")
+    if emb is not None:
+        if not np.isfinite(emb).all():
+            row = int(np.argwhere(~np.isfinite(emb))[0][0])
+            where = _SEARCHER_DIR + "/" if source == "searcher" else _EMBEDDINGS_FILE
+            raise ValueError(f"{where}: candidate embeddings must be finite; NaN or inf in "
+                             f"row {row}")
+        if source == "searcher":
+            emb = emb.view()  # the index's own rows (in memory), or a new array: no copy
+            emb.setflags(write=False)
+        else:
+            emb = _owned(emb, np.float32)
+    if not isinstance(source, dict) \
+            and os.path.exists(os.path.join(dir_path, _EMBEDDINGS_FILE)):
+        raise ValueError(f"{_EMBEDDINGS_FILE} is present but {_MANIFEST_FILE} does not list it")
+    return searcher, emb, ids
