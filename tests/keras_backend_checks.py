@@ -283,7 +283,27 @@ def check_config(args):
     defaults = ApproximateRetrieval().get_config()
     assert defaults["return_scores"] is True
     assert ApproximateRetrieval.from_config(defaults).get_config() == defaults
-    return f"{len(args)} arguments round-trip"
+    # The index: mipscan.suggest_config (one policy with autopilot() and the CLI), with
+    # the layer's explicit arguments taking precedence.
+    import mipscan
+
+    for n, d, k in ((50_000, 32, 10), (270_882, 32, 100), (5_000, 16, 10)):
+        got = ApproximateRetrieval(k=k).index_config(n, d)
+        want = mipscan.suggest_config(n, d, k=k)
+        if "tree" in want:
+            want["tree"] = dict(want["tree"], training_iterations=12)
+        assert got == want, f"n={n}: {got} != suggest_config's {want}"
+    got = ApproximateRetrieval(k=10, num_leaves=50, num_leaves_to_search=7,
+                               dimensions_per_block=4, anisotropic_quantization_threshold=0.5,
+                               reordering_num_neighbors=300, training_iterations=3
+                               ).index_config(5_000, 16)
+    assert got == {"tree": {"num_leaves": 50, "num_leaves_to_search": 7,
+                            "training_iterations": 3},
+                   "score_ah": {"dimensions_per_block": 4,
+                                "anisotropic_quantization_threshold": 0.5},
+                   "reorder": {"reordering_num_neighbors": 300}}, got
+    assert "tree" not in ApproximateRetrieval(num_leaves=1).index_config(50_000, 32)
+    return f"{len(args)} arguments round-trip; index_config = suggest_config + overrides"
 
 
 @check
