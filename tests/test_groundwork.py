@@ -167,7 +167,12 @@ def test_autopilot_builds_what_suggest_config_says(n):
         assert list(cfg) == ["score_brute_force"]
     else:
         assert cfg["tree"]["num_leaves"] == round(n ** 0.5)
-        assert cfg["reorder"]["reordering_num_neighbors"] == 250
+        assert cfg["reorder"]["reordering_num_neighbors"] == 500
+        assert cfg["tree"]["num_leaves_to_search"] == -(-cfg["tree"]["num_leaves"] // 4)
+    low = mipscan.suggest_config(n, 32, k=20, target_recall=0.9)
+    if n >= 10_000:
+        assert low["reorder"]["reordering_num_neighbors"] == 500  # 250 at k=10, scaled by k
+        assert low["tree"]["num_leaves_to_search"] < cfg["tree"]["num_leaves_to_search"]
 
 
 def test_suggest_config_validates():
@@ -177,6 +182,9 @@ def test_suggest_config_validates():
         mipscan.suggest_config(5.0, 3)
     with pytest.raises(ValueError, match="distance_measure"):
         mipscan.suggest_config(5, 3, 1, "l1")
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="target_recall"):
+            mipscan.suggest_config(5, 3, 1, target_recall=bad)
 
 
 # ---------------------------------------------------------------- centroid scoring paths

@@ -21,9 +21,11 @@ _NAN = float("nan")
 #: must fit the scan's uint16 accumulators (see _core/lut16.h).
 MAX_AH_BLOCKS = 65535
 
-#: Iterations of the anisotropic encoder's coordinate descent over blocks. Measured when
-#: it was chosen (tutorial candidates and GloVe-50): codes stop changing after 3-6 passes
-#: for all but a few points; 10 bounds the build time without changing recall@10.
+#: Passes of the anisotropic encoder's coordinate descent over blocks (it stops earlier
+#: once no code changes). Measured on GloVe-50 (90,000 x 50, 300 leaves, AH 2): the
+#: share of packed code bytes that change is 2.0% from pass 1 to 2, 0.25% from 2 to 3,
+#: 0.03% from 3 to 5, 0.0002% from 5 to 10 and none from 10 to 20; recall@10 (no
+#: reorder) 0.601 after 1 pass, 0.603 from 3 on. 10 is converged at no extra cost.
 ENCODER_ITERATIONS = 10
 
 #: Upper bound of k-means iteration counts: a C int in the core; more only wastes time.

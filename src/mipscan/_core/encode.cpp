@@ -8,6 +8,7 @@
 #endif
 
 #include "parallel.h"
+#include "portable.h"
 #include "search.h"
 
 namespace mipscan {
@@ -25,7 +26,7 @@ inline unsigned first_min_index(const __m128 v[4], unsigned none) {
   unsigned hits = 0;
   for (int k = 0; k < 4; ++k)
     hits |= static_cast<unsigned>(_mm_movemask_ps(_mm_cmpeq_ps(v[k], mn))) << (4 * k);
-  return hits != 0 ? static_cast<unsigned>(__builtin_ctz(hits)) : none;
+  return hits != 0 ? ctz32(hits) : none;
 }
 #endif
 
@@ -216,7 +217,7 @@ void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
       const float best = std::min(std::min(m8[0], m8[1]), std::min(m8[2], m8[3]));
       unsigned hits = 0;
       for (size_t c = 0; c < 16; ++c) hits |= unsigned(d2[c] == best) << c;
-      const size_t arg = hits != 0 ? static_cast<size_t>(__builtin_ctz(hits)) : 0;
+      const size_t arg = hits != 0 ? static_cast<size_t>(ctz32(hits)) : 0;
       ++counts[arg];
       for (size_t j = 0; j < dpb; ++j) sums[arg * dpb + j] += x[j];
     }

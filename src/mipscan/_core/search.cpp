@@ -8,6 +8,7 @@
 #include "cpu.h"
 #include "lut16.h"
 #include "parallel.h"
+#include "portable.h"
 #include "topk.h"
 
 namespace mipscan {
@@ -178,7 +179,7 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
       while (m != 0) {
-        const size_t i = g * kGroup + static_cast<size_t>(__builtin_ctzll(m));
+        const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
         m &= m - 1;
         if (i >= count) break;  // padding points of the last group
         if (sums[i] < cut) continue;
@@ -340,8 +341,8 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     const size_t row_bytes = ix.d * sizeof(float);
     for (size_t i = 0; i < nr; ++i) {
       const char* r = reinterpret_cast<const char*>(ix.reorder_rows + size_t{s.rows[i]} * ix.d);
-      for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(r + off);
-      __builtin_prefetch(r + row_bytes - 1);
+      for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
+      prefetch(r + row_bytes - 1);
     }
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
