@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 import mipscan
-from mipscan._policy import LEAVES_SEARCHED, REORDER_MIN, REORDER_PER_NEIGHBOR
 from mipscan.recsys._extras import reraise
 
 try:
@@ -46,6 +45,10 @@ except ImportError as _exc:  # one line naming the extra, not the import's trace
 
 __all__ = ["ApproximateRetrieval"]
 
+# A size at which mipscan.suggest_config always proposes a tree, AH and a reorder: asked
+# for its share of leaves searched and its reorder depth when the layer's own arguments
+# call for a stage the suggestion for the real n lacks (say num_leaves on 5,000 points).
+_POLICY_PROBE_N = 1_000_000
 # Batches at least this large go to search_batched_parallel (the searcher's threads);
 # smaller ones to search_batched, whose single thread avoids the pool's hand-off cost.
 _PARALLEL_MIN_QUERIES = 64
@@ -302,7 +305,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             below 10,000 candidates, `round(sqrt(n))` above). Clamped to `n`; 1 means
             no tree.
         num_leaves_to_search: leaves searched per query; `None`: as `suggest_config`
-            (15% of the leaves, at least 1). Clamped to the number of leaves.
+            (for its default target, a quarter of the leaves). Clamped to the number
+            of leaves.
         training_iterations: k-means iterations of the tree.
         dimensions_per_block: dimensions per 4-bit AH code; `None`: as
             `suggest_config` (exact scoring below 10,000 candidates, else 2). Given, it
@@ -310,8 +314,11 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         anisotropic_quantization_threshold: AH's anisotropic threshold T (NaN turns
             the anisotropic weighting off); `None`: as `suggest_config` (0.2).
         reordering_num_neighbors: approximate hits rescored exactly per query (with
-            AH); `None`: as `suggest_config` (`max(250, 25 * k)`). Clamped to `[k, n]`.
+            AH); `None`: as `suggest_config` (for its default target, 500 at k = 10,
+            scaled by k / 10). Clamped to `[k, n]`.
         seed: seed of the index training (k-means and codebooks).
+        target_recall: the recall@10 `suggest_config` aims at when choosing the share of
+            leaves searched and the reorder depth; `None`: its default (0.95).
         **kwargs: Args to pass to the base class.
 
     Raises:
@@ -355,6 +362,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         anisotropic_quantization_threshold: float | None = None,
         reordering_num_neighbors: int | None = None,
         seed: int = 0,
+        target_recall: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(k=k, return_scores=return_scores, **kwargs)
@@ -385,6 +393,15 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         self.reordering_num_neighbors = _check_int("reordering_num_neighbors",
                                                    reordering_num_neighbors, 1)
         self.seed = _check_int("seed", seed, 0, allow_none=False)
+        if target_recall is not None:
+            if not isinstance(target_recall, numbers.Real) or isinstance(target_recall, bool):
+                raise TypeError("ApproximateRetrieval(): `target_recall` must be a number in "
+                                f"(0, 1] or None; received {target_recall!r}")
+            if not 0 < target_recall <= 1:
+                raise ValueError("ApproximateRetrieval(): `target_recall` must be a number in "
+                                 f"(0, 1] or None; received {target_recall!r}")
+            target_recall = float(target_recall)
+        self.target_recall = target_recall
 
         self._state: _Snapshot | None = None
 
@@ -510,17 +527,23 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     def index_config(self, n: int, d: int) -> dict:
         """The builder stages (stage -> arguments) this layer builds for ``n``
-        candidates of ``d`` dimensions: ``mipscan.suggest_config(n, d, k)`` with the
-        layer's explicit tuning arguments taking precedence (and clamped to n and d)."""
+        candidates of ``d`` dimensions: ``mipscan.suggest_config(n, d, k,
+        target_recall=...)`` with the layer's explicit tuning arguments taking
+        precedence (and clamped to n and d)."""
         k = min(self.k, n)
-        suggested = mipscan.suggest_config(n, d, k=k, distance_measure=self.distance_measure)
+        policy = dict(k=k, distance_measure=self.distance_measure)
+        if self.target_recall is not None:
+            policy["target_recall"] = self.target_recall
+        suggested = mipscan.suggest_config(n, d, **policy)
+        # The policy's choices where the suggestion for n has no such stage.
+        probe = mipscan.suggest_config(max(n, _POLICY_PROBE_N), d, **policy)
         config: dict = {}
         tree = suggested.get("tree")
         if self.num_leaves is not None:
             leaves = min(self.num_leaves, n)
+            share = probe["tree"]["num_leaves_to_search"] / probe["tree"]["num_leaves"]
             tree = None if leaves <= 1 else {
-                "num_leaves": leaves,
-                "num_leaves_to_search": max(1, math.ceil(LEAVES_SEARCHED * leaves))}
+                "num_leaves": leaves, "num_leaves_to_search": max(1, math.ceil(share * leaves))}
         if tree is not None:
             to_search = tree["num_leaves_to_search"]
             if self.num_leaves_to_search is not None:
@@ -532,7 +555,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         if ah is None and self.dimensions_per_block is None:
             config["score_brute_force"] = dict(suggested.get("score_brute_force", {}))
             return config
-        ah = dict(ah or {"dimensions_per_block": 2, "anisotropic_quantization_threshold": 0.2})
+        ah = dict(ah or probe["score_ah"])
         if self.dimensions_per_block is not None:
             ah["dimensions_per_block"] = self.dimensions_per_block
         ah["dimensions_per_block"] = min(ah["dimensions_per_block"], d)
@@ -541,8 +564,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         config["score_ah"] = ah
         reorder = self.reordering_num_neighbors
         if reorder is None:
-            reorder = suggested.get("reorder", {}).get(
-                "reordering_num_neighbors", max(REORDER_MIN, REORDER_PER_NEIGHBOR * k))
+            reorder = suggested.get("reorder", probe["reorder"])["reordering_num_neighbors"]
         config["reorder"] = {"reordering_num_neighbors": min(max(reorder, k), n)}
         return config
 
@@ -764,6 +786,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             "anisotropic_quantization_threshold": self.anisotropic_quantization_threshold,
             "reordering_num_neighbors": self.reordering_num_neighbors,
             "seed": self.seed,
+            "target_recall": self.target_recall,
         })
         return config
 
