@@ -154,19 +154,31 @@ def test_not_a_folder(tmp_path):
 
 
 def test_serialize_removes_temporaries_of_dead_writers(built, tmp_path):
-    db, _ = built
-    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
-    target = tmp_path / "idx"
+    """Liveness is the writer's flock on its temporary folder, not its pid (a pid means
+    nothing across PID namespaces): an unlocked folder is an orphan whatever its name
+    says; a locked one is a live writer's, even when its pid is one we cannot see."""
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    orphan = tmp_path / f".idx.tmp-{dead}-abc123"  # a writer killed mid-write
+    db, _ = built
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    target = tmp_path / "idx"
+    orphan = tmp_path / ".idx.tmp-1-abc123"  # a writer killed mid-write (pid 1 is alive)
     orphan.mkdir()
     (orphan / "centroids.npy").write_bytes(b"partial")
-    alive = tmp_path / ".idx.tmp-1-xyz789"  # pid 1 is alive: maybe a concurrent writer
+    alive = tmp_path / ".idx.tmp-999999-xyz789"  # no such pid here: another namespace's
     alive.mkdir()
-    s.serialize(target)
-    assert not orphan.exists() and alive.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.tmp-1-xyz789", "idx"]
+    (alive / "centroids.npy").write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(alive)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        s.serialize(target)
+        assert not orphan.exists() and (alive / "centroids.npy").read_bytes() == b"being written"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.tmp-999999-xyz789", "idx"]
+    finally:
+        holder.communicate("")
+    s.serialize(target)  # the holder is gone: now it is an orphan
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
