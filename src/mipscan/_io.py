@@ -347,10 +347,15 @@ def _open_regular(root: Path, name: str, dir_fd: int | None, field: str | None =
     except FileNotFoundError:
         raise ValueError(f"load_searcher(): {str(path)!r} is missing{where}") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP or os.path.islink(path):
+        try:
+            mode = os.stat(name if dir_fd is not None else path, dir_fd=dir_fd,
+                           follow_symlinks=False).st_mode
+        except OSError:
+            mode = None
+        if exc.errno == errno.ELOOP or (mode is not None and stat.S_ISLNK(mode)):
             raise ValueError(f"load_searcher(): {str(path)!r} is a symbolic link{where}; index "
                              "files must be regular files inside the folder") from None
-        if exc.errno == errno.EISDIR:
+        if exc.errno == errno.EISDIR or (mode is not None and not stat.S_ISREG(mode)):
             raise ValueError(f"load_searcher(): {str(path)!r} is not a regular file{where}") from None
         raise ValueError(f"load_searcher(): {str(path)!r} cannot be opened{where}: {exc}") from None
     try:
@@ -593,7 +598,7 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
         raise ValueError(f"load_searcher(): {str(root)!r} has no {MANIFEST}; not a mipscan "
                          "index") from None
     except OSError:
-        fd = _open_regular(root, MANIFEST, dir_fd, "(whole file)")  # raises the right error
+        fd = _open_regular(root, MANIFEST, dir_fd)  # raises the right error
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"load_searcher(): {str(root)!r} has no {MANIFEST} file ("
@@ -672,14 +677,18 @@ def _check_config_against_arrays(config: dict, arrays: dict, bad) -> None:
     n, d = config["n"], config["d"]
     held = arrays["slot_ids"].shape[0]
     tree = config.get("tree")
+    if arrays["centroids"].shape[0] < 1:
+        raise bad("arrays.centroids.shape", f"centroids.npy must hold at least one leaf; got "
+                                            f"shape {arrays['centroids'].shape}")
     spilled = (tree is not None and tree.get("soar_lambda") is not None
                and arrays["centroids"].shape[0] > 1)
     if held != (2 * n if spilled else n):
         if tree is not None and held == (n if spilled else 2 * n):
             raise bad("config.tree.soar_lambda",
                       f"is {tree.get('soar_lambda')!r}, but slot_ids.npy holds {held} slots for "
-                      f"n={n} datapoints: " + ("no point is spilled" if spilled else
-                                               "every point is spilled into a second leaf"))
+                      f"n={n} datapoints and centroids.npy {arrays['centroids'].shape[0]} "
+                      "leaves: " + ("no point is spilled" if spilled else
+                                    "every point is spilled into a second leaf"))
         raise bad("config.n", f"is {n}, but slot_ids.npy holds {held} slots; expected "
                               f"{2 * n if spilled else n}")
     width = d + 1 if config["distance_measure"] == "squared_l2" else d

@@ -286,15 +286,20 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
     if leaves < 1:
         return [("arrays.centroids.shape", f"must hold at least one leaf; got {centroids.shape}")]
     if offsets.shape[0] != leaves + 1:
-        return [("arrays.leaf_offsets.shape", f"must have num_leaves + 1 = {leaves + 1} entries; "
+        return [("arrays.leaf_offsets.shape", f"must have num_leaves + 1 = {leaves + 1} entries "
+                                              f"(arrays.centroids holds {leaves} leaves); "
                                               f"got {offsets.shape[0]}")]
     for name in ("slot_rows", "reorder_rows"):
         if name in arrays:
             want = (num_slots if name == "slot_rows" else n, width)
             if arrays[name].shape != want:
-                return [(f"arrays.{name}.shape", f"must be {want}; got {arrays[name].shape}")]
+                basis = (f"arrays.slot_ids holds {num_slots} slots" if name == "slot_rows"
+                         else f"config.n is {n}")
+                return [(f"arrays.{name}.shape", f"must be {want} ({basis}; width {width} for "
+                                                 f"config.d={d}, {metric}); got {arrays[name].shape}")]
     if offsets[0] != 0 or offsets[-1] != num_slots:
-        return [("arrays.leaf_offsets", f"must run from 0 to the slot count {num_slots}; got "
+        return [("arrays.leaf_offsets", f"must run from 0 to the slot count {num_slots} "
+                                        f"(arrays.slot_ids); got "
                                         f"{int(offsets[0])} .. {int(offsets[-1])}")]
     steps = np.diff(offsets)
     if steps.size and steps.min() < 0:
@@ -325,7 +330,8 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
                                                f"({metric}); got {books.shape}")]
         if groups.shape[0] != leaves + 1:
             return [("arrays.leaf_groups.shape", f"must have num_leaves + 1 = {leaves + 1} "
-                                                 f"entries; got {groups.shape[0]}")]
+                                                 f"entries (arrays.centroids holds {leaves} "
+                                                 f"leaves); got {groups.shape[0]}")]
         want = np.concatenate([[0], np.cumsum((steps + LUT16_GROUP - 1) // LUT16_GROUP)])
         if not np.array_equal(groups, want):
             at = int(np.argmax(groups != want))
@@ -333,5 +339,6 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
                                            f"in leaf_offsets give {int(want[at])}")]
         if packed.shape[0] != int(want[-1]) * blocks * 32:
             return [("arrays.packed_codes.shape", f"must hold {int(want[-1])} groups of "
-                                                  f"{blocks * 32} bytes; got {packed.shape[0]} bytes")]
+                                                  f"{blocks * 32} bytes (arrays.leaf_groups, "
+                                                  f"arrays.codebooks); got {packed.shape[0]} bytes")]
     return []
