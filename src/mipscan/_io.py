@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mipscan._schema import (ARRAYS, FLOAT_ARRAYS, array_value_errors, check_stored_config,
-                             float_value_bounds, required_arrays)
+                             float_value_bounds, mips_width, required_arrays)
 from mipscan._validation import Bool, check_value
 
 FORMAT = "mipscan-index"
@@ -222,14 +222,33 @@ def _remove_orphans(target: Path) -> None:
 def _replaceable(target: Path, shown: str) -> None:
     """Raises ValueError unless ``target`` is absent, an empty folder, or a mipscan index
     whose folder holds exactly the files its manifest lists (so replacing it deletes
-    nothing that serialize() did not write)."""
-    try:
-        st = os.stat(target, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"serialize(): directory {shown} exists and is not a folder")
-    entries = sorted(os.listdir(target))
+    nothing that serialize() did not write). Reads one folder through one handle; if a
+    concurrent serialize swaps the folder meanwhile, checks the new one."""
+    for _ in range(_LOAD_ATTEMPTS):
+        try:
+            st = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"serialize(): directory {shown} exists and is not a folder")
+        try:
+            dir_fd = os.open(target, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            continue
+        try:
+            _check_replaceable(target, shown, dir_fd)
+            return
+        except (ValueError, FileNotFoundError):
+            if _still_there(target, dir_fd):
+                raise
+        finally:
+            os.close(dir_fd)
+    raise ValueError(f"serialize(): {shown} was replaced {_LOAD_ATTEMPTS} times while being "
+                     "checked; try again")
+
+
+def _check_replaceable(target: Path, shown: str, dir_fd: int) -> None:
+    entries = sorted(os.listdir(dir_fd))
     if not entries:
         return
     refuse = (f"serialize(): {shown} is a non-empty folder that is not a mipscan index; "
@@ -237,7 +256,7 @@ def _replaceable(target: Path, shown: str) -> None:
     if MANIFEST not in entries:
         raise ValueError(refuse)
     try:
-        fd = _open_regular(target, MANIFEST, None)
+        fd = _open_regular(target, MANIFEST, dir_fd)
     except ValueError as exc:
         raise ValueError(f"{refuse} ({exc})") from None
     try:
@@ -259,7 +278,7 @@ def _replaceable(target: Path, shown: str) -> None:
                          f"{', ...' if len(extra) > 5 else ''}); refusing to replace it "
                          "(move them away, or serialize to another folder)")
     for name in entries:
-        if not stat.S_ISREG(os.stat(target / name, follow_symlinks=False).st_mode):
+        if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
             raise ValueError(f"serialize(): {shown}: {name} is not a regular file; "
                              "refusing to replace the folder")
 
@@ -408,10 +427,13 @@ def _parse_manifest(fd: int, mpath: Path):
 
 
 def _read_npy(dir_fd: int, root: Path, name: str, field: str, dtype, shape: list,
-              mmap: bool, sha256: str | None) -> np.ndarray:
+              mmap: bool, sha256: str | None, bounds=None) -> tuple[np.ndarray, bool]:
     """Opens one array file of the folder, checks its header (C order, exact dtype and
     shape, exact size) and its sha256 (when given), and returns it (memory-mapped, or read
-    once into memory: the bytes hashed are the bytes kept)."""
+    once into memory: the bytes hashed are the bytes kept), with whether its values were
+    checked. With ``mmap`` and per-column ``bounds`` (a 2-D float array), the values are
+    checked on the bytes read for the hash, in chunks, so that a load does not fault
+    every page of the mapping into the process (pages are mapped as searches use them)."""
     path = root / name
     fd = _open_regular(root, name, dir_fd, field)
 
@@ -449,9 +471,38 @@ def _read_npy(dir_fd: int, root: Path, name: str, field: str, dtype, shape: list
         mismatch = bad(f"does not match its sha256 in {MANIFEST} ({field}.sha256): the file "
                        "is damaged or was replaced")
         if mmap and nbytes:
-            if sha256 is not None and _sha256_fd(fd, size) != sha256:
+            checked = (bounds is not None and len(shape) == 2 and shape[1] == len(bounds[0])
+                       and hasattr(os, "preadv"))
+            if checked:
+                h = hashlib.sha256(os.pread(fd, offset, 0))
+                row_bytes = shape[1] * file_dtype.itemsize
+                step = max(1, (1 << 20) // row_bytes)
+                buf = memoryview(bytearray(step * row_bytes))  # reused: no page faults
+                value_error = None
+                for r in range(0, shape[0], step):
+                    rows = min(step, shape[0] - r)
+                    want = rows * row_bytes
+                    got = os.preadv(fd, [buf[:want]], offset + r * row_bytes)
+                    if got != want:
+                        raise bad(f"ended early at byte {offset + r * row_bytes + got}")
+                    if sha256 is not None:
+                        h.update(buf[:want])
+                    if value_error is None:
+                        chunk = np.frombuffer(buf[:want], file_dtype).reshape(rows, shape[1])
+                        try:
+                            _check_float_values(path, field, chunk, *bounds, row0=r)
+                        except ValueError as exc:  # reported after the checksum (damage first)
+                            value_error = exc
+                            if sha256 is None:
+                                break
+                if sha256 is not None and h.hexdigest() != sha256:
+                    raise mismatch
+                if value_error is not None:
+                    raise value_error
+            elif sha256 is not None and _sha256_fd(fd, size) != sha256:
                 raise mismatch
-            return np.memmap(f, dtype=file_dtype, mode="r", offset=offset, shape=tuple(shape))
+            arr = np.memmap(f, dtype=file_dtype, mode="r", offset=offset, shape=tuple(shape))
+            return arr, checked
         arr = np.empty(tuple(shape), file_dtype)
         view = memoryview(arr).cast("B") if nbytes else memoryview(b"")
         got = 0
@@ -465,11 +516,11 @@ def _read_npy(dir_fd: int, root: Path, name: str, field: str, dtype, shape: list
             h.update(view)
             if h.hexdigest() != sha256:
                 raise mismatch
-        return arr
+        return arr, False
 
 
 def _check_float_values(path: Path, field: str, arr: np.ndarray, low: np.ndarray,
-                        high: np.ndarray) -> None:
+                        high: np.ndarray, row0: int = 0) -> None:
     """One pass over a float array (in cache-sized row chunks): finite, and each column
     within ``[low, high]``. ValueError names the file, the field and the first bad index.
     ``arr`` is (rows, width), or codebooks (num_blocks, 16, dims_per_block), whose columns
@@ -484,7 +535,7 @@ def _check_float_values(path: Path, field: str, arr: np.ndarray, low: np.ndarray
         flat = np.asarray(arr)  # a plain view of a memmap: no subclass overhead per chunk
 
         def at(r, c):
-            return (r, c)
+            return (row0 + r, c)
     rows = flat.shape[0]
     if rows == 0 or flat.shape[1] == 0:
         return
@@ -631,7 +682,9 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
         raise bad("arrays", f"expected entries {sorted(need)}; got {_short(sorted(entries))}: "
                             f"{'; '.join(why)}")
 
+    width = mips_width(config["d"], config["distance_measure"])
     arrays = {}
+    checked = set()  # float arrays whose values were checked while being read
     for name in sorted(need):
         entry = entries[name]
         field = f"arrays.{name}"
@@ -650,14 +703,20 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
         sha = entry["sha256"]
         if not (isinstance(sha, str) and len(sha) == 64):
             raise bad(f"{field}.sha256", f"expected 64 hex digits; got {_short(sha)}")
-        arrays[name] = _read_npy(dir_fd, root, entry["file"], field, dtype, shape, mmap,
-                                 sha if verify else None)
+        # Rows whose width the config explains are checked while read (others fail the
+        # consistency checks below, which name the config field).
+        bounds = (float_value_bounds(name, config)
+                  if name in FLOAT_ARRAYS and ndim == 2 and shape[1] == width else None)
+        arrays[name], was_checked = _read_npy(dir_fd, root, entry["file"], field, dtype, shape,
+                                              mmap, sha if verify else None, bounds)
+        if was_checked:
+            checked.add(name)
     _check_config_against_arrays(config, arrays, bad)
     for field, why in array_value_errors(config, arrays):
         name = field.split(".")[1]
         raise ValueError(f"load_searcher(): {str(root / f'{name}.npy')!r}: {field}: {why}")
     for name in FLOAT_ARRAYS:
-        if name in arrays:
+        if name in arrays and name not in checked:
             low, high = float_value_bounds(name, config)
             _check_float_values(root / f"{name}.npy", f"arrays.{name}", arrays[name], low, high)
     return config, arrays
