@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mipscan._validation import (DISTANCE_MEASURES, Bool, Interval, Options, check_value)
+from mipscan._validation import max_abs_value
 
 _NAN = float("nan")
 
@@ -247,8 +248,6 @@ def float_value_bounds(name: str, config: dict) -> tuple[np.ndarray, np.ndarray]
     * Codebooks: codewords are means of residuals (row - centroid), so twice those bounds,
       symmetric; the padding columns past the MIPS width are zero when built.
     """
-    from mipscan._validation import max_abs_value
-
     d, metric = int(config["d"]), config["distance_measure"]
     width = mips_width(d, metric)
     m = max_abs_value(d) * _VALUE_SLACK
