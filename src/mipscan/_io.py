@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +34,11 @@ import numpy as np
 from mipscan._schema import (ARRAYS, FLOAT_ARRAYS, array_value_errors, check_stored_config,
                              float_value_bounds, mips_width, required_arrays)
 from mipscan._validation import Bool, check_value
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): writers do not lock, and no clean-up deletes
+    fcntl = None
 
 FORMAT = "mipscan-index"
 FORMAT_VERSION = 1
@@ -173,7 +177,8 @@ def _lock_new_temp(target: Path) -> tuple[Path, int]:
             fd = os.open(tmp, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:  # removed as an orphan before we could lock it
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits if a clean-up holds it
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits if a clean-up holds it
         try:
             same = os.stat(tmp, follow_symlinks=False)
             mine = os.fstat(fd)
@@ -191,6 +196,8 @@ def _remove_orphans(target: Path) -> None:
     ``flock`` on its temporary folder while it lives; a folder is deleted only if that
     lock can be taken without waiting, so a live writer's folder is never touched,
     whatever PID namespace it runs in (a pid says nothing across containers)."""
+    if fcntl is None:
+        return  # without locks, liveness cannot be told: never delete
     prefix = f".{target.name}.tmp-"
     try:
         names = [n for n in os.listdir(target.parent) if n.startswith(prefix)]
@@ -296,7 +303,7 @@ def write_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
     given = _as_path("serialize()", directory)
     target = Path(os.path.realpath(given.absolute()))
     shown = repr(str(given)) if target == given.absolute() else \
-        f"{str(given)!r} (a link to {str(target)!r})"
+        f"{str(given)!r} (resolves to {str(target)!r})"
     _replaceable(target, shown)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)
@@ -591,8 +598,15 @@ def read_index(directory, mmap: bool = True, verify: bool = True) -> tuple[dict,
     Args:
         directory: the index folder (a symbolic link to one is followed; the files in it
             must be regular files, not links).
-        mmap: memory-map the arrays (no copy, fast start, pages shared between processes).
+        mmap: memory-map the arrays (no copy, fast start, pages shared between processes
+            and read as searches touch them). Safe with serialize(): it never writes into
+            an existing file (it swaps whole folders and unlinks the old files, whose
+            mapped pages stay valid), so a live searcher keeps answering. A file truncated
+            or rewritten in place by another program while mapped makes the kernel send
+            SIGBUS on the next access; for folders others may edit in place, pass
+            ``mmap=False`` (reads each file once into memory).
         verify: check every file's sha256 against mipscan.json (reads each file once).
+            Values are checked either way (one pass per array).
 
     Returns:
         The configuration and the arrays, by name.
