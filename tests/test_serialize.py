@@ -313,3 +313,20 @@ def test_orphan_clean_up_deletes_only_index_files(built, tmp_path):
     s.serialize(tmp_path / "idx")
     assert sorted(os.listdir(odd)) == ["diary.txt"]
     assert os.path.islink(tmp_path / ".idx.tmp-8-link")
+
+
+def test_mmap_false_is_immune_to_files_rewritten_in_place(built, tmp_path):
+    """mmap policy, the other half: a program other than mipscan truncating or rewriting
+    index files in place would SIGBUS a searcher mapping them (the kernel's rule for
+    mmap); mmap=False reads each file once, so such a searcher is unaffected."""
+    db, q = built
+    path = tmp_path / "idx"
+    mipscan.builder(db, 10, "dot_product").tree(30, 5).score_ah(2).reorder(50).build().serialize(path)
+    s = mipscan.load_searcher(path, mmap=False)
+    expected = s.search_batched(q)
+    for f in path.iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(0)
+    r = s.search_batched(q)
+    np.testing.assert_array_equal(r.indices, expected.indices)
+    np.testing.assert_array_equal(r.distances, expected.distances)
