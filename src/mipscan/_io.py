@@ -655,6 +655,8 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
     mpath = root / MANIFEST
 
     def bad(field: str, why: str) -> ValueError:
+        if len(why) > 1000:  # a message quoting a huge manifest value
+            why = why[:1000] + f"... ({len(why)} characters)"
         return ValueError(f"load_searcher(): {str(mpath)!r}: {field}: {why}")
 
     try:
