@@ -339,7 +339,7 @@ def _swap_in(tmp: Path, target: Path) -> Path | None:
     """Puts ``tmp`` at ``target``: one atomic exchange when there is a folder there (the
     old folder ends up at ``tmp``, returned for deletion), one rename when there is
     none. Without RENAME_EXCHANGE (ENOSYS/EINVAL/ENOTSUP only) two renames, which are
-    not atomic together (a crash between them leaves the old index at ``.NAME.old-PID``)."""
+    not atomic together (a crash between them leaves the old index at ``.NAME.old-PID-*``)."""
     for _ in range(10):
         if os.path.lexists(target):
             try:
@@ -349,7 +349,8 @@ def _swap_in(tmp: Path, target: Path) -> Path | None:
                 if not os.path.lexists(tmp):
                     raise
                 continue
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            # pid + random: writers in two PID namespaces may share a pid
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             os.rename(target, old)
             os.rename(tmp, target)
             return old
