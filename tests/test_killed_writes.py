@@ -5,7 +5,7 @@ disturb a later load or serialize.
 
 Two kinds of kill points:
 * deterministic: the writer kills itself just before its j-th file-system step
-  (np.save, fsync, rename/exchange, rmtree), for every j: every window of save_index;
+  (np.save, fsync, rename/exchange, removing the old folder), for every j: every window of save_index;
 * random: the parent kills the writer after a random delay inside the measured duration
   of a serialize (mid-file writes included).
 
@@ -54,7 +54,7 @@ WRITER = textwrap.dedent("""
     os.fsync = step("fsync", os.fsync)
     os.rename = step("rename", os.rename)
     io._exchange = step("exchange", io._exchange)
-    io.shutil.rmtree = step("rmtree", io.shutil.rmtree)
+    io._remove_index_files = step("remove", io._remove_index_files)
     io._sha256 = step("sha256", io._sha256)
     print("ready", flush=True)
     sys.stdin.readline()
@@ -157,7 +157,7 @@ def test_kill_before_each_file_system_step(indexes, tmp_path):
     seen = {"old": 0, "new": 0, "absent": 0}
     leftover_trials = trials = 0
     for start in ("old", "absent"):
-        # count the steps of a complete write (an exchange + rmtree over an existing index,
+        # count the steps of a complete write (an exchange + removal of the old folder over an existing index,
         # one rename into a fresh folder)
         state, killed, _, out = _run_trial(indexes, target, start)
         assert state == "new" and not killed
@@ -217,7 +217,7 @@ def test_kill_between_the_fallback_renames(indexes, tmp_path):
     p.stdin.flush()
     total = int(p.communicate(timeout=120)[0].split()[1])
     _reset(paths, target, "old")
-    # the last steps are: rename(old away), rename(new in), fsync(parent), rmtree(old)
+    # the last steps are: rename(old away), rename(new in), fsync(parent), removal of the old
     p = _start_writer(no_exchange, paths["new"], target, kill_at=total - 2)
     p.stdin.write("go\n")
     p.stdin.flush()

@@ -154,19 +154,179 @@ def test_not_a_folder(tmp_path):
 
 
 def test_serialize_removes_temporaries_of_dead_writers(built, tmp_path):
-    db, _ = built
-    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
-    target = tmp_path / "idx"
+    """Liveness is the writer's flock on its temporary folder, not its pid (a pid means
+    nothing across PID namespaces): an unlocked folder is an orphan whatever its name
+    says; a locked one is a live writer's, even when its pid is one we cannot see."""
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    orphan = tmp_path / f".idx.tmp-{dead}-abc123"  # a writer killed mid-write
+    db, _ = built
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    target = tmp_path / "idx"
+    orphan = tmp_path / ".idx.tmp-1-abc123"  # a writer killed mid-write (pid 1 is alive)
     orphan.mkdir()
     (orphan / "centroids.npy").write_bytes(b"partial")
-    alive = tmp_path / ".idx.tmp-1-xyz789"  # pid 1 is alive: maybe a concurrent writer
+    alive = tmp_path / ".idx.tmp-999999-xyz789"  # no such pid here: another namespace's
     alive.mkdir()
+    (alive / "centroids.npy").write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(alive)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        s.serialize(target)
+        assert not orphan.exists() and (alive / "centroids.npy").read_bytes() == b"being written"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.tmp-999999-xyz789", "idx"]
+    finally:
+        holder.communicate("")
+    s.serialize(target)  # the holder is gone: now it is an orphan
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+# ---------------------------------------------------------------- serialize never deletes user files
+def _snapshot(root):
+    """Every regular file under root (links not followed): path -> bytes."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    out[p] = fh.read()
+    return out
+
+
+def test_serialize_replaces_only_folders_it_can_verify(built, tmp_path):
+    """Issue 12, defect 4: serialize deleted a folder holding a user's own mipscan.json,
+    and files a user added inside an index. Every target below is refused or replaced,
+    and no user file is ever lost (the count is printed)."""
+    db, q = built
+    s = mipscan.builder(db, 10, "dot_product").tree(20, 4).score_ah(2).build()
+    s2 = mipscan.builder(db[:2000], 7, "cosine").score_brute_force().build()
+    user = tmp_path / "user"
+    user.mkdir()
+    cases = {}
+
+    def case(name, make):
+        path = tmp_path / name
+        make(path)
+        cases[name] = path
+
+    case("own_json", lambda p: (p.mkdir(), (p / "mipscan.json").write_text('{"lr": 0.1}'),
+                                (p / "weights.bin").write_bytes(b"\1\2\3")))
+    case("own_json_only", lambda p: (p.mkdir(), (p / "mipscan.json").write_text("{}")))
+    case("lookalike_json", lambda p: (p.mkdir(), (p / "mipscan.json").write_text(
+        json.dumps({"format": "mipscan-index", "arrays": {}})), (p / "notes.txt").write_text("x")))
+    case("not_json", lambda p: (p.mkdir(), (p / "mipscan.json").write_text("[" * 100000)))
+    case("index_plus_file", lambda p: (s2.serialize(p), (p / "README.md").write_text("mine")))
+    case("index_plus_folder", lambda p: (s2.serialize(p), (p / "extra").mkdir(),
+                                         (p / "extra" / "a.txt").write_text("mine")))
+    case("index_with_linked_file", lambda p: (s2.serialize(p), (user / "c.npy").write_bytes(
+        (p / "centroids.npy").read_bytes()), (p / "centroids.npy").unlink(),
+        os.symlink(user / "c.npy", p / "centroids.npy")))
+    case("a_file", lambda p: p.write_text("not a folder"))
+    case("link_to_user_folder", lambda p: ((user / "docs").mkdir(), (user / "docs" / "d.txt")
+                                           .write_text("mine"), os.symlink(user / "docs", p)))
+    before = _snapshot(tmp_path)
+    assert len(before) >= 9
+    refused = 0
+    for name, path in cases.items():
+        with pytest.raises(ValueError, match="refusing|not a folder|not a mipscan index") as info:
+            s.serialize(path)
+        assert str(path) in str(info.value), info.value
+        refused += 1
+    after = _snapshot(tmp_path)
+    lost = [p for p, data in before.items() if after.get(p) != data]
+    print(f"\n{refused} targets refused; user files before {len(before)}, lost {len(lost)}")
+    assert not lost
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    # the refused index is intact
+    mipscan.load_searcher(cases["index_plus_file"])
+
+
+def test_serialize_into_an_empty_folder_and_over_its_own_index(built, tmp_path):
+    db, q = built
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    target = tmp_path / "empty"
+    target.mkdir()
     s.serialize(target)
-    assert not orphan.exists() and alive.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.tmp-1-xyz789", "idx"]
+    s.serialize(target)  # an index whose files are exactly the listed ones
+    assert mipscan.load_searcher(target).search_batched(q).indices.shape == (len(q), 10)
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_serialize_through_a_symlink_replaces_the_folder_it_names(built, tmp_path, dangling):
+    """Issue 12, defect 4: a link to an index was replaced by a folder, leaving a
+    .link.tmp-* link behind. The link is followed (as open() follows it): the folder it
+    names is replaced atomically and the link stays a link."""
+    db, q = built
+    s1 = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    s2 = mipscan.builder(db, 5, "dot_product").tree(20, 4).score_ah(2).build()
+    real = tmp_path / "real" / "idx"
+    if not dangling:
+        s1.serialize(real)
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(real, links / "link")
+    os.symlink(links / "link", links / "link2")  # a chain
+    s2.serialize(links / "link2")
+    assert os.path.islink(links / "link") and os.path.islink(links / "link2")
+    assert mipscan.load_searcher(links / "link").num_neighbors == 5
+    assert mipscan.load_searcher(real).num_neighbors == 5
+    assert sorted(os.listdir(links)) == ["link", "link2"]
+    assert sorted(os.listdir(real.parent)) == ["idx"]
+
+
+def test_serialize_over_a_live_mmapped_searcher_keeps_it_answering(built, tmp_path):
+    """mmap policy: serialize swaps whole folders and never writes into an existing file,
+    so a searcher memory-mapping the old files keeps valid pages (the unlinked files live
+    on while mapped) and keeps answering exactly as before."""
+    db, q = built
+    path = tmp_path / "idx"
+    old = mipscan.builder(db, 10, "dot_product").tree(30, 5).score_ah(2).reorder(50).build()
+    old.serialize(path)
+    live = mipscan.load_searcher(path, mmap=True)
+    expected = live.search_batched(q)
+    inode = os.stat(path / "reorder_rows.npy").st_ino
+    for i in range(3):
+        new = mipscan.builder(db[i * 100:], 10, "squared_l2").score_brute_force().reorder(40).build()
+        new.serialize(path)
+        assert os.stat(path / "reorder_rows.npy").st_ino != inode
+        for method in ("search_batched", "search_batched_parallel"):
+            r = getattr(live, method)(q)
+            np.testing.assert_array_equal(r.indices, expected.indices)
+            np.testing.assert_array_equal(r.distances, expected.distances)
+    assert mipscan.load_searcher(path).distance_measure == "squared_l2"
+
+
+def test_orphan_clean_up_deletes_only_index_files(built, tmp_path):
+    """A folder named like a writer's temporary but holding a user's file keeps it."""
+    db, _ = built
+    s = mipscan.builder(db, 10, "dot_product").score_brute_force().build()
+    odd = tmp_path / ".idx.tmp-7-mine"
+    odd.mkdir()
+    (odd / "centroids.npy").write_bytes(b"partial")
+    (odd / "diary.txt").write_text("mine")
+    os.symlink(tmp_path / "elsewhere", tmp_path / ".idx.tmp-8-link")
+    s.serialize(tmp_path / "idx")
+    assert sorted(os.listdir(odd)) == ["diary.txt"]
+    assert os.path.islink(tmp_path / ".idx.tmp-8-link")
+
+
+def test_mmap_false_is_immune_to_files_rewritten_in_place(built, tmp_path):
+    """mmap policy, the other half: a program other than mipscan truncating or rewriting
+    index files in place would SIGBUS a searcher mapping them (the kernel's rule for
+    mmap); mmap=False reads each file once, so such a searcher is unaffected."""
+    db, q = built
+    path = tmp_path / "idx"
+    mipscan.builder(db, 10, "dot_product").tree(30, 5).score_ah(2).reorder(50).build().serialize(path)
+    s = mipscan.load_searcher(path, mmap=False)
+    expected = s.search_batched(q)
+    for f in path.iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(0)
+    r = s.search_batched(q)
+    np.testing.assert_array_equal(r.indices, expected.indices)
+    np.testing.assert_array_equal(r.distances, expected.distances)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mipscan._validation import (DISTANCE_MEASURES, Bool, Interval, Options, check_value)
+from mipscan._validation import max_abs_value
 
 _NAN = float("nan")
 
@@ -216,3 +217,129 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> d
     for where, message in cross_rule_errors(config):
         raise bad(f"config.{where}" if where != "stages" else "config", message)
     return config
+
+
+# ---------------------------------------------------------------- stored array values
+# What the loader checks beyond dtype, shape and checksum (a folder whose checksums were
+# recomputed after an edit passes those): that every value is one the builder can write.
+# The C++ view re-checks the structural invariants that protect memory
+# (``_core/bindings.cpp``, ``Index``); these rules add the ones that protect values (the
+# kernels assume finite floats whose products and sums stay finite in float32) and name
+# the file and field of the first bad value.
+
+#: Relative slack over the builder's bounds: centroids and codewords are float32 means,
+#: which may round one ulp past their inputs. The bounds keep 16x headroom to FLT_MAX.
+_VALUE_SLACK = 1.001
+
+#: Points per packed group of the LUT16 layout (``_core/lut16.h``, kGroup).
+LUT16_GROUP = 64
+
+#: Arrays whose values are float rows of the MIPS space: (rows, width) or, for
+#: codebooks, (num_blocks, 16, dims_per_block) residual codewords.
+FLOAT_ARRAYS = ("centroids", "slot_rows", "reorder_rows", "codebooks")
+
+
+def float_value_bounds(name: str, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column ``(low, high)`` bounds (float64, shape ``(width,)``; for ``codebooks``
+    ``(num_blocks * dims_per_block,)``, block-major) that every value of the float array
+    ``name`` of an index built from ``config`` lies within.
+
+    * Rows (centroids, slot_rows, reorder_rows): the builder accepts database values of
+      magnitude at most ``max_abs_value(d)`` (``_validation``); centroids are their means.
+      squared_l2 appends ``-|x|^2 / 2``, which lies in ``[-d * max_abs_value(d)^2 / 2, 0]``.
+    * Codebooks: codewords are means of residuals (row - centroid), so twice those bounds,
+      symmetric; the padding columns past the MIPS width are zero when built.
+    """
+    d, metric = int(config["d"]), config["distance_measure"]
+    width = mips_width(d, metric)
+    m = max_abs_value(d) * _VALUE_SLACK
+    # -|x|^2/2 of a row within the bound: at most FLT_MAX / 32; allow twice (float32 sums).
+    aug = float(np.finfo(np.float32).max) / 16.0
+    if name == "codebooks":
+        dpb = config["score_ah"]["dimensions_per_block"]
+        cols = ah_num_blocks(width, dpb) * dpb
+        high = np.full(cols, 2.0 * m)
+        if metric == "squared_l2":
+            high[d] = aug
+        return -high, high
+    if name not in FLOAT_ARRAYS:
+        raise KeyError(name)
+    low, high = np.full(width, -m), np.full(width, m)
+    if metric == "squared_l2":
+        low[d], high[d] = -aug, 0.0
+    return low, high
+
+
+def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """The value rules of the integer arrays, given arrays whose dtypes and ranks match
+    ``ARRAYS``: ``(field, why)`` pairs for the first rules broken, in check order (empty if
+    none). Cross-array sizes come first, so that the value checks may index freely.
+
+    leaf_offsets: ``num_leaves + 1`` entries from 0 to the slot count, non-decreasing.
+    slot_ids: each a row in ``[0, n)``, each row in one or two slots (two with SOAR).
+    leaf_groups: from 0, each leaf's groups ``ceil(leaf size / 64)``; packed_codes holds
+    exactly that many groups of ``num_blocks * 32`` bytes (any byte value is a valid code pair).
+    """
+    n, d, metric = int(config["n"]), int(config["d"]), config["distance_measure"]
+    width = mips_width(d, metric)
+    centroids, offsets, slots = arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"]
+    leaves, num_slots = centroids.shape[0], slots.shape[0]
+    if leaves < 1:
+        return [("arrays.centroids.shape", f"must hold at least one leaf; got {centroids.shape}")]
+    if offsets.shape[0] != leaves + 1:
+        return [("arrays.leaf_offsets.shape", f"must have num_leaves + 1 = {leaves + 1} entries "
+                                              f"(arrays.centroids holds {leaves} leaves); "
+                                              f"got {offsets.shape[0]}")]
+    for name in ("slot_rows", "reorder_rows"):
+        if name in arrays:
+            want = (num_slots if name == "slot_rows" else n, width)
+            if arrays[name].shape != want:
+                basis = (f"arrays.slot_ids holds {num_slots} slots" if name == "slot_rows"
+                         else f"config.n is {n}")
+                return [(f"arrays.{name}.shape", f"must be {want} ({basis}; width {width} for "
+                                                 f"config.d={d}, {metric}); got {arrays[name].shape}")]
+    if offsets[0] != 0 or offsets[-1] != num_slots:
+        return [("arrays.leaf_offsets", f"must run from 0 to the slot count {num_slots} "
+                                        f"(arrays.slot_ids); got "
+                                        f"{int(offsets[0])} .. {int(offsets[-1])}")]
+    steps = np.diff(offsets)
+    if steps.size and steps.min() < 0:
+        at = int(np.argmax(steps < 0))
+        return [("arrays.leaf_offsets", f"must not decrease; entry {at + 1} is "
+                                        f"{int(offsets[at + 1])} after {int(offsets[at])}")]
+    if num_slots:
+        top = int(slots.max())
+        if top >= n:
+            at = int(np.argmax(slots >= n))
+            return [("arrays.slot_ids", f"value {int(slots[at])} at ({at},) is out of range "
+                                        f"[0, n={n})")]
+        times = np.bincount(slots, minlength=n)
+        if times.max() > 2:
+            row = int(np.argmax(times > 2))
+            return [("arrays.slot_ids", f"row {row} is in {int(times[row])} slots; at most 2")]
+        if times.min() < 1:
+            row = int(np.argmin(times))
+            return [("arrays.slot_ids", f"row {row} is in no slot; every row must be in one")]
+    else:
+        return [("arrays.slot_ids.shape", f"must hold n={n} to 2n slots; got none")]
+    if "score_ah" in config:
+        groups, packed, books = arrays["leaf_groups"], arrays["packed_codes"], arrays["codebooks"]
+        dpb = config["score_ah"]["dimensions_per_block"]
+        blocks = ah_num_blocks(width, dpb)
+        if books.shape != (blocks, 16, dpb):
+            return [("arrays.codebooks.shape", f"must be {(blocks, 16, dpb)} for d={d} "
+                                               f"({metric}); got {books.shape}")]
+        if groups.shape[0] != leaves + 1:
+            return [("arrays.leaf_groups.shape", f"must have num_leaves + 1 = {leaves + 1} "
+                                                 f"entries (arrays.centroids holds {leaves} "
+                                                 f"leaves); got {groups.shape[0]}")]
+        want = np.concatenate([[0], np.cumsum((steps + LUT16_GROUP - 1) // LUT16_GROUP)])
+        if not np.array_equal(groups, want):
+            at = int(np.argmax(groups != want))
+            return [("arrays.leaf_groups", f"entry {at} is {int(groups[at])}; the leaf sizes "
+                                           f"in leaf_offsets give {int(want[at])}")]
+        if packed.shape[0] != int(want[-1]) * blocks * 32:
+            return [("arrays.packed_codes.shape", f"must hold {int(want[-1])} groups of "
+                                                  f"{blocks * 32} bytes (arrays.leaf_groups, "
+                                                  f"arrays.codebooks); got {packed.shape[0]} bytes")]
+    return []
