@@ -180,7 +180,12 @@ class Searcher:
     # ---------------------------------------------------------------- persistence
     def serialize(self, directory) -> None:
         """Writes the index to ``directory`` (a folder of .npy files plus mipscan.json),
-        atomically: readers see the old index or the complete new one, never a mix."""
+        atomically: readers see the old index or the complete new one, never a mix.
+
+        ``directory`` may be absent, an empty folder, or a mipscan index holding only its
+        listed files; anything else is refused with ValueError and left untouched. A
+        symlink is followed: the folder it names is replaced and the link stays.
+        """
         write_index(directory, self.config, self._arrays)
 
 
@@ -189,15 +194,22 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True) -> Searcher
 
     Args:
         directory: the index folder.
-        mmap: memory-map the arrays (no copy, fast start, pages shared between processes).
+        mmap: memory-map the arrays (no copy, fast start, pages shared between processes
+            and read as searches touch them). Safe with :meth:`Searcher.serialize`: it
+            never writes into an existing file (it swaps whole folders and unlinks the old
+            files, whose mapped pages stay valid), so a live searcher keeps answering. A
+            file truncated or rewritten in place by another program while mapped makes
+            the kernel send SIGBUS on the next access; for folders others may edit in
+            place, pass ``mmap=False`` (reads each file once into memory).
         verify: check every file's sha256 against mipscan.json (reads each file once).
+            Values are checked either way (one pass per array).
 
     Returns:
         A :class:`Searcher`.
 
     Raises:
-        ValueError: a missing, damaged, truncated or foreign folder; the message names
-            the path and the offending field.
+        ValueError: a missing, damaged, truncated, foreign or tampered folder; the
+            message names the path and the offending field.
     """
     config, arrays = read_index(directory, mmap=mmap, verify=verify)
     try:
