@@ -31,6 +31,7 @@ void sift_down(float* s, uint32_t* id, size_t n, size_t i) {
 }  // namespace
 
 void HeapView::push(float score, uint32_t i) {
+  score = no_nan(score);
   if (size < k) {
     size_t c = size++;
     s[c] = score;
@@ -201,8 +202,9 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
       float thr = h.threshold();
       if (col_bias == nullptr) {
         for (size_t j = 0; j < m; ++j) {
-          // ">=" keeps ties so that the id order decides them inside push().
-          if (row[j] >= thr) {
+          // ">=" keeps ties so that the id order decides them inside push(); "not <" also
+          // lets a NaN through (as -inf) while the heap has room, so it always fills to k.
+          if (!(row[j] < thr)) {
             h.push(row[j], col_offset + static_cast<uint32_t>(j));
             thr = h.threshold();
           }
@@ -210,7 +212,7 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
       } else {
         for (size_t j = 0; j < m; ++j) {
           float v = row[j] + col_bias[j];
-          if (v >= thr) {
+          if (!(v < thr)) {
             h.push(v, col_offset + static_cast<uint32_t>(j));
             thr = h.threshold();
           }
