@@ -252,7 +252,10 @@ NB_MODULE(_mipscan, m) {
              require(leaf_offsets.shape(0) == v.num_leaves + 1, "Index: leaf_offsets must have num_leaves + 1 entries");
              const int64_t* off = leaf_offsets.data();
              require(off[0] == 0 && off[v.num_leaves] == int64_t(v.num_slots), "Index: leaf_offsets must run from 0 to the slot count");
-             for (size_t l = 0; l < v.num_leaves; ++l) require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
+             for (size_t l = 0; l < v.num_leaves; ++l) {
+               require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
+               v.max_leaf_size = std::max(v.max_leaf_size, size_t(off[l + 1] - off[l]));
+             }
              {
                // Every datapoint in one or two slots: what the k-results guarantee rests on.
                mipscan::fault::alloc();

@@ -11,6 +11,7 @@
 //
 // In a normal build the hooks are empty inline functions: no code, no state.
 #pragma once
+#include <cstddef>
 
 #if defined(MIPSCAN_FAULT_INJECTION) && MIPSCAN_FAULT_INJECTION
 #include <atomic>
@@ -72,4 +73,18 @@ inline void thread_start() {}
 #endif
 
 }  // namespace fault
+
+// Resizing a scratch vector (v.resize(n), v.assign(n, value)): where scratch memory is
+// allocated, hence where a fault-injection build fails allocations.
+template <class V>
+void grow(V& v, size_t n) {
+  if (n > v.capacity()) fault::alloc();
+  v.resize(n);
+}
+template <class V, class T>
+void grow_fill(V& v, size_t n, const T& value) {
+  if (n > v.capacity()) fault::alloc();
+  v.assign(n, value);
+}
+
 }  // namespace mipscan

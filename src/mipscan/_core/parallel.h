@@ -6,7 +6,8 @@
 //   process (the pool is deliberately never destroyed: its threads may still be waiting
 //   on it while the interpreter exits). A forked child starts a fresh pool.
 // - A call with num_threads = T splits its work into at most T parts. The calling thread
-//   works on its own call (it claims parts like any worker), and idle pool workers help.
+//   works on its own call (part 0, then it claims parts like any worker), and idle pool
+//   workers help.
 //   The caller never waits for a part nobody has started: if the pool is busy with other
 //   callers' work, or could not start a thread, the caller runs the remaining parts itself.
 //   N concurrent callers with T threads each therefore use N + max_pool_workers() threads,
@@ -54,7 +55,7 @@ struct Job {
   void (*invoke)(void* body, int part) = nullptr;
   void* body = nullptr;  // the caller's functor; valid until every claimed part finished
   int parts = 0;
-  std::atomic<int> next{0};        // next part to claim
+  std::atomic<int> next{1};        // next part to claim (part 0 is the caller's)
   std::atomic<int> unfinished{0};  // claimed or unclaimed parts not yet finished
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // first exception; written under mu
@@ -193,6 +194,9 @@ void run_parts(int parts, Body& body) {
   job->unfinished.store(parts, std::memory_order_relaxed);
   Pool* p = pool();
   if (p != nullptr) p->submit(job, parts - 1);
+  // Part 0 always runs on the calling thread (its per-part state, such as a search's
+  // scratch, stays with one thread and warm in its cache), then whatever is left.
+  job->run(0);
   job->participate();
   if (p != nullptr) p->retract(job.get());
   job->wait();

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -19,19 +23,6 @@ struct LeafKey {
   float s;
   uint32_t l;
 };
-
-// Growing a scratch vector: the one place its memory is allocated (and where a
-// fault-injection build fails allocations).
-template <class V>
-void grow(V& v, size_t n) {
-  if (n > v.capacity()) fault::alloc();
-  v.resize(n);
-}
-template <class V, class T>
-void grow_fill(V& v, size_t n, const T& value) {
-  if (n > v.capacity()) fault::alloc();
-  v.assign(n, value);
-}
 
 }  // namespace
 
@@ -102,15 +93,21 @@ size_t ScratchCache::cached_bytes() {
 namespace {
 
 // One working thread's scratch for one search_batch call: taken from the cache on first
-// use, given back when the call ends (also when it ends by an exception).
+// use, given back when the call ends. When the call ends by an exception (bad_alloc in
+// the middle of growing a buffer), the scratch is freed instead: it need not be
+// consistent.
 class ScratchLease {
  public:
-  explicit ScratchLease(ScratchCache& cache) : cache_(&cache) {}
-  ScratchLease(ScratchLease&& o) noexcept : cache_(o.cache_), s_(std::move(o.s_)) {}
+  explicit ScratchLease(ScratchCache& cache)
+      : cache_(&cache), exceptions_(std::uncaught_exceptions()) {}
+  ScratchLease(ScratchLease&& o) noexcept
+      : cache_(o.cache_), exceptions_(o.exceptions_), s_(std::move(o.s_)) {}
   ScratchLease(const ScratchLease&) = delete;
   ScratchLease& operator=(const ScratchLease&) = delete;
   ScratchLease& operator=(ScratchLease&&) = delete;
-  ~ScratchLease() { cache_->give(std::move(s_)); }
+  ~ScratchLease() {
+    if (std::uncaught_exceptions() == exceptions_) cache_->give(std::move(s_));
+  }
   Scratch& get() {
     if (s_ == nullptr) s_ = cache_->take();
     return *s_;
@@ -118,6 +115,7 @@ class ScratchLease {
 
  private:
   ScratchCache* cache_;
+  int exceptions_;
   std::unique_ptr<Scratch> s_;
 };
 
@@ -136,6 +134,10 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   grow(s.lut_f, nb * 16);
   grow_fill(s.lut_u8, nb * 16, uint8_t{0});
   QuantLut out;
+  // More blocks than the uint8 LUT allows (lut16.h): the raw dot products are the table,
+  // summed in double by scan_leaf_ah_exact (no bias: a float sum of 65,536 block minima
+  // would lose digits to cancellation).
+  out.exact = nb > kMaxLut16Blocks;
   float max_range = 0;
   for (size_t b = 0; b < nb; ++b) {
     // Sixteen independent sums over the block's dimensions: vectorises over codewords.
@@ -144,6 +146,10 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     for (size_t j = 0; j < dpb; ++j) {
       const float qj = s.qpad[b * dpb + j];
       for (size_t c = 0; c < 16; ++c) acc[c] += qj * book[c * dpb + j];
+    }
+    if (out.exact) {
+      std::copy(acc, acc + 16, s.lut_f.begin() + static_cast<std::ptrdiff_t>(b * 16));
+      continue;
     }
     float lo = acc[0], hi = acc[0];
     for (size_t c = 1; c < 16; ++c) {
@@ -154,10 +160,7 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     for (size_t c = 0; c < 16; ++c) s.lut_f[b * 16 + c] = acc[c] - lo;
     max_range = std::max(max_range, hi - lo);
   }
-  if (nb > kMaxLut16Blocks) {  // no uint8 LUT can sum within 16 bits (lut16.h)
-    out.exact = true;
-    return out;
-  }
+  if (out.exact) return out;
   // Largest entry such that nb entries still sum within 16 bits (see lut16.h).
   const float cap = static_cast<float>(lut_cap(nb));
   // max_range > 0 is false for NaN. A spread that is infinite (inf or huge codebooks or
@@ -239,7 +242,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   if (count == 0) return;
   const size_t groups = static_cast<size_t>(g1 - g0);
-  if (s.sums.size() < groups * kGroup) {
+  if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
     grow(s.masks, groups);
   }
@@ -291,7 +294,7 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   const size_t groups = num_groups(count);
-  if (s.sums.size() < groups * kGroup) {
+  if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
     grow(s.masks, groups);
   }
@@ -319,8 +322,8 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
   top.raise_threshold(base + (static_cast<float>(t) - 0.5f) * ql.inv_scale);
 }
 
-// Indexes with more than kMaxLut16Blocks blocks (lut16.h): each point's score in float,
-// base + the sum over blocks of its codewords' (unquantized) LUT entries, in block order.
+// Indexes with more than kMaxLut16Blocks blocks (lut16.h): each point's score exactly,
+// base + the sum (in double, block order) of its codewords' dot products with the query.
 void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
                         TopKBuffer& top) {
   const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
@@ -330,9 +333,9 @@ void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scra
   const float* lut = s.lut_f.data();
   for (size_t i = 0; i < count; ++i) {
     const uint8_t* grp = codes + (i / kGroup) * bytes;
-    float sum = 0;
+    double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
-    const float v = base + sum;
+    const float v = static_cast<float>(base + sum);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
   }
 }
@@ -425,6 +428,32 @@ size_t complete_result(const IndexView& ix, size_t k, size_t nf, size_t nr, Scra
   return nf;
 }
 
+// Gives the scratch the capacity any query of these parameters may need, so that it stops
+// growing after its first query instead of reallocating at random later ones (which would
+// fragment the heap of whichever thread happened to run that query). A capacity check per
+// buffer once it is warm.
+void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
+  if (s.rows.capacity() >= keep && s.leaf_edge.capacity() >= ix.num_leaves &&
+      (ix.packed_codes == nullptr || s.masks.capacity() >= num_groups(ix.max_leaf_size))) {
+    return;
+  }
+  fault::alloc();
+  s.leaf_edge.reserve(ix.num_leaves);
+  s.leaf_bins.reserve(ix.num_leaves);
+  s.rows.reserve(keep);
+  s.row_scores.reserve(keep);
+  if (ix.num_slots > ix.n) {
+    size_t cap = 16;
+    while (cap < 2 * keep) cap *= 2;
+    s.hash.reserve(cap);
+    s.pairs.reserve(keep);
+  }
+  if (ix.packed_codes != nullptr) {
+    s.sums.reserve(num_groups(ix.max_leaf_size) * kGroup);
+    s.masks.reserve(num_groups(ix.max_leaf_size));
+  }
+}
+
 void search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
                 uint32_t* out_ids, float* out_scores) {
@@ -436,6 +465,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  reserve_for(ix, keep, s);
   select_leaves(ix, kn, q, precomputed, first, s);
 
   TopKBuffer& cand = s.candidates;

@@ -36,6 +36,7 @@ struct IndexView {
   const float* centroids = nullptr;       // num_leaves * d
   const int64_t* leaf_offsets = nullptr;  // num_leaves + 1: slots of leaf l are [o[l], o[l+1])
   const uint32_t* slot_ids = nullptr;     // num_slots: datapoint row of each slot
+  size_t max_leaf_size = 0;               // max over l of o[l+1] - o[l] (sizes scratch buffers)
 
   // Asymmetric hashing (present when packed_codes != nullptr).
   size_t num_blocks = 0;        // blocks of dims_per_block dimensions covering d (zero padded)

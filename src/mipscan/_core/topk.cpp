@@ -99,6 +99,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   // the bin holding the k-th largest (the bin index is monotone in the value);
   // nth_element then runs on that bin's few values only.
   if (n <= 16) {
+    if (n > edge_scratch.capacity()) fault::alloc();
     edge_scratch.assign(v, v + n);
     std::nth_element(edge_scratch.begin(), edge_scratch.begin() + (k - 1), edge_scratch.end(),
                      std::greater<float>());
@@ -125,7 +126,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   // value reaches the int conversion.
   const float scale = static_cast<float>(nbins) / (hi - lo);
   const float top_bin = static_cast<float>(nbins - 1);
-  bins_scratch.resize(n);
+  grow(bins_scratch, n);
   uint16_t* bins = bins_scratch.data();
   for (size_t j = 0; j < n; ++j) {
     float f = (v[j] - lo) * scale;
@@ -138,7 +139,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
   size_t above = 0, b = nbins - 1;
   while (above + hist[b] < k) above += hist[b--];
-  edge_scratch.resize(hist[b]);
+  grow(edge_scratch, hist[b]);
   size_t e = 0;
   for (size_t j = 0; j < n; ++j) {
     if (bins[j] == b) edge_scratch[e++] = v[j];
@@ -180,7 +181,7 @@ size_t TopKBuffer::finish_unsorted() {
 
 size_t TopKBuffer::finish_sorted() {
   const size_t n = finish_unsorted();
-  pairs_.resize(n);
+  grow(pairs_, n);
   for (size_t i = 0; i < n; ++i) pairs_[i] = {s_[i], id_[i]};
   std::sort(pairs_.begin(), pairs_.end(), [](const auto& a, const auto& b) {
     return better(a.first, a.second, b.first, b.second);

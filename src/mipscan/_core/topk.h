@@ -62,10 +62,15 @@ class TopKBuffer {
     // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
     // more than the pushes a later threshold lets through.
     cap_ = std::max<size_t>(4 * k + 16, 1024);
-    if (s_.size() < cap_) {
-      fault::alloc();
-      s_.resize(cap_);
-      id_.resize(cap_);
+    if (s_.size() < cap_ || id_.size() < cap_) {  // both: a bad_alloc may fall between
+      grow(s_, cap_);
+      grow(id_, cap_);
+      // The selection's scratch at its largest now, not at some later prune: buffers kept
+      // between searches then stop growing after the first one (a late reallocation
+      // fragments the heap).
+      bins_.reserve(cap_);
+      edge_.reserve(cap_);
+      pairs_.reserve(k);
     }
     size_ = 0;
     thr_ = -std::numeric_limits<float>::infinity();
