@@ -113,12 +113,12 @@ NB_MODULE(_mipscan, m) {
       hi[0] = a > hi[0] ? a : hi[0];
       nan[0] |= a != a;
     }
-    float m = 0;
+    float best = 0;
     for (size_t t = 0; t < 8; ++t) {
       if (nan[t]) return std::numeric_limits<float>::quiet_NaN();
-      m = std::max(m, hi[t]);
+      best = std::max(best, hi[t]);
     }
-    return m;
+    return best;
   });
 
   m.def("pack_codes", [](In<uint8_t, 2> codes) {
