@@ -198,3 +198,30 @@ def test_faults_give_right_answers_or_clean_errors(package, tmp_path):
     assert not failures, "\n".join(failures[:10])
     assert outcomes["err"] + outcomes["partial"] > 0, "no fault was ever injected"
     assert outcomes["ok"] > 0
+
+
+NO_THREADS = r"""
+import numpy as np, mipscan
+from mipscan import _mipscan
+rng = np.random.default_rng(1)
+db = rng.normal(size=(2000, 8)).astype(np.float32)
+s = mipscan.builder(db, 10, "dot_product").tree(10, 3).score_ah(2).reorder(30).build()
+q = s._to_mips(rng.normal(size=(100, 8)).astype(np.float32))
+ref = s._index.search_batch(q, None, 3, 30, 10, 1)
+for threads in (2, 8):
+    got = s._index.search_batch(q, None, 3, 30, 10, threads)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+with open("/proc/self/status") as f:
+    print(next(int(l.split()[1]) for l in f if l.startswith("Threads:")))
+"""
+
+
+def test_no_thread_can_start_so_the_caller_does_all_the_work(package):
+    """Every thread start fails (std::system_error, as when the OS refuses a thread): the
+    parallel calls still complete, correctly, on the calling thread alone."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(package), MIPSCAN_FAULTS="1:0:1", OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", NO_THREADS], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) == 1, "a pool thread started"
