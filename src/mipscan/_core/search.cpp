@@ -163,13 +163,14 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   if (out.exact) return out;
   // Largest entry such that nb entries still sum within 16 bits (see lut16.h).
   const float cap = static_cast<float>(lut_cap(nb));
-  // max_range > 0 is false for NaN. A spread that is infinite (inf or huge codebooks or
-  // query) or so small that the scale overflows leaves scale = 0 and every entry 0:
-  // scores are then the leaf's base score, finite or not, never a product with inf.
+  // max_range > 0 is false for NaN. A spread so large that a sum (<= 65535) times
+  // inv_scale could overflow (inf or huge codebooks or query), or so small that the scale
+  // overflows, leaves scale = 0 and every entry 0: scores are then the leaf's base score,
+  // finite or not. So sum * inv_scale is always finite, and base + it never NaN.
   if (max_range > 0) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
-    if (!(std::isfinite(out.scale) && out.inv_scale > 0 && std::isfinite(out.inv_scale))) {
+    if (!(std::isfinite(out.scale) && out.inv_scale > 0 && std::isfinite(out.inv_scale * 65535.f))) {
       out.scale = out.inv_scale = 0;
       return out;
     }
@@ -481,14 +482,19 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+    // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
+    // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
+    // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
+    // below, push only scores above the threshold, which NaN never is.
+    const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
     if (!ah) {
       scan_leaf_float(ix, kn, leaf, q, cand);
     } else if (ql.exact) {
-      scan_leaf_ah_exact(ix, leaf, s.leaf_scores[leaf] + ql.bias, s, cand);
+      scan_leaf_ah_exact(ix, leaf, base, s, cand);
     } else if (r == 0 && size > keep && ql.scale > 0) {
-      scan_first_leaf_ah(ix, kn, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     } else {
-      scan_leaf_ah(ix, kn, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     }
     seen += size;
     if (r + 1 >= first && seen >= keep) break;
