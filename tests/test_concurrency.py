@@ -2,6 +2,11 @@
 search_batched_parallel) while another thread loads and serializes indexes; every result
 is bit-identical to a single-threaded run. Searching allocates nothing per query beyond its
 outputs: resident memory stays flat over 1M queries (5M under HYPOTHESIS_PROFILE=long).
+
+The worker pool (src/mipscan/_core/parallel.h): concurrent callers share one bounded
+pool (the process never holds callers x num_threads threads), a forked child starts its
+own, and std::bad_alloc in any working thread reaches the caller as MemoryError.
+Run under ThreadSanitizer with `SANITIZE=thread tools/sanitize.sh`.
 """
 
 from __future__ import annotations

@@ -136,6 +136,9 @@ class Pool {
 
  private:
   void work() noexcept {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "mipscan-worker");  // for top -H, gdb, perf
+#endif
     for (;;) {
       std::shared_ptr<Job> job;
       {
