@@ -1,4 +1,14 @@
-"""The LUT16 kernels against a numpy reference, bit for bit, at every SIMD level."""
+"""The LUT16 kernels against a numpy reference, bit for bit, at every SIMD level.
+
+The levels come from the module (``_mipscan.simd_levels()``: what this CPU and build can
+run), so a new level is tested without editing this file. Levels are reached per call
+(``scan_lut16(..., level)``, ``dots(..., level)``, ``Index.search_batch(..., level=...)``):
+the module's own level is fixed at import (MIPSCAN_SIMD) and nothing here changes it.
+"""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,7 +16,7 @@ import pytest
 import mipscan
 from mipscan import _mipscan
 
-LEVELS = ["scalar"] + (["avx2"] if _mipscan.cpu_has_avx2() else [])
+LEVELS = _mipscan.simd_levels()
 
 
 @pytest.fixture(params=LEVELS)
@@ -38,33 +48,68 @@ def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
     np.testing.assert_array_equal(bits.astype(bool), sums >= cut)
 
 
-def test_levels_agree_on_whole_searches(rng):
-    if len(LEVELS) < 2:
-        pytest.skip("this CPU has only the scalar kernel")
+def test_levels_are_listed_lowest_first_and_include_the_loaded_one():
+    assert LEVELS[0] == "scalar"
+    assert mipscan.simd_level() in LEVELS
+    assert not hasattr(_mipscan, "set_simd_level")  # the level is fixed at load
+
+
+@pytest.mark.parametrize("stages", ["ah", "ah_reorder", "bf"])
+def test_levels_agree_on_whole_searches(rng, level, stages):
     db = rng.normal(size=(3000, 20)).astype(np.float32)
     q = rng.normal(size=(50, 20)).astype(np.float32)
-    s = mipscan.builder(db, 10, "dot_product").tree(20, 5).score_ah(2).build()
-    before = mipscan.simd_level()
-    try:
-        results = {}
-        for lv in LEVELS:
-            assert _mipscan.set_simd_level(lv)
-            assert mipscan.simd_level() == lv
-            results[lv] = s.search_batched(q)
-    finally:
-        _mipscan.set_simd_level(before)
-    np.testing.assert_array_equal(results["scalar"].indices, results["avx2"].indices)
-    np.testing.assert_array_equal(results["scalar"].distances, results["avx2"].distances)
+    b = mipscan.builder(db, 10, "dot_product").tree(20, 5)
+    b = {"ah": lambda: b.score_ah(2), "ah_reorder": lambda: b.score_ah(2).reorder(40),
+         "bf": lambda: b.score_brute_force()}[stages]()
+    s = b.build()
+    ix = s._index
+    for threads in (1, 2):
+        ref = ix.search_batch(q, None, 5, 40, 10, threads, level="scalar")
+        got = ix.search_batch(q, None, 5, 40, 10, threads, level=level)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    # None (the default) is the level fixed at load
+    loaded = ix.search_batch(q, None, 5, 40, 10, 1)
+    np.testing.assert_array_equal(loaded[0], ref[0])
+    np.testing.assert_array_equal(loaded[1], ref[1])
 
 
-def test_simd_env_override_is_honoured():
-    import subprocess
-    import sys
+def test_search_batch_rejects_an_unknown_level(rng):
+    db = rng.normal(size=(200, 8)).astype(np.float32)
+    s = mipscan.builder(db, 5, "dot_product").tree(4, 2).score_ah(2).build()
+    with pytest.raises(ValueError, match="level must be one of 'scalar', 'avx2'; got 'bogus'"):
+        s._index.search_batch(db[:2], None, 2, 5, 5, 1, level="bogus")
 
-    out = subprocess.run([sys.executable, "-c", "import mipscan; print(mipscan.simd_level())"],
-                         env={**__import__("os").environ, "MIPSCAN_SIMD": "scalar"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "scalar"
+
+def _import_with_simd(value):
+    env = {**os.environ, "MIPSCAN_SIMD": value}
+    return subprocess.run([sys.executable, "-c", "import mipscan; print(mipscan.simd_level())"],
+                          env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("value", LEVELS)
+def test_simd_env_override_is_honoured(value):
+    out = _import_with_simd(value)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == value
+
+
+@pytest.mark.parametrize("value", ["bogus", "AVX2", "avx512", " scalar"])
+def test_unknown_simd_env_value_makes_the_import_fail(value):
+    out = _import_with_simd(value)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: MIPSCAN_SIMD=" + repr(value)), last
+    assert "allowed values: scalar, avx2" in last, last
+
+
+def test_a_level_the_cpu_cannot_run_makes_the_import_fail():
+    missing = [lv for lv in ("scalar", "avx2") if lv not in LEVELS]
+    if not missing:
+        pytest.skip("this CPU and build run every level")
+    out = _import_with_simd(missing[0])
+    assert out.returncode != 0
+    assert "cannot run here" in out.stderr and "MIPSCAN_SIMD" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 16, 20, 33, 50, 64])

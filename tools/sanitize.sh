@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Builds mipscan with AddressSanitizer + UndefinedBehaviorSanitizer (CMake option
-# MIPSCAN_SANITIZE) into its own venv and build folder, then runs the test suite under it.
+# MIPSCAN_SANITIZE) or with ThreadSanitizer into its own venv and build folder, then runs
+# tests under it.
 #
-#   tools/sanitize.sh                 # build (if needed) + the default test selection
+#   tools/sanitize.sh                 # ASan+UBSan: build (if needed) + the default tests
 #   tools/sanitize.sh tests/test_fuzz.py -x   # extra arguments go to pytest
 #   SANITIZE_REBUILD=1 tools/sanitize.sh      # force a rebuild of the instrumented module
+#   SANITIZE=thread tools/sanitize.sh         # ThreadSanitizer over tests/test_concurrency.py
+#   SANITIZE=thread tools/sanitize.sh tests/test_engine_robustness.py   # or other tests
+#
+# ThreadSanitizer (SANITIZE=thread): the extension (and nanobind) are built with
+# -fsanitize=thread and libtsan is LD_PRELOADed into the uninstrumented Python. TSan sees
+# every access the module makes and every pthread synchronisation (the GIL included), but
+# not the memory accesses of Python or numpy, so it can miss a race whose other side is
+# there; it does not report false races for them. Suppressions: tools/tsan.supp (each
+# one says why). halt_on_error: the first report fails the run.
 #
 # Nothing in the main venv or the editable install is touched:
 #   - the venv lives in $SANITIZE_DIR/venv (default /tmp/mipscan-sanitize-<hash of the
@@ -29,7 +39,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MAIN_PY="${MAIN_PY:-$ROOT/../venv/bin/python}"
 [ -x "$MAIN_PY" ] || MAIN_PY="$(command -v python3)"
 # Outside the checkout: a `rm -rf build` elsewhere must not pull the venv from under a run.
-OUT="${SANITIZE_DIR:-${TMPDIR:-/tmp}/mipscan-sanitize-$(printf %s "$ROOT" | md5sum | cut -c1-8)}"
+MODE="${SANITIZE:-address}"
+case "$MODE" in
+  address|thread) ;;
+  *) echo "sanitize.sh: SANITIZE must be 'address' (ASan+UBSan, the default) or 'thread'; got '$MODE'" >&2; exit 2 ;;
+esac
+SUFFIX=""; [ "$MODE" = thread ] && SUFFIX="-thread"
+OUT="${SANITIZE_DIR:-${TMPDIR:-/tmp}/mipscan-sanitize-$(printf %s "$ROOT" | md5sum | cut -c1-8)$SUFFIX}"
 VENV="$OUT/venv"
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -42,9 +58,22 @@ fi
 PY="$VENV/bin/python"
 
 CC_BIN="${CC:-gcc}"
-LIBASAN="$("$CC_BIN" -print-file-name=libasan.so)"
-LIBUBSAN="$("$CC_BIN" -print-file-name=libubsan.so)"
-[ -f "$LIBASAN" ] || { echo "sanitize.sh: libasan.so not found via $CC_BIN" >&2; exit 2; }
+if [ "$MODE" = thread ]; then
+  LIBTSAN="$("$CC_BIN" -print-file-name=libtsan.so)"
+  [ -f "$LIBTSAN" ] || { echo "sanitize.sh: libtsan.so not found via $CC_BIN" >&2; exit 2; }
+  PRELOAD="$LIBTSAN"
+  BUILD_OPTS=(-Ccmake.define.MIPSCAN_SANITIZE=OFF
+              "-Ccmake.define.CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g -fsanitize=thread -fno-omit-frame-pointer"
+              -Ccmake.define.CMAKE_MODULE_LINKER_FLAGS=-fsanitize=thread
+              -Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=-fsanitize=thread)
+else
+  LIBASAN="$("$CC_BIN" -print-file-name=libasan.so)"
+  LIBUBSAN="$("$CC_BIN" -print-file-name=libubsan.so)"
+  [ -f "$LIBASAN" ] || { echo "sanitize.sh: libasan.so not found via $CC_BIN" >&2; exit 2; }
+  PRELOAD="$LIBASAN:$LIBUBSAN"
+  BUILD_OPTS=(-Ccmake.define.MIPSCAN_SANITIZE=ON
+              "-Ccmake.define.CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g -fsanitize=float-cast-overflow,float-divide-by-zero")
+fi
 
 site_new="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if [ "${SANITIZE_REBUILD:-0}" = 1 ] || ! ls "$site_new"/mipscan/_mipscan*.so >/dev/null 2>&1; then
@@ -55,29 +84,39 @@ if [ "${SANITIZE_REBUILD:-0}" = 1 ] || ! ls "$site_new"/mipscan/_mipscan*.so >/d
   rm -rf "$site_new/mipscan" "$site_new"/mipscan-*.dist-info
   (cd "$ROOT" && "$MAIN_PY" -m pip install -q --no-build-isolation --no-deps --no-compile \
       --ignore-installed --prefix "$VENV" \
-      -Ccmake.define.MIPSCAN_SANITIZE=ON \
+      "${BUILD_OPTS[@]}" \
       -Ccmake.build-type=RelWithDebInfo \
-      "-Ccmake.define.CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g -fsanitize=float-cast-overflow,float-divide-by-zero" \
       -Cinstall.strip=false \
       -Cbuild-dir="$OUT/cmake" .)
 fi
 
 # The instrumented copy must be the one imported.
-LD_PRELOAD="$LIBASAN:$LIBUBSAN" ASAN_OPTIONS=detect_leaks=0 SANITIZE_VENV="$VENV" "$PY" -c '
+LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0 SANITIZE_VENV="$VENV" "$PY" -c '
 import os, mipscan, mipscan._mipscan as m, sys
 assert os.path.realpath(m.__file__).startswith(os.path.realpath(os.environ["SANITIZE_VENV"])), m.__file__
 print("sanitize.sh: testing", m.__file__, "simd", mipscan.simd_level(), file=sys.stderr)'
 
-export LD_PRELOAD="$LIBASAN:$LIBUBSAN"
-# halt_on_error: the first finding fails the run with a stack trace.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export PYTHONMALLOC=malloc          # let ASan see Python-side buffers too
+export LD_PRELOAD="$PRELOAD"
 export MIPSCAN_SANITIZED=1          # tests may shrink work under the (slow) sanitizers
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-
 cd "$ROOT"
-if [ "$#" -eq 0 ]; then
-  set -- tests -q -p no:cacheprovider --ignore=tests/test_benchmarks.py
+if [ "$MODE" = thread ]; then
+  # halt_on_error + exitcode: the first report fails the run (run pytest with -s to see
+  # it: pytest's capture swallows what a dying process wrote); report_signal_unsafe=0:
+  # Python's signal handlers call malloc (interpreter code, not ours); die_after_fork=0:
+  # test_concurrency.py forks a multi-threaded process on purpose (the child must start a
+  # pool of its own), which TSan otherwise refuses.
+  export TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:report_signal_unsafe=0:die_after_fork=0:suppressions=$ROOT/tools/tsan.supp"
+  if [ "$#" -eq 0 ]; then
+    set -- tests/test_concurrency.py -q -p no:cacheprovider
+  fi
+else
+  # halt_on_error: the first finding fails the run with a stack trace.
+  export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1"
+  export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+  export PYTHONMALLOC=malloc          # let ASan see Python-side buffers too
+  if [ "$#" -eq 0 ]; then
+    set -- tests -q -p no:cacheprovider --ignore=tests/test_benchmarks.py
+  fi
 fi
 exec "$PY" -m pytest "$@"

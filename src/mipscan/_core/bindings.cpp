@@ -1,11 +1,19 @@
-// The one nanobind module. Thin on purpose: convert arrays, check the O(1) shape
-// invariants that protect memory, release the GIL, allocate outputs. Argument checking
-// with user-facing messages lives in mipscan/_validation.py, before anything gets here.
+// The one nanobind module. Thin on purpose: convert arrays, check the invariants that
+// protect memory, release the GIL, allocate outputs. Argument checking with user-facing
+// messages lives in mipscan/_validation.py, before anything gets here.
+//
+// The memory checks are the cross-array shape checks (O(1)), plus O(n) passes over the
+// integer arrays whose values index other arrays: the `sizes` of the top-k heaps (O(nq)
+// per call) and, once per Index, leaf_offsets, leaf_groups and slot_ids (O(num_leaves +
+// n)). Float values are never checked here: the core is memory-safe whatever they are
+// (search.h). Exceptions: std::invalid_argument -> ValueError, std::bad_alloc ->
+// MemoryError, anything else from the core -> RuntimeError (nanobind's translation).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,7 +24,9 @@
 #include <vector>
 
 #include "cpu.h"
+#include "fault.h"
 #include "lut16.h"
+#include "parallel.h"
 #include "search.h"
 #include "topk.h"
 
@@ -30,14 +40,17 @@ using In = nb::ndarray<const T, nb::ndim<Dim>, nb::c_contig, nb::device::cpu>;
 template <class T, size_t Dim>
 using Out = nb::ndarray<nb::numpy, T, nb::ndim<Dim>>;
 
+// Output arrays (a fault-injection build fails these allocations at random).
 template <class T>
 Out<T, 1> new_array(size_t n0) {
+  mipscan::fault::alloc();
   T* data = new T[n0 > 0 ? n0 : 1]();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
   return Out<T, 1>(data, {n0}, owner);
 }
 template <class T>
 Out<T, 2> new_array(size_t n0, size_t n1) {
+  mipscan::fault::alloc();
   T* data = new T[n0 * n1 > 0 ? n0 * n1 : 1]();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
   return Out<T, 2>(data, {n0, n1}, owner);
@@ -47,32 +60,38 @@ void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
-mipscan::SimdLevel parse_level(const std::string& name) {
-  if (name == "scalar") return mipscan::SimdLevel::kScalar;
-  if (name == "avx2") return mipscan::SimdLevel::kAvx2;
-  throw std::invalid_argument("simd level must be 'scalar' or 'avx2'; got '" + name + "'");
-}
-
-// The kernels of a named level, for the tests' direct kernel calls.
+// The kernels of a named level (tests reach every level this way, without global state).
 mipscan::Kernels kernels_at(const std::string& level, const char* call) {
+  mipscan::SimdLevel l{};
+  std::string allowed;
+  for (const auto& name : mipscan::known_simd_levels()) allowed += (allowed.empty() ? "'" : ", '") + name + "'";
+  if (!mipscan::parse_simd_level(level, &l))
+    throw std::invalid_argument(std::string(call) + ": level must be one of " + allowed + "; got '" + level + "'");
   mipscan::Kernels k{};
-  if (!mipscan::kernels_for(parse_level(level), &k))
+  if (!mipscan::kernels_for(l, &k))
     throw std::invalid_argument(std::string(call) + ": this CPU or build cannot run '" + level + "'");
   return k;
 }
 
-// Owns nothing: the keep_alive policies below keep every array alive with the view.
+// The arrays are not owned (the keep_alive policies below keep each one alive with the
+// view); the search scratch is, and is freed with the Index.
 struct Index {
   mipscan::IndexView view;
+  mipscan::ScratchCache scratch;
 };
 
 }  // namespace
 
 NB_MODULE(_mipscan, m) {
-  mipscan::init_kernels_from_env();
+  mipscan::init_kernels_from_env();  // throws (ImportError) on a bad MIPSCAN_SIMD
 
   m.def("simd_level", [] { return std::string(mipscan::simd_level_name(mipscan::kernels().level)); });
+  // The levels this CPU and build can run, lowest first (tests parametrise over them).
+  m.def("simd_levels", &mipscan::runnable_simd_levels);
   m.def("cpu_has_avx2", &mipscan::cpu_has_avx2);
+  m.def("fault_injection", [] { return mipscan::fault::kEnabled; });
+  // The worker pool's bound on its threads (parallel.h).
+  m.def("max_pool_workers", &mipscan::max_pool_workers);
   // max |x| over a float32 array, NaN if any element is NaN: the input check's one pass
   // (cheaper than numpy's max and min, which matters for single queries).
   m.def("max_abs", [](nb::ndarray<const float, nb::c_contig, nb::device::cpu> x) {
@@ -94,14 +113,13 @@ NB_MODULE(_mipscan, m) {
       hi[0] = a > hi[0] ? a : hi[0];
       nan[0] |= a != a;
     }
-    float m = 0;
+    float best = 0;
     for (size_t t = 0; t < 8; ++t) {
       if (nan[t]) return std::numeric_limits<float>::quiet_NaN();
-      m = std::max(m, hi[t]);
+      best = std::max(best, hi[t]);
     }
-    return m;
+    return best;
   });
-  m.def("set_simd_level", [](const std::string& name) { return mipscan::set_simd_level(parse_level(name)); });
 
   m.def("pack_codes", [](In<uint8_t, 2> codes) {
     const size_t n = codes.shape(0), nb_ = codes.shape(1);
@@ -114,6 +132,8 @@ NB_MODULE(_mipscan, m) {
   }, "codes"_a.noconvert());
 
   m.def("unpack_codes", [](In<uint8_t, 1> packed, size_t n, size_t num_blocks) {
+    require(n <= (size_t{1} << 40) && num_blocks <= (size_t{1} << 20),
+            "unpack_codes: n or num_blocks too large");
     require(packed.shape(0) >= mipscan::num_groups(n) * mipscan::group_bytes(num_blocks),
             "unpack_codes: packed array too small for n and num_blocks");
     auto out = new_array<uint8_t>(n, num_blocks);
@@ -232,9 +252,13 @@ NB_MODULE(_mipscan, m) {
              require(leaf_offsets.shape(0) == v.num_leaves + 1, "Index: leaf_offsets must have num_leaves + 1 entries");
              const int64_t* off = leaf_offsets.data();
              require(off[0] == 0 && off[v.num_leaves] == int64_t(v.num_slots), "Index: leaf_offsets must run from 0 to the slot count");
-             for (size_t l = 0; l < v.num_leaves; ++l) require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
+             for (size_t l = 0; l < v.num_leaves; ++l) {
+               require(off[l] <= off[l + 1], "Index: leaf_offsets must not decrease");
+               v.max_leaf_size = std::max(v.max_leaf_size, size_t(off[l + 1] - off[l]));
+             }
              {
                // Every datapoint in one or two slots: what the k-results guarantee rests on.
+               mipscan::fault::alloc();
                std::vector<uint8_t> times(v.n, 0);
                for (size_t i = 0; i < v.num_slots; ++i) {
                  const uint32_t row = slot_ids.data()[i];
@@ -274,7 +298,7 @@ NB_MODULE(_mipscan, m) {
                require(reorder_rows->shape(0) == v.n && reorder_rows->shape(1) == v.d, "Index: reorder_rows must be (n, d)");
                v.reorder_rows = reorder_rows->data();
              }
-             new (self) Index{v};
+             new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
            "codebooks"_a.noconvert().none(), "packed_codes"_a.noconvert().none(),
@@ -286,10 +310,17 @@ NB_MODULE(_mipscan, m) {
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
       .def_prop_ro("num_leaves", [](const Index& ix) { return ix.view.num_leaves; })
+      // Search scratch kept by this index between searches: (count, bytes).
+      .def_prop_ro("cached_scratch", [](Index& ix) {
+        return std::make_pair(ix.scratch.cached_count(), ix.scratch.cached_bytes());
+      })
       .def("search_batch",
-           [](const Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
-              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads) {
+           [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+              std::optional<std::string> level) {
              const auto& v = ix.view;
+             // level: run this call at another SIMD level (tests); None = the one fixed at load.
+             const mipscan::Kernels kn = level ? kernels_at(*level, "search_batch") : mipscan::kernels();
              const size_t nq = queries.shape(0);
              require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
              require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, n]");
@@ -302,11 +333,12 @@ NB_MODULE(_mipscan, m) {
              {
                nb::gil_scoped_release release;
                mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
-               mipscan::search_batch(v, queries.data(), nq, leaf_scores ? leaf_scores->data() : nullptr,
-                                     p, num_threads, ids.data(), scores.data());
+               mipscan::search_batch(v, ix.scratch, kn, queries.data(), nq,
+                                     leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
+                                     ids.data(), scores.data());
              }
              return std::make_pair(ids, scores);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a);
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none());
 }

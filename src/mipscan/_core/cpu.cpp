@@ -1,18 +1,79 @@
 #include "cpu.h"
 
+#include <cstdint>
 #include <cstdlib>
-#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#define MIPSCAN_X86 1
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <immintrin.h>  // _xgetbv
+#include <intrin.h>     // __cpuidex
+#else
+#include <cpuid.h>
+#endif
+#endif
 
 namespace mipscan {
 
 namespace {
+
+constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2};
+
 Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
+
+#if MIPSCAN_X86
+// regs = {eax, ebx, ecx, edx} of CPUID(leaf, subleaf); false when the leaf is not supported.
+bool cpuid(uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  int r[4];
+  __cpuid(r, 0);
+  if (static_cast<uint32_t>(r[0]) < leaf) return false;
+  __cpuidex(r, static_cast<int>(leaf), static_cast<int>(subleaf));
+  for (int i = 0; i < 4; ++i) regs[i] = static_cast<uint32_t>(r[i]);
+  return true;
+#else
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(leaf, subleaf, &a, &b, &c, &d) == 0) return false;
+  regs[0] = a, regs[1] = b, regs[2] = c, regs[3] = d;
+  return true;
+#endif
 }
 
+// XCR0: which register states the OS saves on a context switch.
+uint64_t xgetbv0() {
+#if defined(_MSC_VER) && !defined(__clang__)
+  return _xgetbv(0);
+#else
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(lo), "=d"(hi) : "c"(0));  // xgetbv
+  return (uint64_t{hi} << 32) | lo;
+#endif
+}
+
+bool detect_avx2() {
+  uint32_t r[4];
+  if (!cpuid(1, 0, r)) return false;
+  const bool fma = (r[2] >> 12) & 1, osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
+  if (!(fma && osxsave && avx)) return false;
+  if ((xgetbv0() & 0x6) != 0x6) return false;  // XMM and YMM state enabled by the OS
+  if (!cpuid(7, 0, r)) return false;
+  return (r[1] >> 5) & 1;  // EBX bit 5: AVX2
+}
+#endif
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& s : v) out += (out.empty() ? "" : ", ") + s;
+  return out;
+}
+
+}  // namespace
+
 bool cpu_has_avx2() {
-#if MIPSCAN_HAVE_AVX2 && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if MIPSCAN_X86 && MIPSCAN_HAVE_AVX2
+  static const bool has = detect_avx2();
+  return has;
 #else
   return false;
 #endif
@@ -34,19 +95,52 @@ bool kernels_for(SimdLevel level, Kernels* out) {
   return false;
 }
 
-bool set_simd_level(SimdLevel level) { return kernels_for(level, &g_kernels); }
+const char* simd_level_name(SimdLevel level) {
+  return level == SimdLevel::kAvx2 ? "avx2" : "scalar";
+}
+
+bool parse_simd_level(const std::string& name, SimdLevel* out) {
+  for (SimdLevel l : kAllLevels) {
+    if (name == simd_level_name(l)) {
+      *out = l;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<std::string> known_simd_levels() {
+  std::vector<std::string> out;
+  for (SimdLevel l : kAllLevels) out.emplace_back(simd_level_name(l));
+  return out;
+}
+
+std::vector<std::string> runnable_simd_levels() {
+  std::vector<std::string> out;
+  Kernels k{};
+  for (SimdLevel l : kAllLevels)
+    if (kernels_for(l, &k)) out.emplace_back(simd_level_name(l));
+  return out;
+}
 
 void init_kernels_from_env() {
   const char* env = std::getenv("MIPSCAN_SIMD");
-  if (env != nullptr && std::strcmp(env, "scalar") == 0) {
-    set_simd_level(SimdLevel::kScalar);
+  if (env == nullptr || *env == '\0') {
+    // The best level available: the last runnable one.
+    for (SimdLevel l : kAllLevels) kernels_for(l, &g_kernels);
     return;
   }
-  if (!set_simd_level(SimdLevel::kAvx2)) set_simd_level(SimdLevel::kScalar);
-}
-
-const char* simd_level_name(SimdLevel level) {
-  return level == SimdLevel::kAvx2 ? "avx2" : "scalar";
+  const std::string value(env);
+  SimdLevel level{};
+  if (!parse_simd_level(value, &level)) {
+    throw std::runtime_error("MIPSCAN_SIMD='" + value + "' is not a SIMD level; allowed values: " +
+                             join(known_simd_levels()) + " (or unset for the best one this CPU runs: " +
+                             join(runnable_simd_levels()) + ")");
+  }
+  if (!kernels_for(level, &g_kernels)) {
+    throw std::runtime_error("MIPSCAN_SIMD='" + value + "' cannot run here: this CPU and build support " +
+                             join(runnable_simd_levels()) + "; unset MIPSCAN_SIMD or choose one of those");
+  }
 }
 
 }  // namespace mipscan

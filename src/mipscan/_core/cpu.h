@@ -1,7 +1,17 @@
-// Run-time choice of SIMD kernels. The table is filled once when the module loads, from
-// the CPU's features and the MIPSCAN_SIMD environment variable ("scalar" or "avx2";
-// asking for a level the CPU lacks falls back to the best available one).
+// Run-time choice of SIMD kernels, fixed when the module loads.
+//
+// init_kernels_from_env() runs once, in the module's init, before any search: it reads
+// MIPSCAN_SIMD ("scalar" or "avx2"; unset or empty = the best level this CPU and build
+// can run) and fills the table that kernels() returns. Nothing changes it afterwards, so
+// searches read it without synchronisation. An unknown value, or a level this CPU or build
+// cannot run, is an error (the module then fails to import, naming the variable).
+// Other levels stay reachable without global state through kernels_for(level), which is
+// how tests compare the levels (and Index.search_batch(..., level=...) runs a whole search
+// at a given level).
 #pragma once
+#include <string>
+#include <vector>
+
 #include "lut16.h"
 
 namespace mipscan {
@@ -15,15 +25,22 @@ struct Kernels {
   DotsFn dots;
 };
 
-// The kernels in use. Set at module init; set_simd_level() changes it (tests only: it is
-// not synchronised with searches running in other threads).
+// The kernels chosen at module load.
 const Kernels& kernels();
+// True when the CPU has AVX2 and FMA and the OS saves the AVX (YMM) state; false on
+// non-x86 targets and in builds without the AVX2 kernels.
 bool cpu_has_avx2();
 // The kernels of one level, in *out; false (and *out unchanged) when this CPU or build
 // cannot run that level.
 bool kernels_for(SimdLevel level, Kernels* out);
-// Returns false (and changes nothing) when the CPU cannot run that level.
-bool set_simd_level(SimdLevel level);
+// Level names, lowest first: every level this module knows, and those this CPU and build
+// can run.
+std::vector<std::string> known_simd_levels();
+std::vector<std::string> runnable_simd_levels();
+// The level named `name`; false when the name is unknown.
+bool parse_simd_level(const std::string& name, SimdLevel* out);
+// Reads MIPSCAN_SIMD and fixes the kernels. Throws std::runtime_error naming the variable,
+// its value and the allowed values when the value is unknown or cannot run here.
 void init_kernels_from_env();
 const char* simd_level_name(SimdLevel level);
 

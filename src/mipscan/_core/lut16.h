@@ -14,12 +14,17 @@
 //   packed size = ceil(n / 64) * num_blocks * 32 bytes.
 //
 // LUT. lut[b * 16 + c] is the quantized (uint8) contribution of codeword c of block b,
-// num_blocks rows. Callers keep every entry <= min(127, floor(65535 / num_blocks)): 127
-// lets the AVX2 kernel add the lookups of two blocks in 8-bit lanes before widening
-// (<= 254), and the second bound keeps a point's sum over blocks within 16 bits, so the
-// uint16 accumulators never overflow and the scalar and AVX2 kernels return identical
-// sums.
+// num_blocks rows. Callers keep every entry <= lut_cap(num_blocks) = min(127,
+// floor(65535 / num_blocks)): 127 lets the AVX2 kernel add the lookups of two blocks in
+// 8-bit lanes before widening (<= 254), and the second bound keeps a point's sum over
+// blocks within 16 bits, so the uint16 accumulators never overflow and the scalar and
+// AVX2 kernels return identical sums.
 //
+// Bound on num_blocks: the quantized scan needs lut_cap >= 1, i.e. num_blocks <=
+// kMaxLut16Blocks = 65535. Above it an entry would have to be 0 (every sum 0, the scale
+// infinite), so the searcher scores such indexes exactly in float instead (search.cpp,
+// scan_leaf_ah_exact; slow, but never garbage), and the Python builder refuses them.
+
 // Output. sums[g * 64 + j] = sum over b of lut[b * 16 + code(point 64g + j, block b)], and
 // bit j of masks[g] is set iff sums[g * 64 + j] >= cut (so the caller visits only the
 // points that can still enter its top-k; padding points past n may be flagged too).
@@ -32,6 +37,20 @@ namespace mipscan {
 constexpr size_t kGroup = 64;
 inline size_t group_bytes(size_t num_blocks) { return num_blocks * 32; }
 inline size_t num_groups(size_t n) { return (n + kGroup - 1) / kGroup; }
+constexpr size_t kMaxLut16Blocks = 65535;
+// Largest LUT entry for num_blocks blocks (see "LUT" above); 0 when num_blocks > 65535.
+inline unsigned lut_cap(size_t num_blocks) {
+  const size_t c = 65535 / (num_blocks > 0 ? num_blocks : 1);
+  return static_cast<unsigned>(c < 127 ? c : 127);
+}
+// Byte offset within a block's 32 bytes, and nibble, of point j (< 64) of a group.
+inline size_t byte_of(size_t j) { return (j / 32) * 16 + (j % 16); }
+inline bool high_nibble(size_t j) { return (j % 32) >= 16; }
+// The code of point j (< 64) of a group for block b.
+inline uint8_t code_at(const uint8_t* group, size_t b, size_t j) {
+  const uint8_t byte = group[b * 32 + byte_of(j)];
+  return high_nibble(j) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0x0F);
+}
 
 // codes: n * num_blocks bytes (values < 16); packed: num_groups(n) * group_bytes bytes.
 void pack_codes(const uint8_t* codes, size_t n, size_t num_blocks, uint8_t* packed);

@@ -2,10 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "cpu.h"
+#include "fault.h"
 #include "lut16.h"
 #include "parallel.h"
 #include "portable.h"
@@ -15,12 +20,12 @@ namespace mipscan {
 
 namespace {
 
-inline float dot(const float* a, const float* b, size_t d) { return kernels().dot(a, b, d); }
-
 struct LeafKey {
   float s;
   uint32_t l;
 };
+
+}  // namespace
 
 struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache line
   std::vector<LeafKey> leaf_keys;
@@ -39,31 +44,101 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> row_scores;
   std::vector<uint32_t> hash;
   std::vector<std::pair<float, uint32_t>> pairs;
+  std::vector<uint64_t> taken;  // completing a short result: rows already in it
   TopKBuffer candidates;
   TopKBuffer final_;
 
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(chunk_scores) +
-           b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) + b(masks) + b(histogram) +
-           b(rows) + b(row_scores) + b(hash) + b(pairs) + candidates.bytes() + final_.bytes();
+    return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
+           b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
+           b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
+           candidates.bytes() + final_.bytes();
   }
+};
+
+ScratchCache::ScratchCache() { free_.reserve(kMaxCached); }
+ScratchCache::~ScratchCache() = default;
+
+std::unique_ptr<Scratch> ScratchCache::take() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_.empty()) {
+      std::unique_ptr<Scratch> s = std::move(free_.back());
+      free_.pop_back();
+      return s;
+    }
+  }
+  fault::alloc();
+  return std::make_unique<Scratch>();
+}
+
+void ScratchCache::give(std::unique_ptr<Scratch> s) noexcept {
+  if (s == nullptr || s->bytes() > kKeepBytes) return;  // freed here
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.size() < kMaxCached) free_.push_back(std::move(s));  // never reallocates
+}
+
+size_t ScratchCache::cached_count() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_.size();
+}
+
+size_t ScratchCache::cached_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t total = 0;
+  for (const auto& s : free_) total += s->bytes();
+  return total;
+}
+
+namespace {
+
+// One working thread's scratch for one search_batch call: taken from the cache on first
+// use, given back when the call ends. When the call ends by an exception (bad_alloc in
+// the middle of growing a buffer), the scratch is freed instead: it need not be
+// consistent.
+class ScratchLease {
+ public:
+  explicit ScratchLease(ScratchCache& cache)
+      : cache_(&cache), exceptions_(std::uncaught_exceptions()) {}
+  ScratchLease(ScratchLease&& o) noexcept
+      : cache_(o.cache_), exceptions_(o.exceptions_), s_(std::move(o.s_)) {}
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  ScratchLease& operator=(ScratchLease&&) = delete;
+  ~ScratchLease() {
+    if (std::uncaught_exceptions() == exceptions_) cache_->give(std::move(s_));
+  }
+  Scratch& get() {
+    if (s_ == nullptr) s_ = cache_->take();
+    return *s_;
+  }
+
+ private:
+  ScratchCache* cache_;
+  int exceptions_;
+  std::unique_ptr<Scratch> s_;
 };
 
 // Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
 struct QuantLut {
   float bias = 0;
-  float scale = 0;      // float units -> integer units
+  float scale = 0;      // float units -> integer units; 0: every entry 0 (see build_lut)
   float inv_scale = 0;  // integer units -> float units
+  bool exact = false;   // num_blocks > kMaxLut16Blocks: score from lut_f (scan_leaf_ah_exact)
 };
 
 QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   const size_t nb = ix.num_blocks, dpb = ix.dims_per_block;
-  s.qpad.assign(nb * dpb, 0.f);  // the query, zero padded to whole blocks
+  grow_fill(s.qpad, nb * dpb, 0.f);  // the query, zero padded to whole blocks
   std::copy(q, q + ix.d, s.qpad.begin());
-  s.lut_f.resize(nb * 16);
-  s.lut_u8.assign(nb * 16, 0);
+  grow(s.lut_f, nb * 16);
+  grow_fill(s.lut_u8, nb * 16, uint8_t{0});
   QuantLut out;
+  // More blocks than the uint8 LUT allows (lut16.h): the raw dot products are the table,
+  // summed in double by scan_leaf_ah_exact (no bias: a float sum of 65,536 block minima
+  // would lose digits to cancellation).
+  out.exact = nb > kMaxLut16Blocks;
   float max_range = 0;
   for (size_t b = 0; b < nb; ++b) {
     // Sixteen independent sums over the block's dimensions: vectorises over codewords.
@@ -72,6 +147,10 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     for (size_t j = 0; j < dpb; ++j) {
       const float qj = s.qpad[b * dpb + j];
       for (size_t c = 0; c < 16; ++c) acc[c] += qj * book[c * dpb + j];
+    }
+    if (out.exact) {
+      std::copy(acc, acc + 16, s.lut_f.begin() + static_cast<std::ptrdiff_t>(b * 16));
+      continue;
     }
     float lo = acc[0], hi = acc[0];
     for (size_t c = 1; c < 16; ++c) {
@@ -82,33 +161,46 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
     for (size_t c = 0; c < 16; ++c) s.lut_f[b * 16 + c] = acc[c] - lo;
     max_range = std::max(max_range, hi - lo);
   }
+  if (out.exact) return out;
   // Largest entry such that nb entries still sum within 16 bits (see lut16.h).
-  const float cap = static_cast<float>(std::min<size_t>(127, 65535 / nb));
+  const float cap = static_cast<float>(lut_cap(nb));
+  // max_range > 0 is false for NaN. A spread so large that a sum (<= 65535) times
+  // inv_scale could overflow (inf or huge codebooks or query), or so small that the scale
+  // overflows, leaves scale = 0 and every entry 0: scores are then the leaf's base score,
+  // finite or not. So sum * inv_scale is always finite, and base + it never NaN.
   if (max_range > 0) {
     out.scale = cap / max_range;
     out.inv_scale = max_range / cap;
+    if (!(std::isfinite(out.scale) && out.inv_scale > 0 && std::isfinite(out.inv_scale * 65535.f))) {
+      out.scale = out.inv_scale = 0;
+      return out;
+    }
     for (size_t i = 0; i < nb * 16; ++i) {
       const float v = s.lut_f[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
-      s.lut_u8[i] = static_cast<uint8_t>(v < cap ? (v >= 0 ? v : 0.f) : cap);  // NaN -> 0
+      s.lut_u8[i] = static_cast<uint8_t>(v < cap ? (v >= 0 ? v : 0.f) : cap);  // NaN -> cap
     }
   }
   return out;
 }
 
-void select_leaves(const IndexView& ix, const float* q, const float* precomputed,
-                   size_t first, Scratch& s) {
+void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
+                   const float* precomputed, size_t first, Scratch& s) {
   const size_t L = ix.num_leaves;
-  s.leaf_scores.resize(L);
+  grow(s.leaf_scores, L);
+  float* sc = s.leaf_scores.data();
   if (precomputed != nullptr) {
-    std::copy(precomputed, precomputed + L, s.leaf_scores.begin());
+    for (size_t l = 0; l < L; ++l) sc[l] = no_nan(precomputed[l]);
   } else {
-    kernels().dots(q, 1, ix.centroids, L, ix.d, s.leaf_scores.data());
+    kn.dots(q, 1, ix.centroids, L, ix.d, sc);
+    for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   }
+  // From here on the scores hold no NaN (-inf instead), so they are totally ordered:
+  // the selection, the sorts and the widening below see a consistent order.
   // The first-th best score (kth_largest: a histogram, then nth_element on one bin); then
   // the leaves above it, and ties at it by leaf index, are the selection, sorted by
   // (score desc, index asc). The unselected leaves follow in index order (sorted only if
   // ever needed).
-  s.leaf_keys.resize(L);
+  grow(s.leaf_keys, L);
   size_t w = 0;
   if (first < L) {
     const float kth = kth_largest(s.leaf_scores.data(), L, first, s.leaf_bins, s.leaf_edge);
@@ -119,8 +211,10 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
     for (size_t l = 0; l < L; ++l) {
       const float v = s.leaf_scores[l];
       const LeafKey key{v, static_cast<uint32_t>(l)};
-      if (v > kth || (v == kth && ties > 0)) {
-        if (v == kth) --ties;
+      // Exactly `first` keys qualify; the bounds on w and rest are only a guard that keeps
+      // every write inside leaf_keys (and leaf_order a permutation) whatever happens.
+      if (((v > kth || (v == kth && ties > 0)) && w < first) || rest == L) {
+        if (v == kth && ties > 0) --ties;
         s.leaf_keys[w++] = key;
       } else {
         s.leaf_keys[rest++] = key;
@@ -131,7 +225,7 @@ void select_leaves(const IndexView& ix, const float* q, const float* precomputed
   }
   std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first,
             [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
-  s.leaf_order.resize(L);
+  grow(s.leaf_order, L);
   for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
 }
 
@@ -142,17 +236,17 @@ void sort_remaining_leaves(size_t first, Scratch& s) {
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
 }
 
-void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& ql,
-                  Scratch& s, TopKBuffer& top) {
+void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                  const QuantLut& ql, Scratch& s, TopKBuffer& top) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   if (count == 0) return;
   const size_t groups = static_cast<size_t>(g1 - g0);
-  if (s.sums.size() < groups * kGroup) {
-    s.sums.resize(groups * kGroup);
-    s.masks.resize(groups);
+  if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
+    grow(s.sums, groups * kGroup);
+    grow(s.masks, groups);
   }
   // Integer filter: a point can only enter when base + sum * inv_scale > threshold, i.e.
   // sum > x = (threshold - base) * scale, i.e. sum >= floor(x) + 1. (Float rounding can
@@ -174,8 +268,8 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
     // the first threshold arrives early.
     c1 = std::min(groups, c0 + (top.threshold() > -INFINITY ? kChunk : 1));
     uint16_t cut = current_cut();
-    kernels().scan_lut16(codes + c0 * bytes, c1 - c0, ix.num_blocks, s.lut_u8.data(), cut,
-                         sums + c0 * kGroup, s.masks.data() + c0);
+    kn.scan_lut16(codes + c0 * bytes, c1 - c0, ix.num_blocks, s.lut_u8.data(), cut,
+                  sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
       while (m != 0) {
@@ -196,18 +290,18 @@ void scan_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& 
 // all of them (and pruning the buffer repeatedly), find the k-th largest integer sum with
 // a histogram and offer only the points at or above it. Its score then bounds the final
 // k-th score from below and becomes the threshold for every later leaf.
-void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const QuantLut& ql,
-                        Scratch& s, TopKBuffer& top) {
+void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                        const QuantLut& ql, Scratch& s, TopKBuffer& top) {
   const int64_t g0 = ix.leaf_groups[leaf];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   const size_t groups = num_groups(count);
-  if (s.sums.size() < groups * kGroup) {
-    s.sums.resize(groups * kGroup);
-    s.masks.resize(groups);
+  if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
+    grow(s.sums, groups * kGroup);
+    grow(s.masks, groups);
   }
-  kernels().scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
-                       groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
+  kn.scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
+                groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
   const uint16_t* sums = s.sums.data();
   // The histogram spans only the sums present ([low, top], usually far narrower than
   // 0 .. 127 * num_blocks), and the walk starts at the top.
@@ -216,7 +310,7 @@ void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const Quan
     top_sum = std::max(top_sum, sums[i]);
     low_sum = std::min(low_sum, sums[i]);
   }
-  s.histogram.assign(size_t{top_sum} - low_sum + 1, 0);
+  grow_fill(s.histogram, size_t{top_sum} - low_sum + 1, 0u);
   uint32_t* hist = s.histogram.data();  // hist[v - low_sum]: how many points sum to v
   for (size_t i = 0; i < count; ++i) ++hist[sums[i] - low_sum];
   size_t above = 0, t = top_sum;  // count > k: the walk stops at or above low_sum
@@ -230,10 +324,29 @@ void scan_first_leaf_ah(const IndexView& ix, size_t leaf, float base, const Quan
   top.raise_threshold(base + (static_cast<float>(t) - 0.5f) * ql.inv_scale);
 }
 
-void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffer& top) {
+// Indexes with more than kMaxLut16Blocks blocks (lut16.h): each point's score exactly,
+// base + the sum (in double, block order) of its codewords' dot products with the query.
+void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                        TopKBuffer& top) {
+  const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
+  const int64_t slot0 = ix.leaf_offsets[leaf];
+  const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
+  const uint8_t* codes = ix.packed_codes + static_cast<size_t>(ix.leaf_groups[leaf]) * bytes;
+  const float* lut = s.lut_f.data();
+  for (size_t i = 0; i < count; ++i) {
+    const uint8_t* grp = codes + (i / kGroup) * bytes;
+    double sum = 0;
+    for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
+    const float v = static_cast<float>(base + sum);
+    if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
+  }
+}
+
+void scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                     TopKBuffer& top) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
   for (int64_t slot = a; slot < b; ++slot) {
-    const float v = dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
+    const float v = kn.dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
   }
 }
@@ -242,11 +355,11 @@ void scan_leaf_float(const IndexView& ix, size_t leaf, const float* q, TopKBuffe
 // row twice. Keeps each row once, with its best approximate score: rows[0, u) and
 // row_scores[0, u); returns u. Open addressing on the row id, sized to the candidates.
 size_t unique_rows(const IndexView& ix, const TopKBuffer& cand, size_t nc, Scratch& s) {
-  s.rows.resize(nc);
-  s.row_scores.resize(nc);
+  grow(s.rows, nc);
+  grow(s.row_scores, nc);
   size_t cap = 16;
   while (cap < 2 * nc) cap *= 2;
-  s.hash.assign(cap, 0);  // 0 = empty, else position + 1 in rows
+  grow_fill(s.hash, cap, 0u);  // 0 = empty, else position + 1 in rows
   size_t u = 0;
   for (size_t i = 0; i < nc; ++i) {
     const uint32_t row = ix.slot_ids[cand.id(i)];
@@ -272,7 +385,7 @@ size_t unique_rows(const IndexView& ix, const TopKBuffer& cand, size_t nc, Scrat
 
 // Keeps the best k of the nr candidate rows (by approximate score) in rows[0, k).
 size_t keep_best_rows(size_t k, size_t nr, Scratch& s) {
-  s.pairs.resize(nr);
+  grow(s.pairs, nr);
   for (size_t i = 0; i < nr; ++i) s.pairs[i] = {s.row_scores[i], s.rows[i]};
   std::nth_element(s.pairs.begin(), s.pairs.begin() + (k - 1), s.pairs.end(),
                    [](const auto& a, const auto& b) { return better(a.first, a.second, b.first, b.second); });
@@ -283,8 +396,69 @@ size_t keep_best_rows(size_t k, size_t nr, Scratch& s) {
   return k;
 }
 
-void search_one(const IndexView& ix, const float* q, const float* precomputed,
-                const SearchParams& p, Scratch& s, uint32_t* out_ids, float* out_scores) {
+// Completes a result that holds only nf < k rows (possible only when scores were NaN or
+// -inf, which no candidate buffer accepts): first with the candidate rows it lacks, then
+// with the smallest rows it lacks, each scored -inf and ordered by id, so that it holds k
+// distinct rows < n (k <= n). Returns k.
+size_t complete_result(const IndexView& ix, size_t k, size_t nf, size_t nr, Scratch& s,
+                       uint32_t* out_ids, float* out_scores) {
+  // A hash set of the rows taken (row + 1; 0 = empty), sized for the k it will hold.
+  size_t cap = 16;
+  while (cap < 2 * k) cap *= 2;
+  grow_fill(s.taken, cap, uint64_t{0});
+  auto insert = [&](uint32_t row) {  // false when already taken
+    size_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> 40;
+    for (;; ++h) {
+      uint64_t& e = s.taken[h & (cap - 1)];
+      if (e == 0) {
+        e = uint64_t{row} + 1;
+        return true;
+      }
+      if (e == uint64_t{row} + 1) return false;
+    }
+  };
+  for (size_t i = 0; i < nf; ++i) insert(out_ids[i]);
+  const size_t start = nf;
+  for (size_t i = 0; i < nr && nf < k; ++i) {
+    if (insert(s.rows[i])) out_ids[nf++] = s.rows[i];
+  }
+  for (size_t row = 0; row < ix.n && nf < k; ++row) {
+    if (insert(static_cast<uint32_t>(row))) out_ids[nf++] = static_cast<uint32_t>(row);
+  }
+  std::sort(out_ids + start, out_ids + nf);
+  for (size_t i = start; i < nf; ++i) out_scores[i] = -INFINITY;
+  return nf;
+}
+
+// Gives the scratch the capacity any query of these parameters may need, so that it stops
+// growing after its first query instead of reallocating at random later ones (which would
+// fragment the heap of whichever thread happened to run that query). A capacity check per
+// buffer once it is warm.
+void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
+  if (s.rows.capacity() >= keep && s.leaf_edge.capacity() >= ix.num_leaves &&
+      (ix.packed_codes == nullptr || s.masks.capacity() >= num_groups(ix.max_leaf_size))) {
+    return;
+  }
+  fault::alloc();
+  s.leaf_edge.reserve(ix.num_leaves);
+  s.leaf_bins.reserve(ix.num_leaves);
+  s.rows.reserve(keep);
+  s.row_scores.reserve(keep);
+  if (ix.num_slots > ix.n) {
+    size_t cap = 16;
+    while (cap < 2 * keep) cap *= 2;
+    s.hash.reserve(cap);
+    s.pairs.reserve(keep);
+  }
+  if (ix.packed_codes != nullptr) {
+    s.sums.reserve(num_groups(ix.max_leaf_size) * kGroup);
+    s.masks.reserve(num_groups(ix.max_leaf_size));
+  }
+}
+
+void search_one(const IndexView& ix, const Kernels& kn, const float* q,
+                const float* precomputed, const SearchParams& p, Scratch& s,
+                uint32_t* out_ids, float* out_scores) {
   const bool reorder = ix.reorder_rows != nullptr;
   // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
@@ -293,7 +467,8 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
   const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
-  select_leaves(ix, q, precomputed, first, s);
+  reserve_for(ix, keep, s);
+  select_leaves(ix, kn, q, precomputed, first, s);
 
   TopKBuffer& cand = s.candidates;
   cand.reset(keep);
@@ -308,12 +483,19 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+    // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
+    // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
+    // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
+    // below, push only scores above the threshold, which NaN never is.
+    const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
     if (!ah) {
-      scan_leaf_float(ix, leaf, q, cand);
+      scan_leaf_float(ix, kn, leaf, q, cand);
+    } else if (ql.exact) {
+      scan_leaf_ah_exact(ix, leaf, base, s, cand);
     } else if (r == 0 && size > keep && ql.scale > 0) {
-      scan_first_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     } else {
-      scan_leaf_ah(ix, leaf, s.leaf_scores[leaf] + ql.bias, ql, s, cand);
+      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     }
     seen += size;
     if (r + 1 >= first && seen >= keep) break;
@@ -324,8 +506,8 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     nr = unique_rows(ix, cand, nc, s);
     if (nr > cand_k) nr = keep_best_rows(cand_k, nr, s);
   } else {
-    s.rows.resize(nc);
-    s.row_scores.resize(nc);
+    grow(s.rows, nc);
+    grow(s.row_scores, nc);
     for (size_t i = 0; i < nc; ++i) {
       s.rows[i] = ix.slot_ids[cand.id(i)];
       s.row_scores[i] = cand.score(i);
@@ -346,7 +528,7 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     }
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
-      const float v = dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
+      const float v = kn.dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else {
@@ -356,44 +538,48 @@ void search_one(const IndexView& ix, const float* q, const float* precomputed,
     }
   }
   const size_t nf = fin.finish_sorted();
-  for (size_t i = 0; i < p.final_k; ++i) {
-    out_ids[i] = i < nf ? fin.id(i) : 0;
-    out_scores[i] = i < nf ? fin.score(i) : -INFINITY;
+  for (size_t i = 0; i < nf; ++i) {
+    out_ids[i] = fin.id(i);
+    out_scores[i] = fin.score(i);
   }
+  if (nf < p.final_k) complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
 }
 
 }  // namespace
 
-void search_batch(const IndexView& index, const float* queries, size_t nq,
-                  const float* leaf_scores, const SearchParams& params, int num_threads,
-                  uint32_t* out_ids, float* out_scores) {
+void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn,
+                  const float* queries, size_t nq, const float* leaf_scores,
+                  const SearchParams& params, int num_threads, uint32_t* out_ids,
+                  float* out_scores) {
   // Chunks of 8 queries handed out dynamically: query costs vary (leaf sizes, widening)
-  // and so does the speed of the cores. Worker 0 is the calling thread: it keeps its
-  // scratch between calls (thread_local), as allocating and first-touching ~100 KB of
-  // buffers per call cost about 8 us per single-query search. The other workers are
-  // threads of this call; their scratch lives for the call.
-  thread_local Scratch caller_scratch;
-  const int workers = num_threads <= 0 ? hardware_threads() : num_threads;
-  std::vector<Scratch> scratch(static_cast<size_t>(std::max(workers, 1) - 1));
+  // and so does the speed of the cores. Each working thread leases a scratch from the
+  // index's cache on its first chunk and returns it when the call ends.
+  constexpr size_t kChunk = 8;
+  const size_t parts = dynamic_parts(nq, num_threads, kChunk);
+  ScratchLease first(cache);       // part 0: the calling thread
+  std::vector<ScratchLease> more;  // parts 1.. (none for one query: no allocation)
+  if (parts > 1) {
+    fault::alloc();
+    more.reserve(parts - 1);
+    for (size_t w = 1; w < parts; ++w) more.emplace_back(cache);
+  }
   const size_t L = index.num_leaves;
-  parallel_for_dynamic(nq, num_threads, 8, [&](size_t b, size_t e, int w) {
-    Scratch& s = w == 0 ? caller_scratch : scratch[static_cast<size_t>(w - 1)];
+  parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
+    Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
     if (chunk_scores == nullptr && e - b > 1) {
       // The chunk's centroid scores in one pass over the centroids (the same values the
       // per-query kernel gives, so results do not depend on how queries are chunked).
-      s.chunk_scores.resize((e - b) * L);
-      kernels().dots(queries + b * index.d, e - b, index.centroids, L, index.d,
-                     s.chunk_scores.data());
+      grow(s.chunk_scores, (e - b) * L);
+      kn.dots(queries + b * index.d, e - b, index.centroids, L, index.d, s.chunk_scores.data());
       chunk_scores = s.chunk_scores.data();
     }
     for (size_t i = b; i < e; ++i) {
-      search_one(index, queries + i * index.d, chunk_scores ? chunk_scores + (i - b) * L : nullptr,
-                 params, s, out_ids + i * params.final_k, out_scores + i * params.final_k);
+      search_one(index, kn, queries + i * index.d,
+                 chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
+                 out_ids + i * params.final_k, out_scores + i * params.final_k);
     }
   });
-  // A search with a huge k or reorder depth must not pin its buffers to the thread.
-  if (caller_scratch.bytes() > (size_t{64} << 20)) caller_scratch = Scratch();
 }
 
 }  // namespace mipscan

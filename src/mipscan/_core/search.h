@@ -7,9 +7,24 @@
 //
 // Ownership: an IndexView holds raw pointers only. The arrays belong to the Python
 // Searcher, which keeps them alive (and may memory-map them) for the view's lifetime.
+// The search's working memory (Scratch) belongs to a ScratchCache, which the bindings'
+// Index owns next to its view: it is freed with the searcher, and bounded (see below).
+//
+// Floats. Nothing here trusts the float arrays to be finite: another thread may write a
+// NaN into a query after the Python layer checked it, and a loaded folder may hold one.
+// With NaN, +-inf or huge values anywhere (queries, centroids, codebooks, slot or reorder
+// rows), a search stays within its arrays and still returns final_k distinct ids < n per
+// query; only the ranking (and scores, NaN reported as -inf) is then meaningless. The
+// integer arrays (leaf_offsets, slot_ids, leaf_groups) are checked once, when the Index
+// is made, and must not change afterwards.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cpu.h"
 
 namespace mipscan {
 
@@ -21,6 +36,7 @@ struct IndexView {
   const float* centroids = nullptr;       // num_leaves * d
   const int64_t* leaf_offsets = nullptr;  // num_leaves + 1: slots of leaf l are [o[l], o[l+1])
   const uint32_t* slot_ids = nullptr;     // num_slots: datapoint row of each slot
+  size_t max_leaf_size = 0;               // max over l of o[l+1] - o[l] (sizes scratch buffers)
 
   // Asymmetric hashing (present when packed_codes != nullptr).
   size_t num_blocks = 0;        // blocks of dims_per_block dimensions covering d (zero padded)
@@ -41,6 +57,35 @@ struct SearchParams {
   size_t final_k = 1;           // 1..n
 };
 
+struct Scratch;  // one working thread's buffers (search.cpp)
+
+// Scratches kept between searches, for one index. Each working thread of a search takes
+// one (or makes one, when none is free) and gives it back when the search ends. Taking and
+// giving are O(1) under a mutex, and allocate nothing once warm (a single-query search
+// would otherwise spend ~8 us allocating and first-touching ~100 KB of buffers). Bounds:
+// at most kMaxCached scratches are kept, and a scratch that grew past kKeepBytes (a huge k,
+// reorder depth or leaf count) is freed when given back rather than kept.
+class ScratchCache {
+ public:
+  static constexpr size_t kMaxCached = 8;
+  static constexpr size_t kKeepBytes = size_t{16} << 20;
+
+  ScratchCache();  // may throw std::bad_alloc
+  ~ScratchCache();
+  ScratchCache(const ScratchCache&) = delete;
+  ScratchCache& operator=(const ScratchCache&) = delete;
+
+  std::unique_ptr<Scratch> take();              // may throw std::bad_alloc
+  void give(std::unique_ptr<Scratch> s) noexcept;
+  // Kept scratches and the bytes they hold (for tests and inspection).
+  size_t cached_count();
+  size_t cached_bytes();
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Scratch>> free_;  // capacity kMaxCached: give() never allocates
+};
+
 // Searches nq queries (nq * d, row-major). leaf_scores, when non-null, holds
 // precomputed query-centroid inner products (nq * num_leaves); otherwise they are
 // computed here. Writes nq * final_k ids (datapoint rows) and scores, best first.
@@ -48,10 +93,18 @@ struct SearchParams {
 // Guarantee: exactly final_k distinct results per query (final_k <= n is a precondition).
 // When the searched leaves hold fewer than the needed candidates, further leaves are
 // searched in order of their centroid score until there are enough. A row spilled into
-// two searched leaves counts once, with the better of its two approximate scores.
-void search_batch(const IndexView& index, const float* queries, size_t nq,
-                  const float* leaf_scores, const SearchParams& params, int num_threads,
-                  uint32_t* out_ids, float* out_scores);
+// two searched leaves counts once, with the better of its two approximate scores. (With
+// garbage floats, rows whose scores are NaN or -inf may be missing from the candidates;
+// the results are then completed with other distinct rows, scored -inf.)
+//
+// Threads: up to num_threads working threads (<= 0: all hardware threads) from the worker
+// pool (parallel.h), the calling thread among them. kernels: the SIMD level to use
+// (normally kernels(), the one fixed at load). Throws std::bad_alloc when memory runs out
+// in any working thread (after all of them stopped; the outputs are then incomplete).
+void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kernels,
+                  const float* queries, size_t nq, const float* leaf_scores,
+                  const SearchParams& params, int num_threads, uint32_t* out_ids,
+                  float* out_scores);
 
 // Anisotropic AH encoding (Guo et al., ICML 2020). For each of n points, picks the code
 // of each block minimising |e|^2 + (eta - 1) * (e . x_hat)^2, e = residual - decoded,

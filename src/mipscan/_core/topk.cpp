@@ -31,6 +31,7 @@ void sift_down(float* s, uint32_t* id, size_t n, size_t i) {
 }  // namespace
 
 void HeapView::push(float score, uint32_t i) {
+  score = no_nan(score);
   if (size < k) {
     size_t c = size++;
     s[c] = score;
@@ -98,6 +99,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   // the bin holding the k-th largest (the bin index is monotone in the value);
   // nth_element then runs on that bin's few values only.
   if (n <= 16) {
+    if (n > edge_scratch.capacity()) fault::alloc();
     edge_scratch.assign(v, v + n);
     std::nth_element(edge_scratch.begin(), edge_scratch.begin() + (k - 1), edge_scratch.end(),
                      std::greater<float>());
@@ -124,7 +126,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   // value reaches the int conversion.
   const float scale = static_cast<float>(nbins) / (hi - lo);
   const float top_bin = static_cast<float>(nbins - 1);
-  bins_scratch.resize(n);
+  grow(bins_scratch, n);
   uint16_t* bins = bins_scratch.data();
   for (size_t j = 0; j < n; ++j) {
     float f = (v[j] - lo) * scale;
@@ -137,7 +139,7 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
   size_t above = 0, b = nbins - 1;
   while (above + hist[b] < k) above += hist[b--];
-  edge_scratch.resize(hist[b]);
+  grow(edge_scratch, hist[b]);
   size_t e = 0;
   for (size_t j = 0; j < n; ++j) {
     if (bins[j] == b) edge_scratch[e++] = v[j];
@@ -179,7 +181,7 @@ size_t TopKBuffer::finish_unsorted() {
 
 size_t TopKBuffer::finish_sorted() {
   const size_t n = finish_unsorted();
-  pairs_.resize(n);
+  grow(pairs_, n);
   for (size_t i = 0; i < n; ++i) pairs_[i] = {s_[i], id_[i]};
   std::sort(pairs_.begin(), pairs_.end(), [](const auto& a, const auto& b) {
     return better(a.first, a.second, b.first, b.second);
@@ -201,8 +203,9 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
       float thr = h.threshold();
       if (col_bias == nullptr) {
         for (size_t j = 0; j < m; ++j) {
-          // ">=" keeps ties so that the id order decides them inside push().
-          if (row[j] >= thr) {
+          // ">=" keeps ties so that the id order decides them inside push(); "not <" also
+          // lets a NaN through (as -inf) while the heap has room, so it always fills to k.
+          if (!(row[j] < thr)) {
             h.push(row[j], col_offset + static_cast<uint32_t>(j));
             thr = h.threshold();
           }
@@ -210,7 +213,7 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
       } else {
         for (size_t j = 0; j < m; ++j) {
           float v = row[j] + col_bias[j];
-          if (v >= thr) {
+          if (!(v < thr)) {
             h.push(v, col_offset + static_cast<uint32_t>(j));
             thr = h.threshold();
           }

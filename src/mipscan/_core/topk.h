@@ -3,19 +3,32 @@
 // Order: a (score, id) pair is better than another when its score is higher, or the
 // scores are equal and its id is smaller. Results are therefore deterministic even with
 // ties, and equal to a stable descending sort.
+//
+// NaN. `better` is a strict weak order only over non-NaN scores; std::sort and
+// nth_element with an inconsistent order may read and write outside their range. So no
+// NaN ever enters a buffer here: HeapView::push maps NaN to -inf (no_nan: the worst
+// score; the data that made it was garbage anyway, and the result stays a well-formed
+// top-k of distinct ids), and TopKBuffer::push requires a non-NaN score, which its callers
+// in search.cpp guarantee (a check per push there cost 3% of a single-query search).
+// +-inf are ordinary values.
 #pragma once
 #include <algorithm>
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <utility>
 #include <vector>
 
+#include "fault.h"
+
 namespace mipscan {
 
 inline bool better(float sa, uint32_t ia, float sb, uint32_t ib) {
   return sa > sb || (sa == sb && ia < ib);
 }
+
+inline float no_nan(float v) { return v == v ? v : -std::numeric_limits<float>::infinity(); }
 
 // A binary heap over two parallel arrays (scores, ids) of capacity k whose root is the
 // worst kept pair. The arrays are owned by the caller: they are the state that
@@ -30,6 +43,7 @@ struct HeapView {
   float threshold() const {
     return size < k ? -std::numeric_limits<float>::infinity() : s[0];
   }
+  // NaN scores are taken as -inf (see the top of this file).
   void push(float score, uint32_t i);
   // Sorts the kept pairs best first, in place; the heap is unusable afterwards.
   void sort_best_first();
@@ -51,9 +65,15 @@ class TopKBuffer {
     // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
     // more than the pushes a later threshold lets through.
     cap_ = std::max<size_t>(4 * k + 16, 1024);
-    if (s_.size() < cap_) {
-      s_.resize(cap_);
-      id_.resize(cap_);
+    if (s_.size() < cap_ || id_.size() < cap_) {  // both: a bad_alloc may fall between
+      grow(s_, cap_);
+      grow(id_, cap_);
+      // The selection's scratch at its largest now, not at some later prune: buffers kept
+      // between searches then stop growing after the first one (a late reallocation
+      // fragments the heap).
+      bins_.reserve(cap_);
+      edge_.reserve(cap_);
+      pairs_.reserve(k);
     }
     size_ = 0;
     thr_ = -std::numeric_limits<float>::infinity();
@@ -64,7 +84,9 @@ class TopKBuffer {
   // Raises the threshold to t. Precondition: at least k buffered pairs score above t.
   void raise_threshold(float t) { thr_ = t > thr_ ? t : thr_; }
   // Appends the pair; returns true when this filled the buffer and the threshold rose.
+  // Precondition: score is not NaN (see the top of this file; asserted in debug builds).
   bool push(float score, uint32_t id) {
+    assert(score == score);
     s_[size_] = score;
     id_[size_] = id;
     if (++size_ < cap_) return false;
@@ -97,7 +119,7 @@ class TopKBuffer {
   float thr_ = 0;
 };
 
-// The k-th largest of v[0, n) (1 <= k <= n), exactly and in O(n): a histogram over
+// The k-th largest of v[0, n) (1 <= k <= n; no NaN in v), exactly and in O(n): a histogram over
 // [min, max] narrows it to one bin, nth_element finishes on that bin's values. The two
 // vectors are scratch memory the caller keeps between calls.
 float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bins_scratch,
