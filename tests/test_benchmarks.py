@@ -29,7 +29,8 @@ def quick_run(tmp_path_factory):
            "--dataset", "synthetic:n=2000,d=16,nq=40,copies=10",
            "--systems", "mipscan,scann,faiss,hnswlib,numpy", "--threads", "1,2",
            "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*.json"))

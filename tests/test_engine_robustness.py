@@ -105,6 +105,7 @@ def test_garbage_in_index_arrays_gives_well_formed_results(searchers, name, arra
     rng = np.random.default_rng(5)
     q = rng.normal(size=(20, 12)).astype(np.float32)
     a = s._arrays[array]
+    a.flags.writeable = True  # the searcher's views are read-only; the test writes anyway
     saved = a.copy()
     try:
         for pattern in PATTERNS:
@@ -113,6 +114,7 @@ def test_garbage_in_index_arrays_gives_well_formed_results(searchers, name, arra
             a[...] = saved
     finally:
         a[...] = saved
+        a.flags.writeable = False
     ref = s.search_batched(q)  # restored: the searcher still works normally
     well_formed(ref.indices, ref.distances, s.n, 10)
 

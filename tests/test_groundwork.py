@@ -279,3 +279,15 @@ def test_core_import_graph_has_no_cycle_and_no_hidden_imports():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_index_arrays_are_read_only(rng):
+    # The core trusts the integer arrays it checked when the searcher was made: they must
+    # not be writable through the searcher afterwards.
+    db, q = clustered(rng, 2000, 8)
+    s = mipscan.builder(db, 10, "dot_product").tree(10, 3).score_ah(2).reorder(40).build(copy=False)
+    for name, a in s._arrays.items():
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+    db[0] = 1.0  # the caller's own array stays writable (copy=False shares it)
+    assert mipscan.simd_levels()[0] == "scalar" and mipscan.simd_level() in mipscan.simd_levels()

@@ -9,7 +9,7 @@ exact reorder) behind ScaNN's API::
 Code written for ScaNN switches by its import: ``from mipscan import scann_ops``.
 """
 
-from mipscan._mipscan import simd_level
+from mipscan._mipscan import simd_level, simd_levels
 from mipscan._policy import suggest_config
 from mipscan._threads import get_num_threads
 from mipscan.brute import SearchResult, brute_force
@@ -40,5 +40,6 @@ __all__ = [
     "scann_ops",
     "scann_ops_pybind",
     "simd_level",
+    "simd_levels",
     "suggest_config",
 ]

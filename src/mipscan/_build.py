@@ -1,6 +1,6 @@
 """Builds the arrays of an index from a checked configuration: trains the partitioning
-tree and the AH codebooks, encodes, and lays everything out as the core reads it (see
-DESIGN.md, Data layout). The builder (``builder.py``) only compiles the configuration."""
+tree and the AH codebooks, encodes, and lays everything out as the core reads it (the
+layout is documented in _core/search.h and _core/lut16.h). The builder (``builder.py``) only compiles the configuration."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def to_mips_rows(x: np.ndarray, metric: str) -> np.ndarray:
 
 def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
                  ) -> dict[str, np.ndarray]:
-    """Trains and lays out every array of the index (see DESIGN.md, Data layout).
+    """Trains and lays out every array of the index (layout: _core/search.h, IndexView).
 
     Every array returned is new memory, except, with ``copy=False``, the float32 reorder
     rows of a dot-product index, which are then ``db`` itself (zero-copy: the caller

@@ -24,6 +24,12 @@ _BLAS_LEAF_SCORES_MIN_LEAVES = 4096
 _OPTIONAL = tuple(name for name, (_, _, stage) in ARRAYS.items() if stage is not None)
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 class Searcher:
     """A built (or loaded) index. Create one with :func:`mipscan.builder` or
     :func:`mipscan.load_searcher`; search with :meth:`search`, :meth:`search_batched` or
@@ -41,7 +47,10 @@ class Searcher:
 
     def __init__(self, config: dict, arrays: dict[str, np.ndarray], num_threads: int | None = None):
         self.config = config
-        self._arrays = arrays
+        # Read-only views: the core checked the integer arrays' structure once, when the
+        # Index was made, and trusts it from then on (offsets and ids index memory).
+        self._arrays = {name: _read_only(a) for name, a in arrays.items()}
+        arrays = self._arrays
         self.num_threads = get_num_threads() if num_threads is None else check_int(
             "Searcher()", "num_threads", num_threads, 1, MAX_THREADS)
         self.n = int(config["n"])
