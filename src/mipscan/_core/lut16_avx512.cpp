@@ -235,3 +235,115 @@ void dots_avx512(const float* qs, size_t nq, const float* rows, size_t m, size_t
 }
 
 }  // namespace mipscan
+
+namespace mipscan {
+
+namespace {
+
+// Block pair (b, b + 1) of one LUT for the multi-query kernel: row b in 128-bit lanes 0-1,
+// row b + 1 in lanes 2-3 (zeros when b + 1 == num_blocks: code bytes there are zero too).
+inline __m512i pair_table(const uint8_t* lut, size_t b, size_t num_blocks) {
+  const __m512i lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
+  const __m256i hi = b + 1 < num_blocks
+      ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + (b + 1) * 16)))
+      : _mm256_setzero_si256();
+  return _mm512_inserti64x4(lo, hi, 1);
+}
+
+// kQ queries over one group's blocks, two blocks per register (block b in the low 256
+// bits, b + 1 in the high: the packed layout stores them contiguously, so one 64-byte
+// load). The code bytes, their nibbles, are extracted once and shuffled with each query's
+// tables. Per query, the AVX2 kernel's even/odd uint16 accumulation; the block-b and
+// block-(b + 1) halves are added at the end (mod 2^16, exact: sums < 65536, lut16.h).
+template <size_t kQ>
+void multi_group(const uint8_t* grp, size_t nb, const __m512i* tables /* [kQ][pairs] */,
+                 size_t pairs, uint16_t* const* out, size_t g) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i lo_all[kQ], lo_odd[kQ], hi_all[kQ], hi_odd[kQ];
+  for (size_t t = 0; t < kQ; ++t)
+    lo_all[t] = lo_odd[t] = hi_all[t] = hi_odd[t] = _mm512_setzero_si512();
+  auto codes = [&](size_t pr) {  // block pair pr; an odd last block is zero extended
+    const uint8_t* p = grp + pr * 64;
+    return 2 * pr + 1 < nb ? _mm512_loadu_si512(p)
+                           : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  size_t pr = 0;
+  // Two block pairs at a time: LUT entries <= 127, so two lookups add in 8 bits.
+  for (; pr + 2 <= pairs; pr += 2) {
+    const __m512i c0 = codes(pr), c1 = codes(pr + 1);
+    const __m512i c0l = _mm512_and_si512(c0, low4), c0h = _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4);
+    const __m512i c1l = _mm512_and_si512(c1, low4), c1h = _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4);
+    for (size_t t = 0; t < kQ; ++t) {
+      const __m512i t0 = tables[t * pairs + pr], t1 = tables[t * pairs + pr + 1];
+      const __m512i lo = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0l), _mm512_shuffle_epi8(t1, c1l));
+      const __m512i hi = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0h), _mm512_shuffle_epi8(t1, c1h));
+      lo_all[t] = _mm512_add_epi16(lo_all[t], lo);
+      lo_odd[t] = _mm512_add_epi16(lo_odd[t], _mm512_srli_epi16(lo, 8));
+      hi_all[t] = _mm512_add_epi16(hi_all[t], hi);
+      hi_odd[t] = _mm512_add_epi16(hi_odd[t], _mm512_srli_epi16(hi, 8));
+    }
+  }
+  if (pr < pairs) {
+    const __m512i c0 = codes(pr);
+    const __m512i c0l = _mm512_and_si512(c0, low4), c0h = _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4);
+    for (size_t t = 0; t < kQ; ++t) {
+      const __m512i t0 = tables[t * pairs + pr];
+      const __m512i lo = _mm512_shuffle_epi8(t0, c0l), hi = _mm512_shuffle_epi8(t0, c0h);
+      lo_all[t] = _mm512_add_epi16(lo_all[t], lo);
+      lo_odd[t] = _mm512_add_epi16(lo_odd[t], _mm512_srli_epi16(lo, 8));
+      hi_all[t] = _mm512_add_epi16(hi_all[t], hi);
+      hi_odd[t] = _mm512_add_epi16(hi_odd[t], _mm512_srli_epi16(hi, 8));
+    }
+  }
+  for (size_t t = 0; t < kQ; ++t) {
+    auto fold = [](__m512i v) {  // block b half + block b + 1 half
+      return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    };
+    const __m256i la_ = fold(lo_all[t]), lo_ = fold(lo_odd[t]);
+    const __m256i ha_ = fold(hi_all[t]), ho_ = fold(hi_odd[t]);
+    const __m256i lo_even = _mm256_sub_epi16(la_, _mm256_slli_epi16(lo_, 8));
+    const __m256i hi_even = _mm256_sub_epi16(ha_, _mm256_slli_epi16(ho_, 8));
+    // As in the AVX2 kernel: interleave even/odd, then gather the lanes in point order.
+    const __m256i la = _mm256_unpacklo_epi16(lo_even, lo_), lb = _mm256_unpackhi_epi16(lo_even, lo_);
+    const __m256i ha = _mm256_unpacklo_epi16(hi_even, ho_), hb = _mm256_unpackhi_epi16(hi_even, ho_);
+    __m256i* o = reinterpret_cast<__m256i*>(out[t] + g * kGroup);
+    _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(la, lb, 0x20));
+    _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(ha, hb, 0x20));
+    _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(la, lb, 0x31));
+    _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(ha, hb, 0x31));
+  }
+}
+
+template <size_t kQ>
+void multi_impl(const uint8_t* packed, size_t groups, size_t nb, const uint8_t* const* luts,
+                uint16_t* const* sums) {
+  const size_t pairs = (nb + 1) / 2;
+  // kQ * pairs tables; at most 4 * 32 on the stack (nb <= 64, see the caller).
+  __m512i tables[kQ * 32];
+  for (size_t t = 0; t < kQ; ++t)
+    for (size_t pr = 0; pr < pairs; ++pr) tables[t * pairs + pr] = pair_table(luts[t], 2 * pr, nb);
+  for (size_t g = 0; g < groups; ++g) multi_group<kQ>(packed + g * group_bytes(nb), nb, tables, pairs, sums, g);
+}
+
+}  // namespace
+
+void scan_lut16_multi_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
+                             const uint8_t* const* luts, size_t nq, uint16_t* const* sums) {
+  switch (nq) {
+    case 1: return multi_impl<1>(packed, groups, num_blocks, luts, sums);
+    case 2: return multi_impl<2>(packed, groups, num_blocks, luts, sums);
+    case 3: return multi_impl<3>(packed, groups, num_blocks, luts, sums);
+    default: return multi_impl<4>(packed, groups, num_blocks, luts, sums);
+  }
+}
+
+void sums_masks_avx512(const uint16_t* sums, size_t groups, uint16_t cut, uint64_t* masks) {
+  const __m512i cutv = _mm512_set1_epi16(static_cast<short>(cut));
+  for (size_t g = 0; g < groups; ++g) {
+    const uint16_t* s = sums + g * kGroup;
+    masks[g] = static_cast<uint64_t>(_mm512_cmpge_epu16_mask(_mm512_loadu_si512(s), cutv)) |
+               (static_cast<uint64_t>(_mm512_cmpge_epu16_mask(_mm512_loadu_si512(s + 32), cutv)) << 32);
+  }
+}
+
+}  // namespace mipscan
