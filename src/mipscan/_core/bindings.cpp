@@ -161,33 +161,6 @@ NB_MODULE(_mipscan, m) {
     return std::make_pair(out, masks);
   }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a, "cut"_a = 0);
 
-  // The multi-query kernel (tests): luts (nq, num_blocks, 16), nq <= 4; returns (nq,
-  // groups * 64) sums. Levels without one raise ValueError.
-  m.def("scan_lut16_multi", [](In<uint8_t, 1> packed, size_t num_blocks, In<uint8_t, 3> luts,
-                               const std::string& level) {
-    const size_t bytes = mipscan::group_bytes(num_blocks);
-    require(num_blocks >= 1 && num_blocks <= mipscan::kMaxMultiBlocks && packed.shape(0) % bytes == 0,
-            "scan_lut16_multi: packed size is not a whole number of groups, or too many blocks");
-    const size_t nq = luts.shape(0);
-    require(nq >= 1 && nq <= mipscan::kMaxMultiQueries && luts.shape(1) == num_blocks && luts.shape(2) == 16,
-            "scan_lut16_multi: luts must be (nq <= 4, num_blocks, 16)");
-    const mipscan::ScanLut16MultiFn fn = kernels_at(level, "scan_lut16_multi").scan_lut16_multi;
-    require(fn != nullptr, "scan_lut16_multi: this level has no multi-query kernel");
-    const size_t groups = packed.shape(0) / bytes;
-    auto out = new_array<uint16_t>(nq, groups * mipscan::kGroup);
-    {
-      nb::gil_scoped_release release;
-      const uint8_t* l[mipscan::kMaxMultiQueries];
-      uint16_t* o[mipscan::kMaxMultiQueries];
-      for (size_t t = 0; t < nq; ++t) {
-        l[t] = luts.data() + t * num_blocks * 16;
-        o[t] = out.data() + t * groups * mipscan::kGroup;
-      }
-      fn(packed.data(), groups, num_blocks, l, nq, o);
-    }
-    return out;
-  }, "packed"_a.noconvert(), "num_blocks"_a, "luts"_a.noconvert(), "level"_a);
-
   m.def("topk_update_rows", [](In<float, 2> scores, std::optional<In<float, 1>> col_bias,
                                uint32_t col_offset, nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
                                nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,

@@ -140,8 +140,7 @@ const Kernels& kernels() { return g_kernels; }
 
 bool kernels_for(SimdLevel level, Kernels* out) {
   if (level == SimdLevel::kScalar) {
-    *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
-                   &scan_lut16_multi_scalar, &sums_masks_scalar};
+    *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
@@ -152,8 +151,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
 #endif
 #if MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
   if (level == SimdLevel::kAvx512 && cpu_has_avx512()) {
-    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512,
-                   &scan_lut16_multi_avx512, &sums_masks_avx512};
+    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512};
     return true;
   }
 #endif

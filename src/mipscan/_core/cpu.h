@@ -29,9 +29,6 @@ struct Kernels {
   ScanLut16Fn scan_lut16;
   DotFn dot;
   DotsFn dots;
-  // Null at levels that scan one query at a time (see lut16.h).
-  ScanLut16MultiFn scan_lut16_multi = nullptr;
-  SumsMasksFn sums_masks = nullptr;
 };
 
 // The kernels chosen at module load.

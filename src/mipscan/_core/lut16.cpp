@@ -52,26 +52,6 @@ void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
   }
 }
 
-void sums_masks_scalar(const uint16_t* sums, size_t groups, uint16_t cut, uint64_t* masks) {
-  for (size_t g = 0; g < groups; ++g) {
-    uint64_t mask = 0;
-    for (size_t j = 0; j < kGroup; ++j) mask |= static_cast<uint64_t>(sums[g * kGroup + j] >= cut) << j;
-    masks[g] = mask;
-  }
-}
-
-void scan_lut16_multi_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
-                             const uint8_t* const* luts, size_t nq, uint16_t* const* sums) {
-  // The specification: one scalar scan per LUT (its masks discarded, a group at a time).
-  for (size_t t = 0; t < nq; ++t) {
-    for (size_t g = 0; g < groups; ++g) {
-      uint64_t unused;
-      scan_lut16_scalar(packed + g * group_bytes(num_blocks), 1, num_blocks, luts[t], 0,
-                        sums[t] + g * kGroup, &unused);
-    }
-  }
-}
-
 float dot_scalar(const float* a, const float* b, size_t d) {
   float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (size_t j = 0; j < d; ++j) l[j % 8] += a[j] * b[j];

@@ -74,27 +74,6 @@ void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
 #endif
 
-// Multi-query scan: the sums of nq LUTs over the same groups, in one pass over the codes
-// (each code byte is loaded and split into nibbles once for all of them), for searches of
-// several queries that visit the same leaf. sums[t][g * 64 + j] as for scan_lut16 with
-// lut = luts[t]; no masks (the caller makes them per query, with its own cut, by
-// SumsMasksFn). Preconditions: 1 <= nq <= kMaxMultiQueries, num_blocks <= kMaxMultiBlocks.
-// Levels without a multi kernel leave it null (the searcher then scans one query at a time).
-constexpr size_t kMaxMultiQueries = 4;
-constexpr size_t kMaxMultiBlocks = 64;
-using ScanLut16MultiFn = void (*)(const uint8_t* packed, size_t groups, size_t num_blocks,
-                                  const uint8_t* const* luts, size_t nq, uint16_t* const* sums);
-void scan_lut16_multi_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
-                             const uint8_t* const* luts, size_t nq, uint16_t* const* sums);
-// masks[g] bit j = sums[g * 64 + j] >= cut, for g < groups: scan_lut16's masks, from sums.
-using SumsMasksFn = void (*)(const uint16_t* sums, size_t groups, uint16_t cut, uint64_t* masks);
-void sums_masks_scalar(const uint16_t* sums, size_t groups, uint16_t cut, uint64_t* masks);
-#if MIPSCAN_HAVE_AVX512
-void scan_lut16_multi_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
-                             const uint8_t* const* luts, size_t nq, uint16_t* const* sums);
-void sums_masks_avx512(const uint16_t* sums, size_t groups, uint16_t cut, uint64_t* masks);
-#endif
-
 // Float inner product, also one kernel per ISA with identical results: eight running
 // sums (lane j % 8 takes a[j] * b[j], multiply then add, never fused), reduced as
 // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).

@@ -27,32 +27,6 @@ struct LeafKey {
 
 }  // namespace
 
-// Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
-struct QuantLut {
-  float bias = 0;
-  float scale = 0;      // float units -> integer units; 0: every entry 0 (see build_lut)
-  float inv_scale = 0;  // integer units -> float units
-  bool exact = false;   // num_blocks > kMaxLut16Blocks: score from lut_f (scan_leaf_ah_exact)
-};
-
-// A chunk's queries prepared for a multi-query scan (search_chunk_multi): per query i,
-// its first `first` leaves in search order, their centroid scores, its LUT and where
-// each of those leaves' sums start in `sums`.
-struct MultiScratch {
-  std::vector<uint32_t> leaves;   // nq * first
-  std::vector<float> scores;      // nq * first
-  std::vector<size_t> offsets;    // nq * first, into sums
-  std::vector<uint8_t> luts;      // nq * num_blocks * 16
-  std::vector<QuantLut> ql;       // nq
-  std::vector<uint16_t> sums;
-  std::vector<uint64_t> entries;  // (leaf << 32) | (i * first + r), sorted by leaf
-
-  size_t bytes() const {
-    auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return b(leaves) + b(scores) + b(offsets) + b(luts) + b(ql) + b(sums) + b(entries);
-  }
-};
-
 struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache line
   std::vector<LeafKey> leaf_keys;
   std::vector<float> leaf_edge;  // kth_largest scratch for the leaf selection
@@ -73,14 +47,13 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
   TopKBuffer candidates;
   TopKBuffer final_;
-  MultiScratch multi;
 
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
-           candidates.bytes() + final_.bytes() + multi.bytes();
+           candidates.bytes() + final_.bytes();
   }
 };
 
@@ -145,6 +118,14 @@ class ScratchLease {
   ScratchCache* cache_;
   int exceptions_;
   std::unique_ptr<Scratch> s_;
+};
+
+// Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
+struct QuantLut {
+  float bias = 0;
+  float scale = 0;      // float units -> integer units; 0: every entry 0 (see build_lut)
+  float inv_scale = 0;  // integer units -> float units
+  bool exact = false;   // num_blocks > kMaxLut16Blocks: score from lut_f (scan_leaf_ah_exact)
 };
 
 QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
@@ -255,11 +236,8 @@ void sort_remaining_leaves(size_t first, Scratch& s) {
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
 }
 
-// pre: this leaf's sums for this query, already computed (search_chunk_multi), or null
-// to compute them here. The pushes are the same either way: the masks are made from the
-// sums with the same cut at the same chunk boundaries.
 void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                  const QuantLut& ql, Scratch& s, TopKBuffer& top, const uint16_t* pre) {
+                  const QuantLut& ql, Scratch& s, TopKBuffer& top) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
   const int64_t slot0 = ix.leaf_offsets[leaf];
@@ -284,18 +262,14 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
     return !(c > 0) ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));  // NaN -> 0
   };
   const uint8_t* codes = ix.packed_codes + static_cast<size_t>(g0) * bytes;
-  const uint16_t* sums = pre != nullptr ? pre : s.sums.data();
+  uint16_t* sums = s.sums.data();
   for (size_t c0 = 0, c1 = 0; c0 < groups; c0 = c1) {
     // While nothing bounds the scores yet (no threshold), scan a few groups at a time so
     // the first threshold arrives early.
     c1 = std::min(groups, c0 + (top.threshold() > -INFINITY ? kChunk : 1));
     uint16_t cut = current_cut();
-    if (pre != nullptr) {
-      kn.sums_masks(pre + c0 * kGroup, c1 - c0, cut, s.masks.data() + c0);
-    } else {
-      kn.scan_lut16(codes + c0 * bytes, c1 - c0, ix.num_blocks, s.lut_u8.data(), cut,
-                    s.sums.data() + c0 * kGroup, s.masks.data() + c0);
-    }
+    kn.scan_lut16(codes + c0 * bytes, c1 - c0, ix.num_blocks, s.lut_u8.data(), cut,
+                  sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
       while (m != 0) {
@@ -317,7 +291,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
 // a histogram and offer only the points at or above it. Its score then bounds the final
 // k-th score from below and becomes the threshold for every later leaf.
 void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                        const QuantLut& ql, Scratch& s, TopKBuffer& top, const uint16_t* pre) {
+                        const QuantLut& ql, Scratch& s, TopKBuffer& top) {
   const int64_t g0 = ix.leaf_groups[leaf];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
@@ -326,11 +300,9 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
     grow(s.sums, groups * kGroup);
     grow(s.masks, groups);
   }
-  if (pre == nullptr) {
-    kn.scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
-                  groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
-  }
-  const uint16_t* sums = pre != nullptr ? pre : s.sums.data();
+  kn.scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
+                groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
+  const uint16_t* sums = s.sums.data();
   // The histogram spans only the sums present ([low, top], usually far narrower than
   // 0 .. 127 * num_blocks), and the walk starts at the top.
   uint16_t top_sum = 0, low_sum = 65535;
@@ -484,20 +456,9 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
   }
 }
 
-// One query's leaf selection and LUT, made ahead by search_chunk_multi, with the sums of
-// its first leaves: search_one then does exactly what it would have done without them.
-struct Prepared {
-  QuantLut ql;
-  const uint32_t* leaves;   // the first `first` leaves, in search order
-  const float* scores;      // their centroid scores (no NaN)
-  const uint8_t* lut;       // lut_u8
-  const uint16_t* sums;     // sums + offsets[r]: leaf r's sums
-  const size_t* offsets;
-};
-
 void search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
-                uint32_t* out_ids, float* out_scores, const Prepared* pre = nullptr) {
+                uint32_t* out_ids, float* out_scores) {
   const bool reorder = ix.reorder_rows != nullptr;
   // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
@@ -507,48 +468,34 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   const size_t L = ix.num_leaves;
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
   reserve_for(ix, keep, s);
-  if (pre == nullptr) select_leaves(ix, kn, q, precomputed, first, s);
+  select_leaves(ix, kn, q, precomputed, first, s);
 
   TopKBuffer& cand = s.candidates;
   cand.reset(keep);
   QuantLut ql;
   const bool ah = ix.packed_codes != nullptr;
-  if (pre != nullptr) {
-    ql = pre->ql;
-  } else if (ah) {
-    ql = build_lut(ix, q, s);
-  }
+  if (ah) ql = build_lut(ix, q, s);
   size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
       if (seen >= keep) break;
-      if (pre != nullptr) {
-        // The scratch holds another query's selection and LUT: make this one's again
-        // (the same, deterministically) for the leaves past the prepared ones.
-        select_leaves(ix, kn, q, precomputed, first, s);
-        grow(s.lut_u8, ix.num_blocks * 16);
-        std::copy(pre->lut, pre->lut + ix.num_blocks * 16, s.lut_u8.begin());
-        pre = nullptr;
-      }
       sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
-    const bool prepared = pre != nullptr;
-    const uint32_t leaf = prepared ? pre->leaves[r] : s.leaf_order[r];
-    const uint16_t* pre_sums = prepared ? pre->sums + pre->offsets[r] : nullptr;
+    const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
     // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
     // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
     // below, push only scores above the threshold, which NaN never is.
-    const float base = no_nan((prepared ? pre->scores[r] : s.leaf_scores[leaf]) + ql.bias);
+    const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
     if (!ah) {
       scan_leaf_float(ix, kn, leaf, q, cand);
     } else if (ql.exact) {
       scan_leaf_ah_exact(ix, leaf, base, s, cand);
     } else if (r == 0 && size > keep && ql.scale > 0) {
-      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand, pre_sums);
+      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     } else {
-      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand, pre_sums);
+      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     }
     seen += size;
     if (r + 1 >= first && seen >= keep) break;
@@ -598,93 +545,6 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   if (nf < p.final_k) complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
 }
 
-// Sums per chunk of queries are kept within this many bytes (else fewer queries share).
-constexpr size_t kMultiSumsBytes = size_t{4} << 20;
-
-// The queries [0, nq) of a chunk (nq <= 8), with their leaves' codes shared: each leaf that
-// several of them search is scanned once for up to kMaxMultiQueries of them
-// (kn.scan_lut16_multi), then each query runs search_one on the sums made for it. Results
-// are those of search_one alone, query by query: same selection, same LUT, same sums, the
-// same pushes in the same order. chunk_scores: the chunk's centroid scores (nq * L).
-void search_chunk_multi(const IndexView& ix, const Kernels& kn, const float* queries, size_t nq,
-                        const float* chunk_scores, const SearchParams& p, Scratch& s,
-                        uint32_t* out_ids, float* out_scores) {
-  const size_t L = ix.num_leaves, nb = ix.num_blocks, d = ix.d, k = p.final_k;
-  const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
-  MultiScratch& m = s.multi;
-  fault::alloc();
-  grow(m.leaves, nq * first);
-  grow(m.scores, nq * first);
-  grow(m.offsets, nq * first);
-  grow(m.luts, nq * nb * 16);
-  if (m.ql.size() < nq) m.ql.resize(nq);
-  auto scores_of = [&](size_t i) { return chunk_scores + i * L; };
-  // Scans the leaves of queries [g0, g1) (their offsets start at 0; total sums), then
-  // runs each query. A group of one gains nothing: that query runs as usual.
-  auto flush = [&](size_t g0, size_t g1, size_t total) {
-    if (g1 - g0 == 1) {
-      search_one(ix, kn, queries + g0 * d, scores_of(g0), p, s, out_ids + g0 * k, out_scores + g0 * k);
-      return;
-    }
-    grow(m.sums, total);
-    m.entries.clear();
-    for (size_t i = g0; i < g1; ++i)
-      for (size_t r = 0; r < first; ++r)
-        m.entries.push_back((uint64_t{m.leaves[i * first + r]} << 32) | (i * first + r));
-    std::sort(m.entries.begin(), m.entries.end());
-    for (size_t e0 = 0, e1 = 0; e0 < m.entries.size(); e0 = e1) {
-      const uint32_t leaf = static_cast<uint32_t>(m.entries[e0] >> 32);
-      e1 = e0;
-      while (e1 < m.entries.size() && (m.entries[e1] >> 32) == leaf) ++e1;
-      const size_t groups = static_cast<size_t>(ix.leaf_groups[leaf + 1] - ix.leaf_groups[leaf]);
-      if (groups == 0) continue;
-      const uint8_t* codes = ix.packed_codes + static_cast<size_t>(ix.leaf_groups[leaf]) * group_bytes(nb);
-      for (size_t a = e0; a < e1; a += kMaxMultiQueries) {
-        const uint8_t* luts[kMaxMultiQueries];
-        uint16_t* dst[kMaxMultiQueries];
-        const size_t cnt = std::min(kMaxMultiQueries, e1 - a);
-        for (size_t t = 0; t < cnt; ++t) {
-          const size_t ir = static_cast<size_t>(m.entries[a + t] & 0xFFFFFFFFu);
-          luts[t] = m.luts.data() + (ir / first) * nb * 16;
-          dst[t] = m.sums.data() + m.offsets[ir];
-        }
-        kn.scan_lut16_multi(codes, groups, nb, luts, cnt, dst);
-      }
-    }
-    for (size_t i = g0; i < g1; ++i) {
-      const Prepared pre{m.ql[i], m.leaves.data() + i * first, m.scores.data() + i * first,
-                         m.luts.data() + i * nb * 16, m.sums.data(), m.offsets.data() + i * first};
-      search_one(ix, kn, queries + i * d, scores_of(i), p, s, out_ids + i * k, out_scores + i * k,
-                 &pre);
-    }
-  };
-  size_t g0 = 0, total = 0;
-  for (size_t i = 0; i < nq; ++i) {
-    select_leaves(ix, kn, queries + i * d, scores_of(i), first, s);
-    m.ql[i] = build_lut(ix, queries + i * d, s);
-    std::copy(s.lut_u8.begin(), s.lut_u8.begin() + static_cast<std::ptrdiff_t>(nb * 16),
-              m.luts.begin() + static_cast<std::ptrdiff_t>(i * nb * 16));
-    size_t size = 0;
-    for (size_t r = 0; r < first; ++r) {
-      const uint32_t leaf = s.leaf_order[r];
-      m.leaves[i * first + r] = leaf;
-      m.scores[i * first + r] = s.leaf_scores[leaf];
-      size += static_cast<size_t>(ix.leaf_groups[leaf + 1] - ix.leaf_groups[leaf]) * kGroup;
-    }
-    if (i > g0 && (total + size) * sizeof(uint16_t) > kMultiSumsBytes) {
-      flush(g0, i, total);
-      g0 = i;
-      total = 0;
-    }
-    for (size_t r = 0; r < first; ++r) {
-      m.offsets[i * first + r] = total;
-      total += static_cast<size_t>(ix.leaf_groups[m.leaves[i * first + r] + 1] -
-                                   ix.leaf_groups[m.leaves[i * first + r]]) * kGroup;
-    }
-  }
-  flush(g0, nq, total);
-}
-
 }  // namespace
 
 void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn,
@@ -713,14 +573,6 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
       grow(s.chunk_scores, (e - b) * L);
       kn.dots(queries + b * index.d, e - b, index.centroids, L, index.d, s.chunk_scores.data());
       chunk_scores = s.chunk_scores.data();
-    }
-    // Several queries, AH scored with a LUT16 the multi-query kernel takes: share the
-    // leaves' code loads among the chunk's queries (results as one query at a time).
-    if (kn.scan_lut16_multi != nullptr && index.packed_codes != nullptr && e - b > 1 &&
-        index.num_blocks <= kMaxMultiBlocks && chunk_scores != nullptr) {
-      search_chunk_multi(index, kn, queries + b * index.d, e - b, chunk_scores, params, s,
-                         out_ids + b * params.final_k, out_scores + b * params.final_k);
-      return;
     }
     for (size_t i = b; i < e; ++i) {
       search_one(index, kn, queries + i * index.d,
