@@ -186,7 +186,8 @@ def _vectors(value: Any, name: str, d: int, max_rows: int) -> np.ndarray:
         arr = np.array(value, dtype=np.float64)
     except (OverflowError, ValueError):  # an integer too large for a double
         raise HTTPError(422, name, f"{name} holds a number out of float32 range") from None
-    arr32 = arr.astype(np.float32)
+    with np.errstate(over="ignore"):
+        arr32 = arr.astype(np.float32)
     if not np.isfinite(arr32).all():
         i = int(np.nonzero(~np.isfinite(arr32).all(axis=1))[0][0])
         raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] holds a number out of float32 range")
@@ -567,13 +568,13 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                              ("docids", "vectors"), "/upsert")
         async with write_lock:
             s = state.searcher
-            if not hasattr(s, "upsert"):
-                raise _unsupported("/upsert")
             docids = _docids(body["docids"], "docids", limits)
             vectors = _vectors(body["vectors"], "vectors", s.d, limits.max_batch)
             if len(vectors) != len(docids):
                 raise HTTPError(422, "vectors", f"vectors holds {len(vectors)} rows for "
                                 f"{len(docids)} docids")
+            if not hasattr(s, "upsert"):
+                raise _unsupported("/upsert")
             try:
                 await anyio.to_thread.run_sync(s.upsert, docids, vectors)
             except (ValueError, TypeError) as exc:
@@ -586,9 +587,9 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         body = _check_fields(await body_of(request), ("docids",), ("docids",), "/delete")
         async with write_lock:
             s = state.searcher
+            docids = _docids(body["docids"], "docids", limits)
             if not hasattr(s, "delete"):
                 raise _unsupported("/delete")
-            docids = _docids(body["docids"], "docids", limits)
             try:
                 await anyio.to_thread.run_sync(s.delete, docids)
             except KeyError as exc:  # nothing was deleted (issue 13's contract)
