@@ -731,7 +731,9 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
 
 _SEARCH_FIELDS = ("queries", "k", "leaves_to_search", "pre_reorder_num_neighbors", "allowed",
                   "excluded")
-_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+# Scripts only from this server (page.js); the page's own inline <style> is allowed.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                 "'unsafe-inline'; frame-ancestors 'none'",
                  "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
