@@ -204,8 +204,12 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
         f"http://{shown}:{bound}/ (writes {'enabled' if token else 'disabled'}"
         f"{', page /' if page_dir is not None else ''}); Ctrl-C stops")
     sys.stdout.flush()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the loaded modules and index objects: out of every later collection
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                            timeout_keep_alive=5, lifespan="off")
+                            timeout_keep_alive=5, lifespan="off", proxy_headers=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -5,7 +5,7 @@ once and keeps that searcher to the end, so ``/reload`` (which loads the folder 
 then rebinds the reference) never fails or mixes an in-flight search: it finishes on the
 index it started on. Write endpoints take one asyncio lock, so updates, snapshots and
 reloads never interleave. Searches, JSON of large bodies, loads and writes run on worker
-threads (anyio), never on the event loop.
+threads (one pool per app), never on the event loop.
 
 Every request a client can get wrong is answered with a 4xx JSON body
 ``{"error": message, "field": name}``; see :func:`create_app` for the rules.
@@ -27,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import anyio
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
@@ -293,6 +294,25 @@ class _Metrics:
                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.queries = Counter("mipscan_queries", "query vectors searched", registry=r)
         self.reloads = Counter("mipscan_reloads", "index reloads", ["result"], registry=r)
+        self.gauges(state)
+        self._children: dict = {}
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in ("GET", "POST") else "other"
+        key = (endpoint, method, status)
+        children = self._children.get(key)
+        if children is None:  # bounded: known endpoints x methods x statuses
+            children = self._children[key] = (
+                self.requests.labels(endpoint, method, str(status)),
+                self.errors.labels(endpoint, str(status)) if status >= 400 else None,
+                self.latency.labels(endpoint))
+        children[0].inc()
+        if children[1] is not None:
+            children[1].inc()
+        children[2].observe(seconds)
+
+    def gauges(self, state: "_State") -> None:
+        r = self.registry
         Gauge("mipscan_index_size", "datapoints in the serving index",
               registry=r).set_function(lambda: state.searcher.size())
         Gauge("mipscan_index_generation", "1 + successful reloads",
@@ -337,11 +357,7 @@ class _Observe:
                 return
             await self.app(scope, receive, observed_send)
         finally:
-            m = self.metrics
-            m.requests.labels(endpoint, scope["method"], str(status)).inc()
-            if status >= 400:
-                m.errors.labels(endpoint, str(status)).inc()
-            m.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - t0)
 
     def _host_ok(self, scope) -> bool:
         for key, value in scope["headers"]:
@@ -385,7 +401,7 @@ def _asset(name: str) -> bytes:
 # ---------------------------------------------------------------- the app
 def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits(),
                threads: int | None = None, page_dir=None, searcher=None,
-               loopback_only: bool = True):
+               loopback_only: bool = True, workers: int | None = None):
     """The service over the index in ``index_dir`` (loaded with ``mmap=True``, verified).
 
     Args:
@@ -400,6 +416,8 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         searcher: an already loaded searcher of ``index_dir`` (default: load it).
         loopback_only: answer only requests whose Host is a loopback name (127.0.0.1,
             localhost, ::1), against DNS rebinding; pass False when serving other hosts.
+        workers: threads that run requests' searches and writes (default: 4 per CPU,
+            at most 32).
 
     Raises:
         ValueError: the folder is not a valid index, or the page data is damaged.
@@ -410,7 +428,15 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
     state = _State(index_dir, searcher, threads)
     metrics = _Metrics(state)
     page = _Page(Path(page_dir)) if page_dir is not None else None
-    write_lock = anyio.Lock()
+    write_lock = asyncio.Lock()
+    # Requests' work runs here: searches (whose engine releases the GIL), large JSON
+    # bodies, loads and writes. A few threads per core keep both cores busy with single
+    # queries; more would only queue inside the engine.
+    pool = ThreadPoolExecutor(max_workers=workers or min(32, 4 * (os.cpu_count() or 1)),
+                              thread_name_prefix="mipscan-serve")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     token_digest = hashlib.sha256(token.encode()).digest() if token else None
 
     def endpoint(fn):
@@ -452,7 +478,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             raise HTTPError(415, "Content-Type", "send the body as Content-Type: "
                             f"application/json; got {(ctype or 'none')[:60]!r}")
         if size >= _THREADED_JSON_BYTES:
-            return await anyio.to_thread.run_sync(parse_json, raw)
+            return await off_loop(parse_json, raw)
         return parse_json(raw)
 
     def authorize(request: Request) -> None:
@@ -521,7 +547,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         else:
             fn = functools.partial(s.search_batched, q, **kwargs)
         try:
-            ids, scores = await anyio.to_thread.run_sync(fn)
+            ids, scores = await off_loop(fn)
         except KeyError as exc:  # a filter naming an unknown docid
             raise HTTPError(422, "allowed" if "allowed" in kwargs else "excluded",
                             f"unknown id {_key(exc)}") from None
@@ -576,7 +602,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             if not hasattr(s, "upsert"):
                 raise _unsupported("/upsert")
             try:
-                await anyio.to_thread.run_sync(s.upsert, docids, vectors)
+                await off_loop(s.upsert, docids, vectors)
             except (ValueError, TypeError) as exc:
                 raise HTTPError(422, "docids", str(exc)[:300]) from None
             return _json({"upserted": len(docids), "size": s.size()})
@@ -591,7 +617,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             if not hasattr(s, "delete"):
                 raise _unsupported("/delete")
             try:
-                await anyio.to_thread.run_sync(s.delete, docids)
+                await off_loop(s.delete, docids)
             except KeyError as exc:  # nothing was deleted (issue 13's contract)
                 raise HTTPError(404, "docids", f"unknown docid {_key(exc)}; nothing was "
                                 "deleted") from None
@@ -606,7 +632,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         async with write_lock:
             s = state.searcher
             try:
-                await anyio.to_thread.run_sync(s.serialize, state.index_dir)
+                await off_loop(s.serialize, state.index_dir)
             except (ValueError, OSError) as exc:
                 raise HTTPError(409, "index", f"cannot write the index folder: "
                                 f"{str(exc)[:300]}") from None
@@ -621,7 +647,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             load = functools.partial(mipscan.load_searcher, state.index_dir, mmap=True,
                                      verify=True)
             try:
-                new = await anyio.to_thread.run_sync(load)
+                new = await off_loop(load)
             except (ValueError, OSError) as exc:
                 metrics.reloads.labels("refused").inc()
                 raise HTTPError(409, "index", "the index folder was refused; the previous "
@@ -690,7 +716,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                                      pre_reorder_num_neighbors=s.size())
             return approx, exact
 
-        approx, exact = await anyio.to_thread.run_sync(both)
+        approx, exact = await off_loop(both)
 
         def items(result):
             ids, scores = _rows(result[0])[0], _rows(result[1])[0]
