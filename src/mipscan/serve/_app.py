@@ -398,6 +398,52 @@ def _asset(name: str) -> bytes:
     return resources.files("mipscan.serve").joinpath(name).read_bytes()
 
 
+class _Coalescer:
+    """Single-query searches that arrive while others are running are searched together:
+    one ``search_batched`` call and one thread hand-off for all of them. Each query's
+    search is independent, so the answers are the ones a lone search gives; the key holds
+    the searcher, so a query is searched on the index its request read. At most
+    ``max_inflight`` batches per key run at once (a lone request never waits)."""
+
+    def __init__(self, off_loop, max_inflight: int, max_batch: int = 64):
+        self.off_loop, self.max_inflight, self.max_batch = off_loop, max_inflight, max_batch
+        self.pending: dict = {}   # key -> [(row, future)]
+        self.inflight: dict = {}  # key -> batches running
+
+    async def search(self, searcher, row: np.ndarray, kwargs: dict):
+        key = (searcher, *kwargs.values())
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(key, []).append((row, fut))
+        if self.inflight.get(key, 0) < self.max_inflight:
+            self.inflight[key] = self.inflight.get(key, 0) + 1
+            asyncio.ensure_future(self._drain(key, searcher, kwargs))
+        return await fut
+
+    async def _drain(self, key, searcher, kwargs: dict) -> None:
+        try:
+            while self.pending.get(key):
+                items = self.pending.pop(key)
+                batch, rest = items[:self.max_batch], items[self.max_batch:]
+                if rest:
+                    self.pending[key] = rest
+                q = np.stack([row for row, _ in batch])
+                try:
+                    ids, scores = await self.off_loop(
+                        functools.partial(searcher.search_batched, q, **kwargs))
+                except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for i, (_, fut) in enumerate(batch):
+                    if not fut.done():
+                        fut.set_result((ids[i:i + 1], scores[i:i + 1]))
+        finally:
+            self.inflight[key] -= 1
+            if not self.inflight[key]:
+                del self.inflight[key]
+
+
 # ---------------------------------------------------------------- the app
 def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits(),
                threads: int | None = None, page_dir=None, searcher=None,
@@ -437,6 +483,8 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    coalescer = _Coalescer(off_loop, max_inflight=os.cpu_count() or 1)
     token_digest = hashlib.sha256(token.encode()).digest() if token else None
 
     def endpoint(fn):
@@ -542,12 +590,14 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         for name in ("allowed", "excluded"):
             if body.get(name) is not None:
                 kwargs[name] = _filter(body, name, len(q), s)
-        if len(q) >= _PARALLEL_MIN_QUERIES:
-            fn = functools.partial(s.search_batched_parallel, q, **kwargs)
-        else:
-            fn = functools.partial(s.search_batched, q, **kwargs)
         try:
-            ids, scores = await off_loop(fn)
+            if len(q) == 1 and "allowed" not in kwargs and "excluded" not in kwargs:
+                ids, scores = await coalescer.search(s, q[0], kwargs)
+            elif len(q) >= _PARALLEL_MIN_QUERIES:
+                ids, scores = await off_loop(
+                    functools.partial(s.search_batched_parallel, q, **kwargs))
+            else:
+                ids, scores = await off_loop(functools.partial(s.search_batched, q, **kwargs))
         except KeyError as exc:  # a filter naming an unknown docid
             raise HTTPError(422, "allowed" if "allowed" in kwargs else "excluded",
                             f"unknown id {_key(exc)}") from None
