@@ -279,6 +279,21 @@ def test_upsert_and_delete(tmp_path):
             == [[5002]]
 
 
+def test_filters_wait_for_filtered_search(server):
+    """allowed/excluded (issue 15): passed to the searcher once it takes them; until then
+    a 501 naming the field. Malformed filters are a 422 either way. Never skipped."""
+    client, _ = server
+    takes = "allowed" in __import__("inspect").signature(
+        mipscan.Searcher.search_batched).parameters
+    r = client.post("/search", json={"queries": GOOD, "allowed": [1, 2, 3], "k": 3})
+    if takes:
+        assert r.status_code == 200 and set(r.json()["ids"][0]) <= {1, 2, 3}, r.text
+    else:
+        assert r.status_code == 501 and r.json()["field"] == "allowed", r.text
+    r = client.post("/search", json={"queries": GOOD, "excluded": [[1.5]]})
+    assert r.status_code == (422 if takes else 501), r.text
+
+
 # ---------------------------------------------------------------- snapshot and reload
 def test_snapshot_rewrites_the_folder(tmp_path):
     folder = tmp_path / "index"

@@ -5,7 +5,9 @@ two-tower model on MovieLens 100K, builds the tutorial's 270,882 candidates, and
 keras-rs brute force, mipscan's exact brute force and mipscan's approximate index (as the
 Keras layer mipscan.keras.ApproximateRetrieval and through the ScaNN-style API) on
 build time, latency and recall@k for the tutorial's 4 users and for all 943 users.
-Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``); ``mipscan --help`` and
+Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``). ``mipscan serve DIR``
+serves an index folder over HTTP (:mod:`mipscan.serve`, the ``serve`` extra); ``demo
+--save-index DIR`` saves the demo's index and page data for it. ``mipscan --help`` and
 ``mipscan --version`` need only the core (the parser is the standard library's argparse).
 Errors go to stderr with a non-zero exit status: 2 for bad arguments or data, 1 for a
 missing extra (one line naming it).
@@ -305,7 +307,7 @@ def _int_at_least(low: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mipscan`` parser: ``--version`` and the ``demo`` command."""
+    """The ``mipscan`` parser: ``--version`` and the ``demo`` and ``serve`` commands."""
     parser = argparse.ArgumentParser(
         prog="mipscan", description="mipscan: fast top-k retrieval for learned embeddings.")
     parser.add_argument("--version", action="version", version=f"mipscan {mipscan.__version__}")
