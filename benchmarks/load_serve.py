@@ -50,6 +50,40 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measured(run, server_pid: int) -> dict:
+    """``run()``'s result plus ``others_cores``: the cores that processes other than this
+    client and the server kept busy meanwhile (from /proc/stat; the machine is shared)."""
+    from benchmarks.common import _busy_seconds, _own_cpu_seconds
+
+    b0, o0, s0, t0 = _busy_seconds(), _own_cpu_seconds(), proc_cpu_seconds(server_pid), \
+        time.perf_counter()
+    out = run()
+    b1, o1, s1, t1 = _busy_seconds(), _own_cpu_seconds(), proc_cpu_seconds(server_pid), \
+        time.perf_counter()
+    if b0 is not None and b1 is not None:
+        out["others_cores"] = max(0.0, (b1 - b0) - (o1 - o0) - (s1 - s0)) / (t1 - t0)
+    out["server_cpu_cores"] = (s1 - s0) / (t1 - t0)
+    return out
+
+
+def best_round(rounds: list[dict]) -> dict:
+    """The round with the lowest p99 (the VM's speed drifts; as benchmarks/run.py keeps
+    each point's best round); all rounds stay in ``rounds``."""
+    best = dict(min(rounds, key=lambda r: r.get("p99_ms", float("inf"))))
+    best["rounds"] = [{k: r.get(k) for k in ("qps", "p50_ms", "p95_ms", "p99_ms", "errors",
+                                             "others_cores")} for r in rounds]
+    best["errors"] = sum(r["errors"] for r in rounds)  # every round's errors count
+    return best
+
+
 def build_index(train: np.ndarray, folder: Path):
     import mipscan
 
@@ -219,6 +253,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256, help="queries per batched request")
     ap.add_argument("--threads", type=int, default=None, help="server engine threads")
     ap.add_argument("--max-requests", type=int, default=2_000_000, help="per scenario, a bound")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each scenario; the one with the lowest p99 is reported")
+    ap.add_argument("--quiet-wait", type=float, default=15.0,
+                    help="seconds to wait at most for other processes to go quiet before each "
+                    "scenario (default: 15)")
     ap.add_argument("--no-updater", action="store_true", help="skip the runs with an updater")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="raw asyncio keep-alive connections (default) or httpx.AsyncClient")
@@ -226,6 +265,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from benchmarks import datasets
+    from benchmarks.common import wait_for_quiet
     import mipscan
 
     ds = datasets.load(args.dataset)
@@ -248,6 +288,7 @@ def main(argv=None) -> int:
     batched = [json.dumps({"queries": qb[i:i + args.batch].tolist(), "k": 10}).encode()
                for i in range(0, len(qb) - args.batch + 1, args.batch)]
 
+    wait_for_quiet(args.quiet_wait)
     base_qps = in_process_qps(searcher, qb, args.batch, min(args.seconds, 10))
     print(f"in-process search_batched_parallel ({args.batch} a call, {searcher.num_threads} "
           f"threads): {base_qps:,.0f} queries/s", flush=True)
@@ -276,16 +317,35 @@ def main(argv=None) -> int:
                     continue
                 updater = ({"token": token, "batch": 64, "interval": 0.05, "first_docid": 10**9,
                             "rows": ds.train[:10_000]} if upd else None)
-                r = asyncio.run(_load(url, single, c, args.seconds, args.max_requests, updater,
-                                      args.client))
+                rounds = []
+                for _ in range(args.rounds):
+                    wait_for_quiet(args.quiet_wait)
+                    rounds.append(measured(lambda: asyncio.run(_load(
+                        url, single, c, args.seconds, args.max_requests, updater, args.client)),
+                        proc.pid))
+                r = best_round(rounds)
                 r.update(kind="single", updater=upd, qps=r["rps"])
                 results["runs"].append(r)
                 _print(r)
+        # Batched: each round measures in-process search_batched_parallel right before the
+        # served run (same queries, same threads), so both see the same machine; the round
+        # with the best ratio is kept.
         for c in (1, 2):
-            r = asyncio.run(_load(url, batched, c, args.seconds, args.max_requests, None,
-                                      args.client))
-            r.update(kind=f"batched {args.batch}", updater=False, qps=r["rps"] * args.batch,
-                     vs_in_process=r["rps"] * args.batch / base_qps)
+            rounds = []
+            for _ in range(args.rounds):
+                wait_for_quiet(args.quiet_wait)
+                base = in_process_qps(searcher, qb, args.batch, min(args.seconds, 5))
+                r = measured(lambda: asyncio.run(_load(
+                    url, batched, c, args.seconds, args.max_requests, None, args.client)),
+                    proc.pid)
+                r.update(in_process_qps=base, qps=r["rps"] * args.batch)
+                r["vs_in_process"] = r["qps"] / base
+                rounds.append(r)
+            r = dict(max(rounds, key=lambda x: x["vs_in_process"]))
+            r["errors"] = sum(x["errors"] for x in rounds)
+            r["rounds"] = [{k: x.get(k) for k in ("qps", "in_process_qps", "vs_in_process",
+                                                  "others_cores")} for x in rounds]
+            r.update(kind=f"batched {args.batch}", updater=False)
             results["runs"].append(r)
             _print(r)
         results["rss_mb_after"] = rss_mb(proc.pid)
@@ -309,12 +369,14 @@ def main(argv=None) -> int:
 
 
 def _print(r: dict) -> None:
-    extra = f", {r['vs_in_process']:.0%} of in-process" if "vs_in_process" in r else ""
+    extra = (f", {r['vs_in_process']:.0%} of in-process ({r['in_process_qps']:,.0f}/s)"
+             if "vs_in_process" in r else "")
     upd = f", updater {r['updates']}" if r.get("updates") else ""
     print(f"{r['kind']:>12} c={r['concurrency']:<3} {r['qps']:>9,.0f} queries/s "
           f"({r['rps']:,.0f} req/s)  p50 {r.get('p50_ms', float('nan')):.2f} ms  "
           f"p95 {r.get('p95_ms', float('nan')):.2f} ms  p99 {r.get('p99_ms', float('nan')):.2f} ms"
-          f"  errors {r['errors']}{extra}{upd}", flush=True)
+          f"  errors {r['errors']}{extra}{upd}, others' CPU {r.get('others_cores', 0):.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":
