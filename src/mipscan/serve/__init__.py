@@ -209,7 +209,8 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     gc.collect()
     gc.freeze()  # the loaded modules and index objects: out of every later collection
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                            timeout_keep_alive=5, lifespan="off", proxy_headers=False)
+                            timeout_keep_alive=5, lifespan="off", proxy_headers=False,
+                            timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -409,6 +409,7 @@ class _Coalescer:
         self.off_loop, self.max_inflight, self.max_batch = off_loop, max_inflight, max_batch
         self.pending: dict = {}   # key -> [(row, future)]
         self.inflight: dict = {}  # key -> batches running
+        self.tasks: set = set()
 
     async def search(self, searcher, row: np.ndarray, kwargs: dict):
         key = (searcher, *kwargs.values())
@@ -416,7 +417,9 @@ class _Coalescer:
         self.pending.setdefault(key, []).append((row, fut))
         if self.inflight.get(key, 0) < self.max_inflight:
             self.inflight[key] = self.inflight.get(key, 0) + 1
-            asyncio.ensure_future(self._drain(key, searcher, kwargs))
+            task = asyncio.ensure_future(self._drain(key, searcher, kwargs))
+            self.tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.tasks.discard)
         return await fut
 
     async def _drain(self, key, searcher, kwargs: dict) -> None:
