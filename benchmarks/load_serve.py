@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="per scenario (default: 30)")
     ap.add_argument("--concurrency", default="1,8,64", help="single-query clients (default: 1,8,64)")
     ap.add_argument("--batch", type=int, default=256, help="queries per batched request")
+    ap.add_argument("--batched-concurrency", default="1,2",
+                    help="clients of the batched runs (default: 1,2; empty: none)")
     ap.add_argument("--threads", type=int, default=None, help="server engine threads")
     ap.add_argument("--max-requests", type=int, default=2_000_000, help="per scenario, a bound")
     ap.add_argument("--rounds", type=int, default=1,
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
         # Batched: each round measures in-process search_batched_parallel right before the
         # served run (same queries, same threads), so both see the same machine; the round
         # with the best ratio is kept.
-        for c in (1, 2):
+        for c in [int(x) for x in args.batched_concurrency.split(",") if x.strip()]:
             rounds = []
             for _ in range(args.rounds):
                 wait_for_quiet(args.quiet_wait)
