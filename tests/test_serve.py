@@ -250,7 +250,13 @@ def test_upsert_and_delete(tmp_path):
     """The live index's updates when the searcher has them (issue 13); until then, 501
     with a JSON error naming the endpoint. Never skipped."""
     folder = tmp_path / "index"
-    build(2000, 2).serialize(folder)
+    if LIVE:  # results are docids once the index has them
+        rng = np.random.default_rng(2)
+        (mipscan.builder(rng.normal(size=(2000, D)).astype(np.float32), 10, "dot_product")
+         .tree(num_leaves=30, num_leaves_to_search=8).score_ah(2).reorder(100)
+         .build(docids=list(range(2000))).serialize(folder))
+    else:
+        build(2000, 2).serialize(folder)
     app = create_app(folder, token=TOKEN)
     with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         v = queries(3, seed=11) * 10
@@ -292,6 +298,68 @@ def test_filters_wait_for_filtered_search(server):
         assert r.status_code == 501 and r.json()["field"] == "allowed", r.text
     r = client.post("/search", json={"queries": GOOD, "excluded": [[1.5]]})
     assert r.status_code == (422 if takes else 501), r.text
+
+
+class LiveDouble:
+    """A stand-in with the live index's surface (issue 13: docids, upsert, delete, size(),
+    config()) over exact search, so that the server's write path runs today; the test
+    above runs the real one once it lands."""
+
+    distance_measure, num_leaves, num_neighbors, num_threads = "dot_product", 1, 10, 1
+
+    def __init__(self, d: int):
+        self.d, self.rows = d, {}
+
+    def size(self) -> int:
+        return len(self.rows)
+
+    def config(self) -> str:
+        return "brute force (test double)"
+
+    def set_num_threads(self, n: int) -> None:
+        self.num_threads = n
+
+    def upsert(self, docids, vectors) -> None:
+        self.rows.update(zip(docids, np.asarray(vectors, np.float32)))
+
+    def delete(self, docids) -> None:
+        missing = [x for x in docids if x not in self.rows]
+        if missing:
+            raise KeyError(missing[0])
+        for x in docids:
+            del self.rows[x]
+
+    def search_batched(self, q, final_num_neighbors=10, leaves_to_search=None,
+                       pre_reorder_num_neighbors=None):
+        ids = np.array(list(self.rows))
+        scores = q @ np.stack(list(self.rows.values())).T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :final_num_neighbors]
+        return ids[order], np.take_along_axis(scores, order, axis=1)
+
+    search_batched_parallel = search_batched
+
+
+def test_write_path_with_a_live_searcher_double(index_dir):
+    live = LiveDouble(D)
+    live.upsert(["a", "b"], queries(2, seed=20))
+    app = create_app(index_dir, token=TOKEN, searcher=live)
+    v = queries(3, seed=21) * 10
+    with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        r = c.post("/upsert", json={"docids": ["x", "y", "z"], "vectors": v.tolist()})
+        assert r.status_code == 200 and r.json() == {"upserted": 3, "size": 5}, r.text
+        r = c.post("/search", json={"queries": v.tolist(), "k": 1})
+        assert r.json()["ids"] == [["x"], ["y"], ["z"]]
+        r = c.post("/search", json={"queries": v[:1].tolist()})  # default k: min(10, size)
+        assert len(r.json()["ids"][0]) == 5
+        r = c.post("/delete", json={"docids": ["x", "nope"]})
+        assert r.status_code == 404 and r.json()["field"] == "docids" and "nope" in r.text
+        assert c.get("/stats").json()["size"] == 5  # nothing deleted
+        assert c.post("/delete", json={"docids": ["x"]}).json() == {"deleted": 1, "size": 4}
+        r = c.post("/upsert", json={"docids": ["q", 3], "vectors": v[:2].tolist()})
+        assert r.status_code == 422 and r.json()["field"] == "docids[1]"
+        stats = c.get("/stats").json()
+        assert stats["config"] == "brute force (test double)"
+        assert stats["writes"] == {"enabled": True, "upsert": True, "delete": True}
 
 
 # ---------------------------------------------------------------- snapshot and reload
@@ -479,6 +547,7 @@ def test_cli_serves_until_stopped(index_dir, tmp_path):
             out, err = proc.communicate()
             raise AssertionError(f"the server did not stop on SIGINT: {err[-2000:]}")
     assert proc.returncode == 0, err
+    assert "leaked" not in err, err[-2000:]
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
