@@ -412,7 +412,9 @@ class _Coalescer:
         self.tasks: set = set()
 
     async def search(self, searcher, row: np.ndarray, kwargs: dict):
-        key = (searcher, *kwargs.values())
+        # id(), not the searcher's own hash/eq: while a key has pending queries, one of
+        # its batches is running and holds the searcher, so the id cannot be reused.
+        key = (id(searcher), *kwargs.values())
         fut = asyncio.get_running_loop().create_future()
         self.pending.setdefault(key, []).append((row, fut))
         if self.inflight.get(key, 0) < self.max_inflight:
