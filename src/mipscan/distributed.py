@@ -796,7 +796,7 @@ class _BatchSearcher:
 
 def batch_search(queries, index_dir, k: int = 10, *, vector_column: str = "vector",
                  keep_columns=None, output_path=None, batch_size: int = 4096,
-                 num_threads: int | None = None, concurrency: int = 1,
+                 num_threads: int | None = None, concurrency: int = 1, num_cpus: float = 1,
                  pre_reorder_num_neighbors: int | None = None,
                  leaves_to_search: int | None = None):
     """Top-``k`` retrieval for every query of a Ray Dataset, with Ray Data ``map_batches``.
@@ -804,7 +804,10 @@ def batch_search(queries, index_dir, k: int = 10, *, vector_column: str = "vecto
     Each of ``concurrency`` workers memory-maps ``index_dir`` once (a folder written by
     :meth:`mipscan.Searcher.serialize` or :meth:`ShardedIndex.serialize`; every node must
     read it) and searches each batch with ``search_batched_parallel`` on ``num_threads``
-    engine threads (default: mipscan's default; the worker reserves that many CPUs).
+    engine threads (default: mipscan's default). Each worker reserves ``num_cpus`` CPUs of
+    Ray's (default 1, so that the stages feeding it can run beside it on a small cluster;
+    reserving as many as the threads it runs deadlocks a 2-CPU cluster whose other stage
+    needs a CPU).
 
     Args:
         queries: a Ray Dataset with ``vector_column``, or a (nq, d) array (made into a
@@ -845,10 +848,9 @@ def batch_search(queries, index_dir, k: int = 10, *, vector_column: str = "vecto
         queries = ray.data.from_arrow(table)
     if keep_columns is None:
         keep_columns = [c for c in queries.schema().names if c != vector_column]
-    threads = num_threads or mipscan.get_num_threads()
     out = queries.map_batches(
         _BatchSearcher, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
         fn_constructor_args=(index_dir, k, vector_column, tuple(keep_columns), num_threads,
                              pre_reorder_num_neighbors, leaves_to_search))
     if output_path is None:
