@@ -54,7 +54,7 @@ from typing import Any, Callable
 import numpy as np
 
 import mipscan
-from mipscan.brute import SearchResult
+from mipscan import SearchResult
 from mipscan.recsys._extras import MissingExtraError
 
 __all__ = ["MissingExtraError", "ShardUnavailableError", "ShardedIndex", "batch_search",
@@ -508,6 +508,7 @@ class ShardedIndex:
             except Exception:  # already gone
                 pass
             actor = self._start(i)
+            self._ray.get(actor.info.remote())  # raises here if its source cannot load
             for method, args in self._log[i]:
                 self._ray.get(getattr(actor, method).remote(*args))
             self._actors[i] = actor
@@ -543,15 +544,15 @@ class ShardedIndex:
                     raise ShardUnavailableError(
                         f"ShardedIndex: shard {i} of {self.num_shards} ({self._source_name(i)}) "
                         f"did not answer {method}() after {self.retries} restarts: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                        i) from exc
+                        f"{type(exc).__name__}: {_first_line(exc)}", i) from exc
                 try:
                     self._restart(i, actors[i])
                 except Exception as restart_exc:  # noqa: BLE001 (reported with the shard)
                     raise ShardUnavailableError(
                         f"ShardedIndex: shard {i} of {self.num_shards} died and could not be "
                         f"started again from {self._source_name(i)}: "
-                        f"{type(restart_exc).__name__}: {restart_exc}", i) from restart_exc
+                        f"{type(restart_exc).__name__}: {_first_line(restart_exc)}", i
+                    ) from restart_exc
             time.sleep(self.retry_wait * (attempt - 1))
             calls = {i: calls[i] for i in failed}
         return [results[i] for i in sorted(results)]
@@ -681,6 +682,11 @@ class ShardedIndex:
     def __repr__(self) -> str:
         return (f"ShardedIndex(n={self.n}, d={self.d}, num_shards={self.num_shards}, "
                 f"distance_measure={self.distance_measure!r}, shard_sizes={self.shard_sizes})")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:500] if lines else ""
 
 
 def _build_task(vectors, docids, num_neighbors, distance_measure, configure, root, shard,
