@@ -89,6 +89,9 @@ def test_sharded_brute_force_equals_single_node_brute_force(cluster, metric):
         s_rows, s_scores = single.search_batched(q)
         assert np.array_equal(ids, docids[s_rows.astype(np.int64)])
         assert np.array_equal(scores, s_scores)
+        # A copy in a Ray task (as a Serve replica would hold it) searches the same actors.
+        remote = ray.remote(lambda ix, qq: ix.search_batched(qq).indices)
+        assert np.array_equal(ray.get(remote.remote(index, q[:5])), ids[:5])
         one_ids, one_scores = index.search(q[3], final_num_neighbors=25)
         assert np.array_equal(one_ids, docids[mipscan.brute_force(db, q[3], 25, metric)
                                                .indices.astype(np.int64)])

@@ -673,6 +673,21 @@ class ShardedIndex:
                 pass
         self._actors = []
 
+    def __getstate__(self) -> dict:
+        # Actor handles pickle (Ray keeps the actors alive while any copy holds them);
+        # the lock and the ray module do not. A copy (in a task, a Serve replica) searches
+        # the same actors; a shard it restarts is its own replacement.
+        state = dict(self.__dict__)
+        for name in ("_lock", "_ray", "_actor_class"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ray = _ray("ShardedIndex")
+        self._lock = threading.Lock()
+        self._actor_class = self._ray.remote(_Shard)
+
     def __enter__(self) -> "ShardedIndex":
         return self
 
