@@ -9,7 +9,7 @@ import numpy as np
 
 from mipscan import _live, _mipscan
 from mipscan._io import read_index, write_index
-from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays
+from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays, mips_width
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -304,33 +304,7 @@ class Searcher:
         """
         call = "upsert()"
         check_int(call, "batch_size", batch_size, 1, None)
-        with self._write_lock:
-            st = self._state
-            ids = self._docid_list(call, st, docids)
-            vectors = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
-            if vectors.ndim == 1:
-                vectors = vectors[None, :]
-            vectors = as_float_array(call, "vectors", vectors, 2, d=self.d)
-            if len(vectors) != len(ids):
-                raise ValueError(f"{call}: got {len(ids)} docids but {len(vectors)} vectors")
-            if self.distance_measure == "cosine" and not np.all(np.einsum("ij,ij->i", vectors, vectors) > 0):
-                row = int(np.argmin(np.einsum("ij,ij->i", vectors, vectors) > 0))
-                raise ValueError(f"{call}: vector of docid {ids[row]!r} is zero; cosine needs a direction")
-            from mipscan._build import to_mips_rows
-            if st.live is None:
-                st = _live.to_live(st, self.num_threads)
-            rows_of = self._rows_of
-            replaced = np.array([rows_of[i] for i in ids if i in rows_of], np.int64)
-            base = st.num_rows
-            nxt = _live.apply(st, to_mips_rows(vectors, self.distance_measure), ids, replaced,
-                              np.zeros(0, np.int64), self.num_threads, self._incremental())
-            nxt, renumbered = self._autopilot_phase(nxt)
-            self._state = nxt  # publish
-            if renumbered:
-                self._reindex(nxt)
-            else:
-                for i, docid in enumerate(ids):
-                    rows_of[docid] = base + i
+        self._update(call, docids, vectors, [])
 
     def delete(self, docids) -> None:
         """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
@@ -340,28 +314,66 @@ class Searcher:
             KeyError: a docid not in the index (named; nothing is deleted).
             ValueError: a docid repeated in the batch; an index built without docids.
         """
-        call = "delete()"
+        self._update("delete()", [], None, docids)
+
+    def update(self, docids, vectors, delete=()) -> None:
+        """:meth:`upsert` of ``docids`` / ``vectors`` and :meth:`delete` of ``delete``
+        in one atomic call (searches see neither half alone). A docid may not be in both.
+        Raises as those two."""
+        self._update("update()", docids, vectors, delete)
+
+    @property
+    def has_docids(self) -> bool:
+        """True when searches return docids (the index was built or loaded with them)."""
+        return self._state.docids is not None
+
+    def _update(self, call, up, vectors, dels) -> None:
         with self._write_lock:
             st = self._state
-            ids = self._docid_list(call, st, docids)
+            up_ids = self._docid_list(call, st, up) if vectors is not None else []
+            del_ids = self._docid_list(call, st, dels)
             rows_of = self._rows_of
-            for docid in ids:
+            for docid in del_ids:
                 if docid not in rows_of:
                     raise KeyError(f"{call}: docid {docid!r} is not in the index; nothing was deleted")
-            if not ids:
+            both = set(up_ids) & set(del_ids)
+            if both:
+                raise ValueError(f"{call}: docid {next(iter(both))!r} is both upserted and deleted")
+            width = mips_width(self.d, self.distance_measure)
+            mips = np.zeros((0, width), np.float32)
+            if vectors is not None:
+                vectors = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+                if vectors.ndim == 1:
+                    vectors = vectors[None, :]
+                if len(up_ids) or vectors.size:
+                    vectors = as_float_array(call, "vectors", vectors, 2, d=self.d)
+                    if len(vectors) != len(up_ids):
+                        raise ValueError(f"{call}: got {len(up_ids)} docids but {len(vectors)} vectors")
+                    if self.distance_measure == "cosine":
+                        norms = np.einsum("ij,ij->i", vectors, vectors)
+                        if not np.all(norms > 0):
+                            raise ValueError(f"{call}: vector of docid {up_ids[int(np.argmin(norms > 0))]!r} "
+                                             "is zero; cosine needs a direction")
+                    from mipscan._build import to_mips_rows
+                    mips = np.ascontiguousarray(to_mips_rows(vectors, self.distance_measure), np.float32)
+            if not up_ids and not del_ids:
                 return
             if st.live is None:
                 st = _live.to_live(st, self.num_threads)
-            rows = np.array([rows_of[i] for i in ids], np.int64)
-            nxt = _live.apply(st, np.zeros((0, st.row_data.shape[1]), np.float32), [],
-                              np.zeros(0, np.int64), rows, self.num_threads, self._incremental())
+            replaced = np.array([rows_of[i] for i in up_ids if i in rows_of], np.int64)
+            deleted = np.array([rows_of[i] for i in del_ids], np.int64)
+            base = st.num_rows
+            nxt = _live.apply(st, mips, up_ids, replaced, deleted, self.num_threads,
+                              self._incremental())
             nxt, renumbered = self._autopilot_phase(nxt)
             self._state = nxt  # publish
             if renumbered:
                 self._reindex(nxt)
             else:
-                for docid in ids:
+                for docid in del_ids:
                     del rows_of[docid]
+                for i, docid in enumerate(up_ids):
+                    rows_of[docid] = base + i
 
     def rebalance(self, config=None) -> str:
         """Compacts and retrains, as ScaNN's ``rebalance``: a fresh build (same
