@@ -331,3 +331,44 @@ def test_concurrent_searches_see_one_snapshot(data):
         th.join()
     assert not errors, errors[0]
     assert published[0] == steps
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(SANITIZED or not os.path.exists("/proc/self/statm"),
+                    reason="sanitizers hold freed memory; needs /proc")
+def test_memory_does_not_grow_under_churn_with_searches():
+    """Replacing every point again and again (with searches running and a rebalance per
+    round) keeps the memory of one index: old snapshots are freed when unused."""
+    rng = np.random.default_rng(2)
+    n, d = 20_000, 32
+    s = mipscan.builder(rng.normal(size=(n, d)).astype(np.float32), 10, "dot_product") \
+        .tree(100, 10, incremental_threshold=0.2).score_ah(2).reorder(100).build(docids=list(range(n)))
+    q = rng.normal(size=(64, d)).astype(np.float32)
+    stop = threading.Event()
+
+    def searching():
+        while not stop.is_set():
+            s.search_batched(q)
+
+    th = threading.Thread(target=searching)
+    th.start()
+    try:
+        rss = []
+        for _ in range(6):
+            for b in range(0, n, 2048):
+                s.upsert(list(range(b, min(b + 2048, n))),
+                         rng.normal(size=(min(2048, n - b), d)).astype(np.float32))
+            s.delete(list(range(0, n, 10)))
+            s.upsert(list(range(0, n, 10)), rng.normal(size=(len(range(0, n, 10)), d)).astype(np.float32))
+            s.rebalance()
+            rss.append(_rss())
+    finally:
+        stop.set()
+        th.join()
+    growth = rss[-1] - rss[1]
+    assert growth < 32 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 4 rounds: {rss}"
+    assert s.size() == n
