@@ -51,6 +51,11 @@ class State:
     n_live: int
     docids: np.ndarray | None          # row -> docid store (int64 or object), >= num_rows
     docid_kind: str | None             # "int", "str" or None (results are rows)
+    # Search defaults of this version (an autopilot phase change or rebalance changes them).
+    num_leaves: int = 1
+    leaves_to_search: int = 1
+    configured_leaves: int = 1
+    reorder_k: int | None = None
     # Static (flat) layout: the Index and its arrays; live is None.
     index: Any = None
     arrays: dict | None = None

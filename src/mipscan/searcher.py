@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 
@@ -59,15 +60,6 @@ class Searcher:
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
-        tree = config.get("tree")
-        self.num_leaves = len(arrays["centroids"])
-        self.num_leaves_to_search = min(tree["num_leaves_to_search"], self.num_leaves) if tree else 1
-        # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts, even
-        # when small partitions were merged at build time (min_partition_size); searches
-        # clamp it to the leaves built.
-        self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
-        reorder = config.get("reorder")
-        self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
                                *(arrays.get(k) for k in _OPTIONAL), n=n)
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
@@ -75,7 +67,8 @@ class Searcher:
         # self._state once and search that snapshot (see mipscan._live).
         self._write_lock = threading.Lock()
         self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
-                                  index=index, arrays=arrays)
+                                  index=index, arrays=arrays,
+                                  **_search_shape(config, len(arrays["centroids"])))
         self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
 
     # State of the published snapshot (static names kept for the code that reads them).
@@ -88,6 +81,19 @@ class Searcher:
     @property
     def n(self) -> int:
         return self._state.n_live
+
+    # Per snapshot: an autopilot phase change or a rebalance may change them.
+    @property
+    def num_leaves(self) -> int:
+        return self._state.num_leaves
+
+    @property
+    def num_leaves_to_search(self) -> int:
+        return self._state.leaves_to_search
+
+    @property
+    def reordering_num_neighbors(self) -> int | None:
+        return self._state.reorder_k
 
     @property
     def _index(self):
@@ -218,13 +224,12 @@ class Searcher:
         st = self._state  # one snapshot for the whole search (mipscan._live)
         n = st.n_live
         final_k = self._k(call, final_k, n)
-        default_pre = self.reordering_num_neighbors or final_k
+        default_pre = st.reorder_k or final_k
         pre_k = default_pre if pre_k is None else check_int(
             call, "pre_reorder_num_neighbors", pre_k, 1, None)
         pre_k = max(1, min(pre_k, n))
-        configured = self._configured_leaves
-        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, check_int(
-            call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
+        leaves = st.leaves_to_search if leaves is None else min(st.num_leaves, check_int(
+            call, "leaves_to_search", leaves, 1, st.configured_leaves, high_name="num_leaves"))
         nq = len(queries)
         if final_k == 0:
             return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
@@ -232,7 +237,7 @@ class Searcher:
         q = self._to_mips(queries)
         if st.live is not None:
             ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads)
-        elif self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
+        elif st.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
             ids, scores = st.index.search_batch(q, None, leaves, pre_k, final_k, threads)
         else:
             ids = np.empty((nq, final_k), np.uint32)
@@ -439,17 +444,8 @@ class Searcher:
         arrays = build_arrays(np.ascontiguousarray(space, np.float32), config, self.num_threads)
         config["build_seconds"] = st.config.get("build_seconds", 0.0)
         fresh = Searcher(config, arrays, self.num_threads)
-        self._adopt_shape(fresh)
         store = st.docids[rows].copy()
-        return _live.State(config=fresh._state.config, n_live=n, docids=store,
-                           docid_kind=st.docid_kind, index=fresh._state.index,
-                           arrays=fresh._state.arrays)
-
-    def _adopt_shape(self, other: "Searcher") -> None:
-        self.num_leaves = other.num_leaves
-        self.num_leaves_to_search = other.num_leaves_to_search
-        self._configured_leaves = other._configured_leaves
-        self.reordering_num_neighbors = other.reordering_num_neighbors
+        return replace(fresh._state, docids=store, docid_kind=st.docid_kind)
 
     def _autopilot_phase(self, st):
         """(state, renumbered): an autopilot(ONLINE_INCREMENTAL) index that crossed the
@@ -577,3 +573,15 @@ def _compact(st) -> tuple[dict, dict, list | None]:
     config = _live.SearcherConfig(st.config)
     config["n"] = len(keep)
     return config, arrays, st.docids[keep].tolist()
+
+
+def _search_shape(config: dict, num_leaves: int) -> dict:
+    """The per-snapshot search defaults (State fields) of an index of this config."""
+    tree, reorder = config.get("tree"), config.get("reorder")
+    return {"num_leaves": num_leaves,
+            "leaves_to_search": min(tree["num_leaves_to_search"], num_leaves) if tree else 1,
+            # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts,
+            # even when small partitions were merged at build time (min_partition_size);
+            # searches clamp it to the leaves built.
+            "configured_leaves": max(num_leaves, tree["num_leaves"] if tree else 1),
+            "reorder_k": reorder["reordering_num_neighbors"] if reorder else None}
