@@ -8,6 +8,7 @@ Run under ThreadSanitizer too: ``SANITIZE=thread tools/sanitize.sh tests/test_li
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -271,15 +272,20 @@ def test_concurrent_searches_see_one_snapshot(data):
     published = [0]  # index of the newest version whose update call returned
     stop = threading.Event()
     errors = []
+    # MIPSCAN_LIVE_STRESS_SECONDS=60: the 8 readers and 1 updater for a minute.
+    stress = float(os.environ.get("MIPSCAN_LIVE_STRESS_SECONDS", "0"))
     steps = 12 if SANITIZED else 40
+    deadline = time.monotonic() + stress
     q = rng.normal(size=(16, 12)).astype(np.float32)
 
     def writer():
         try:
             cur = dict(versions[0])
             nxt_id = n0
-            for step in range(steps):
+            step = 0
+            while step < steps or time.monotonic() < deadline:
                 op = step % 4
+                step += 1
                 if op in (0, 1):
                     m = 40
                     vecs = rng.normal(size=(m, 12)).astype(np.float32)
@@ -287,16 +293,20 @@ def test_concurrent_searches_see_one_snapshot(data):
                     if op == 1:  # half replacements of live docids
                         ids[: m // 2] = list(cur)[: m // 2]
                     nxt_id += m
-                    s.upsert(ids, vecs)
                     cur = dict(cur)
                     cur.update(zip(ids, vecs))
+                    # Recorded before the call: a search may see it once the call
+                    # publishes it, before the call returns.
+                    versions.append(cur)
+                    s.upsert(ids, vecs)
                 elif op == 2:
                     dels = list(cur)[5:45]
-                    s.delete(dels)
                     cur = {k: v for k, v in cur.items() if k not in set(dels)}
+                    versions.append(cur)
+                    s.delete(dels)
                 else:
+                    versions.append(cur)
                     s.rebalance()
-                versions.append(cur)
                 published[0] = len(versions) - 1
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
@@ -321,7 +331,7 @@ def test_concurrent_searches_see_one_snapshot(data):
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
 
-    readers = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+    readers = [threading.Thread(target=reader, args=(t,)) for t in range(8 if stress else 4)]
     w = threading.Thread(target=writer)
     for th in readers:
         th.start()
@@ -330,7 +340,7 @@ def test_concurrent_searches_see_one_snapshot(data):
     for th in readers:
         th.join()
     assert not errors, errors[0]
-    assert published[0] == steps
+    assert published[0] >= steps
 
 
 def _rss() -> int:
