@@ -38,9 +38,19 @@ class Searcher:
     :func:`mipscan.load_searcher`; search with :meth:`search`, :meth:`search_batched` or
     :meth:`search_batched_parallel`. Thread-safe: searches may run concurrently.
 
-    Every search returns exactly ``final_num_neighbors`` results per query: when the
-    searched leaves hold fewer candidates than needed, further leaves are searched in
-    order of their centroid score until there are enough (so k <= n always gives k).
+    Every search returns ``min(final_num_neighbors, size())`` results per query: when the
+    searched leaves hold fewer (live) candidates than needed, further leaves are searched
+    in order of their centroid score until there are enough, so an index with k live
+    points always gives k; an index shrunk (or built) below k gives all it has, as ScaNN
+    does; an empty batch of queries (0, d) gives results of shape (0, k).
+
+    Built with ``docids`` (see :meth:`mipscan.builder`), searches return docids and the
+    index is live: :meth:`upsert`, :meth:`delete`, :meth:`update` and :meth:`rebalance`
+    change it while other threads search. Each update builds the next version aside
+    (copy-on-write of the leaves it touches, a new tombstone bitset) and publishes it with
+    one assignment; a search reads the current version once and uses it to the end, so
+    it sees the index before or after each update call, never a mix, and never waits
+    (updates wait for each other). Layout and ownership: ``mipscan._live``.
 
     A searcher owns its arrays and its thread count (``num_threads``, default
     :func:`mipscan.get_num_threads`; change it with :meth:`set_num_threads`). It pickles
