@@ -9,8 +9,10 @@ from dataclasses import replace
 import numpy as np
 
 from mipscan import _live, _mipscan
+from mipscan._build import build_arrays, to_mips_rows
+from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import read_index, write_index
-from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays, mips_width
+from mipscan._schema import ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -213,8 +215,9 @@ class Searcher:
     def _empty_batch(self, call, queries, final_k) -> SearchResult | None:
         """An empty batch (0, d) gets empty results (0, k), as faiss and hnswlib give."""
         shape = getattr(queries, "shape", None)
-        if shape is None or len(shape) != 2 or shape[0] != 0:
-            return None
+        if shape is None or len(shape) != 2 or shape[0] != 0 \
+                or getattr(getattr(queries, "dtype", None), "kind", None) != "f":
+            return None  # as_float_array checks (and refuses) everything else
         if shape[1] != self.d:
             raise ValueError(f"{call}: queries has {shape[1]} features, but the index "
                              f"expects {self.d} features")
@@ -369,7 +372,6 @@ class Searcher:
                         if not np.all(norms > 0):
                             raise ValueError(f"{call}: vector of docid {up_ids[int(np.argmin(norms > 0))]!r} "
                                              "is zero; cosine needs a direction")
-                    from mipscan._build import to_mips_rows
                     mips = np.ascontiguousarray(to_mips_rows(vectors, self.distance_measure), np.float32)
             if not up_ids and not del_ids:
                 return
@@ -436,8 +438,6 @@ class Searcher:
 
     def _rebuild(self, st):
         """A static state built afresh on st's live points (same config and seed)."""
-        from mipscan._build import build_arrays
-        from mipscan._policy import suggest_config
         rows = _live.live_rows(st)
         space = _live.space_of(st.row_data[rows], self.distance_measure, self.d)
         config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in st.config.items()}
@@ -447,7 +447,6 @@ class Searcher:
         if auto is not None and auto.get("mode") == "ONLINE_INCREMENTAL":
             for stage in ("tree", "score_ah", "score_brute_force", "reorder"):
                 config.pop(stage, None)
-            from mipscan._schema import check_stage_args
             for stage, kwargs in suggest_config(n, self.d, min(self.num_neighbors, n),
                                                 self.distance_measure).items():
                 config[stage] = check_stage_args(f"{stage}()", stage, (), kwargs)
@@ -460,7 +459,6 @@ class Searcher:
     def _autopilot_phase(self, st):
         """(state, renumbered): an autopilot(ONLINE_INCREMENTAL) index that crossed the
         brute-force size is rebuilt as autopilot would build it now."""
-        from mipscan._policy import BRUTE_FORCE_BELOW
         auto = st.config.get("autopilot")
         if auto is None or auto.get("mode") != "ONLINE_INCREMENTAL" or st.n_live == 0:
             return st, False
