@@ -310,6 +310,7 @@ class LiveDouble:
     above runs the real one once it lands."""
 
     distance_measure, num_leaves, num_neighbors, num_threads = "dot_product", 1, 10, 1
+    max_leaves_to_search = 1
 
     def __init__(self, d: int):
         self.d, self.rows = d, {}

@@ -15,7 +15,7 @@ from mipscan._threads import get_num_threads
 from mipscan.brute import SearchResult, brute_force
 from mipscan.builder import ScannBuilder, builder
 from mipscan.searcher import Searcher, load_searcher
-from mipscan import scann_ops, scann_ops_pybind
+from mipscan import scann_builder, scann_ops, scann_ops_pybind
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "builder",
     "get_num_threads",
     "load_searcher",
+    "scann_builder",
     "scann_ops",
     "scann_ops_pybind",
     "simd_level",

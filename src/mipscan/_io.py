@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mipscan._schema import docids_to_arrays
 from mipscan._schema import (ARRAYS, FLOAT_ARRAYS, array_value_errors, check_stored_config,
                              float_value_bounds, mips_width, required_arrays)
 from mipscan._validation import Bool, check_value
@@ -41,7 +42,10 @@ except ImportError:  # no flock (Windows): writers do not lock, and no clean-up 
     fcntl = None
 
 FORMAT = "mipscan-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions read: 1 (static indexes, no docids) and 2 (adds docids; written only for an
+#: index with docids, so a static index's folder is unchanged).
+READ_VERSIONS = (1, 2)
 MANIFEST = "mipscan.json"
 
 #: Bounds of a manifest before it is parsed (one written here is about 2 KB, 4 levels deep).
@@ -290,7 +294,8 @@ def _check_replaceable(target: Path, shown: str, dir_fd: int) -> None:
                              "refusing to replace the folder")
 
 
-def write_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
+def write_index(directory, config: dict, arrays: dict[str, np.ndarray], docids: list | None = None
+                ) -> None:
     """Writes an index folder (``Searcher.serialize``), atomically: readers see the old
     index or the complete new one, never a mix.
 
@@ -300,6 +305,12 @@ def write_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
     with ValueError and left untouched. A symbolic link is followed: the folder it points
     to is replaced (the link stays a link), as ``open()`` writes through a link.
     """
+    version = 1
+    if docids is not None:
+        kind, extra = docids_to_arrays(docids)
+        config = {**config, "docids": kind}
+        arrays = {**arrays, **extra}
+        version = FORMAT_VERSION
     given = _as_path("serialize()", directory)
     target = Path(os.path.realpath(given.absolute()))
     shown = repr(str(given)) if target == given.absolute() else \
@@ -310,7 +321,7 @@ def write_index(directory, config: dict, arrays: dict[str, np.ndarray]) -> None:
     tmp, lock = _lock_new_temp(target)
     old = tmp  # what to delete at the end: our temporary, or the index we replaced
     try:
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+        manifest = {"format": FORMAT, "format_version": version,
                     "config": config, "arrays": {}}
         for name, arr in arrays.items():
             path = tmp / f"{name}.npy"
@@ -679,8 +690,8 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
     if manifest.get("format") != FORMAT:
         raise bad("format", f"expected {FORMAT!r}; got {_short(manifest.get('format'))}")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
-        raise bad("format_version", f"this mipscan reads version {FORMAT_VERSION}; "
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READ_VERSIONS:
+        raise bad("format_version", f"this mipscan reads versions {READ_VERSIONS}; "
                                     f"got {_short(manifest.get('format_version'))}")
     config = manifest.get("config")
     entries = manifest.get("arrays")
@@ -688,7 +699,7 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
         raise bad("config", "missing or not an object")
     if not isinstance(entries, dict):
         raise bad("arrays", "missing or not an object")
-    config = check_stored_config(config, bad)
+    config = check_stored_config(config, bad, version)
     need = required_arrays(config)
     if set(entries) != need:
         stage = {a: s for a, (_, _, s) in ARRAYS.items() if s is not None}

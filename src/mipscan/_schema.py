@@ -44,7 +44,9 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "spherical": (Bool(), False),
         "quantize_centroids": (Options((False,)), False),
         "random_init": (Bool(), True),
-        "incremental_threshold": (Options((None,)), None),
+        # Online incremental training (live index, mipscan._live): a leaf whose entries
+        # changed by more than this share of its size since it was trained is retrained.
+        "incremental_threshold": (Interval(float, 0.0, None, allow_none=True), None),
         "avq": (Options((None, False)), None),
         "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
         "overretrieve_factor": (Options((None,)), None),
@@ -61,7 +63,7 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "training_iterations": (Interval(int, 1, MAX_TRAINING_ITERATIONS), 10),
     },
     "autopilot": {
-        "mode": (Options(("NONE",)), "NONE"),
+        "mode": (Options(("NONE", "ONLINE_INCREMENTAL")), "NONE"),
         "quantize": (Options((False, "float32", "FLOAT32")), False),
     },
     "score_brute_force": {
@@ -79,6 +81,8 @@ INTERNAL = {"distance_measure", "projection", "upper_tree", "residual_quantizati
 
 #: Top-level keys of a stored configuration besides the stages.
 CONFIG_KEYS = ("n", "d", "num_neighbors", "distance_measure", "seed", "build_seconds")
+#: Optional top-level key of format version 2: the docid kind ("int" or "str").
+DOCIDS_KEY = "docids"
 
 #: Every array an index may hold: dtype, rank, and the stage that needs it (None: always).
 ARRAYS: dict[str, tuple[Any, int, str | None]] = {
@@ -90,12 +94,26 @@ ARRAYS: dict[str, tuple[Any, int, str | None]] = {
     "leaf_groups": (np.int64, 1, "score_ah"),
     "slot_rows": (np.float32, 2, "score_brute_force"),
     "reorder_rows": (np.float32, 2, "reorder"),
+    # Format version 2, an index built with docids (config["docids"] = "int" or "str"):
+    # the docid of each row; strings as UTF-8 bytes cut by n + 1 offsets (no pickle).
+    "docid_ints": (np.int64, 1, "docids=int"),
+    "docid_utf8": (np.uint8, 1, "docids=str"),
+    "docid_offsets": (np.int64, 1, "docids=str"),
 }
+
+#: The arrays the search core reads (the docid arrays are the Python layer's).
+CORE_ARRAYS = tuple(name for name in ARRAYS if not name.startswith("docid_"))
 
 
 def required_arrays(config: dict) -> set[str]:
     """The arrays an index built from ``config`` holds."""
-    return {name for name, (_, _, stage) in ARRAYS.items() if stage is None or stage in config}
+    def needed(stage):
+        if stage is None:
+            return True
+        if stage.startswith("docids="):
+            return config.get(DOCIDS_KEY) == stage.split("=", 1)[1]
+        return stage in config
+    return {name for name, (_, _, stage) in ARRAYS.items() if needed(stage)}
 
 
 def check_stage_args(call: str, stage: str, args: tuple, kwargs: dict) -> dict:
@@ -140,7 +158,7 @@ def mips_width(d: int, distance_measure: str) -> int:
     return d + 1 if distance_measure == "squared_l2" else d
 
 
-def cross_rule_errors(config: dict) -> list[tuple[str, str]]:
+def cross_rule_errors(config: dict, bounded_by_n: bool = True) -> list[tuple[str, str]]:
     """The cross-argument rules of a configuration, as (field, message) pairs for the
     rules it breaks: field is ``stage.argument`` (or ``stages``), message says what is
     allowed and what it got. Used by the builder (``build()``) and the loader."""
@@ -152,7 +170,7 @@ def cross_rule_errors(config: dict) -> list[tuple[str, str]]:
                                  f"called; got {'both' if has_ah else 'neither'}"))
     tree, ah, reorder = config.get("tree"), config.get("score_ah"), config.get("reorder")
     if tree is not None:
-        if tree["num_leaves"] > n:
+        if bounded_by_n and tree["num_leaves"] > n:
             errors.append(("tree.num_leaves",
                            f"must be an int in [1, n={n}]; got {tree['num_leaves']}"))
         if tree["num_leaves_to_search"] > tree["num_leaves"]:
@@ -171,15 +189,18 @@ def cross_rule_errors(config: dict) -> list[tuple[str, str]]:
                            f"most {MAX_AH_BLOCKS} blocks are supported (uint16 sums), so use "
                            f"dimensions_per_block >= "
                            f"{math.ceil(mips_width(d, config['distance_measure']) / MAX_AH_BLOCKS)}"))
-    if reorder is not None and reorder["reordering_num_neighbors"] > n:
+    if bounded_by_n and reorder is not None and reorder["reordering_num_neighbors"] > n:
         errors.append(("reorder.reordering_num_neighbors",
                        f"must be an int in [1, n={n}]; got {reorder['reordering_num_neighbors']}"))
     return errors
 
 
-def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> dict:
+def check_stored_config(config: dict, bad: Callable[[str, str], Exception],
+                        version: int = 1) -> dict:
     """Re-validates a stored configuration with the builder's own tables and rules;
-    ``bad(field, why)`` makes the exception to raise (the loader names the file)."""
+    ``bad(field, why)`` makes the exception to raise (the loader names the file).
+    Version 2 (a live index, compacted on write) may hold fewer points than its
+    num_neighbors, num_leaves or reorder depth (deletes shrink it)."""
     call = "load_searcher()"
 
     def field(name, rule):
@@ -192,13 +213,20 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> d
 
     n = field("n", Interval(int, 1, None))
     field("d", Interval(int, 1, None))
-    field("num_neighbors", Interval(int, 1, n))
+    field("num_neighbors", Interval(int, 1, n if version < 2 else None))
+    if DOCIDS_KEY in config:
+        if version < 2:
+            raise bad(f"config.{DOCIDS_KEY}", "docids need format version 2")
+        field(DOCIDS_KEY, Options(("int", "str")))
+    elif version >= 2:
+        raise bad("format_version", f"{version} is written for an index with docids, but "
+                                    f"config.{DOCIDS_KEY} is missing")
     field("distance_measure", Options(DISTANCE_MEASURES))
     field("seed", Interval(int, 0, None))
     seconds = field("build_seconds", Interval(float, 0.0, None))
     if not math.isfinite(seconds):
         raise bad("config.build_seconds", f"must be a finite number >= 0; got {seconds!r}")
-    unknown = set(config) - set(STAGES) - set(CONFIG_KEYS)
+    unknown = set(config) - set(STAGES) - set(CONFIG_KEYS) - {DOCIDS_KEY}
     if unknown:
         raise bad("config", f"unknown keys {sorted(unknown)}")
     for stage, table in STAGES.items():
@@ -214,7 +242,7 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> d
                 check_value(call, f"config.{stage}.{name}", params[name], rule)
             except (TypeError, ValueError) as exc:
                 raise bad(f"config.{stage}.{name}", str(exc)) from None
-    for where, message in cross_rule_errors(config):
+    for where, message in cross_rule_errors(config, bounded_by_n=version < 2):
         raise bad(f"config.{where}" if where != "stages" else "config", message)
     return config
 
@@ -342,4 +370,57 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
             return [("arrays.packed_codes.shape", f"must hold {int(want[-1])} groups of "
                                                   f"{blocks * 32} bytes (arrays.leaf_groups, "
                                                   f"arrays.codebooks); got {packed.shape[0]} bytes")]
+    return docid_errors(config, arrays)
+
+
+def docid_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """The docid arrays' rules: one docid per row (n), all distinct; string docids are
+    valid UTF-8, cut by offsets from 0 to the byte count, non-decreasing."""
+    n = int(config["n"])
+    if "docid_ints" in arrays:
+        ints = arrays["docid_ints"]
+        if ints.shape[0] != n:
+            return [("arrays.docid_ints.shape", f"must hold n={n} docids; got {ints.shape[0]}")]
+        if len(np.unique(ints)) != n:
+            u, c = np.unique(ints, return_counts=True)
+            return [("arrays.docid_ints", f"docid {int(u[np.argmax(c > 1)])} is repeated; "
+                                          "docids must be unique")]
+    if "docid_offsets" in arrays:
+        off, data = arrays["docid_offsets"], arrays["docid_utf8"]
+        if off.shape[0] != n + 1:
+            return [("arrays.docid_offsets.shape", f"must have n + 1 = {n + 1} entries; "
+                                                   f"got {off.shape[0]}")]
+        if off[0] != 0 or off[-1] != data.shape[0] or (n and np.diff(off).min() < 0):
+            return [("arrays.docid_offsets", f"must run from 0 to the byte count "
+                                             f"{data.shape[0]} of arrays.docid_utf8 without "
+                                             "decreasing")]
+        raw = bytes(np.asarray(data))
+        try:
+            strings = [raw[a:b].decode("utf-8") for a, b in zip(off[:-1].tolist(), off[1:].tolist())]
+        except UnicodeDecodeError as exc:
+            return [("arrays.docid_utf8", f"not valid UTF-8: {exc}")]
+        if len(set(strings)) != n:
+            seen = set()
+            dup = next(v for v in strings if v in seen or seen.add(v))
+            return [("arrays.docid_utf8", f"docid {dup!r} is repeated; docids must be unique")]
     return []
+
+
+def docids_to_arrays(docids: list) -> tuple[str, dict[str, np.ndarray]]:
+    """(kind, arrays) storing a docid list (ints or strings) in the version-2 arrays."""
+    if docids and isinstance(docids[0], str):
+        enc = [v.encode("utf-8") for v in docids]
+        off = np.concatenate([[0], np.cumsum([len(b) for b in enc])]).astype(np.int64)
+        return "str", {"docid_utf8": np.frombuffer(b"".join(enc), np.uint8).copy(),
+                       "docid_offsets": off}
+    return "int", {"docid_ints": np.asarray(docids, np.int64)}
+
+
+def docids_from_arrays(arrays: dict[str, np.ndarray]) -> list | None:
+    """The docid list of arrays read from a folder (removes the docid arrays), or None."""
+    if "docid_ints" in arrays:
+        return arrays.pop("docid_ints").tolist()
+    if "docid_offsets" in arrays:
+        off, data = arrays.pop("docid_offsets").tolist(), bytes(np.asarray(arrays.pop("docid_utf8")))
+        return [data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])]
+    return None

@@ -22,6 +22,7 @@ from mipscan._schema import STAGES, check_stage_args, cross_rule_errors
 from mipscan._threads import get_num_threads
 from mipscan._validation import (MAX_THREADS, Bool, as_float_array, check_distance_measure,
                                  check_int, check_value)
+from mipscan._live import SearcherConfig
 from mipscan.searcher import Searcher
 
 __all__ = ["STAGES", "ScannBuilder", "builder"]
@@ -95,13 +96,18 @@ class ScannBuilder:
     def autopilot(self, mode: str = "NONE", quantize: Any = False) -> "ScannBuilder":
         """Lets mipscan choose the stages from the data's size, as ScaNN's ``autopilot()``:
         the stages of :func:`mipscan.suggest_config` (the one policy the Keras layer and
-        the CLI use too). It must be the only stage configured; ``mode`` (incremental
-        updates) and ``quantize`` (int8/bfloat16 reorder data) accept only their "off"
-        values for now.
+        the CLI use too). It must be the only stage configured. ``mode``:
+        ``IncrementalMode.NONE`` (or "NONE") or ``ONLINE_INCREMENTAL``: the index then
+        changes method as upserts and deletes move its size across the brute-force
+        threshold (see ``Searcher.upsert``). ``quantize`` (int8/bfloat16 reorder data)
+        accepts only its "off" values for now.
         """
         if self.params:
             raise ValueError("autopilot(): must be the only stage; already configured: "
                              + ", ".join(self.params))
+        # ScaNN's enums (mipscan.scann_builder.IncrementalMode / ReorderType) by name.
+        mode = getattr(mode, "name", mode)
+        quantize = getattr(quantize, "name", quantize)
         self._set("autopilot", (mode, quantize), {})
         n, d = self.db.shape
         for stage, kwargs in suggest_config(n, d, self.num_neighbors,
@@ -129,7 +135,7 @@ class ScannBuilder:
         for where, message in cross_rule_errors(config):
             raise ValueError(f"build(): {message}" if where == "stages" else
                              f"build(): {where.replace('.', ' ', 1)} {message}")
-        return config
+        return SearcherConfig(config)
 
     def build(self, shared_name: str | None = None, docids=None, *, copy: bool = True
               ) -> Searcher:
@@ -139,8 +145,10 @@ class ScannBuilder:
             shared_name: accepted for code written for ScaNN's TensorFlow op (which uses
                 it to name a shared resource); mipscan searchers are plain Python
                 objects, so it has no effect.
-            docids: ScaNN's user ids; not supported yet (results are row numbers of
-                ``db``): anything but None raises ValueError.
+            docids: ScaNN's user ids, one per row of ``db``, all ints or all strings,
+                distinct. Searches then return docids (a numpy array: int64, or str)
+                instead of row numbers, and the searcher can be updated
+                (``upsert``, ``delete``, ``rebalance``). None: results are row numbers.
             copy: the index keeps its own copy of everything it stores (default), as
                 ScaNN does, so changing ``db`` afterwards changes nothing. ``False``
                 lets a dot-product index with ``reorder()`` keep ``db`` itself as its
@@ -152,9 +160,6 @@ class ScannBuilder:
             ValueError: the cross-stage rules (see the class docstring), or ``db``
                 changed since ``builder()`` to hold NaN/inf.
         """
-        if docids is not None:
-            raise ValueError("build(): docids are not supported by mipscan yet; results are "
-                             "row numbers of db (pass docids=None)")
         copy = check_value("build()", "copy", copy, Bool())
         config = self.create_config()
         # Checked again: the caller may have changed db since builder() checked it.
@@ -162,7 +167,7 @@ class ScannBuilder:
         t0 = time.perf_counter()
         arrays = build_arrays(db, config, self.training_threads or get_num_threads(), copy=copy)
         config["build_seconds"] = time.perf_counter() - t0
-        return Searcher(config, arrays)
+        return Searcher(config, arrays, docids=docids)
 
 
 def builder(db, num_neighbors: int, distance_measure: str) -> ScannBuilder:

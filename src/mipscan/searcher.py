@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+
 import numpy as np
 
-from mipscan import _mipscan
+from mipscan import _live, _mipscan
+from mipscan._build import build_arrays, to_mips_rows
+from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import check_state, read_index, write_index
-from mipscan._schema import ARRAYS
+from mipscan._schema import ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -21,7 +26,7 @@ __all__ = ["Searcher", "load_searcher"]
 _BLAS_LEAF_SCORES_MIN_LEAVES = 4096
 
 # The arrays the core's Index takes after the three every index has, in its order.
-_OPTIONAL = tuple(name for name, (_, _, stage) in ARRAYS.items() if stage is not None)
+_OPTIONAL = tuple(name for name in CORE_ARRAYS if ARRAYS[name][2] is not None)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -35,9 +40,19 @@ class Searcher:
     :func:`mipscan.load_searcher`; search with :meth:`search`, :meth:`search_batched` or
     :meth:`search_batched_parallel`. Thread-safe: searches may run concurrently.
 
-    Every search returns exactly ``final_num_neighbors`` results per query: when the
-    searched leaves hold fewer candidates than needed, further leaves are searched in
-    order of their centroid score until there are enough (so k <= n always gives k).
+    Every search returns ``min(final_num_neighbors, size())`` results per query: when the
+    searched leaves hold fewer (live) candidates than needed, further leaves are searched
+    in order of their centroid score until there are enough, so an index with k live
+    points always gives k; an index shrunk (or built) below k gives all it has, as ScaNN
+    does; an empty batch of queries (0, d) gives results of shape (0, k).
+
+    Built with ``docids`` (see :meth:`mipscan.builder`), searches return docids and the
+    index is live: :meth:`upsert`, :meth:`delete`, :meth:`update` and :meth:`rebalance`
+    change it while other threads search. Each update builds the next version aside
+    (copy-on-write of the leaves it touches, a new tombstone bitset) and publishes it with
+    one assignment; a search reads the current version once and uses it to the end, so
+    it sees the index before or after each update call, never a mix, and never waits
+    (updates wait for each other). Layout and ownership: ``mipscan._live``.
 
     A searcher owns its arrays and its thread count (``num_threads``, default
     :func:`mipscan.get_num_threads`; change it with :meth:`set_num_threads`). It pickles
@@ -45,29 +60,70 @@ class Searcher:
     processes; the copy answers identically.
     """
 
-    def __init__(self, config: dict, arrays: dict[str, np.ndarray], num_threads: int | None = None):
-        self.config = config
+    def __init__(self, config: dict, arrays: dict[str, np.ndarray], num_threads: int | None = None,
+                 docids=None):
+        config = _live.SearcherConfig(config)
         # Read-only views: the core checked the integer arrays' structure once, when the
         # Index was made, and trusts it from then on (offsets and ids index memory).
-        self._arrays = {name: _read_only(a) for name, a in arrays.items()}
-        arrays = self._arrays
+        arrays = {name: _read_only(a) for name, a in arrays.items()}
         self.num_threads = get_num_threads() if num_threads is None else check_int(
             "Searcher()", "num_threads", num_threads, 1, MAX_THREADS)
-        self.n = int(config["n"])
+        n = int(config["n"])
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
-        tree = config.get("tree")
-        self.num_leaves = len(arrays["centroids"])
-        self.num_leaves_to_search = min(tree["num_leaves_to_search"], self.num_leaves) if tree else 1
-        # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts, even
-        # when small partitions were merged at build time (min_partition_size); searches
-        # clamp it to the leaves built.
-        self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
-        reorder = config.get("reorder")
-        self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
-        self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-                                     *(arrays.get(k) for k in _OPTIONAL), n=self.n)
+        index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
+                               *(arrays.get(k) for k in _OPTIONAL), n=n)
+        kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
+        # Updates (upsert, delete, rebalance) take this lock; searches never do. They read
+        # self._state once and search that snapshot (see mipscan._live).
+        self._write_lock = threading.Lock()
+        self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
+                                  index=index, arrays=arrays,
+                                  **_search_shape(config, len(arrays["centroids"])))
+        self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
+
+    # State of the published snapshot (static names kept for the code that reads them).
+    @property
+    def config(self) -> "_live.SearcherConfig":
+        """The configuration (a dict: stages -> arguments); calling it, ``config()``,
+        returns ScaNN's text naming the active method (equal after serialize + load)."""
+        return self._state.config
+
+    @property
+    def n(self) -> int:
+        return self._state.n_live
+
+    # Per snapshot: an autopilot phase change or a rebalance may change them.
+    @property
+    def num_leaves(self) -> int:
+        return self._state.num_leaves
+
+    @property
+    def num_leaves_to_search(self) -> int:
+        return self._state.leaves_to_search
+
+    @property
+    def max_leaves_to_search(self) -> int:
+        """The largest ``leaves_to_search`` a search accepts: the configured num_leaves, as
+        ScaNN accepts, even where small leaves were merged at build time (searches clamp
+        it to the leaves built)."""
+        return self._state.configured_leaves
+
+    @property
+    def reordering_num_neighbors(self) -> int | None:
+        return self._state.reorder_k
+
+    @property
+    def _index(self):
+        return self._state.index
+
+    @property
+    def _arrays(self) -> dict:
+        st = self._state
+        if st.arrays is not None:
+            return st.arrays
+        return _compact(st)[1]
 
     # ---------------------------------------------------------------- properties
     @property
@@ -81,8 +137,8 @@ class Searcher:
                 f"num_leaves={self.num_leaves}, stages={stages}, index_bytes={self.index_bytes})")
 
     def size(self) -> int:
-        """Number of datapoints (as ScaNN's ``size()``)."""
-        return self.n
+        """Number of live datapoints (as ScaNN's ``size()``)."""
+        return self._state.n_live
 
     def set_num_threads(self, num_threads: int) -> None:
         """Threads of this searcher's :meth:`search_batched_parallel` (as ScaNN's
@@ -92,16 +148,19 @@ class Searcher:
 
     def __getstate__(self) -> dict:
         # Plain arrays (a memory-mapped file's pages are read into the pickle).
-        return {"config": self.config, "num_threads": self.num_threads,
-                "arrays": {k: np.asarray(v) for k, v in self._arrays.items()}}
+        config, arrays, docids = _compact(self._state)
+        return {"config": dict(config), "num_threads": self.num_threads,
+                "arrays": {k: np.asarray(v) for k, v in arrays.items()}, "docids": docids}
 
     def __setstate__(self, state: dict) -> None:
         # The loader's checks: a pickle from elsewhere gets no more trust than a folder.
-        if not isinstance(state, dict) or set(state) != {"config", "num_threads", "arrays"}:
+        if not isinstance(state, dict) or not (
+                {"config", "num_threads", "arrays"} <= set(state) <= {"config", "num_threads",
+                                                                      "arrays", "docids"}):
             raise ValueError("Searcher.__setstate__(): state must be a dict with config, "
-                             "num_threads and arrays")
+                             "num_threads, arrays and optionally docids")
         config, arrays = check_state(state["config"], state["arrays"], "Searcher.__setstate__()")
-        self.__init__(config, arrays, state["num_threads"])
+        self.__init__(config, arrays, state["num_threads"], docids=state.get("docids"))
 
     # ---------------------------------------------------------------- searching
     def search(self, q, final_num_neighbors=None, pre_reorder_num_neighbors=None,
@@ -119,7 +178,10 @@ class Searcher:
                 num_leaves_to_search).
 
         Returns:
-            SearchResult(indices (k,) uint32, distances (k,) float32), best first.
+            SearchResult(indices (k,), distances (k,) float32), best first, with k =
+            min(final_num_neighbors, size()): an index shrunk (or built) below k returns
+            the results there are, as ScaNN does. indices are uint32 rows, or, for an
+            index built with docids, the docids (int64, or str for string docids).
 
         Raises:
             TypeError: non-float q, non-int counts. ValueError: wrong shape, NaN/inf,
@@ -136,6 +198,9 @@ class Searcher:
         """Neighbours of each row of ``queries`` (nq, d), on the calling thread only.
         Arguments as :meth:`search`; returns (nq, k) arrays."""
         call = "search_batched()"
+        empty = self._empty_batch(call, queries, final_num_neighbors)
+        if empty is not None:
+            return empty
         queries = as_float_array(call, "queries", queries, 2, d=self.d)
         return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
                          leaves_to_search, threads=1)
@@ -147,35 +212,69 @@ class Searcher:
         :meth:`set_num_threads`). ``batch_size`` (an int >= 1) is how many queries get their centroid
         scores from one BLAS product; results do not depend on it."""
         call = "search_batched_parallel()"
+        empty = self._empty_batch(call, queries, final_num_neighbors)
+        if empty is not None:
+            return empty
         queries = as_float_array(call, "queries", queries, 2, d=self.d)
         batch_size = check_int(call, "batch_size", batch_size, 1, None)
         return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
                          leaves_to_search, threads=self.num_threads, batch_size=batch_size)
 
+    def _k(self, call, final_k, n) -> int:
+        k = self.num_neighbors if final_k is None else check_int(
+            call, "final_num_neighbors", final_k, 1, None)
+        return min(k, n)
+
+    def _empty_batch(self, call, queries, final_k) -> SearchResult | None:
+        """An empty batch (0, d) gets empty results (0, k), as faiss and hnswlib give."""
+        shape = getattr(queries, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] != 0 \
+                or getattr(getattr(queries, "dtype", None), "kind", None) != "f":
+            return None  # as_float_array checks (and refuses) everything else
+        if shape[1] != self.d:
+            raise ValueError(f"{call}: queries has {shape[1]} features, but the index "
+                             f"expects {self.d} features")
+        st = self._state
+        k = self._k(call, final_k, st.n_live)
+        return SearchResult(self._ids_out(st, np.zeros((0, k), np.uint32)),
+                            np.zeros((0, k), np.float32))
+
+    @staticmethod
+    def _ids_out(st, ids: np.ndarray) -> np.ndarray:
+        if st.docids is None:
+            return ids
+        out = st.docids[ids]
+        return out.astype(str) if st.docid_kind == "str" else out
+
     def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256) -> SearchResult:
-        n = self.n
-        final_k = self.num_neighbors if final_k is None else check_int(
-            call, "final_num_neighbors", final_k, 1, n, high_name="n")
-        default_pre = self.reordering_num_neighbors or final_k
+        st = self._state  # one snapshot for the whole search (mipscan._live)
+        n = st.n_live
+        final_k = self._k(call, final_k, n)
+        default_pre = st.reorder_k or final_k
         pre_k = default_pre if pre_k is None else check_int(
-            call, "pre_reorder_num_neighbors", pre_k, 1, n, high_name="n")
-        configured = self._configured_leaves
-        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, check_int(
-            call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
+            call, "pre_reorder_num_neighbors", pre_k, 1, None)
+        pre_k = max(1, min(pre_k, n))
+        leaves = st.leaves_to_search if leaves is None else min(st.num_leaves, check_int(
+            call, "leaves_to_search", leaves, 1, st.configured_leaves, high_name="num_leaves"))
+        nq = len(queries)
+        if final_k == 0:
+            return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
+                                np.zeros((nq, 0), np.float32))
         q = self._to_mips(queries)
-        nq = len(q)
-        if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
-            ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads)
+        if st.live is not None:
+            ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads)
+        elif st.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
+            ids, scores = st.index.search_batch(q, None, leaves, pre_k, final_k, threads)
         else:
             ids = np.empty((nq, final_k), np.uint32)
             scores = np.empty((nq, final_k), np.float32)
-            c = self._arrays["centroids"]
+            c = st.arrays["centroids"]
             for b in range(0, nq, batch_size):
                 qb = q[b:b + batch_size]
                 leaf_scores = np.ascontiguousarray(qb @ c.T, dtype=np.float32)
-                ids[b:b + len(qb)], scores[b:b + len(qb)] = self._index.search_batch(
+                ids[b:b + len(qb)], scores[b:b + len(qb)] = st.index.search_batch(
                     qb, leaf_scores, leaves, pre_k, final_k, threads)
-        return SearchResult(ids, self._from_mips(queries, scores))
+        return SearchResult(self._ids_out(st, ids), self._from_mips(queries, scores))
 
     def _to_mips(self, q: np.ndarray) -> np.ndarray:
         if self.distance_measure == "cosine":
@@ -200,7 +299,186 @@ class Searcher:
         listed files; anything else is refused with ValueError and left untouched. A
         symlink is followed: the folder it names is replaced and the link stays.
         """
-        write_index(directory, self.config, self._arrays)
+        config, arrays, docids = _compact(self._state)
+        write_index(directory, dict(config), arrays, docids=docids)
+
+    # ---------------------------------------------------------------- live index
+    @property
+    def docids(self):
+        """The live docids (a list, in internal row order), or None for an index built
+        without docids."""
+        st = self._state
+        if st.docids is None:
+            return None
+        if st.live is None:
+            return st.docids[:st.n_live].tolist()
+        return st.docids[_live.live_rows(st)].tolist()
+
+    def upsert(self, docids, vectors, batch_size: int = 1) -> None:
+        """Inserts or replaces datapoints, as ScaNN's ``upsert``: ``docids`` (one or a
+        list) with ``vectors`` ((m, d), or (d,) for one). An existing docid is replaced.
+
+        Atomic: searches see the index before or after the whole call, never a mix, and a
+        bad call changes nothing. New points go to their nearest leaf (and SOAR second
+        leaf), AH-encoded against the current centroids and codebooks, appended to those
+        leaves only. With ``tree(incremental_threshold=t)``, a leaf whose entries changed
+        by more than t times its size since it was trained gets its centroid moved to the
+        mean of its points and its codes re-encoded (and its tombstones dropped). With
+        ``autopilot(mode=ONLINE_INCREMENTAL)``, crossing mipscan's brute-force size
+        (``mipscan._policy.BRUTE_FORCE_BELOW``) rebuilds the index as autopilot would.
+        ``batch_size`` (an int >= 1, ScaNN's argument) does not change the result.
+
+        Raises:
+            ValueError: an index built without docids; a docid repeated in the batch;
+                docids and vectors of different lengths; NaN/inf or a wrong dimension.
+            TypeError: a docid of another type than the index's (int or str).
+        """
+        call = "upsert()"
+        check_int(call, "batch_size", batch_size, 1, None)
+        self._update(call, docids, vectors, [])
+
+    def delete(self, docids) -> None:
+        """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
+        slots are tombstoned (skipped by searches) and reclaimed by :meth:`rebalance`.
+
+        Raises:
+            KeyError: a docid not in the index (named; nothing is deleted).
+            ValueError: a docid repeated in the batch; an index built without docids.
+        """
+        self._update("delete()", [], None, docids)
+
+    def update(self, docids, vectors, delete=()) -> None:
+        """:meth:`upsert` of ``docids`` / ``vectors`` and :meth:`delete` of ``delete``
+        in one atomic call (searches see neither half alone). A docid may not be in both.
+        Raises as those two."""
+        self._update("update()", docids, vectors, delete)
+
+    @property
+    def has_docids(self) -> bool:
+        """True when searches return docids (the index was built or loaded with them)."""
+        return self._state.docids is not None
+
+    def _update(self, call, up, vectors, dels) -> None:
+        with self._write_lock:
+            st = self._state
+            up_ids = self._docid_list(call, st, up) if vectors is not None else []
+            del_ids = self._docid_list(call, st, dels)
+            rows_of = self._rows_of
+            for docid in del_ids:
+                if docid not in rows_of:
+                    raise KeyError(f"{call}: docid {docid!r} is not in the index; nothing was deleted")
+            both = set(up_ids) & set(del_ids)
+            if both:
+                raise ValueError(f"{call}: docid {next(iter(both))!r} is both upserted and deleted")
+            width = mips_width(self.d, self.distance_measure)
+            mips = np.zeros((0, width), np.float32)
+            if vectors is not None:
+                vectors = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+                if vectors.ndim == 1:
+                    vectors = vectors[None, :]
+                if len(up_ids) or vectors.size:
+                    vectors = as_float_array(call, "vectors", vectors, 2, d=self.d)
+                    if len(vectors) != len(up_ids):
+                        raise ValueError(f"{call}: got {len(up_ids)} docids but {len(vectors)} vectors")
+                    if self.distance_measure == "cosine":
+                        norms = np.einsum("ij,ij->i", vectors, vectors)
+                        if not np.all(norms > 0):
+                            raise ValueError(f"{call}: vector of docid {up_ids[int(np.argmin(norms > 0))]!r} "
+                                             "is zero; cosine needs a direction")
+                    mips = np.ascontiguousarray(to_mips_rows(vectors, self.distance_measure), np.float32)
+            if not up_ids and not del_ids:
+                return
+            if st.live is None:
+                st = _live.to_live(st, self.num_threads)
+            replaced = np.array([rows_of[i] for i in up_ids if i in rows_of], np.int64)
+            deleted = np.array([rows_of[i] for i in del_ids], np.int64)
+            base = st.num_rows
+            nxt = _live.apply(st, mips, up_ids, replaced, deleted, self.num_threads,
+                              self._incremental())
+            nxt, renumbered = self._autopilot_phase(nxt)
+            self._state = nxt  # publish
+            if renumbered:
+                self._reindex(nxt)
+            else:
+                for docid in del_ids:
+                    del rows_of[docid]
+                for i, docid in enumerate(up_ids):
+                    rows_of[docid] = base + i
+
+    def rebalance(self, config=None) -> str:
+        """Compacts and retrains, as ScaNN's ``rebalance``: a fresh build (same
+        configuration, same seed; autopilot re-chooses for the current size) on the live
+        points, which drops every tombstone and returns their memory. Searches go on
+        against the old snapshot meanwhile and never wait. Returns :meth:`config` text.
+        (An AH-only index without reorder keeps no float rows: it is retrained on the
+        decoded points, centroid + codewords.)"""
+        if config not in (None, ""):
+            raise ValueError("rebalance(): config must be None (mipscan rebuilds with the "
+                             f"searcher's own configuration); got {config!r}")
+        with self._write_lock:
+            st = self._state
+            if st.live is not None and st.n_live > 0:
+                nxt = self._rebuild(st)
+                self._state = nxt
+                self._reindex(nxt)
+            return self._state.config()
+
+    # ---------------------------------------------------------------- live helpers
+    def _incremental(self):
+        tree = self._state.config.get("tree")
+        return None if tree is None else tree.get("incremental_threshold")
+
+    def _docid_list(self, call, st, docids) -> list:
+        if st.docids is None:
+            raise ValueError(f"{call}: this searcher was built without docids; build it with "
+                             "build(docids=...) to update it")
+        if isinstance(docids, (str, int, np.integer)) and not isinstance(docids, bool):
+            docids = [docids]
+        kind, ids = _docid_values(call, docids)
+        if ids and kind != st.docid_kind:
+            raise TypeError(f"{call}: docids must be {st.docid_kind} like the index's; got "
+                            f"{type(ids[0]).__name__} {ids[0]!r}")
+        seen = set()
+        for docid in ids:
+            if docid in seen:
+                raise ValueError(f"{call}: docid {docid!r} is repeated in the batch")
+            seen.add(docid)
+        return ids
+
+    def _reindex(self, st) -> None:
+        rows = np.arange(st.n_live) if st.live is None else _live.live_rows(st)
+        self._rows_of = {v: int(r) for v, r in zip(st.docids[rows].tolist(), rows)}
+
+    def _rebuild(self, st):
+        """A static state built afresh on st's live points (same config and seed)."""
+        rows = _live.live_rows(st)
+        space = _live.space_of(st.row_data[rows], self.distance_measure, self.d)
+        config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in st.config.items()}
+        n = len(rows)
+        config["n"] = n
+        auto = config.get("autopilot")
+        if auto is not None and auto.get("mode") == "ONLINE_INCREMENTAL":
+            for stage in ("tree", "score_ah", "score_brute_force", "reorder"):
+                config.pop(stage, None)
+            for stage, kwargs in suggest_config(n, self.d, min(self.num_neighbors, n),
+                                                self.distance_measure).items():
+                config[stage] = check_stage_args(f"{stage}()", stage, (), kwargs)
+        arrays = build_arrays(np.ascontiguousarray(space, np.float32), config, self.num_threads)
+        config["build_seconds"] = st.config.get("build_seconds", 0.0)
+        fresh = Searcher(config, arrays, self.num_threads)
+        store = st.docids[rows].copy()
+        return replace(fresh._state, docids=store, docid_kind=st.docid_kind)
+
+    def _autopilot_phase(self, st):
+        """(state, renumbered): an autopilot(ONLINE_INCREMENTAL) index that crossed the
+        brute-force size is rebuilt as autopilot would build it now."""
+        auto = st.config.get("autopilot")
+        if auto is None or auto.get("mode") != "ONLINE_INCREMENTAL" or st.n_live == 0:
+            return st, False
+        want_tree = st.n_live >= BRUTE_FORCE_BELOW
+        if want_tree == ("tree" in st.config):
+            return st, False
+        return self._rebuild(st), True
 
 
 def load_searcher(directory, mmap: bool = True, verify: bool = True) -> Searcher:
@@ -226,8 +504,105 @@ def load_searcher(directory, mmap: bool = True, verify: bool = True) -> Searcher
             message names the path and the offending field.
     """
     config, arrays = read_index(directory, mmap=mmap, verify=verify)
+    docids = docids_from_arrays(arrays)
+    config.pop("docids", None)
     try:
-        return Searcher(config, arrays)
+        return Searcher(config, arrays, docids=docids)
     except ValueError as exc:  # the structural checks of the C++ index view
         raise ValueError(f"load_searcher(): {str(directory)!r}: inconsistent arrays: {exc}"
                          ) from None
+
+
+def _docid_values(call: str, docids) -> tuple[str | None, list]:
+    """(kind, list) of ScaNN docids: all ints ("int") or all strings ("str")."""
+    if isinstance(docids, np.ndarray):
+        docids = docids.tolist()
+    try:
+        ids = list(docids)
+    except TypeError:
+        raise TypeError(f"{call}: docids must be a list of ints or strings; got "
+                        f"{type(docids).__name__}") from None
+    kind = None
+    for v in ids:
+        k = ("str" if isinstance(v, str) else
+             "int" if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) else None)
+        if k is None:
+            raise TypeError(f"{call}: docids must be ints or strings; got {type(v).__name__} {v!r}")
+        if kind is not None and k != kind:
+            raise TypeError(f"{call}: docids must be all ints or all strings; got {ids[0]!r} and {v!r}")
+        kind = k
+    if kind == "int":
+        ids = [int(v) for v in ids]
+    return kind, ids
+
+
+def _docid_store(call: str, docids, n: int) -> tuple[str, np.ndarray]:
+    kind, ids = _docid_values(call, docids)
+    if len(ids) != n:
+        raise ValueError(f"{call}: docids must have one entry per row of db ({n}); got {len(ids)}")
+    if len(set(ids)) != len(ids):
+        seen = set()
+        dup = next(v for v in ids if v in seen or seen.add(v))
+        raise ValueError(f"{call}: docids must be unique; {dup!r} is repeated")
+    if kind == "int":
+        return kind, np.array(ids, np.int64)
+    store = np.empty(n, object)
+    store[:] = ids
+    return kind, store
+
+
+def _compact(st) -> tuple[dict, dict, list | None]:
+    """(config, flat arrays, docids) of a state: a static state as it is; a live one
+    compacted (tombstones dropped, rows renumbered densely in row order, codes kept)."""
+    if st.live is None:
+        docids = None if st.docids is None else st.docids[:st.n_live].tolist()
+        return st.config, st.arrays, docids
+    if st.n_live == 0:
+        raise ValueError("serialize(): the index holds no live datapoints; an empty index "
+                         "cannot be stored")
+    keep = _live.live_rows(st)
+    new_of = np.full(st.num_rows, -1, np.int64)
+    new_of[keep] = np.arange(len(keep))
+    dead = _live.dead_mask(st)
+    L = len(st.centroids)
+    nb = 0 if st.codebooks is None else st.codebooks.shape[0]
+    slot_ids, counts, packed = [], [], []
+    for leaf in range(L):
+        rows, codes = st.live.leaf(leaf)
+        alive = ~dead[rows]
+        rows = rows[alive]
+        slot_ids.append(new_of[rows])
+        counts.append(len(rows))
+        if nb:
+            unpacked = _mipscan.unpack_codes(codes, len(alive), nb)[alive]
+            packed.append(_mipscan.pack_codes(np.ascontiguousarray(unpacked)))
+    counts = np.array(counts, np.int64)
+    slot_ids = np.concatenate(slot_ids).astype(np.uint32)
+    arrays = {"centroids": np.ascontiguousarray(st.centroids),
+              "leaf_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+              "slot_ids": slot_ids}
+    rows = st.row_data[keep]
+    if nb:
+        arrays["codebooks"] = st.codebooks
+        arrays["packed_codes"] = np.concatenate(packed) if packed else np.zeros(0, np.uint8)
+        groups = (counts + 63) // 64
+        arrays["leaf_groups"] = np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)
+    else:
+        arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
+    if "reorder" in st.config:
+        arrays["reorder_rows"] = np.ascontiguousarray(rows)
+    config = _live.SearcherConfig(st.config)
+    config["n"] = len(keep)
+    return config, arrays, st.docids[keep].tolist()
+
+
+def _search_shape(config: dict, num_leaves: int) -> dict:
+    """The per-snapshot search defaults (State fields) of an index of this config."""
+    tree, reorder = config.get("tree"), config.get("reorder")
+    return {"num_leaves": num_leaves,
+            "leaves_to_search": min(tree["num_leaves_to_search"], num_leaves) if tree else 1,
+            # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts,
+            # even when small partitions were merged at build time (min_partition_size);
+            # searches clamp it to the leaves built.
+            "configured_leaves": max(num_leaves, tree["num_leaves"] if tree else 1),
+            "reorder_k": reorder["reordering_num_neighbors"] if reorder else None}

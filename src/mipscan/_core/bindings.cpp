@@ -15,6 +15,8 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
+#include <memory>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,6 +27,7 @@
 
 #include "cpu.h"
 #include "fault.h"
+#include "live.h"
 #include "lut16.h"
 #include "parallel.h"
 #include "search.h"
@@ -79,6 +82,52 @@ struct Index {
   mipscan::IndexView view;
   mipscan::ScratchCache scratch;
 };
+
+// One snapshot of a live index (live.h): its leaf segments (shared with the snapshots
+// before and after it), the search scratch (shared by all snapshots of one searcher) and
+// a view whose float arrays, tombstones and live counts belong to the Python snapshot
+// (kept alive with it by keep_alive). Immutable: an update makes a new Live.
+struct Live {
+  std::shared_ptr<const mipscan::LiveLeaves> leaves;
+  std::shared_ptr<mipscan::ScratchCache> scratch;
+  mipscan::IndexView view;
+};
+
+// The view's non-segment fields; checks what protects memory (O(num_leaves)).
+mipscan::IndexView live_view(const mipscan::LiveLeaves& lv, const In<float, 2>& centroids,
+                             const std::optional<In<float, 3>>& codebooks, const In<float, 2>& row_data,
+                             size_t num_rows, const In<uint64_t, 1>& dead, const In<uint32_t, 1>& leaf_live,
+                             bool reorder) {
+  mipscan::IndexView v;
+  v.num_leaves = centroids.shape(0);
+  v.d = centroids.shape(1);
+  require(v.num_leaves == lv.num_leaves(), "Live: centroids and leaves differ in count");
+  require(row_data.shape(1) == v.d && row_data.shape(0) >= num_rows, "Live: row_data must be (>= num_rows, d)");
+  require(dead.shape(0) * 64 >= num_rows, "Live: dead must hold num_rows bits");
+  require(leaf_live.shape(0) == v.num_leaves, "Live: leaf_live must have num_leaves entries");
+  lv.fill(v);
+  size_t live_slots = 0;
+  for (size_t l = 0; l < v.num_leaves; ++l) {
+    require(leaf_live.data()[l] <= v.leaf_sizes[l], "Live: leaf_live exceeds a leaf's size");
+    live_slots += leaf_live.data()[l];
+  }
+  v.num_slots = live_slots;
+  v.num_rows = num_rows;
+  v.centroids = centroids.data();
+  v.dead = dead.data();
+  v.leaf_live = leaf_live.data();
+  v.row_data = row_data.data();
+  if (reorder) v.reorder_rows = row_data.data();
+  if (lv.num_blocks() > 0) {
+    require(codebooks.has_value() && codebooks->shape(0) == lv.num_blocks() && codebooks->shape(1) == 16 &&
+                codebooks->shape(0) * codebooks->shape(2) >= v.d && (codebooks->shape(0) - 1) * codebooks->shape(2) < v.d,
+            "Live: codebooks do not cover d");
+    v.num_blocks = codebooks->shape(0);
+    v.dims_per_block = codebooks->shape(2);
+    v.codebooks = codebooks->data();
+  }
+  return v;
+}
 
 }  // namespace
 
@@ -343,4 +392,105 @@ NB_MODULE(_mipscan, m) {
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none());
+
+  // Live index snapshots (live.h). n (live rows) is given by the caller, who counts them;
+  // the rows of the segments and the tombstones must agree with it (Python's _live.py).
+  nb::class_<Live>(m, "Live")
+      .def_static("from_flat",
+           [](In<float, 2> centroids, std::optional<In<float, 3>> codebooks, In<float, 2> row_data, size_t num_rows,
+              In<uint64_t, 1> dead, In<uint32_t, 1> leaf_live, size_t n_live, bool reorder,
+              In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids, std::optional<In<uint8_t, 1>> packed,
+              std::optional<In<int64_t, 1>> leaf_groups) {
+             const size_t L = centroids.shape(0);
+             require(L >= 1 && leaf_offsets.shape(0) == L + 1, "Live: leaf_offsets must have num_leaves + 1 entries");
+             const int64_t* off = leaf_offsets.data();
+             require(off[0] == 0 && off[L] == int64_t(slot_ids.shape(0)), "Live: leaf_offsets must run from 0 to the slot count");
+             for (size_t l = 0; l < L; ++l) require(off[l] <= off[l + 1], "Live: leaf_offsets must not decrease");
+             for (size_t i = 0; i < slot_ids.shape(0); ++i) require(slot_ids.data()[i] < num_rows, "Live: slot_ids out of range");
+             size_t nb_ = 0;
+             if (packed) {
+               require(codebooks && leaf_groups && leaf_groups->shape(0) == L + 1, "Live: AH needs codebooks and leaf_groups");
+               nb_ = codebooks->shape(0);
+               const int64_t* g = leaf_groups->data();
+               require(g[0] == 0, "Live: leaf_groups must start at 0");
+               for (size_t l = 0; l < L; ++l)
+                 require(g[l + 1] - g[l] == int64_t(mipscan::num_groups(size_t(off[l + 1] - off[l]))), "Live: leaf_groups do not match leaf sizes");
+               require(size_t(g[L]) * mipscan::group_bytes(nb_) == packed->shape(0), "Live: packed_codes size does not match leaf_groups");
+             }
+             auto lv = std::make_shared<const mipscan::LiveLeaves>(L, nb_, off, slot_ids.data(),
+                                                                   packed ? packed->data() : nullptr,
+                                                                   leaf_groups ? leaf_groups->data() : nullptr);
+             Live out{lv, std::make_shared<mipscan::ScratchCache>(), {}};
+             out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
+             out.view.n = n_live;
+             return out;
+           },
+           "centroids"_a.noconvert(), "codebooks"_a.noconvert().none(), "row_data"_a.noconvert(), "num_rows"_a,
+           "dead"_a.noconvert(), "leaf_live"_a.noconvert(), "n_live"_a, "reorder"_a, "leaf_offsets"_a.noconvert(),
+           "slot_ids"_a.noconvert(), "packed_codes"_a.noconvert().none(), "leaf_groups"_a.noconvert().none(),
+           nb::keep_alive<0, 1>(), nb::keep_alive<0, 2>(), nb::keep_alive<0, 3>(), nb::keep_alive<0, 5>(),
+           nb::keep_alive<0, 6>())
+      .def("derive",
+           [](const Live& base, In<float, 2> centroids, std::optional<In<float, 3>> codebooks, In<float, 2> row_data,
+              size_t num_rows, In<uint64_t, 1> dead, In<uint32_t, 1> leaf_live, size_t n_live, bool reorder,
+              In<int64_t, 1> reset, In<int64_t, 1> leaves, In<uint32_t, 1> rows, std::optional<In<uint8_t, 2>> codes) {
+             const size_t L = base.leaves->num_leaves(), m_ = leaves.shape(0), nb_ = base.leaves->num_blocks();
+             require(rows.shape(0) == m_, "Live.derive: leaves and rows differ in length");
+             require(nb_ == 0 || (codes && codes->shape(0) == m_ && codes->shape(1) == nb_), "Live.derive: codes must be (m, num_blocks)");
+             for (size_t i = 0; i < m_; ++i)
+               require(leaves.data()[i] >= 0 && size_t(leaves.data()[i]) < L && rows.data()[i] < num_rows, "Live.derive: leaf or row out of range");
+             for (size_t i = 0; i < reset.shape(0); ++i)
+               require(reset.data()[i] >= 0 && size_t(reset.data()[i]) < L, "Live.derive: reset leaf out of range");
+             std::shared_ptr<const mipscan::LiveLeaves> lv;
+             {
+               nb::gil_scoped_release release;  // searches go on meanwhile: nothing they see changes
+               lv = std::make_shared<const mipscan::LiveLeaves>(*base.leaves, reset.shape(0), reset.data(), m_, leaves.data(),
+                                                                rows.data(), nb_ ? codes->data() : nullptr);
+             }
+             Live out{lv, base.scratch, {}};
+             out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
+             out.view.n = n_live;
+             return out;
+           },
+           "centroids"_a.noconvert(), "codebooks"_a.noconvert().none(), "row_data"_a.noconvert(), "num_rows"_a,
+           "dead"_a.noconvert(), "leaf_live"_a.noconvert(), "n_live"_a, "reorder"_a, "reset"_a.noconvert(),
+           "leaves"_a.noconvert(), "rows"_a.noconvert(), "codes"_a.noconvert().none(),
+           nb::keep_alive<0, 2>(), nb::keep_alive<0, 3>(), nb::keep_alive<0, 4>(), nb::keep_alive<0, 6>(),
+           nb::keep_alive<0, 7>())
+      .def_prop_ro("n", [](const Live& lv) { return lv.view.n; })
+      .def_prop_ro("num_leaves", [](const Live& lv) { return lv.view.num_leaves; })
+      // Leaf l's entries: (rows, packed codes), copies.
+      .def("leaf", [](const Live& lv, size_t l) {
+        require(l < lv.view.num_leaves, "Live.leaf: leaf out of range");
+        const mipscan::LiveSegment& seg = lv.leaves->segment(l);
+        auto rows = new_array<uint32_t>(seg.rows.size());
+        std::copy(seg.rows.begin(), seg.rows.end(), rows.data());
+        auto codes = new_array<uint8_t>(seg.codes.size());
+        std::copy(seg.codes.begin(), seg.codes.end(), codes.data());
+        return std::make_pair(rows, codes);
+      })
+      .def("search_batch",
+           [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads) {
+             const auto& v = lv.view;
+             const size_t nq = queries.shape(0);
+             require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
+             require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, live rows]");
+             require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
+             require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
+             require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
+                     "search_batch: leaf_scores must be (nq, num_leaves)");
+             auto ids = new_array<uint32_t>(nq, final_k);
+             auto scores = new_array<float>(nq, final_k);
+             {
+               nb::gil_scoped_release release;
+               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
+               mipscan::search_batch(v, *lv.scratch, mipscan::kernels(), queries.data(), nq,
+                                     leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
+                                     ids.data(), scores.data());
+             }
+             return std::make_pair(ids, scores);
+           },
+           "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a);
 }

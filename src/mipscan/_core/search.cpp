@@ -351,6 +351,87 @@ void scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const 
   }
 }
 
+// ---- Live index (IndexView's live fields, live.h): leaves are segments, candidates are
+// rows, and dead rows are skipped where candidates are offered (the result handling, not
+// the scan kernels), so a tombstoned entry never takes a slot.
+inline bool is_dead(const IndexView& ix, uint32_t row) {
+  return ((ix.dead[row >> 6] >> (row & 63)) & 1u) != 0;
+}
+
+inline uint32_t row_of(const IndexView& ix, uint32_t id) {
+  return ix.leaf_rows != nullptr ? id : ix.slot_ids[id];
+}
+
+void scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                       const QuantLut& ql, Scratch& s, TopKBuffer& top) {
+  const size_t bytes = group_bytes(ix.num_blocks);
+  const size_t count = ix.leaf_sizes[leaf];
+  if (ix.leaf_live[leaf] == 0) return;
+  const size_t groups = num_groups(count);
+  if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
+    grow(s.sums, groups * kGroup);
+    grow(s.masks, groups);
+  }
+  // As scan_leaf_ah (same integer cut, same chunking), offering rows.
+  constexpr size_t kChunk = 32;
+  auto current_cut = [&]() -> uint16_t {
+    const float thr = top.threshold();
+    if (!(thr > -INFINITY) || ql.scale <= 0) return 0;
+    const double c = std::floor(double(thr - base) * ql.scale) + 1.0;
+    return !(c > 0) ? 0 : (c >= 65535 ? 65535 : static_cast<uint16_t>(c));
+  };
+  const uint8_t* codes = ix.leaf_codes[leaf];
+  const uint32_t* rows = ix.leaf_rows[leaf];
+  uint16_t* sums = s.sums.data();
+  for (size_t c0 = 0, c1 = 0; c0 < groups; c0 = c1) {
+    c1 = std::min(groups, c0 + (top.threshold() > -INFINITY ? kChunk : 1));
+    uint16_t cut = current_cut();
+    kn.scan_lut16(codes + c0 * bytes, c1 - c0, ix.num_blocks, s.lut_u8.data(), cut,
+                  sums + c0 * kGroup, s.masks.data() + c0);
+    for (size_t g = c0; g < c1; ++g) {
+      uint64_t m = s.masks[g];
+      while (m != 0) {
+        const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
+        m &= m - 1;
+        if (i >= count) break;
+        if (sums[i] < cut || is_dead(ix, rows[i])) continue;
+        if (top.push(base + static_cast<float>(sums[i]) * ql.inv_scale, rows[i])) {
+          cut = current_cut();
+        }
+      }
+    }
+  }
+}
+
+void scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                             TopKBuffer& top) {
+  const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
+  const size_t count = ix.leaf_sizes[leaf];
+  const uint8_t* codes = ix.leaf_codes[leaf];
+  const uint32_t* rows = ix.leaf_rows[leaf];
+  const float* lut = s.lut_f.data();
+  for (size_t i = 0; i < count; ++i) {
+    if (is_dead(ix, rows[i])) continue;
+    const uint8_t* grp = codes + (i / kGroup) * bytes;
+    double sum = 0;
+    for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
+    const float v = static_cast<float>(base + sum);
+    if (v > top.threshold()) top.push(v, rows[i]);
+  }
+}
+
+void scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                          TopKBuffer& top) {
+  const size_t count = ix.leaf_sizes[leaf];
+  const uint32_t* rows = ix.leaf_rows[leaf];
+  for (size_t i = 0; i < count; ++i) {
+    const uint32_t row = rows[i];
+    if (is_dead(ix, row)) continue;
+    const float v = kn.dot(q, ix.row_data + size_t{row} * ix.d, ix.d);
+    if (v > top.threshold()) top.push(v, row);
+  }
+}
+
 // Spilled indexes hold a datapoint in two leaves, so the candidates (slots) may name a
 // row twice. Keeps each row once, with its best approximate score: rows[0, u) and
 // row_scores[0, u); returns u. Open addressing on the row id, sized to the candidates.
@@ -362,7 +443,7 @@ size_t unique_rows(const IndexView& ix, const TopKBuffer& cand, size_t nc, Scrat
   grow_fill(s.hash, cap, 0u);  // 0 = empty, else position + 1 in rows
   size_t u = 0;
   for (size_t i = 0; i < nc; ++i) {
-    const uint32_t row = ix.slot_ids[cand.id(i)];
+    const uint32_t row = row_of(ix, cand.id(i));
     const float v = cand.score(i);
     size_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> 40;
     for (;; ++h) {
@@ -422,7 +503,9 @@ size_t complete_result(const IndexView& ix, size_t k, size_t nf, size_t nr, Scra
   for (size_t i = 0; i < nr && nf < k; ++i) {
     if (insert(s.rows[i])) out_ids[nf++] = s.rows[i];
   }
-  for (size_t row = 0; row < ix.n && nf < k; ++row) {
+  const bool live = ix.leaf_rows != nullptr;
+  for (size_t row = 0; row < (live ? ix.num_rows : ix.n) && nf < k; ++row) {
+    if (live && is_dead(ix, static_cast<uint32_t>(row))) continue;
     if (insert(static_cast<uint32_t>(row))) out_ids[nf++] = static_cast<uint32_t>(row);
   }
   std::sort(out_ids + start, out_ids + nf);
@@ -436,7 +519,7 @@ size_t complete_result(const IndexView& ix, size_t k, size_t nf, size_t nr, Scra
 // buffer once it is warm.
 void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
   if (s.rows.capacity() >= keep && s.leaf_edge.capacity() >= ix.num_leaves &&
-      (ix.packed_codes == nullptr || s.masks.capacity() >= num_groups(ix.max_leaf_size))) {
+      (ix.num_blocks == 0 || s.masks.capacity() >= num_groups(ix.max_leaf_size))) {
     return;
   }
   fault::alloc();
@@ -450,7 +533,7 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
     s.hash.reserve(cap);
     s.pairs.reserve(keep);
   }
-  if (ix.packed_codes != nullptr) {
+  if (ix.num_blocks != 0) {
     s.sums.reserve(num_groups(ix.max_leaf_size) * kGroup);
     s.masks.reserve(num_groups(ix.max_leaf_size));
   }
@@ -473,7 +556,8 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   TopKBuffer& cand = s.candidates;
   cand.reset(keep);
   QuantLut ql;
-  const bool ah = ix.packed_codes != nullptr;
+  const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
+  const bool live = ix.leaf_rows != nullptr;
   if (ah) ql = build_lut(ix, q, s);
   size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
@@ -482,6 +566,19 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
       sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
+    if (live) {  // widening counts live entries only: k live rows give k results
+      const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+      if (!ah) {
+        scan_leaf_float_live(ix, kn, leaf, q, cand);
+      } else if (ql.exact) {
+        scan_leaf_ah_exact_live(ix, leaf, base, s, cand);
+      } else {
+        scan_leaf_ah_live(ix, kn, leaf, base, ql, s, cand);
+      }
+      seen += ix.leaf_live[leaf];
+      if (r + 1 >= first && seen >= keep) break;
+      continue;
+    }
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
     // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
     // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
@@ -509,7 +606,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     grow(s.rows, nc);
     grow(s.row_scores, nc);
     for (size_t i = 0; i < nc; ++i) {
-      s.rows[i] = ix.slot_ids[cand.id(i)];
+      s.rows[i] = row_of(ix, cand.id(i));
       s.row_scores[i] = cand.score(i);
     }
   }

@@ -49,6 +49,23 @@ struct IndexView {
   const float* slot_rows = nullptr;
   // Exact reorder: n * d, datapoint-row order (nullptr: no reorder).
   const float* reorder_rows = nullptr;
+
+  // Live index (live.h), set when leaf_rows != nullptr; a static index leaves these null
+  // and pays one predictable branch per offered candidate. Leaf l is then a segment of
+  // leaf_sizes[l] entries: its packed codes (AH, groups of 64 as lut16.h) at
+  // leaf_codes[l], the row of each entry at leaf_rows[l][i], and leaf_live[l] of them
+  // live. Candidates are rows (not slots; slot_ids and leaf_offsets / leaf_groups are
+  // unused); a row whose bit is set in dead (num_rows bits) is skipped where candidates
+  // are offered, so it never takes a slot. n is the live row count, num_slots the live
+  // entry count (> n when spilled), num_rows the row space (rows < num_rows, dead or
+  // not). Float scoring (score_brute_force) reads row_data (num_rows * d).
+  const uint8_t* const* leaf_codes = nullptr;
+  const uint32_t* const* leaf_rows = nullptr;
+  const uint32_t* leaf_sizes = nullptr;
+  const uint32_t* leaf_live = nullptr;
+  const uint64_t* dead = nullptr;
+  const float* row_data = nullptr;
+  size_t num_rows = 0;
 };
 
 struct SearchParams {

@@ -587,7 +587,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             "final_num_neighbors": _int_field(body, "k", 1, k_high,
                                               "index size" if size <= limits.max_k else "max_k",
                                               default=min(s.num_neighbors, k_high)),
-            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.num_leaves,
+            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.max_leaves_to_search,
                                            "num_leaves"),
             "pre_reorder_num_neighbors": _int_field(body, "pre_reorder_num_neighbors", 1,
                                                     size, "index size"),
