@@ -122,3 +122,28 @@ def test_anisotropic_codes_match_the_reference(rng, dpb, threshold):
     got = _mipscan.encode_anisotropic(residuals, rows, books, threshold, nb * dpb, 10, 2)
     want = anisotropic_reference(residuals, rows, books, threshold, nb * dpb, 10)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("level", _mipscan.simd_levels())
+def test_fused_assignment_step_equals_numpy_argmax(level):
+    # assign_nearest's argmax(s - h) in one pass must give numpy's labels exactly: float32
+    # subtraction, the first maximum on ties, the first NaN, all -inf -> 0.
+    rng = np.random.default_rng(7)
+    for trial in range(120):
+        m, k = int(rng.integers(1, 40)), int(rng.integers(1, 70))
+        s = rng.normal(size=(m, k)).astype(np.float32)
+        h = rng.normal(size=k).astype(np.float32)
+        if trial % 3 == 0:
+            s, h = np.round(s), np.round(h)  # ties
+        if trial % 5 == 0:
+            s[rng.random(s.shape) < 0.05] = np.nan
+        if trial % 7 == 0:
+            s[rng.random(s.shape) < 0.4] = -np.inf
+        if trial % 11 == 0:
+            s[:] = -np.inf
+        if trial % 13 == 0:
+            s[rng.random(s.shape) < 0.3] = np.inf
+            h[rng.random(k) < 0.2] = np.inf
+        with np.errstate(invalid="ignore"):
+            ref = np.argmax(s - h, axis=1)
+        np.testing.assert_array_equal(_mipscan.argmax_shifted(s, h, level), ref)

@@ -287,6 +287,18 @@ NB_MODULE(_mipscan, m) {
     return std::make_pair(sums, counts);
   }, "x"_a.noconvert(), "labels"_a.noconvert(), "k"_a);
 
+  // argmax(s - h, axis=1) in one pass (k-means assignment); level None: the loaded one.
+  m.def("argmax_shifted", [](In<float, 2> s, In<float, 1> h, std::optional<std::string> level) {
+    const size_t m_ = s.shape(0), k = s.shape(1);
+    require(k >= 1 && h.shape(0) == k, "argmax_shifted: h must have one entry per column");
+    const mipscan::ArgmaxShiftedFn fn =
+        level ? kernels_at(*level, "argmax_shifted").argmax_shifted : mipscan::kernels().argmax_shifted;
+    auto out = new_array<int64_t>(m_);
+    nb::gil_scoped_release release;
+    fn(s.data(), m_, k, h.data(), out.data());
+    return out;
+  }, "s"_a.noconvert(), "h"_a.noconvert(), "level"_a = nb::none());
+
   nb::class_<Index>(m, "Index")
       .def("__init__",
            [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,

@@ -29,6 +29,7 @@ struct Kernels {
   ScanLut16Fn scan_lut16;
   DotFn dot;
   DotsFn dots;
+  ArgmaxShiftedFn argmax_shifted;
 };
 
 // The kernels chosen at module load.

@@ -52,6 +52,25 @@ void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
   }
 }
 
+void argmax_shifted_scalar(const float* s, size_t m, size_t k, const float* h, int64_t* out) {
+  for (size_t i = 0; i < m; ++i) {
+    const float* r = s + i * k;
+    size_t best = 0;
+    float bv = r[0] - h[0];
+    if (bv == bv) {
+      for (size_t j = 1; j < k; ++j) {
+        const float v = r[j] - h[j];
+        if (v != v) {  // NaN: numpy's argmax returns the first one
+          best = j;
+          break;
+        }
+        if (v > bv) bv = v, best = j;
+      }
+    }
+    out[i] = static_cast<int64_t>(best);
+  }
+}
+
 float dot_scalar(const float* a, const float* b, size_t d) {
   float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (size_t j = 0; j < d; ++j) l[j % 8] += a[j] * b[j];

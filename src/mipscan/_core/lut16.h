@@ -74,6 +74,15 @@ void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
 #endif
 
+// k-means assignment step: out[i] = the first j < k maximising s[i * k + j] - h[j] (float
+// subtraction), or the first j where that is NaN: numpy's argmax(s - h, axis=1), without
+// writing s - h. s: m * k scores (rows . centroids), h: k half squared norms.
+using ArgmaxShiftedFn = void (*)(const float* s, size_t m, size_t k, const float* h, int64_t* out);
+void argmax_shifted_scalar(const float* s, size_t m, size_t k, const float* h, int64_t* out);
+#if MIPSCAN_HAVE_AVX512
+void argmax_shifted_avx512(const float* s, size_t m, size_t k, const float* h, int64_t* out);
+#endif
+
 // Float inner product, also one kernel per ISA with identical results: eight running
 // sums (lane j % 8 takes a[j] * b[j], multiply then add, never fused), reduced as
 // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).

@@ -234,4 +234,46 @@ void dots_avx512(const float* qs, size_t nq, const float* rows, size_t m, size_t
   for (; i < nq; ++i) dots_queries<1>(qs, i, rows, m, d, out);
 }
 
+void argmax_shifted_avx512(const float* s, size_t m, size_t k, const float* h, int64_t* out) {
+  // Per lane, the first maximum of its columns (strictly greater replaces); then the
+  // row's maximum and, among lanes holding it, the smallest column: the first maximum.
+  // A row with a NaN takes the scalar kernel (numpy's answer: the first NaN).
+  const __m512i step = _mm512_set1_epi32(16);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_huge_valf());
+  for (size_t i = 0; i < m; ++i) {
+    const float* r = s + i * k;
+    __m512 best = neg_inf;
+    __m512i at = lane, col = lane;
+    __mmask16 nan = 0;
+    size_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+      const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(r + j), _mm512_loadu_ps(h + j));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+      best = _mm512_mask_mov_ps(best, gt, v);
+      at = _mm512_mask_mov_epi32(at, gt, col);
+      col = _mm512_add_epi32(col, step);
+    }
+    if (j < k) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (k - j)) - 1);
+      const __m512 v = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, r + j),
+                                           _mm512_maskz_loadu_ps(tail, h + j));
+      nan |= _mm512_mask_cmp_ps_mask(tail, v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(tail, v, best, _CMP_GT_OQ);
+      best = _mm512_mask_mov_ps(best, gt, v);
+      at = _mm512_mask_mov_epi32(at, gt, col);
+    }
+    if (nan != 0) {
+      argmax_shifted_scalar(r, 1, k, h, out + i);
+      continue;
+    }
+    // A lane that never beat -inf keeps at = its lane number, maybe >= k; it ties for the
+    // maximum only when every value is -inf, and lane 0 (column 0, numpy's answer) wins then.
+    const float mx = _mm512_reduce_max_ps(best);
+    const __mmask16 is_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+    out[i] = static_cast<int64_t>(_mm512_mask_reduce_min_epi32(is_max, at));
+  }
+}
+
 }  // namespace mipscan
