@@ -45,6 +45,8 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint32_t> hash;
   std::vector<std::pair<float, uint32_t>> pairs;
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
+  std::vector<uint64_t> allow;  // filtered search: eligible entries of a leaf, per 64-group
+  std::vector<uint64_t> qbits;  // filtered search: a query's list as a bitset (kept all 0)
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -53,6 +55,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
+           b(allow) + b(qbits) +
            candidates.bytes() + final_.bytes();
   }
 };
@@ -236,13 +239,60 @@ void sort_remaining_leaves(size_t first, Scratch& s) {
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
 }
 
-void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                  const QuantLut& ql, Scratch& s, TopKBuffer& top) {
+inline bool bit_set(const uint64_t* bits, uint32_t row) {
+  return ((bits[row >> 6] >> (row & 63)) & 1u) != 0;
+}
+
+inline bool is_dead(const IndexView& ix, uint32_t row) { return bit_set(ix.dead, row); }
+
+// One query's filter (FilterSpec, resolved): a row may enter when allowed by `allow` (null:
+// all) and not named by `deny` (null: none). Dead rows are the live layout's business.
+struct QueryFilter {
+  const uint64_t* allow = nullptr;
+  const uint64_t* deny = nullptr;
+  bool ok(uint32_t row) const {
+    return (allow == nullptr || bit_set(allow, row)) && (deny == nullptr || !bit_set(deny, row));
+  }
+};
+
+// The result handler's half of filtering: per group of kGroup entries of a leaf, the mask
+// of its eligible entries (allowed, and live in a live index); returns how many there are.
+// The scan's candidate masks are ANDed with these, so an ineligible entry is never offered.
+template <class RowAt>
+size_t allow_masks(const IndexView& ix, const QueryFilter& f, size_t count, RowAt row_at,
+                   Scratch& s) {
+  const size_t groups = num_groups(count);
+  if (s.allow.size() < groups) grow(s.allow, groups);
+  const bool live = ix.dead != nullptr;
+  size_t total = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const size_t lim = std::min(kGroup, count - g * kGroup);
+    uint64_t m = 0;
+    for (size_t j = 0; j < lim; ++j) {
+      const uint32_t row = row_at(g * kGroup + j);
+      if (f.ok(row) && !(live && is_dead(ix, row))) m |= uint64_t{1} << j;
+    }
+    s.allow[g] = m;
+    total += popcount64(m);
+  }
+  return total;
+}
+
+// Scans return the number of eligible entries of the leaf when kF (filtered), else 0.
+template <bool kF>
+size_t scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                  const QuantLut& ql, Scratch& s, TopKBuffer& top, const QueryFilter& f) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
-  if (count == 0) return;
+  if (count == 0) return 0;
+  size_t eligible = 0;
+  if constexpr (kF) {
+    const uint32_t* ids = ix.slot_ids + slot0;
+    eligible = allow_masks(ix, f, count, [ids](size_t i) { return ids[i]; }, s);
+    if (eligible == 0) return 0;
+  }
   const size_t groups = static_cast<size_t>(g1 - g0);
   if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
@@ -272,6 +322,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
                   sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
+      if constexpr (kF) m &= s.allow[g];
       while (m != 0) {
         const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
         m &= m - 1;
@@ -284,6 +335,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
       }
     }
   }
+  return eligible;
 }
 
 // The first leaf searched, when it alone holds more than k points: instead of offering
@@ -326,47 +378,64 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
 
 // Indexes with more than kMaxLut16Blocks blocks (lut16.h): each point's score exactly,
 // base + the sum (in double, block order) of its codewords' dot products with the query.
-void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
-                        TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                        TopKBuffer& top, const QueryFilter& f) {
   const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   const uint8_t* codes = ix.packed_codes + static_cast<size_t>(ix.leaf_groups[leaf]) * bytes;
   const float* lut = s.lut_f.data();
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
+    if constexpr (kF) {
+      if (!f.ok(ix.slot_ids[slot0 + static_cast<int64_t>(i)])) continue;
+      ++eligible;
+    }
     const uint8_t* grp = codes + (i / kGroup) * bytes;
     double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
   }
+  return eligible;
 }
 
-void scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
-                     TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                     TopKBuffer& top, const QueryFilter& f) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
+  size_t eligible = 0;
   for (int64_t slot = a; slot < b; ++slot) {
+    if constexpr (kF) {
+      if (!f.ok(ix.slot_ids[slot])) continue;
+      ++eligible;
+    }
     const float v = kn.dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
   }
+  return eligible;
 }
 
 // ---- Live index (IndexView's live fields, live.h): leaves are segments, candidates are
 // rows, and dead rows are skipped where candidates are offered (the result handling, not
 // the scan kernels), so a tombstoned entry never takes a slot.
-inline bool is_dead(const IndexView& ix, uint32_t row) {
-  return ((ix.dead[row >> 6] >> (row & 63)) & 1u) != 0;
-}
-
 inline uint32_t row_of(const IndexView& ix, uint32_t id) {
   return ix.leaf_rows != nullptr ? id : ix.slot_ids[id];
 }
 
-void scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                       const QuantLut& ql, Scratch& s, TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                       const QuantLut& ql, Scratch& s, TopKBuffer& top, const QueryFilter& f) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const size_t count = ix.leaf_sizes[leaf];
-  if (ix.leaf_live[leaf] == 0) return;
+  if (ix.leaf_live[leaf] == 0) return 0;
+  size_t eligible = 0;
+  if constexpr (kF) {
+    const uint32_t* lrows = ix.leaf_rows[leaf];
+    eligible = allow_masks(ix, f, count, [lrows](size_t i) { return lrows[i]; }, s);
+    if (eligible == 0) return 0;
+  }
   const size_t groups = num_groups(count);
   if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
@@ -390,46 +459,62 @@ void scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, floa
                   sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
+      if constexpr (kF) m &= s.allow[g];  // eligible: allowed and live
       while (m != 0) {
         const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
         m &= m - 1;
         if (i >= count) break;
-        if (sums[i] < cut || is_dead(ix, rows[i])) continue;
+        if (sums[i] < cut || (!kF && is_dead(ix, rows[i]))) continue;
         if (top.push(base + static_cast<float>(sums[i]) * ql.inv_scale, rows[i])) {
           cut = current_cut();
         }
       }
     }
   }
+  return eligible;
 }
 
-void scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, const Scratch& s,
-                             TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                             TopKBuffer& top, const QueryFilter& f) {
   const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
   const size_t count = ix.leaf_sizes[leaf];
   const uint8_t* codes = ix.leaf_codes[leaf];
   const uint32_t* rows = ix.leaf_rows[leaf];
   const float* lut = s.lut_f.data();
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
     if (is_dead(ix, rows[i])) continue;
+    if constexpr (kF) {
+      if (!f.ok(rows[i])) continue;
+      ++eligible;
+    }
     const uint8_t* grp = codes + (i / kGroup) * bytes;
     double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
     if (v > top.threshold()) top.push(v, rows[i]);
   }
+  return eligible;
 }
 
-void scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
-                          TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                          TopKBuffer& top, const QueryFilter& f) {
   const size_t count = ix.leaf_sizes[leaf];
   const uint32_t* rows = ix.leaf_rows[leaf];
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
     const uint32_t row = rows[i];
     if (is_dead(ix, row)) continue;
+    if constexpr (kF) {
+      if (!f.ok(row)) continue;
+      ++eligible;
+    }
     const float v = kn.dot(q, ix.row_data + size_t{row} * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, row);
   }
+  return eligible;
 }
 
 // Spilled indexes hold a datapoint in two leaves, so the candidates (slots) may name a
@@ -539,17 +624,44 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
   }
 }
 
-void search_one(const IndexView& ix, const Kernels& kn, const float* q,
+// A filtered query's plan for search_one<true>: its filter, its eligible row count.
+struct QueryPlan {
+  QueryFilter f;
+  size_t eligible = 0;
+  float leaf_exponent = 0.5f;
+};
+
+// Returns the results written: final_k, or (filtered) min(final_k, eligible rows).
+template <bool kF>
+size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
-                uint32_t* out_ids, float* out_scores) {
+                uint32_t* out_ids, float* out_scores, const QueryPlan* plan) {
   const bool reorder = ix.reorder_rows != nullptr;
+  // Rows that may be returned: all (n) or the eligible ones.
+  const size_t avail = kF ? std::min(ix.n, plan->eligible) : ix.n;
+  if (kF && avail == 0) return 0;
+  const size_t final_k = std::min(p.final_k, avail);
   // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
-  const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
+  const size_t cand_k = std::min(avail, reorder ? std::max(p.pre_reorder_k, final_k) : final_k);
   const bool spilled = ix.num_slots > ix.n;
   const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
-  const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  size_t need = keep;  // entries to have offered before stopping (eligible ones if kF)
+  QueryFilter f;
+  if constexpr (kF) {
+    // FilterSpec::leaf_exponent: more leaves the fewer rows are eligible, and at least the
+    // share of the eligible set that an unfiltered search covers of the whole.
+    f = plan->f;
+    const double frac = static_cast<double>(avail) / static_cast<double>(ix.n);
+    const double scaled = std::ceil(static_cast<double>(first) *
+                                    std::pow(frac, -static_cast<double>(plan->leaf_exponent)));
+    first = !(scaled < static_cast<double>(L)) ? L : std::max(first, static_cast<size_t>(scaled));
+    const double cover = std::ceil(static_cast<double>(avail) * static_cast<double>(p.leaves_to_search) /
+                                   static_cast<double>(L));
+    need = std::max(keep, static_cast<size_t>(cover));
+  }
   reserve_for(ix, keep, s);
   select_leaves(ix, kn, q, precomputed, first, s);
 
@@ -562,21 +674,22 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
-      if (seen >= keep) break;
+      if (seen >= need) break;
       sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
-    if (live) {  // widening counts live entries only: k live rows give k results
+    if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
       const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+      size_t e;
       if (!ah) {
-        scan_leaf_float_live(ix, kn, leaf, q, cand);
+        e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
       } else if (ql.exact) {
-        scan_leaf_ah_exact_live(ix, leaf, base, s, cand);
+        e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
       } else {
-        scan_leaf_ah_live(ix, kn, leaf, base, ql, s, cand);
+        e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
       }
-      seen += ix.leaf_live[leaf];
-      if (r + 1 >= first && seen >= keep) break;
+      seen += kF ? e : ix.leaf_live[leaf];
+      if (r + 1 >= first && seen >= need) break;
       continue;
     }
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
@@ -585,17 +698,18 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
     // below, push only scores above the threshold, which NaN never is.
     const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+    size_t e = 0;
     if (!ah) {
-      scan_leaf_float(ix, kn, leaf, q, cand);
+      e = scan_leaf_float<kF>(ix, kn, leaf, q, cand, f);
     } else if (ql.exact) {
-      scan_leaf_ah_exact(ix, leaf, base, s, cand);
-    } else if (r == 0 && size > keep && ql.scale > 0) {
+      e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
+    } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
       scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     } else {
-      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand);
+      e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
     }
-    seen += size;
-    if (r + 1 >= first && seen >= keep) break;
+    seen += kF ? e : size;
+    if (r + 1 >= first && seen >= need) break;
   }
   const size_t nc = cand.finish_unsorted();
   size_t nr = nc;  // candidate rows: s.rows / s.row_scores
@@ -612,7 +726,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   }
 
   TopKBuffer& fin = s.final_;
-  fin.reset(p.final_k);
+  fin.reset(final_k);
   if (reorder) {
     // The reorder rows are random accesses: request every row first, so that many cache
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
@@ -639,7 +753,53 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     out_ids[i] = fin.id(i);
     out_scores[i] = fin.score(i);
   }
-  if (nf < p.final_k) complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
+  if (!kF && nf < p.final_k) return complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
+  return nf;
+}
+
+// The exact plan: every eligible row scored exactly against rows (num_rows * d, row
+// order), the best final_k kept. Eligible: the allow list's rows (list, when given and
+// not excluding) that pass `allow`; otherwise the rows of the row space passing allow and
+// deny. Dead rows never.
+size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, const float* rows,
+                    const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
+                    size_t list_n, size_t final_k, Scratch& s, uint32_t* out_ids,
+                    float* out_scores) {
+  if (final_k == 0) return 0;
+  TopKBuffer& fin = s.final_;
+  fin.reset(final_k);
+  const size_t d = ix.d;
+  const uint64_t* dead = ix.dead;
+  if (list != nullptr) {
+    constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
+    for (size_t i = 0; i < list_n; ++i) {
+      if (i + kAhead < list_n) prefetch(rows + size_t{list[i + kAhead]} * d);
+      const uint32_t row = list[i];
+      if ((allow != nullptr && !bit_set(allow, row)) || (dead != nullptr && bit_set(dead, row))) continue;
+      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      if (v > fin.threshold()) fin.push(v, row);
+    }
+  } else {
+    const size_t space = dead != nullptr ? ix.num_rows : ix.n;
+    for (size_t w = 0; w * 64 < space; ++w) {
+      uint64_t m = allow != nullptr ? allow[w] : ~uint64_t{0};
+      if (dead != nullptr) m &= ~dead[w];
+      if (deny != nullptr) m &= ~deny[w];
+      if (space - w * 64 < 64) m &= (uint64_t{1} << (space - w * 64)) - 1;
+      while (m != 0) {
+        const uint32_t row = static_cast<uint32_t>(w * 64 + ctz64(m));
+        m &= m - 1;
+        const float v = kn.dot(q, rows + size_t{row} * d, d);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
+    }
+  }
+  const size_t nf = fin.finish_sorted();
+  for (size_t i = 0; i < nf; ++i) {
+    out_ids[i] = fin.id(i);
+    out_scores[i] = fin.score(i);
+  }
+  return nf;
 }
 
 }  // namespace
@@ -672,9 +832,84 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
       chunk_scores = s.chunk_scores.data();
     }
     for (size_t i = b; i < e; ++i) {
-      search_one(index, kn, queries + i * index.d,
-                 chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
-                 out_ids + i * params.final_k, out_scores + i * params.final_k);
+      search_one<false>(index, kn, queries + i * index.d,
+                        chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
+                        out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr);
+    }
+  });
+}
+
+void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Kernels& kn,
+                           const float* queries, size_t nq, const float* leaf_scores,
+                           const SearchParams& params, const FilterSpec& spec,
+                           const float* exact_rows, int num_threads, uint32_t* out_ids,
+                           float* out_scores, uint32_t* out_counts) {
+  constexpr size_t kChunk = 8;
+  const size_t parts = dynamic_parts(nq, num_threads, kChunk);
+  ScratchLease first(cache);
+  std::vector<ScratchLease> more;
+  if (parts > 1) {
+    fault::alloc();
+    more.reserve(parts - 1);
+    for (size_t w = 1; w < parts; ++w) more.emplace_back(cache);
+  }
+  const size_t L = index.num_leaves;
+  const size_t space = index.dead != nullptr ? index.num_rows : index.n;
+  const size_t words = (space + 63) / 64;
+  parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
+    Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
+    const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
+    for (size_t i = b; i < e; ++i) {
+      const size_t k = params.final_k;
+      uint32_t* ids = out_ids + i * k;
+      float* scores = out_scores + i * k;
+      const float* q = queries + i * index.d;
+      const uint32_t* list = nullptr;
+      size_t list_n = 0;
+      if (spec.list_offsets != nullptr) {
+        list = spec.list_rows + spec.list_offsets[i];
+        list_n = static_cast<size_t>(spec.list_offsets[i + 1] - spec.list_offsets[i]);
+      }
+      const bool exact = spec.exact != nullptr && spec.exact[i] != 0 && exact_rows != nullptr;
+      // The query's list as a bitset in the scratch (all zero between queries): the
+      // allowed rows it names that the shared bitset allows too, or the rows it excludes.
+      bool bits = false;
+      if (list != nullptr && (spec.list_excludes || !exact)) {
+        if (s.qbits.size() < words) grow(s.qbits, words);  // new words are 0
+        for (size_t j = 0; j < list_n; ++j) {
+          const uint32_t row = list[j];
+          if (spec.list_excludes || spec.allow == nullptr || bit_set(spec.allow, row))
+            s.qbits[row >> 6] |= uint64_t{1} << (row & 63);
+        }
+        bits = true;
+      }
+      size_t nf;
+      if (exact) {
+        nf = search_exact(index, kn, q, exact_rows, spec.allow, bits ? s.qbits.data() : nullptr,
+                          spec.list_excludes ? nullptr : list, list_n,
+                          std::min<size_t>(k, static_cast<size_t>(spec.eligible[i])), s, ids, scores);
+      } else {
+        QueryPlan plan;
+        plan.eligible = static_cast<size_t>(spec.eligible[i]);
+        plan.leaf_exponent = spec.leaf_exponent;
+        if (list == nullptr) {
+          plan.f = QueryFilter{spec.allow, nullptr};
+        } else if (spec.list_excludes) {
+          plan.f = QueryFilter{spec.allow, s.qbits.data()};
+        } else {
+          plan.f = QueryFilter{s.qbits.data(), nullptr};
+        }
+        nf = search_one<true>(index, kn, q, chunk_scores ? chunk_scores + (i - b) * L : nullptr,
+                              params, s, ids, scores, &plan);
+      }
+      if (bits) {
+        for (size_t j = 0; j < list_n; ++j) s.qbits[list[j] >> 6] = 0;
+      }
+      for (size_t j = nf; j < k; ++j) {
+        ids[j] = UINT32_MAX;
+        scores[j] = -INFINITY;
+      }
+      out_counts[i] = static_cast<uint32_t>(nf);
     }
   });
 }
