@@ -117,20 +117,30 @@ def _live_bits(st) -> np.ndarray:
     return bits
 
 
+def _bits_of_rows(rows: np.ndarray, words: int) -> np.ndarray:
+    """Bitset (uint64 words, bit r of word r // 64) with the given rows set."""
+    mask = np.zeros(words * 64, bool)
+    mask[rows] = True
+    return np.packbits(mask, bitorder="little").view(np.uint64)
+
+
 def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
-    np.bitwise_or.at(bits, rows >> 6, np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)))
+    bits |= _bits_of_rows(rows, len(bits))
 
 
 def _clear_bits(bits: np.ndarray, rows: np.ndarray) -> None:
-    np.bitwise_and.at(bits, rows >> 6, ~np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)))
+    bits &= ~_bits_of_rows(rows, len(bits))
 
 
 def _test_bits(bits: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return ((bits[rows >> 6] >> (rows & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
 
 
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
 def _popcount(bits: np.ndarray) -> int:
-    return int(np.unpackbits(bits.view(np.uint8)).sum())
+    return int(_POP8[bits.view(np.uint8)].sum(dtype=np.int64))
 
 
 def _as_id_array(call, name, ids, st) -> np.ndarray:
@@ -178,9 +188,11 @@ def _docid_map(st):
 _MAP_CACHE: dict = {}
 
 
-def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True) -> np.ndarray:
-    """Internal rows (int64, unique, sorted) of ids; an id not in the index raises
-    ValueError naming the first (strict), or is dropped."""
+def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True,
+                 unique: bool = True) -> np.ndarray:
+    """Internal rows (int64; unique and sorted when unique) of ids; an id not in the index
+    raises ValueError naming the first (strict), or is dropped."""
+    uniq = np.unique if unique else (lambda a: a)
     if st.docid_kind is None:
         n = st.n_live
         bad = (ids < 0) | (ids >= n)
@@ -189,7 +201,7 @@ def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True) -> np.nda
                 raise ValueError(f"{call}: {name} holds {int(ids[np.argmax(bad)])}, which is not a "
                                  f"row of the index (rows are 0..{n - 1}; it has no docids)")
             ids = ids[~bad]
-        return np.unique(ids)
+        return uniq(ids)
     lookup = _docid_map(st)
     if st.docid_kind == "int":
         keys, rows = lookup
@@ -201,7 +213,7 @@ def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True) -> np.nda
                 raise ValueError(f"{call}: {name} holds docid {int(ids[np.argmin(ok)])}, which is "
                                  "not in the index")
             pos_c = pos_c[ok]
-        return np.unique(rows[pos_c])
+        return uniq(rows[pos_c])
     out = []
     for v in ids.tolist():
         r = lookup.get(v)
@@ -210,7 +222,7 @@ def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True) -> np.nda
                 raise ValueError(f"{call}: {name} holds docid {v!r}, which is not in the index")
             continue
         out.append(r)
-    return np.unique(np.array(out, np.int64))
+    return uniq(np.array(out, np.int64))
 
 
 def _is_per_query(value) -> bool:
@@ -259,13 +271,10 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
             if len(value) != nq:
                 raise ValueError(f"{call}: {name} must hold one list of ids per query ({nq}); "
                                  f"got {len(value)}")
-            per = []
-            for i, ids in enumerate(value):
-                a = _as_id_array(f"{call}", f"{name}[{i}]", ids, st)
-                per.append(_rows_of_ids(call, f"{name}[{i}]", st, a))
-            lists[name] = per
+            lists[name] = _per_query_rows(call, name, st, value)
         else:
-            rows = _rows_of_ids(call, name, st, _as_id_array(call, name, value, st))
+            rows = _rows_of_ids(call, name, st, _as_id_array(call, name, value, st),
+                                unique=False)
             if name == "allowed":
                 bits = np.zeros(_words(st), np.uint64)
                 _set_bits(bits, rows)
@@ -276,37 +285,45 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
                 _clear_bits(bits, rows)
             shared = bits if shared is None else shared & bits
     if "allowed" in lists and "excluded" in lists:
-        lists = {"allowed": [np.setdiff1d(a, e, assume_unique=True)
-                             for a, e in zip(lists["allowed"], lists["excluded"])]}
-    if shared is None and not lists:
-        live = _live_bits(st) if st.live is not None else None
-        out.allow = live
-        out.eligible = np.full(nq, st.n_live, np.int64)
-        return out
-    if shared is None and st.live is not None and "excluded" in lists:
-        shared = _live_bits(st)  # exclusion lists count against live rows
+        (ao, ar), (eo, er) = lists["allowed"], lists["excluded"]
+        per = [np.setdiff1d(ar[ao[i]:ao[i + 1]], er[eo[i]:eo[i + 1]]) for i in range(nq)]
+        counts = np.array([len(p) for p in per], np.int64)
+        lists = {"allowed": (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                             np.concatenate(per) if per else np.zeros(0, np.int64))}
+    # The engine counts each query's eligible rows exactly (dead rows, duplicates); the
+    # estimate here (list lengths) is for the plan only.
     out.allow = shared
     base = st.n_live if shared is None else _popcount(shared)
     if not lists:
         out.eligible = np.full(nq, base, np.int64)
         return out
-    (name, per), = lists.items()
+    (name, (offsets, rows)), = lists.items()
     out.lists = True
     out.list_excludes = name == "excluded"
-    counts = np.array([len(r) for r in per], np.int64)
-    out.list_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    rows = np.concatenate(per) if per else np.zeros(0, np.int64)
+    out.list_offsets = offsets
     out.list_rows = rows.astype(np.uint32)
-    if shared is None:
-        hit = np.ones(len(rows), bool)
-    else:
-        hit = _test_bits(shared, rows) if len(rows) else np.zeros(0, bool)
-    if st.live is not None and len(rows) and shared is None:
-        hit &= ~_test_bits(st.dead, rows)
-    owner = np.repeat(np.arange(nq), counts)
-    inside = np.bincount(owner, weights=hit, minlength=nq).astype(np.int64)
-    out.eligible = (base - inside) if out.list_excludes else inside
+    counts = np.diff(offsets)
+    out.eligible = np.maximum(base - counts, 0) if out.list_excludes else np.minimum(counts, base)
     return out
+
+
+def _per_query_rows(call, name, st, value):
+    """(offsets, rows) of nq id lists (CSR, rows not deduplicated: the engine does),
+    resolved and checked in one vectorized pass; the first bad id is named with its
+    query."""
+    arrays = [_as_id_array(call, f"{name}[{i}]", ids, st) for i, ids in enumerate(value)]
+    counts = np.array([len(a) for a in arrays], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if not len(arrays) or not offsets[-1]:
+        return offsets, np.zeros(0, np.int64)
+    flat = np.concatenate(arrays)
+    try:
+        rows = _rows_of_ids(call, name, st, flat, unique=False)
+    except ValueError:
+        for i, a in enumerate(arrays):  # name the query of the first bad id
+            _rows_of_ids(call, f"{name}[{i}]", st, a, unique=False)
+        raise
+    return offsets, rows
 
 
 def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strategy: str,

@@ -293,7 +293,7 @@ class Searcher:
         q = self._to_mips(queries)
         ids, scores, counts = engine.search_batch_filtered(
             q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
-            r.list_excludes, r.eligible, exact, _filters.LEAF_EXPONENT)
+            r.list_excludes, None, exact, _filters.LEAF_EXPONENT)
         cols = int(counts.max()) if nq else final_k  # one query: its count (no padding)
         ids, scores = ids[:, :cols], scores[:, :cols]
         pad = ids == np.uint32(0xFFFFFFFF)

@@ -84,7 +84,7 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
                           size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
                           const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
                           const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes,
-                          const In<int64_t, 1>& eligible, const std::optional<In<uint8_t, 1>>& exact,
+                          const std::optional<In<int64_t, 1>>& eligible, const std::optional<In<uint8_t, 1>>& exact,
                           float leaf_exponent) {
   const size_t nq = queries.shape(0);
   const size_t space = v.dead != nullptr ? v.num_rows : v.n;
@@ -95,8 +95,10 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
   require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
           "search_batch_filtered: leaf_scores must be (nq, num_leaves)");
   require(!allow || allow->shape(0) * 64 >= space, "search_batch_filtered: allow must hold one bit per row");
-  require(eligible.shape(0) == nq, "search_batch_filtered: eligible must have one entry per query");
-  for (size_t i = 0; i < nq; ++i) require(eligible.data()[i] >= 0, "search_batch_filtered: eligible must be >= 0");
+  if (eligible) {
+    require(eligible->shape(0) == nq, "search_batch_filtered: eligible must have one entry per query");
+    for (size_t i = 0; i < nq; ++i) require(eligible->data()[i] >= 0, "search_batch_filtered: eligible must be >= 0");
+  }
   require(!exact || exact->shape(0) == nq, "search_batch_filtered: exact must have one entry per query");
   require(bool(list_offsets) == bool(list_rows), "search_batch_filtered: list_offsets and list_rows go together");
   if (list_offsets) {
@@ -120,7 +122,7 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
     spec.list_offsets = list_offsets ? list_offsets->data() : nullptr;
     spec.list_rows = list_rows ? list_rows->data() : nullptr;
     spec.list_excludes = list_excludes;
-    spec.eligible = eligible.data();
+    spec.eligible = eligible ? eligible->data() : nullptr;
     spec.exact = exact ? exact->data() : nullptr;
     spec.leaf_exponent = leaf_exponent;
     const float* rows = v.dead != nullptr ? v.row_data : v.reorder_rows;
@@ -448,7 +450,7 @@ NB_MODULE(_mipscan, m) {
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
-              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const In<int64_t, 1>& eligible,
+              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
               const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent) {
              return filtered_search(ix.view, ix.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
                                     pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
@@ -456,7 +458,7 @@ NB_MODULE(_mipscan, m) {
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
-           "list_excludes"_a, "eligible"_a.noconvert(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
       .def_prop_ro("has_exact_rows", [](const Index& ix) { return ix.view.reorder_rows != nullptr; });
 
   // Live index snapshots (live.h). n (live rows) is given by the caller, who counts them;
@@ -563,7 +565,7 @@ NB_MODULE(_mipscan, m) {
            [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
-              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const In<int64_t, 1>& eligible,
+              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
               const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent) {
              return filtered_search(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
                                     pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
@@ -571,6 +573,6 @@ NB_MODULE(_mipscan, m) {
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
-           "list_excludes"_a, "eligible"_a.noconvert(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
       .def_prop_ro("has_exact_rows", [](const Live& lv) { return lv.view.row_data != nullptr; });
 }

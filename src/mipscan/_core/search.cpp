@@ -263,14 +263,24 @@ size_t allow_masks(const IndexView& ix, const QueryFilter& f, size_t count, RowA
                    Scratch& s) {
   const size_t groups = num_groups(count);
   if (s.allow.size() < groups) grow(s.allow, groups);
-  const bool live = ix.dead != nullptr;
+  // Branch-free per entry (a random filter would mispredict every other branch): a set
+  // bit of `allow` and clear bits of `deny` and `dead`; an absent bitset reads a constant.
+  static const uint64_t kOnes = ~uint64_t{0}, kZero = 0;
+  const uint64_t* A = f.allow != nullptr ? f.allow : &kOnes;
+  const uint64_t* D = f.deny != nullptr ? f.deny : &kZero;
+  const uint64_t* X = ix.dead != nullptr ? ix.dead : &kZero;
+  const uint32_t ma = f.allow != nullptr ? ~0u : 0u;  // word index masks: 0 reads the constant
+  const uint32_t md = f.deny != nullptr ? ~0u : 0u;
+  const uint32_t mx = ix.dead != nullptr ? ~0u : 0u;
   size_t total = 0;
   for (size_t g = 0; g < groups; ++g) {
     const size_t lim = std::min(kGroup, count - g * kGroup);
     uint64_t m = 0;
     for (size_t j = 0; j < lim; ++j) {
       const uint32_t row = row_at(g * kGroup + j);
-      if (f.ok(row) && !(live && is_dead(ix, row))) m |= uint64_t{1} << j;
+      const uint32_t w = row >> 6, b = row & 63;
+      const uint64_t ok = (A[w & ma] & ~D[w & md] & ~X[w & mx]) >> b;
+      m |= (ok & 1u) << j;
     }
     s.allow[g] = m;
     total += popcount64(m);
@@ -758,9 +768,9 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
 }
 
 // The exact plan: every eligible row scored exactly against rows (num_rows * d, row
-// order), the best final_k kept. Eligible: the allow list's rows (list, when given and
-// not excluding) that pass `allow`; otherwise the rows of the row space passing allow and
-// deny. Dead rows never.
+// order), the best final_k kept. Eligible: with an allow list (list), the list's rows
+// marked in `deny` (here: the marks of its eligible rows); otherwise the rows of the row
+// space passing allow and not in deny. Dead rows never.
 size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, const float* rows,
                     const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
                     size_t list_n, size_t final_k, Scratch& s, uint32_t* out_ids,
@@ -771,11 +781,15 @@ size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, cons
   const size_t d = ix.d;
   const uint64_t* dead = ix.dead;
   if (list != nullptr) {
+    // marks: the list's eligible rows as a bitset (search_batch_filtered); each is cleared
+    // when scored, so a row named twice is scored once and the bitset ends all zero.
+    uint64_t* marks = const_cast<uint64_t*>(deny);
     constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
     for (size_t i = 0; i < list_n; ++i) {
       if (i + kAhead < list_n) prefetch(rows + size_t{list[i + kAhead]} * d);
       const uint32_t row = list[i];
-      if ((allow != nullptr && !bit_set(allow, row)) || (dead != nullptr && bit_set(dead, row))) continue;
+      if (!bit_set(marks, row)) continue;
+      marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
       const float v = kn.dot(q, rows + size_t{row} * d, d);
       if (v > fin.threshold()) fin.push(v, row);
     }
@@ -856,6 +870,17 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
   const size_t L = index.num_leaves;
   const size_t space = index.dead != nullptr ? index.num_rows : index.n;
   const size_t words = (space + 63) / 64;
+  // Eligible rows before any list: live rows the shared bitset allows.
+  size_t base = index.n;
+  if (spec.allow != nullptr || index.dead != nullptr) {
+    base = 0;
+    for (size_t w = 0; w < words; ++w) {
+      uint64_t m = spec.allow != nullptr ? spec.allow[w] : ~uint64_t{0};
+      if (index.dead != nullptr) m &= ~index.dead[w];
+      if (space - w * 64 < 64) m &= (uint64_t{1} << (space - w * 64)) - 1;
+      base += popcount64(m);
+    }
+  }
   parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
     Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
@@ -872,25 +897,33 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
       }
       const bool exact = spec.exact != nullptr && spec.exact[i] != 0 && exact_rows != nullptr;
       // The query's list as a bitset in the scratch (all zero between queries): the
-      // allowed rows it names that the shared bitset allows too, or the rows it excludes.
-      bool bits = false;
-      if (list != nullptr && (spec.list_excludes || !exact)) {
+      // eligible rows it names (allowed by the shared bitset and live), or every row it
+      // excludes; a row named twice counts once.
+      size_t eligible = spec.eligible != nullptr ? static_cast<size_t>(spec.eligible[i]) : base;
+      const bool bits = list != nullptr;
+      if (bits) {
         if (s.qbits.size() < words) grow(s.qbits, words);  // new words are 0
+        uint64_t* qb = s.qbits.data();
+        size_t named = 0;  // distinct named rows that are live and pass the shared bitset
         for (size_t j = 0; j < list_n; ++j) {
           const uint32_t row = list[j];
-          if (spec.list_excludes || spec.allow == nullptr || bit_set(spec.allow, row))
-            s.qbits[row >> 6] |= uint64_t{1} << (row & 63);
+          const bool pass = (spec.allow == nullptr || bit_set(spec.allow, row)) &&
+                            (index.dead == nullptr || !bit_set(index.dead, row));
+          if (!pass && !spec.list_excludes) continue;
+          if (bit_set(qb, row)) continue;
+          qb[row >> 6] |= uint64_t{1} << (row & 63);
+          named += pass;
         }
-        bits = true;
+        if (spec.eligible == nullptr) eligible = spec.list_excludes ? base - named : named;
       }
       size_t nf;
       if (exact) {
         nf = search_exact(index, kn, q, exact_rows, spec.allow, bits ? s.qbits.data() : nullptr,
-                          spec.list_excludes ? nullptr : list, list_n,
-                          std::min<size_t>(k, static_cast<size_t>(spec.eligible[i])), s, ids, scores);
+                          spec.list_excludes ? nullptr : list, list_n, std::min(k, eligible), s,
+                          ids, scores);
       } else {
         QueryPlan plan;
-        plan.eligible = static_cast<size_t>(spec.eligible[i]);
+        plan.eligible = eligible;
         plan.leaf_exponent = spec.leaf_exponent;
         if (list == nullptr) {
           plan.f = QueryFilter{spec.allow, nullptr};

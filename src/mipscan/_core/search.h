@@ -88,7 +88,9 @@ struct FilterSpec {
   const int64_t* list_offsets = nullptr;
   const uint32_t* list_rows = nullptr;
   bool list_excludes = false;
-  const int64_t* eligible = nullptr;     // nq: eligible rows of each query (the caller counts)
+  // nq: eligible rows of each query, or null: counted here (live rows passing the shared
+  // bitset, and the list: its distinct named rows, or all but them).
+  const int64_t* eligible = nullptr;
   const uint8_t* exact = nullptr;        // nq or null: 1 = score the eligible rows exactly
   // Index plan: the searched leaves are scaled to ceil(leaves_to_search * f^-exponent)
   // (f = eligible / n), and leaves are added until the eligible entries seen reach both
