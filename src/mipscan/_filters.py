@@ -11,13 +11,13 @@ The plan (``filter_strategy="auto"``) compares two cost estimates, in nanosecond
 from per-unit costs measured on the development machine (2-core AVX-512 x86, one thread;
 ``benchmarks/bench_filtered.py --calibrate`` re-measures them and prints the constants):
 
-* index: ``C_QUERY + C_CENTROID * L * d + scanned * (C_AH_BLOCK * blocks + C_ELIGIBLE)
+* index: ``C_CENTROID * L * d + scanned * (C_AH_BLOCK * blocks + C_ELIGIBLE)
   + reordered * C_DOT * d``, where ``scanned`` is the entries of the leaves the filtered
   search will scan (leaves_to_search scaled by ``f ** -LEAF_EXPONENT``, f = eligible / n,
   and at least enough leaves to offer the candidates), and float scoring costs
   ``C_DOT * d`` per entry instead of the AH blocks;
-* exact: ``C_QUERY + eligible * C_DOT * d`` (+ ``C_WORD`` per 64 rows when the eligible
-  rows are a bitset, not a list).
+* exact: ``eligible * C_DOT * d`` (+ ``C_ROW_CHECK`` per row walked when a per-query
+  excluded list is checked against every allowed row).
 
 The cheaper one wins; ``filter_strategy="index"`` or ``"exact"`` forces either (exact
 needs float rows: an index with reorder, or a live index; otherwise the index plan is
@@ -34,12 +34,11 @@ from mipscan import _live
 
 #: Per-unit costs (ns), one thread, measured with ``bench_filtered.py --calibrate`` on
 #: GloVe-50 (d=50, 25 AH blocks, 300 leaves) on the development machine.
-C_QUERY = 4000.0        # fixed cost of a query through the Python layer and the core
 C_CENTROID = 0.12       # per centroid dimension (leaf selection)
-C_AH_BLOCK = 0.045      # per AH entry and block (LUT16 scan)
-C_ELIGIBLE = 1.2        # per scanned entry: the eligibility bit (a gather)
-C_DOT = 0.30            # per float of a gathered exact dot product
-C_WORD = 1.0            # per 64 rows of a bitset walked by the exact plan
+C_AH_BLOCK = 0.08       # per AH entry and block (LUT16 scan, candidate handling)
+C_ELIGIBLE = 1.5        # per scanned entry: the eligibility bit (a gather)
+C_DOT = 0.5             # per float of a gathered exact dot product
+C_ROW_CHECK = 0.5       # per row walked by the exact plan of an excluded list
 #: Leaves searched by a filtered index search: leaves_to_search * f ** -LEAF_EXPONENT.
 LEAF_EXPONENT = 0.5
 
@@ -69,6 +68,7 @@ class Filter:
         self._allowed = None if allowed is None else _as_id_array(call, "allowed", allowed, st)
         self._excluded = None if excluded is None else _as_id_array(call, "excluded", excluded, st)
         self._cache = None
+        self._rows = None  # (bits, their rows) for the exact plan
         self._bits_for(call, st, strict=True)  # validates the ids now
 
     def __repr__(self) -> str:
@@ -240,9 +240,11 @@ def _is_per_query(value) -> bool:
 
 class Resolved:
     """A batch's filter, as the engine takes it."""
-    __slots__ = ("allow", "list_offsets", "list_rows", "list_excludes", "eligible", "lists")
+    __slots__ = ("allow", "list_offsets", "list_rows", "list_excludes", "eligible", "lists",
+                 "filter")
 
     def __init__(self):
+        self.filter = None  # the Filter whose bits are the shared bitset, if so (caches rows)
         self.allow = None
         self.list_offsets = None
         self.list_rows = None
@@ -266,7 +268,8 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
             bits, _ = value._bits_for(call, st)
             if len(bits) != _words(st):
                 raise ValueError(f"{call}: allowed is a Filter of another searcher")
-            shared = bits.copy() if shared is None else shared & bits
+            out.filter = value
+            shared = bits if shared is None else shared & bits  # never changed in place
         elif not single and _is_per_query(value):
             if len(value) != nq:
                 raise ValueError(f"{call}: {name} must hold one list of ids per query ({nq}); "
@@ -290,6 +293,8 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
         counts = np.array([len(p) for p in per], np.int64)
         lists = {"allowed": (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                              np.concatenate(per) if per else np.zeros(0, np.int64))}
+    if out.filter is not None and shared is not out.filter._cache[1]:
+        out.filter = None
     # The engine counts each query's eligible rows exactly (dead rows, duplicates); the
     # estimate here (list lengths) is for the plan only.
     out.allow = shared
@@ -353,6 +358,20 @@ def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strat
     else:
         per_entry = C_DOT * d + C_ELIGIBLE
     index_cost = C_CENTROID * L * d + scanned * per_entry + reordered * C_DOT * d
-    exact_cost = r.eligible * C_DOT * d + (0 if r.lists and not r.list_excludes else
-                                           C_WORD * _space(st) / 64)
+    walked = (st.n_live if r.allow is None else _popcount(r.allow)) if r.list_excludes else 0
+    exact_cost = r.eligible * C_DOT * d + C_ROW_CHECK * walked
     return (exact_cost < index_cost).astype(np.uint8)
+
+
+def shared_rows(st, r: Resolved) -> np.ndarray | None:
+    """The rows of the shared bitset, ascending (uint32), for the exact plan; cached on a
+    Filter."""
+    if r.allow is None:
+        return None
+    f = r.filter
+    if f is not None and f._rows is not None and f._rows[0] is r.allow:
+        return f._rows[1]
+    rows = np.flatnonzero(np.unpackbits(r.allow.view(np.uint8), bitorder="little")).astype(np.uint32)
+    if f is not None:
+        f._rows = (r.allow, rows)
+    return rows

@@ -85,7 +85,7 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
                           const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
                           const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes,
                           const std::optional<In<int64_t, 1>>& eligible, const std::optional<In<uint8_t, 1>>& exact,
-                          float leaf_exponent) {
+                          float leaf_exponent, const std::optional<In<uint32_t, 1>>& shared_rows) {
   const size_t nq = queries.shape(0);
   const size_t space = v.dead != nullptr ? v.num_rows : v.n;
   require(queries.shape(1) == v.d, "search_batch_filtered: queries have the wrong dimension");
@@ -109,6 +109,10 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
     for (size_t j = 0; j < list_rows->shape(0); ++j)
       require(list_rows->data()[j] < space, "search_batch_filtered: list_rows out of range");
   }
+  if (shared_rows) {
+    for (size_t j = 0; j < shared_rows->shape(0); ++j)
+      require(shared_rows->data()[j] < space, "search_batch_filtered: shared_rows out of range");
+  }
   require(std::isfinite(leaf_exponent) && leaf_exponent >= 0 && leaf_exponent <= 4,
           "search_batch_filtered: leaf_exponent must be in [0, 4]");
   auto ids = new_array<uint32_t>(nq, final_k);
@@ -125,6 +129,8 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
     spec.eligible = eligible ? eligible->data() : nullptr;
     spec.exact = exact ? exact->data() : nullptr;
     spec.leaf_exponent = leaf_exponent;
+    spec.shared_rows = shared_rows ? shared_rows->data() : nullptr;
+    spec.shared_count = shared_rows ? shared_rows->shape(0) : 0;
     const float* rows = v.dead != nullptr ? v.row_data : v.reorder_rows;
     mipscan::search_batch_filtered(v, cache, kn, queries.data(), nq, leaf_scores ? leaf_scores->data() : nullptr,
                                    p, spec, rows, num_threads, ids.data(), scores.data(), counts.data());
@@ -451,14 +457,16 @@ NB_MODULE(_mipscan, m) {
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
               const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
-              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent) {
+              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
+              const std::optional<In<uint32_t, 1>>& shared_rows) {
              return filtered_search(ix.view, ix.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
                                     pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
-                                    list_excludes, eligible, exact, leaf_exponent);
+                                    list_excludes, eligible, exact, leaf_exponent, shared_rows);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
-           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
+           "shared_rows"_a.noconvert().none() = nb::none())
       .def_prop_ro("has_exact_rows", [](const Index& ix) { return ix.view.reorder_rows != nullptr; });
 
   // Live index snapshots (live.h). n (live rows) is given by the caller, who counts them;
@@ -566,13 +574,15 @@ NB_MODULE(_mipscan, m) {
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
               const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
-              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent) {
+              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
+              const std::optional<In<uint32_t, 1>>& shared_rows) {
              return filtered_search(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
                                     pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
-                                    list_excludes, eligible, exact, leaf_exponent);
+                                    list_excludes, eligible, exact, leaf_exponent, shared_rows);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
-           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a)
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
+           "shared_rows"_a.noconvert().none() = nb::none())
       .def_prop_ro("has_exact_rows", [](const Live& lv) { return lv.view.row_data != nullptr; });
 }

@@ -773,8 +773,8 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
 // space passing allow and not in deny. Dead rows never.
 size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, const float* rows,
                     const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
-                    size_t list_n, size_t final_k, Scratch& s, uint32_t* out_ids,
-                    float* out_scores) {
+                    size_t list_n, const uint32_t* shared_rows, size_t shared_n, size_t final_k,
+                    Scratch& s, uint32_t* out_ids, float* out_scores) {
   if (final_k == 0) return 0;
   TopKBuffer& fin = s.final_;
   fin.reset(final_k);
@@ -790,6 +790,13 @@ size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, cons
       const uint32_t row = list[i];
       if (!bit_set(marks, row)) continue;
       marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
+      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      if (v > fin.threshold()) fin.push(v, row);
+    }
+  } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
+    for (size_t i = 0; i < shared_n; ++i) {
+      const uint32_t row = shared_rows[i];
+      if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
       const float v = kn.dot(q, rows + size_t{row} * d, d);
       if (v > fin.threshold()) fin.push(v, row);
     }
@@ -919,8 +926,8 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
       size_t nf;
       if (exact) {
         nf = search_exact(index, kn, q, exact_rows, spec.allow, bits ? s.qbits.data() : nullptr,
-                          spec.list_excludes ? nullptr : list, list_n, std::min(k, eligible), s,
-                          ids, scores);
+                          spec.list_excludes ? nullptr : list, list_n, spec.shared_rows,
+                          spec.shared_count, std::min(k, eligible), s, ids, scores);
       } else {
         QueryPlan plan;
         plan.eligible = eligible;

@@ -92,6 +92,10 @@ struct FilterSpec {
   // bitset, and the list: its distinct named rows, or all but them).
   const int64_t* eligible = nullptr;
   const uint8_t* exact = nullptr;        // nq or null: 1 = score the eligible rows exactly
+  // The rows `allow` sets, ascending (optional): the exact plan of a query without a list
+  // walks these instead of the whole bitset.
+  const uint32_t* shared_rows = nullptr;
+  size_t shared_count = 0;
   // Index plan: the searched leaves are scaled to ceil(leaves_to_search * f^-exponent)
   // (f = eligible / n), and leaves are added until the eligible entries seen reach both
   // the candidates needed and eligible * leaves_to_search / num_leaves (the share of the
