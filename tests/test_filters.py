@@ -224,3 +224,23 @@ def test_unfiltered_unchanged(data, ah):
     b = ah.search_batched(qs, allowed=None, excluded=None, filter_strategy="exact")
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.indices.dtype == np.uint32
+
+
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_batched_exact_plan(data, ah, k):
+    """A batch sharing one filter runs the exact plan as one BLAS product (gathered rows,
+    cached on a Filter): exact, for arrays, Filters, empty and tiny sets."""
+    db, qs = data
+    rng = np.random.default_rng(k)
+    allowed = rng.choice(len(db), 37, replace=False)
+    f = ah.make_filter(allowed=allowed)
+    for a in (allowed, f, f):
+        r = ah.search_batched(qs, k, allowed=a, filter_strategy="exact")
+        assert r.indices.shape == (len(qs), min(k, 37))
+        for i in range(len(qs)):
+            _check_exact(r.indices[i], r.distances[i], db, qs[i], allowed, k)
+    r = ah.search_batched(qs, k, allowed=[], filter_strategy="exact")
+    assert r.indices.shape == (len(qs), 0)
+    r = ah.search_batched(qs, k, excluded=np.arange(len(db) - 3), filter_strategy="exact")
+    assert r.indices.shape == (len(qs), min(k, 3))
+    assert np.isin(r.indices, np.arange(len(db) - 3, len(db))).all()

@@ -17,7 +17,9 @@ from per-unit costs measured on the development machine (2-core AVX-512 x86, one
   and at least enough leaves to offer the candidates), and float scoring costs
   ``C_DOT * d`` per entry instead of the AH blocks;
 * exact: ``eligible * C_DOT * d`` (+ ``C_ROW_CHECK`` per row walked when a per-query
-  excluded list is checked against every allowed row).
+  excluded list is checked against every allowed row); for a batch of at least
+  GEMM_MIN_QUERIES queries sharing one filter, ``eligible * (C_GEMM * d + C_TOPK)``: the
+  eligible rows are gathered once (cached on a Filter) and scored with one BLAS product.
 
 The cheaper one wins; ``filter_strategy="index"`` or ``"exact"`` forces either (exact
 needs float rows: an index with reorder, or a live index; otherwise the index plan is
@@ -39,6 +41,11 @@ C_AH_BLOCK = 0.08       # per AH entry and block (LUT16 scan, candidate handling
 C_ELIGIBLE = 1.5        # per scanned entry: the eligibility bit (a gather)
 C_DOT = 0.5             # per float of a gathered exact dot product
 C_ROW_CHECK = 0.5       # per row walked by the exact plan of an excluded list
+C_GEMM = 0.03           # per float, batched exact plan (BLAS product over gathered rows)
+C_TOPK = 0.6            # per row and query, batched exact plan (C++ top-k of the scores)
+#: A batch of at least this many queries sharing one filter (no per-query lists) runs the
+#: exact plan as one BLAS product over the gathered eligible rows.
+GEMM_MIN_QUERIES = 8
 #: Leaves searched by a filtered index search: leaves_to_search * f ** -LEAF_EXPONENT.
 LEAF_EXPONENT = 0.5
 
@@ -69,6 +76,7 @@ class Filter:
         self._excluded = None if excluded is None else _as_id_array(call, "excluded", excluded, st)
         self._cache = None
         self._rows = None  # (bits, their rows) for the exact plan
+        self._gathered = None  # (rows, their float rows) for the batched exact plan
         self._bits_for(call, st, strict=True)  # validates the ids now
 
     def __repr__(self) -> str:
@@ -359,7 +367,10 @@ def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strat
         per_entry = C_DOT * d + C_ELIGIBLE
     index_cost = C_CENTROID * L * d + scanned * per_entry + reordered * C_DOT * d
     walked = (st.n_live if r.allow is None else _popcount(r.allow)) if r.list_excludes else 0
-    exact_cost = r.eligible * C_DOT * d + C_ROW_CHECK * walked
+    if gemm_ok(r, nq):
+        exact_cost = r.eligible * (C_GEMM * d + C_TOPK)
+    else:
+        exact_cost = r.eligible * C_DOT * d + C_ROW_CHECK * walked
     return (exact_cost < index_cost).astype(np.uint8)
 
 
@@ -375,3 +386,39 @@ def shared_rows(st, r: Resolved) -> np.ndarray | None:
     if f is not None:
         f._rows = (r.allow, rows)
     return rows
+
+
+def gemm_ok(r: Resolved, nq: int) -> bool:
+    """Whether the batch's exact plan may run as one BLAS product (one shared set)."""
+    return not r.lists and r.allow is not None and nq >= GEMM_MIN_QUERIES
+
+
+def exact_batched(st, r: Resolved, q: np.ndarray, rows_store: np.ndarray, k: int):
+    """The exact plan of a batch sharing one filter: the eligible rows gathered once
+    (cached on a Filter), scored by one BLAS product per block, C++ top-k. Returns
+    (ids (nq, k) uint32 rows, UINT32_MAX padding; scores; counts)."""
+    from mipscan import _mipscan
+    rows = shared_rows(st, r)
+    f = r.filter
+    if f is not None and f._gathered is not None and f._gathered[0] is rows:
+        sub = f._gathered[1]
+    else:
+        sub = np.ascontiguousarray(rows_store[rows])
+        if f is not None:
+            f._gathered = (rows, sub)
+    nq, e = len(q), len(rows)
+    kk = min(k, e)
+    ids = np.full((nq, k), 0xFFFFFFFF, np.uint32)
+    scores = np.full((nq, k), -np.inf, np.float32)
+    if kk:
+        heap_s = np.empty((nq, kk), np.float32)
+        heap_i = np.empty((nq, kk), np.uint32)
+        sizes = np.zeros(nq, np.int64)
+        block = 8192
+        for b0 in range(0, e, block):
+            sc = q @ sub[b0:b0 + block].T
+            _mipscan.topk_update_rows(sc, None, b0, heap_s, heap_i, sizes, 1)
+        _mipscan.topk_finish_rows(heap_s, heap_i, sizes, 1)
+        ids[:, :kk] = rows[heap_i]
+        scores[:, :kk] = heap_s
+    return ids, scores, np.full(nq, kk, np.uint32)

@@ -291,9 +291,15 @@ class Searcher:
         engine = st.live if st.live is not None else st.index
         exact = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy, engine.has_exact_rows)
         q = self._to_mips(queries)
-        ids, scores, counts = engine.search_batch_filtered(
-            q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
-            r.list_excludes, None, exact, _filters.LEAF_EXPONENT)
+        if exact is not None and exact.all() and _filters.gemm_ok(r, nq):
+            store = st.row_data if st.live is not None else st.arrays["reorder_rows"]
+            ids, scores, counts = _filters.exact_batched(st, r, q, store, final_k)
+        else:
+            walk_rows = exact is not None and exact.any() and not (r.lists and not r.list_excludes)
+            ids, scores, counts = engine.search_batch_filtered(
+                q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
+                r.list_excludes, None, exact, _filters.LEAF_EXPONENT,
+                _filters.shared_rows(st, r) if walk_rows else None)
         cols = int(counts.max()) if nq else final_k  # one query: its count (no padding)
         ids, scores = ids[:, :cols], scores[:, :cols]
         pad = ids == np.uint32(0xFFFFFFFF)
