@@ -249,9 +249,11 @@ def _is_per_query(value) -> bool:
 class Resolved:
     """A batch's filter, as the engine takes it."""
     __slots__ = ("allow", "list_offsets", "list_rows", "list_excludes", "eligible", "lists",
-                 "filter")
+                 "filter", "mask", "count")
 
     def __init__(self):
+        self.mask = None    # bool per row of the shared bitset, when made from one array
+        self.count = None   # its set bits
         self.filter = None  # the Filter whose bits are the shared bitset, if so (caches rows)
         self.allow = None
         self.list_offsets = None
@@ -286,14 +288,17 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
         else:
             rows = _rows_of_ids(call, name, st, _as_id_array(call, name, value, st),
                                 unique=False)
+            words = _words(st)
+            mask = np.zeros(words * 64, bool)
             if name == "allowed":
-                bits = np.zeros(_words(st), np.uint64)
-                _set_bits(bits, rows)
+                mask[rows] = True
                 if st.live is not None:
-                    bits &= ~st.dead[:len(bits)]
+                    mask[:st.num_rows] &= ~_live.dead_mask(st)
             else:
-                bits = _live_bits(st)
-                _clear_bits(bits, rows)
+                mask[:_space(st)] = True if st.live is None else ~_live.dead_mask(st)
+                mask[rows] = False
+            bits = np.packbits(mask, bitorder="little").view(np.uint64)
+            out.mask = mask if shared is None else None
             shared = bits if shared is None else shared & bits
     if "allowed" in lists and "excluded" in lists:
         (ao, ar), (eo, er) = lists["allowed"], lists["excluded"]
@@ -306,7 +311,11 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
     # The engine counts each query's eligible rows exactly (dead rows, duplicates); the
     # estimate here (list lengths) is for the plan only.
     out.allow = shared
-    base = st.n_live if shared is None else _popcount(shared)
+    if out.mask is not None and out.filter is None:
+        out.count = int(np.count_nonzero(out.mask))
+    else:
+        out.mask = None
+    base = st.n_live if shared is None else (out.count if out.count is not None else _popcount(shared))
     if not lists:
         out.eligible = np.full(nq, base, np.int64)
         return out
@@ -366,7 +375,8 @@ def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strat
     else:
         per_entry = C_DOT * d + C_ELIGIBLE
     index_cost = C_CENTROID * L * d + scanned * per_entry + reordered * C_DOT * d
-    walked = (st.n_live if r.allow is None else _popcount(r.allow)) if r.list_excludes else 0
+    walked = (st.n_live if r.allow is None else
+              r.count if r.count is not None else _popcount(r.allow)) if r.list_excludes else 0
     if gemm_ok(r, nq):
         exact_cost = r.eligible * (C_GEMM * d + C_TOPK)
     else:
@@ -382,6 +392,8 @@ def shared_rows(st, r: Resolved) -> np.ndarray | None:
     f = r.filter
     if f is not None and f._rows is not None and f._rows[0] is r.allow:
         return f._rows[1]
+    if r.mask is not None:
+        return np.flatnonzero(r.mask).astype(np.uint32)
     rows = np.flatnonzero(np.unpackbits(r.allow.view(np.uint8), bitorder="little")).astype(np.uint32)
     if f is not None:
         f._rows = (r.allow, rows)
