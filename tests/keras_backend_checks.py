@@ -504,6 +504,34 @@ def check_update_candidates(args):
 
 
 @check
+def check_incremental_update(args):
+    """update_candidates with ids overlapping the current ones applies the difference to
+    the same index (Searcher.update: upsert new and changed, delete dropped; issue 13)."""
+    import keras_rs
+
+    from mipscan.keras import ApproximateRetrieval
+
+    db, queries = _data(300, 8, 4, seed=7)
+    extra, _ = _data(100, 8, 1, seed=8)
+    layer = ApproximateRetrieval(k=5)
+    layer.update_candidates(db, np.arange(1000, 1300))
+    searcher = layer.searcher
+    new_db = np.concatenate([db[100:], extra]).astype(np.float32)
+    new_db[:10] += 0.5  # ten kept candidates change their embedding
+    new_ids = np.arange(1100, 1400)
+    layer.update_candidates(new_db, new_ids)
+    assert layer.searcher is searcher, "the index was rebuilt, not updated"
+    assert searcher.size() == 300 and sorted(searcher.docids) == new_ids.tolist()
+    fresh = keras_rs.layers.BruteForceRetrieval(new_db, new_ids, k=5)
+    got, want = layer(queries), fresh(queries)
+    assert np.array_equal(_np(got[1]), _np(want[1])), (_np(got[1]), _np(want[1]))
+    assert np.allclose(_np(got[0]), _np(want[0]), rtol=1e-5, atol=1e-5)
+    layer.update_candidates(extra, np.arange(5000, 5100))  # no overlap: rebuilt
+    assert layer.searcher is not searcher
+    return "overlapping ids update the index in place; disjoint ids rebuild it"
+
+
+@check
 def check_tutorial_model(args):
     """The Keras-RS tutorials' pattern: the model's build() assigns the candidate tower's
     variable (`retrieval.candidate_embeddings = ...embeddings`), fit() trains it, and

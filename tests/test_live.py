@@ -8,6 +8,7 @@ Run under ThreadSanitizer too: ``SANITIZE=thread tools/sanitize.sh tests/test_li
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -271,15 +272,20 @@ def test_concurrent_searches_see_one_snapshot(data):
     published = [0]  # index of the newest version whose update call returned
     stop = threading.Event()
     errors = []
+    # MIPSCAN_LIVE_STRESS_SECONDS=60: the issue's 8 readers and 1 updater for a minute.
+    stress = float(os.environ.get("MIPSCAN_LIVE_STRESS_SECONDS", "0"))
     steps = 12 if SANITIZED else 40
+    deadline = time.monotonic() + stress
     q = rng.normal(size=(16, 12)).astype(np.float32)
 
     def writer():
         try:
             cur = dict(versions[0])
             nxt_id = n0
-            for step in range(steps):
+            step = 0
+            while step < steps or time.monotonic() < deadline:
                 op = step % 4
+                step += 1
                 if op in (0, 1):
                     m = 40
                     vecs = rng.normal(size=(m, 12)).astype(np.float32)
@@ -287,16 +293,20 @@ def test_concurrent_searches_see_one_snapshot(data):
                     if op == 1:  # half replacements of live docids
                         ids[: m // 2] = list(cur)[: m // 2]
                     nxt_id += m
-                    s.upsert(ids, vecs)
                     cur = dict(cur)
                     cur.update(zip(ids, vecs))
+                    # Recorded before the call: a search may see it once the call
+                    # publishes it, before the call returns.
+                    versions.append(cur)
+                    s.upsert(ids, vecs)
                 elif op == 2:
                     dels = list(cur)[5:45]
-                    s.delete(dels)
                     cur = {k: v for k, v in cur.items() if k not in set(dels)}
+                    versions.append(cur)
+                    s.delete(dels)
                 else:
+                    versions.append(cur)
                     s.rebalance()
-                versions.append(cur)
                 published[0] = len(versions) - 1
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
@@ -321,7 +331,7 @@ def test_concurrent_searches_see_one_snapshot(data):
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
 
-    readers = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+    readers = [threading.Thread(target=reader, args=(t,)) for t in range(8 if stress else 4)]
     w = threading.Thread(target=writer)
     for th in readers:
         th.start()
@@ -330,4 +340,45 @@ def test_concurrent_searches_see_one_snapshot(data):
     for th in readers:
         th.join()
     assert not errors, errors[0]
-    assert published[0] == steps
+    assert published[0] >= steps
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(SANITIZED or not os.path.exists("/proc/self/statm"),
+                    reason="sanitizers hold freed memory; needs /proc")
+def test_memory_does_not_grow_under_churn_with_searches():
+    """Replacing every point again and again (with searches running and a rebalance per
+    round) keeps the memory of one index: old snapshots are freed when unused."""
+    rng = np.random.default_rng(2)
+    n, d = 20_000, 32
+    s = mipscan.builder(rng.normal(size=(n, d)).astype(np.float32), 10, "dot_product") \
+        .tree(100, 10, incremental_threshold=0.2).score_ah(2).reorder(100).build(docids=list(range(n)))
+    q = rng.normal(size=(64, d)).astype(np.float32)
+    stop = threading.Event()
+
+    def searching():
+        while not stop.is_set():
+            s.search_batched(q)
+
+    th = threading.Thread(target=searching)
+    th.start()
+    try:
+        rss = []
+        for _ in range(6):
+            for b in range(0, n, 2048):
+                s.upsert(list(range(b, min(b + 2048, n))),
+                         rng.normal(size=(min(2048, n - b), d)).astype(np.float32))
+            s.delete(list(range(0, n, 10)))
+            s.upsert(list(range(0, n, 10)), rng.normal(size=(len(range(0, n, 10)), d)).astype(np.float32))
+            s.rebalance()
+            rss.append(_rss())
+    finally:
+        stop.set()
+        th.join()
+    growth = rss[-1] - rss[1]
+    assert growth < 32 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 4 rounds: {rss}"
+    assert s.size() == n

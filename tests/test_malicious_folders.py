@@ -47,6 +47,13 @@ LAYOUTS = {
     "soar_ah_l2_reorder": ("squared_l2", lambda b: b.tree(8, 3, min_partition_size=1,
                                                           soar_lambda=1.5).score_ah(2).reorder(30)),
     "ah_l2": ("squared_l2", lambda b: b.score_ah(3)),
+    # Format version 2 (issue 13): docids, from an index updated before it was written
+    # (compacted on write), with int and with string docids.
+    "live_ah_reorder_intids": ("dot_product",
+                               lambda b: b.tree(8, 3, min_partition_size=1).score_ah(2).reorder(30),
+                               "int"),
+    "live_bf_strids": ("cosine", lambda b: b.tree(8, 3, min_partition_size=1).score_brute_force(),
+                       "str"),
 }
 if LONG:
     LAYOUTS.update({
@@ -68,9 +75,16 @@ def pristine(tmp_path_factory):
     db = rng.normal(size=(N, D)).astype(np.float32)
     root = tmp_path_factory.mktemp("malicious")
     out = {}
-    for name, (metric, stages) in LAYOUTS.items():
+    for name, (metric, stages, *kind) in LAYOUTS.items():
         path = root / name
-        stages(mipscan.builder(db, 10, metric)).build().serialize(path)
+        if not kind:
+            stages(mipscan.builder(db, 10, metric)).build().serialize(path)
+        else:
+            ids = (lambda i: 1000 + 7 * i) if kind[0] == "int" else (lambda i: f"doc-{i}-\u00e9")
+            s = stages(mipscan.builder(db, 10, metric)).build(docids=[ids(i) for i in range(N)])
+            s.upsert([ids(i) for i in range(N, N + 20)], rng.normal(size=(20, D)).astype(np.float32))
+            s.delete([ids(i) for i in range(0, 30, 3)])
+            s.serialize(path)
         out[name] = path
     return out
 
@@ -238,6 +252,8 @@ CHECKER = textwrap.dedent(r"""
         s = mipscan.load_searcher(folder)
         cfg, arrays = s.config, s._arrays
         n, d, metric = s.n, s.d, s.distance_measure
+        # Version 2: results are docids; docids[i] is row i of a loaded folder.
+        pos = None if s.docids is None else {v: i for i, v in enumerate(s.docids)}
         q = rng.normal(size=(6, d)).astype(np.float32)
         qm = normalize_rows(q) if metric == "cosine" else q
         if metric == "squared_l2":
@@ -260,8 +276,11 @@ CHECKER = textwrap.dedent(r"""
         for kw in settings:
             for method in ("search_batched", "search_batched_parallel"):
                 r = getattr(s, method)(q, **kw)
-                k = kw.get("final_num_neighbors", s.num_neighbors)
+                k = min(kw.get("final_num_neighbors", s.num_neighbors), n)  # min(k, n) results
                 ids, sc = np.asarray(r.indices), np.asarray(r.distances)
+                if pos is not None:
+                    ids = np.array([[pos.get(v, n) for v in row] for row in ids.tolist()],
+                                   np.int64).reshape(ids.shape)
                 why = None
                 if ids.shape != (len(q), k) or sc.shape != (len(q), k):
                     why = f"shape {ids.shape} {sc.shape}"

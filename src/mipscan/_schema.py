@@ -218,6 +218,9 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception],
         if version < 2:
             raise bad(f"config.{DOCIDS_KEY}", "docids need format version 2")
         field(DOCIDS_KEY, Options(("int", "str")))
+    elif version >= 2:
+        raise bad("format_version", f"{version} is written for an index with docids, but "
+                                    f"config.{DOCIDS_KEY} is missing")
     field("distance_measure", Options(DISTANCE_MEASURES))
     field("seed", Interval(int, 0, None))
     seconds = field("build_seconds", Interval(float, 0.0, None))

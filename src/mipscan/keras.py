@@ -503,8 +503,41 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             candidate_embeddings = _to_numpy("candidate_embeddings", linked.value)
         ids = None if candidate_ids is None else _ids_array(candidate_ids)
         emb, ids = self._checked_candidates(_embeddings_array(candidate_embeddings), ids)
-        searcher = self._build_searcher(emb)
+        if linked is None and self._update_in_place(state, emb, ids):
+            return
+        searcher = self._build_searcher(emb, ids)
         self._publish(_Snapshot(searcher, emb.shape[1], emb, ids, linked=linked))
+
+    def _update_in_place(self, state: _Snapshot | None, emb: np.ndarray,
+                         ids: np.ndarray | None) -> bool:
+        """When the new candidate ids overlap the current ones, applies the difference to
+        the current index (one atomic ``Searcher.update``: upsert the new and changed
+        candidates, delete the dropped ones) instead of rebuilding, and publishes the new
+        snapshot. False (nothing done) when it does not apply: no ids, ids not unique, no
+        overlap, another dimension, a searcher without docids, or a candidate count for
+        which the layer would build another kind of index (brute force vs tree)."""
+        if (state is None or state.searcher is None or state.linked is not None or ids is None
+                or state.ids is None or state.embeddings is None
+                or state.embeddings.shape[1] != emb.shape[1]
+                or not getattr(state.searcher, "has_docids", False)):
+            return False
+        if len(np.unique(ids)) != len(ids):
+            return False
+        old_pos = {int(v): i for i, v in enumerate(state.ids.tolist())}
+        new_ids = ids.tolist()
+        if not any(v in old_pos for v in new_ids):
+            return False
+        kinds = {"tree", "score_ah", "score_brute_force", "reorder"}
+        current = set(state.searcher.config) & kinds
+        if set(self.index_config(*emb.shape)) & kinds != current:
+            return False
+        new_set = set(new_ids)
+        dropped = [v for v in old_pos if v not in new_set]
+        changed = [i for i, v in enumerate(new_ids)
+                   if v not in old_pos or not np.array_equal(state.embeddings[old_pos[v]], emb[i])]
+        state.searcher.update([new_ids[i] for i in changed], emb[changed], delete=dropped)
+        self._publish(_Snapshot(state.searcher, emb.shape[1], emb, ids))
+        return True
 
     def _checked_candidates(self, emb: np.ndarray, ids: np.ndarray | None):
         """Owned, read-only (n, d) float32 candidates and (n,) int32 ids (None: the
@@ -568,14 +601,18 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         config["reorder"] = {"reordering_num_neighbors": min(max(reorder, k), n)}
         return config
 
-    def _build_searcher(self, emb: np.ndarray):
+    def _build_searcher(self, emb: np.ndarray, ids: np.ndarray | None = None):
         """Builds a searcher over emb (n, d), an owned read-only float32 array (so the
-        index may share it: build(copy=False))."""
+        index may share it: build(copy=False)). Unique ids become the index's docids
+        (its results are then the ids, and update_candidates can update it in place)."""
         n, d = emb.shape
         b = mipscan.builder(emb, min(self.k, n), self.distance_measure).set_seed(self.seed)
         for stage, kwargs in self.index_config(n, d).items():
             b = getattr(b, stage)(**kwargs)
-        return b.build(copy=False)
+        docids = None
+        if ids is not None and len(np.unique(ids)) == len(ids):
+            docids = ids.tolist()
+        return b.build(copy=False, docids=docids)
 
     def _use_searcher(self, searcher: Any, candidate_embeddings: Any, candidate_ids: Any) -> None:
         """Adopts an already built searcher (and optional candidates and ids)."""
@@ -646,7 +683,10 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                   else searcher.search_batched)
         result = search(flat, final_num_neighbors=self.k)
         rows = result.indices.astype(np.int64)
-        ids = rows if state.ids is None else state.ids[rows]
+        if getattr(searcher, "has_docids", False):
+            ids = rows  # a searcher with docids returns the ids themselves
+        else:
+            ids = rows if state.ids is None else state.ids[rows]
         return (np.asarray(result.distances, np.float32).reshape(shape),
                 ids.astype(ids_dtype).reshape(shape))
 
@@ -693,7 +733,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 and np.array_equal(state.embeddings, values):
             return state
         emb, ids = self._checked_candidates(values, state.ids)
-        new = _Snapshot(self._build_searcher(emb), emb.shape[1], emb, ids, linked=state.linked)
+        new = _Snapshot(self._build_searcher(emb, ids), emb.shape[1], emb, ids, linked=state.linked)
         self._publish(new)
         return new
 

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 
 from mipscan import _filters, _live, _mipscan
 from mipscan._io import read_index, write_index
-from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays
+from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays, mips_width
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -59,15 +60,6 @@ class Searcher:
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
-        tree = config.get("tree")
-        self.num_leaves = len(arrays["centroids"])
-        self.num_leaves_to_search = min(tree["num_leaves_to_search"], self.num_leaves) if tree else 1
-        # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts, even
-        # when small partitions were merged at build time (min_partition_size); searches
-        # clamp it to the leaves built.
-        self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
-        reorder = config.get("reorder")
-        self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
                                *(arrays.get(k) for k in _OPTIONAL), n=n)
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
@@ -75,7 +67,8 @@ class Searcher:
         # self._state once and search that snapshot (see mipscan._live).
         self._write_lock = threading.Lock()
         self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
-                                  index=index, arrays=arrays)
+                                  index=index, arrays=arrays,
+                                  **_search_shape(config, len(arrays["centroids"])))
         self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
 
     # State of the published snapshot (static names kept for the code that reads them).
@@ -88,6 +81,19 @@ class Searcher:
     @property
     def n(self) -> int:
         return self._state.n_live
+
+    # Per snapshot: an autopilot phase change or a rebalance may change them.
+    @property
+    def num_leaves(self) -> int:
+        return self._state.num_leaves
+
+    @property
+    def num_leaves_to_search(self) -> int:
+        return self._state.leaves_to_search
+
+    @property
+    def reordering_num_neighbors(self) -> int | None:
+        return self._state.reorder_k
 
     @property
     def _index(self):
@@ -251,13 +257,12 @@ class Searcher:
         st = self._state  # one snapshot for the whole search (mipscan._live)
         n = st.n_live
         final_k = self._k(call, final_k, n)
-        default_pre = self.reordering_num_neighbors or final_k
+        default_pre = st.reorder_k or final_k
         pre_k = default_pre if pre_k is None else check_int(
             call, "pre_reorder_num_neighbors", pre_k, 1, None)
         pre_k = max(1, min(pre_k, n))
-        configured = self._configured_leaves
-        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, check_int(
-            call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
+        leaves = st.leaves_to_search if leaves is None else min(st.num_leaves, check_int(
+            call, "leaves_to_search", leaves, 1, st.configured_leaves, high_name="num_leaves"))
         nq = len(queries)
         if final_k == 0:
             return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
@@ -271,7 +276,7 @@ class Searcher:
         q = self._to_mips(queries)
         if st.live is not None:
             ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads)
-        elif self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
+        elif st.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
             ids, scores = st.index.search_batch(q, None, leaves, pre_k, final_k, threads)
         else:
             ids = np.empty((nq, final_k), np.uint32)
@@ -375,33 +380,7 @@ class Searcher:
         """
         call = "upsert()"
         check_int(call, "batch_size", batch_size, 1, None)
-        with self._write_lock:
-            st = self._state
-            ids = self._docid_list(call, st, docids)
-            vectors = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
-            if vectors.ndim == 1:
-                vectors = vectors[None, :]
-            vectors = as_float_array(call, "vectors", vectors, 2, d=self.d)
-            if len(vectors) != len(ids):
-                raise ValueError(f"{call}: got {len(ids)} docids but {len(vectors)} vectors")
-            if self.distance_measure == "cosine" and not np.all(np.einsum("ij,ij->i", vectors, vectors) > 0):
-                row = int(np.argmin(np.einsum("ij,ij->i", vectors, vectors) > 0))
-                raise ValueError(f"{call}: vector of docid {ids[row]!r} is zero; cosine needs a direction")
-            from mipscan._build import to_mips_rows
-            if st.live is None:
-                st = _live.to_live(st, self.num_threads)
-            rows_of = self._rows_of
-            replaced = np.array([rows_of[i] for i in ids if i in rows_of], np.int64)
-            base = st.num_rows
-            nxt = _live.apply(st, to_mips_rows(vectors, self.distance_measure), ids, replaced,
-                              np.zeros(0, np.int64), self.num_threads, self._incremental())
-            nxt, renumbered = self._autopilot_phase(nxt)
-            self._state = nxt  # publish
-            if renumbered:
-                self._reindex(nxt)
-            else:
-                for i, docid in enumerate(ids):
-                    rows_of[docid] = base + i
+        self._update(call, docids, vectors, [])
 
     def delete(self, docids) -> None:
         """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
@@ -411,28 +390,66 @@ class Searcher:
             KeyError: a docid not in the index (named; nothing is deleted).
             ValueError: a docid repeated in the batch; an index built without docids.
         """
-        call = "delete()"
+        self._update("delete()", [], None, docids)
+
+    def update(self, docids, vectors, delete=()) -> None:
+        """:meth:`upsert` of ``docids`` / ``vectors`` and :meth:`delete` of ``delete``
+        in one atomic call (searches see neither half alone). A docid may not be in both.
+        Raises as those two."""
+        self._update("update()", docids, vectors, delete)
+
+    @property
+    def has_docids(self) -> bool:
+        """True when searches return docids (the index was built or loaded with them)."""
+        return self._state.docids is not None
+
+    def _update(self, call, up, vectors, dels) -> None:
         with self._write_lock:
             st = self._state
-            ids = self._docid_list(call, st, docids)
+            up_ids = self._docid_list(call, st, up) if vectors is not None else []
+            del_ids = self._docid_list(call, st, dels)
             rows_of = self._rows_of
-            for docid in ids:
+            for docid in del_ids:
                 if docid not in rows_of:
                     raise KeyError(f"{call}: docid {docid!r} is not in the index; nothing was deleted")
-            if not ids:
+            both = set(up_ids) & set(del_ids)
+            if both:
+                raise ValueError(f"{call}: docid {next(iter(both))!r} is both upserted and deleted")
+            width = mips_width(self.d, self.distance_measure)
+            mips = np.zeros((0, width), np.float32)
+            if vectors is not None:
+                vectors = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+                if vectors.ndim == 1:
+                    vectors = vectors[None, :]
+                if len(up_ids) or vectors.size:
+                    vectors = as_float_array(call, "vectors", vectors, 2, d=self.d)
+                    if len(vectors) != len(up_ids):
+                        raise ValueError(f"{call}: got {len(up_ids)} docids but {len(vectors)} vectors")
+                    if self.distance_measure == "cosine":
+                        norms = np.einsum("ij,ij->i", vectors, vectors)
+                        if not np.all(norms > 0):
+                            raise ValueError(f"{call}: vector of docid {up_ids[int(np.argmin(norms > 0))]!r} "
+                                             "is zero; cosine needs a direction")
+                    from mipscan._build import to_mips_rows
+                    mips = np.ascontiguousarray(to_mips_rows(vectors, self.distance_measure), np.float32)
+            if not up_ids and not del_ids:
                 return
             if st.live is None:
                 st = _live.to_live(st, self.num_threads)
-            rows = np.array([rows_of[i] for i in ids], np.int64)
-            nxt = _live.apply(st, np.zeros((0, st.row_data.shape[1]), np.float32), [],
-                              np.zeros(0, np.int64), rows, self.num_threads, self._incremental())
+            replaced = np.array([rows_of[i] for i in up_ids if i in rows_of], np.int64)
+            deleted = np.array([rows_of[i] for i in del_ids], np.int64)
+            base = st.num_rows
+            nxt = _live.apply(st, mips, up_ids, replaced, deleted, self.num_threads,
+                              self._incremental())
             nxt, renumbered = self._autopilot_phase(nxt)
             self._state = nxt  # publish
             if renumbered:
                 self._reindex(nxt)
             else:
-                for docid in ids:
+                for docid in del_ids:
                     del rows_of[docid]
+                for i, docid in enumerate(up_ids):
+                    rows_of[docid] = base + i
 
     def rebalance(self, config=None) -> str:
         """Compacts and retrains, as ScaNN's ``rebalance``: a fresh build (same
@@ -498,17 +515,8 @@ class Searcher:
         arrays = build_arrays(np.ascontiguousarray(space, np.float32), config, self.num_threads)
         config["build_seconds"] = st.config.get("build_seconds", 0.0)
         fresh = Searcher(config, arrays, self.num_threads)
-        self._adopt_shape(fresh)
         store = st.docids[rows].copy()
-        return _live.State(config=fresh._state.config, n_live=n, docids=store,
-                           docid_kind=st.docid_kind, index=fresh._state.index,
-                           arrays=fresh._state.arrays)
-
-    def _adopt_shape(self, other: "Searcher") -> None:
-        self.num_leaves = other.num_leaves
-        self.num_leaves_to_search = other.num_leaves_to_search
-        self._configured_leaves = other._configured_leaves
-        self.reordering_num_neighbors = other.reordering_num_neighbors
+        return replace(fresh._state, docids=store, docid_kind=st.docid_kind)
 
     def _autopilot_phase(self, st):
         """(state, renumbered): an autopilot(ONLINE_INCREMENTAL) index that crossed the
@@ -636,3 +644,15 @@ def _compact(st) -> tuple[dict, dict, list | None]:
     config = _live.SearcherConfig(st.config)
     config["n"] = len(keep)
     return config, arrays, st.docids[keep].tolist()
+
+
+def _search_shape(config: dict, num_leaves: int) -> dict:
+    """The per-snapshot search defaults (State fields) of an index of this config."""
+    tree, reorder = config.get("tree"), config.get("reorder")
+    return {"num_leaves": num_leaves,
+            "leaves_to_search": min(tree["num_leaves_to_search"], num_leaves) if tree else 1,
+            # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts,
+            # even when small partitions were merged at build time (min_partition_size);
+            # searches clamp it to the leaves built.
+            "configured_leaves": max(num_leaves, tree["num_leaves"] if tree else 1),
+            "reorder_k": reorder["reordering_num_neighbors"] if reorder else None}
