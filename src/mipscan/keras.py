@@ -848,6 +848,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
         ex = np.asarray(excluded).astype(np.int64).reshape(len(flat), -1)
         lists = []
+        has_docids = getattr(state.searcher, "has_docids", False)
         if state.ids is None:
             n = state.searcher.size()
             for row in ex:
@@ -858,7 +859,9 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             for row in ex:
                 row = row[row >= 0]
                 pos = np.minimum(np.searchsorted(sorted_ids, row), len(sorted_ids) - 1)
-                lists.append(order[pos[sorted_ids[pos] == row]])
+                present = order[pos[sorted_ids[pos] == row]]
+                # a searcher with docids takes (and returns) the ids themselves
+                lists.append(state.ids[present].astype(np.int64) if has_docids else present)
         searcher = state.searcher
         search = (searcher.search_batched_parallel if len(flat) >= _PARALLEL_MIN_QUERIES
                   else searcher.search_batched)
@@ -870,7 +873,10 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         scores[:, :cols] = result.distances
         if self.distance_measure == "squared_l2":
             scores[rows < 0] = np.inf
-        ids = rows if state.ids is None else np.where(rows >= 0, state.ids[np.maximum(rows, 0)], -1)
+        if has_docids or state.ids is None:
+            ids = rows
+        else:
+            ids = np.where(rows >= 0, state.ids[np.maximum(rows, 0)], -1)
         return scores.reshape(shape), ids.astype(ids_dtype).reshape(shape)
 
     def _check_query_shape(self, shape, dim: int | None = None) -> None:
