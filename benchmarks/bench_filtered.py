@@ -163,11 +163,9 @@ def run(args):
                     bits = np.zeros((n + 7) // 8, np.uint8)
                     np.bitwise_or.at(bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
                     return bits
-                sels = ([faiss.IDSelectorBitmap(n, faiss.swig_ptr(b)) for b in [bitmap(shared)]]
-                        if shared is not None else None)
+                # the bitmaps must outlive the selectors (faiss keeps a raw pointer)
                 bms = [bitmap(r) for r in per] if shared is None else [bitmap(shared)]
-                if sels is None:
-                    sels = [faiss.IDSelectorBitmap(n, faiss.swig_ptr(b)) for b in bms]
+                sels = [faiss.IDSelectorBitmap(n, faiss.swig_ptr(b)) for b in bms]
                 for nprobe in sorted({1, 4, 16, 32, 64, 128, L} & set(range(1, L + 1))):
                     if shared is not None:
                         p = faiss.SearchParametersIVF(sel=sels[0], nprobe=nprobe)
