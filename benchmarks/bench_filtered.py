@@ -106,7 +106,8 @@ def run(args):
         ivf.add(train)
         t0 = time.perf_counter()
         hn = hnswlib.Index(space="ip", dim=d)
-        hn.init_index(max_elements=n, M=16, ef_construction=100, random_seed=0)
+        hn.init_index(max_elements=n, M=16, ef_construction=args.hnsw_ef_construction,
+                      random_seed=0)
         hn.add_items(train, np.arange(n), num_threads=1)
         build_h = time.perf_counter() - t0
     print(f"# {ds.name}: {n} x {d}, {len(Q)} queries; mipscan build {build_m:.1f} s, "
@@ -292,6 +293,8 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--out", default=None, help="FILE (writes FILE.md and FILE.json)")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--hnsw-ef-construction", type=int, default=100,
+                    help="hnswlib build quality (lower builds faster on a busy machine)")
     args = ap.parse_args(argv)
     if args.calibrate:
         calibrate(args)
