@@ -658,20 +658,28 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
   size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
-  size_t need = keep;  // entries to have offered before stopping (eligible ones if kF)
+  const size_t need = keep;  // entries to have offered before stopping (eligible ones if kF)
+  size_t seen = 0;  // entries scanned so far (eligible ones if kF): every one was offered
   QueryFilter f;
+  // Filtered: leaves count by their eligible share (eff: the sum over scanned leaves of
+  // eligible entries / entries), and the search goes on until eff reaches
+  // leaves_to_search * frac^(1 - exponent) (frac: the eligible share of all rows). A
+  // random filter then scans leaves_to_search * frac^-exponent leaves (its eligible rows
+  // are spread thinly); a filter whose rows sit in a few leaves far from the query scans
+  // past the leaves without eligible rows and then about as many eligible-rich leaves as
+  // an unfiltered search would: what keeps recall when allowed rows are far away.
+  double eff = 0, eff_target = 0;
   if constexpr (kF) {
-    // FilterSpec::leaf_exponent: more leaves the fewer rows are eligible, and at least the
-    // share of the eligible set that an unfiltered search covers of the whole.
     f = plan->f;
     const double frac = static_cast<double>(avail) / static_cast<double>(ix.n);
-    const double scaled = std::ceil(static_cast<double>(first) *
-                                    std::pow(frac, -static_cast<double>(plan->leaf_exponent)));
+    const double a = static_cast<double>(plan->leaf_exponent);
+    eff_target = static_cast<double>(first) * std::pow(frac, 1.0 - a);
+    const double scaled = std::ceil(static_cast<double>(first) * std::pow(frac, -a));
     first = !(scaled < static_cast<double>(L)) ? L : std::max(first, static_cast<size_t>(scaled));
-    const double cover = std::ceil(static_cast<double>(avail) * static_cast<double>(p.leaves_to_search) /
-                                   static_cast<double>(L));
-    need = std::max(keep, static_cast<size_t>(cover));
   }
+  auto done = [&](size_t r) {
+    return kF ? (seen >= need && eff >= eff_target) : (r + 1 >= first && seen >= need);
+  };
   reserve_for(ix, keep, s);
   select_leaves(ix, kn, q, precomputed, first, s);
 
@@ -681,10 +689,9 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
   const bool live = ix.leaf_rows != nullptr;
   if (ah) ql = build_lut(ix, q, s);
-  size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
-      if (seen >= need) break;
+      if (kF ? done(r) : seen >= need) break;
       sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
@@ -699,7 +706,10 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
         e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
       }
       seen += kF ? e : ix.leaf_live[leaf];
-      if (r + 1 >= first && seen >= need) break;
+      if constexpr (kF) {
+        if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+      }
+      if (done(r)) break;
       continue;
     }
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
@@ -719,7 +729,10 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
       e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
     }
     seen += kF ? e : size;
-    if (r + 1 >= first && seen >= need) break;
+    if constexpr (kF) {
+      if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
+    }
+    if (done(r)) break;
   }
   const size_t nc = cand.finish_unsorted();
   size_t nr = nc;  // candidate rows: s.rows / s.row_scores
