@@ -115,7 +115,7 @@ def run(args):
     rows_out = []
     leaves_grid = sorted({max(1, round(L * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.4)})
     with common.pinned_threads(1):
-        for kind in ("random", "far"):
+        for kind in args.kinds.split(","):
             for frac in FRACTIONS:
                 shared, per = make_filters(train, Q, centroids, kind, frac, rng)
                 gt = _exact(train, Q, per, k)
@@ -296,6 +296,7 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--out", default=None, help="FILE (writes FILE.md and FILE.json)")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--kinds", default="random,far", help="allowed-set kinds to run")
     ap.add_argument("--quick", action="store_true", help="mipscan's forced index plan at one knob only")
     ap.add_argument("--hnsw-ef-construction", type=int, default=100,
                     help="hnswlib build quality (lower builds faster on a busy machine)")
