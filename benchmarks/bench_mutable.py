@@ -41,8 +41,8 @@ def _qps(fn, nq: int, repeats: int) -> float:
 
 
 def _knobs(n: int) -> dict:
-    # The GloVe knobs (300 leaves, 30 searched, AH 2, reorder 250), scaled to n:
-    # sqrt(n) leaves (300 at 90,000), a tenth searched.
+    # The GloVe knobs (300 leaves, 30 searched, AH 2, reorder 250), scaled to the
+    # base size n: sqrt(n) leaves (300 at 90,000), a tenth searched.
     leaves = max(10, int(round(math.sqrt(n))))
     return {"leaves": leaves, "search": max(1, leaves // 10), "reorder": 250}
 
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     keep = np.setdiff1d(np.arange(len(train)), np.arange(0, len(train), 4))
     scores = test @ train[keep].T
     truth = keep[np.argsort(-scores, axis=1)[:, :args.k]]
-    knobs = _knobs(len(keep))
+    knobs = _knobs(len(train))
     results = {"dataset": ds.name, "n": len(train), "final_n": len(keep), "nq": len(test),
                "batch": args.batch, "knobs": knobs, "systems": {}}
     with pinned_threads(1):

@@ -498,8 +498,9 @@ def test_fuzz_build_and_search(cfg_db, data):
                   ).astype(np.float32)
     if data.draw(st.booleans()):
         q[0] = db[data.draw(st.integers(0, n - 1))]  # a query equal to a datapoint
-    problems = [count_problem(k, "final_num_neighbors", 1, n, allow_none=True),
-                count_problem(pre, "pre_reorder_num_neighbors", 1, n, allow_none=True),
+    # Counts above n are valid: min(k, n) results (issue 13, as ScaNN).
+    problems = [count_problem(k, "final_num_neighbors", 1, None, allow_none=True),
+                count_problem(pre, "pre_reorder_num_neighbors", 1, None, allow_none=True),
                 count_problem(leaves, "leaves_to_search", 1, configured, allow_none=True)]
     kw = dict(final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves)
     a = expect_outcome(problems, lambda: s.search_batched(q, **kw))
@@ -508,7 +509,7 @@ def test_fuzz_build_and_search(cfg_db, data):
     singles = [expect_outcome(problems, lambda i=i: s.search(q[i], **kw)) for i in range(nq)]
     if a is None:
         return
-    kk = cfg["num_neighbors"] if k is None else int(k)
+    kk = min(n, cfg["num_neighbors"] if k is None else int(k))
     pre_k = int(pre) if pre is not None else (cfg.get("reorder", {}).get(
         "reordering_num_neighbors") or kk)
     all_leaves = min(leaves if leaves is not None else s.num_leaves_to_search,
@@ -549,8 +550,15 @@ def test_fuzz_search_inputs(searchers, metric, data, method):
     q = data.draw(any_array(ndim, d=5, n_max=6, d_max=7, valid_only=data.draw(st.booleans())))
     name = "q" if method == "search" else "queries"
     problem = array_problem(q, name, (ndim,), 5)
+    empty_batch = (ndim == 2 and isinstance(q, np.ndarray) and q.ndim == 2 and q.shape == (0, 5)
+                   and q.dtype.kind == "f")
+    if empty_batch:  # (0, d) queries: empty (0, k) results, as faiss and hnswlib (issue 13)
+        problem = None
     res = expect_outcome([problem], lambda: getattr(s, method)(q))
     if res is None:
+        return
+    if empty_batch:
+        assert res.indices.shape == res.distances.shape == (0, s.num_neighbors)
         return
     q32 = np.asarray(q, np.float32).reshape(-1, 5)
     ids, dist = res

@@ -205,7 +205,6 @@ def test_incremental_threshold_retrains_drifted_leaves(data):
     base = db[:2000]
     s = mipscan.builder(base, 10, "dot_product").tree(20, 4, incremental_threshold=0.2).score_ah(2) \
         .reorder(100).build(docids=list(range(2000)))
-    c0 = s._state.config  # noqa: F841 (the config never changes with retraining)
     shifted = (rng.normal(size=(1500, 12)) + 3.0).astype(np.float32)  # data drifts away
     for b in range(0, 1500, 256):
         s.upsert(list(range(2000 + b, 2000 + b + len(shifted[b:b + 256]))), shifted[b:b + 256])

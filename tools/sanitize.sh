@@ -6,7 +6,7 @@
 #   tools/sanitize.sh                 # ASan+UBSan: build (if needed) + the default tests
 #   tools/sanitize.sh tests/test_fuzz.py -x   # extra arguments go to pytest
 #   SANITIZE_REBUILD=1 tools/sanitize.sh      # force a rebuild of the instrumented module
-#   SANITIZE=thread tools/sanitize.sh         # ThreadSanitizer over tests/test_concurrency.py
+#   SANITIZE=thread tools/sanitize.sh         # ThreadSanitizer over tests/test_concurrency.py and tests/test_live.py
 #   SANITIZE=thread tools/sanitize.sh tests/test_engine_robustness.py   # or other tests
 #
 # ThreadSanitizer (SANITIZE=thread): the extension (and nanobind) are built with
@@ -108,7 +108,7 @@ if [ "$MODE" = thread ]; then
   # pool of its own), which TSan otherwise refuses.
   export TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:report_signal_unsafe=0:die_after_fork=0:suppressions=$ROOT/tools/tsan.supp"
   if [ "$#" -eq 0 ]; then
-    set -- tests/test_concurrency.py -q -p no:cacheprovider
+    set -- tests/test_concurrency.py tests/test_live.py -q -p no:cacheprovider
   fi
 else
   # halt_on_error: the first finding fails the run with a stack trace.

@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from mipscan import _live
+from mipscan import _live, _mipscan
 
 #: Per-unit costs (ns), one thread, measured with ``bench_filtered.py --calibrate`` on
 #: GloVe-50 (d=50, 25 AH blocks, 300 leaves) on the development machine.
@@ -409,7 +409,6 @@ def exact_batched(st, r: Resolved, q: np.ndarray, rows_store: np.ndarray, k: int
     """The exact plan of a batch sharing one filter: the eligible rows gathered once
     (cached on a Filter), scored by one BLAS product per block, C++ top-k. Returns
     (ids (nq, k) uint32 rows, UINT32_MAX padding; scores; counts)."""
-    from mipscan import _mipscan
     rows = shared_rows(st, r)
     f = r.filter
     if f is not None and f._gathered is not None and f._gathered[0] is rows:

@@ -33,7 +33,6 @@ import numpy as np
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS
 from mipscan._training import soar_assign
-from mipscan.brute import normalize_rows
 
 
 #: A drifted leaf (tree(incremental_threshold=...)) is retrained only when its mean moved

@@ -9,8 +9,10 @@ from dataclasses import replace
 import numpy as np
 
 from mipscan import _filters, _live, _mipscan
+from mipscan._build import build_arrays, to_mips_rows
+from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import read_index, write_index
-from mipscan._schema import ARRAYS, CORE_ARRAYS, docids_from_arrays, mips_width
+from mipscan._schema import ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -38,9 +40,19 @@ class Searcher:
     :func:`mipscan.load_searcher`; search with :meth:`search`, :meth:`search_batched` or
     :meth:`search_batched_parallel`. Thread-safe: searches may run concurrently.
 
-    Every search returns exactly ``final_num_neighbors`` results per query: when the
-    searched leaves hold fewer candidates than needed, further leaves are searched in
-    order of their centroid score until there are enough (so k <= n always gives k).
+    Every search returns ``min(final_num_neighbors, size())`` results per query: when the
+    searched leaves hold fewer (live) candidates than needed, further leaves are searched
+    in order of their centroid score until there are enough, so an index with k live
+    points always gives k; an index shrunk (or built) below k gives all it has, as ScaNN
+    does; an empty batch of queries (0, d) gives results of shape (0, k).
+
+    Built with ``docids`` (see :meth:`mipscan.builder`), searches return docids and the
+    index is live: :meth:`upsert`, :meth:`delete`, :meth:`update` and :meth:`rebalance`
+    change it while other threads search. Each update builds the next version aside
+    (copy-on-write of the leaves it touches, a new tombstone bitset) and publishes it with
+    one assignment; a search reads the current version once and uses it to the end, so
+    it sees the index before or after each update call, never a mix, and never waits
+    (updates wait for each other). Layout and ownership: ``mipscan._live``.
 
     A searcher owns its arrays and its thread count (``num_threads``, default
     :func:`mipscan.get_num_threads`; change it with :meth:`set_num_threads`). It pickles
@@ -235,8 +247,9 @@ class Searcher:
     def _empty_batch(self, call, queries, final_k) -> SearchResult | None:
         """An empty batch (0, d) gets empty results (0, k), as faiss and hnswlib give."""
         shape = getattr(queries, "shape", None)
-        if shape is None or len(shape) != 2 or shape[0] != 0:
-            return None
+        if shape is None or len(shape) != 2 or shape[0] != 0 \
+                or getattr(getattr(queries, "dtype", None), "kind", None) != "f":
+            return None  # as_float_array checks (and refuses) everything else
         if shape[1] != self.d:
             raise ValueError(f"{call}: queries has {shape[1]} features, but the index "
                              f"expects {self.d} features")
@@ -430,7 +443,6 @@ class Searcher:
                         if not np.all(norms > 0):
                             raise ValueError(f"{call}: vector of docid {up_ids[int(np.argmin(norms > 0))]!r} "
                                              "is zero; cosine needs a direction")
-                    from mipscan._build import to_mips_rows
                     mips = np.ascontiguousarray(to_mips_rows(vectors, self.distance_measure), np.float32)
             if not up_ids and not del_ids:
                 return
@@ -497,8 +509,6 @@ class Searcher:
 
     def _rebuild(self, st):
         """A static state built afresh on st's live points (same config and seed)."""
-        from mipscan._build import build_arrays
-        from mipscan._policy import suggest_config
         rows = _live.live_rows(st)
         space = _live.space_of(st.row_data[rows], self.distance_measure, self.d)
         config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in st.config.items()}
@@ -508,7 +518,6 @@ class Searcher:
         if auto is not None and auto.get("mode") == "ONLINE_INCREMENTAL":
             for stage in ("tree", "score_ah", "score_brute_force", "reorder"):
                 config.pop(stage, None)
-            from mipscan._schema import check_stage_args
             for stage, kwargs in suggest_config(n, self.d, min(self.num_neighbors, n),
                                                 self.distance_measure).items():
                 config[stage] = check_stage_args(f"{stage}()", stage, (), kwargs)
@@ -521,7 +530,6 @@ class Searcher:
     def _autopilot_phase(self, st):
         """(state, renumbered): an autopilot(ONLINE_INCREMENTAL) index that crossed the
         brute-force size is rebuilt as autopilot would build it now."""
-        from mipscan._policy import BRUTE_FORCE_BELOW
         auto = st.config.get("autopilot")
         if auto is None or auto.get("mode") != "ONLINE_INCREMENTAL" or st.n_live == 0:
             return st, False
