@@ -220,9 +220,20 @@ def test_demo_report(demo_run):
     assert report["data"]["ratings"] == 100_000 and report["data"]["users"] == 943
     assert report["candidates"] == [2682 * 3, 32]
     assert len(report["training"]["loss"]) == 5 and len(report["training"]["val_loss"]) == 1
-    rows = {(r["method"], r["queries"]): r for r in report["rows"]}
+    rows = {(r["method"], r["queries"]): r for r in report["rows"] if "filter" not in r}
     methods = [m for m, _ in cli.METHODS]
     assert set(rows) == {(m, q) for m in methods for q in ("tutorial", "all")}
+    # "excluding rated" (issue 15): exact filtered search, then the filtered methods
+    filtered = {(r["method"], r["queries"]): r for r in report["rows"] if "filter" in r}
+    fmethods = ["numpy exact, excluding rated"] + [m for m, _ in cli.FILTERED_METHODS]
+    assert set(filtered) == {(m, q) for m in fmethods for q in ("tutorial", "all")}
+    for (method, queries), r in filtered.items():
+        assert r["status"] == "ok" and r["excluded_returned"] == 0 and method in output
+        assert r["num_queries"] == (4 if queries == "tutorial" else 943)
+    for q in ("tutorial", "all"):
+        unfiltered = rows[("mipscan searcher (ScaNN API)", q)]["recall"]
+        for m, _ in cli.FILTERED_METHODS:
+            assert filtered[(m, q)]["recall"] >= min(unfiltered, APPROX_RECALL_THRESHOLD), (m, q)
     for (method, queries), r in rows.items():
         assert r["num_queries"] == (4 if queries == "tutorial" else 943)
         assert method in output

@@ -9,6 +9,7 @@ exact reorder) behind ScaNN's API::
 Code written for ScaNN switches by its import: ``from mipscan import scann_ops``.
 """
 
+from mipscan._filters import Filter
 from mipscan._mipscan import simd_level, simd_levels
 from mipscan._policy import suggest_config
 from mipscan._threads import get_num_threads
@@ -30,6 +31,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mipscan' has no attribute {name!r}")
 
 __all__ = [
+    "Filter",
     "ScannBuilder",
     "SearchResult",
     "Searcher",

@@ -43,7 +43,7 @@ try:
 except ImportError as _exc:  # one line naming the extra, not the import's traceback
     raise reraise("mipscan.keras", _exc) from None
 
-__all__ = ["ApproximateRetrieval"]
+__all__ = ["ApproximateRetrieval", "pad_ids"]
 
 # A size at which mipscan.suggest_config always proposes a tree, AH and a reorder: asked
 # for its share of leaves searched and its reorder depth when the layer's own arguments
@@ -737,12 +737,22 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         self._publish(new)
         return new
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, excluded_ids: Any = None) -> Any:
         """Returns the top candidates for the queries passed as input.
 
         Args:
             inputs: (..., d) query embeddings (usually (batch, d)). Tensors that require
                 grad are detached.
+            excluded_ids: optional (..., m) integer ids that each query must not get
+                back ("never recommend what the user already rated"): candidate ids
+                when the layer has ``candidate_ids``, else candidate row indices; rows
+                padded with -1 (any negative value is ignored, and so is an id that is
+                not a candidate). :func:`mipscan.keras.pad_ids` makes the tensor from
+                ragged lists. The exclusion runs inside the searcher (filtered-out
+                candidates never take a slot), so each query still gets k results when
+                k candidates remain; a query with fewer gets its remaining ones, then
+                id -1 and score -inf. Not supported in linked mode inside a compiled
+                function.
 
         Returns:
             `(top_scores, top_ids)`, each (..., k), if `return_scores` is True (scores
@@ -765,6 +775,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                              "`candidate_embeddings` (or `searcher`) to the constructor or "
                              "call `update_candidates()` first")
         self._check_query_shape(inputs.shape, state.dim)
+        if excluded_ids is not None:
+            return self._call_excluding(inputs, excluded_ids, state)
         queries = inputs
         if keras.backend.standardize_dtype(inputs.dtype) != "float32":
             queries = keras.ops.cast(inputs, "float32")
@@ -789,6 +801,83 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         if self.return_scores:
             return top_scores, top_ids
         return top_ids
+
+    def _call_excluding(self, inputs: Any, excluded_ids: Any, state: _Snapshot) -> Any:
+        """call() with excluded_ids: the ids tensor is a second host-call operand."""
+        if isinstance(excluded_ids, (list, tuple)):
+            excluded_ids = np.asarray(excluded_ids)
+        shape = getattr(excluded_ids, "shape", None)
+        if shape is None or len(shape) != len(inputs.shape) \
+                or tuple(shape[:-1]) != tuple(inputs.shape[:-1]):
+            raise ValueError("ApproximateRetrieval: `excluded_ids` must have shape (..., m) "
+                             f"with the leading dimensions of `inputs` {tuple(inputs.shape[:-1])}; "
+                             f"received {None if shape is None else tuple(shape)}")
+        if keras.backend.standardize_dtype(excluded_ids.dtype) not in (
+                "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+            raise ValueError("ApproximateRetrieval: `excluded_ids` must be integer ids; received "
+                             f"dtype {excluded_ids.dtype}")
+        queries = inputs
+        if keras.backend.standardize_dtype(inputs.dtype) != "float32":
+            queries = keras.ops.cast(inputs, "float32")
+        out_shape = tuple(inputs.shape[:-1]) + (self.k,)
+        ids_dtype = self._ids_dtype()
+        operands = (queries, excluded_ids)
+        if state.linked is not None:
+            candidates = keras.ops.cast(keras.ops.convert_to_tensor(state.linked), "float32")
+            if _is_traced((queries, candidates, excluded_ids)):
+                raise ValueError("ApproximateRetrieval: `excluded_ids` is not supported in "
+                                 "linked mode inside a compiled function; call the layer "
+                                 "eagerly or build it from an array")
+            state = self._sync_linked(state, _to_numpy("candidate_embeddings", candidates))
+        fn = functools.partial(self._search_excluding, ids_dtype=ids_dtype,
+                               state=None if _is_traced(operands) else state)
+        top_scores, top_ids = _host_call(fn, operands, ("float32", ids_dtype), out_shape)
+        if self._scores_dtype() != "float32":
+            top_scores = keras.ops.cast(top_scores, self._scores_dtype())
+        if self.return_scores:
+            return top_scores, top_ids
+        return top_ids
+
+    def _search_excluding(self, queries: np.ndarray, excluded: np.ndarray, ids_dtype: str,
+                          state: _Snapshot | None = None):
+        """As _search, with (..., m) excluded ids per query (negative: padding)."""
+        state = self._state if state is None else state
+        shape = queries.shape[:-1] + (self.k,)
+        flat = self._flat_queries(queries, state.dim)
+        if len(flat) == 0:
+            return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
+        ex = np.asarray(excluded).astype(np.int64).reshape(len(flat), -1)
+        lists = []
+        has_docids = getattr(state.searcher, "has_docids", False)
+        if state.ids is None:
+            n = state.searcher.size()
+            for row in ex:
+                lists.append(row[(row >= 0) & (row < n)])
+        else:
+            order = np.argsort(state.ids, kind="stable")
+            sorted_ids = state.ids[order].astype(np.int64)
+            for row in ex:
+                row = row[row >= 0]
+                pos = np.minimum(np.searchsorted(sorted_ids, row), len(sorted_ids) - 1)
+                present = order[pos[sorted_ids[pos] == row]]
+                # a searcher with docids takes (and returns) the ids themselves
+                lists.append(state.ids[present].astype(np.int64) if has_docids else present)
+        searcher = state.searcher
+        search = (searcher.search_batched_parallel if len(flat) >= _PARALLEL_MIN_QUERIES
+                  else searcher.search_batched)
+        result = search(flat, final_num_neighbors=self.k, excluded=lists)
+        cols = result.indices.shape[1]
+        rows = np.full((len(flat), self.k), -1, np.int64)
+        scores = np.full((len(flat), self.k), -np.inf, np.float32)
+        rows[:, :cols] = result.indices
+        scores[:, :cols] = result.distances
+        if self.distance_measure == "squared_l2":
+            scores[rows < 0] = np.inf
+        if has_docids or state.ids is None:
+            ids = rows
+        else:
+            ids = np.where(rows >= 0, state.ids[np.maximum(rows, 0)], -1)
+        return scores.reshape(shape), ids.astype(ids_dtype).reshape(shape)
 
     def _check_query_shape(self, shape, dim: int | None = None) -> None:
         if len(shape) < 1:
@@ -983,3 +1072,17 @@ def _read_assets(dir_path: str):
             and os.path.exists(os.path.join(dir_path, _EMBEDDINGS_FILE)):
         raise ValueError(f"{_EMBEDDINGS_FILE} is present but {_MANIFEST_FILE} does not list it")
     return searcher, emb, ids
+
+
+def pad_ids(lists, pad: int = -1, width: int | None = None) -> np.ndarray:
+    """Ragged lists of ids (one per query) as a dense (num_lists, width) int32 array
+    padded with ``pad``, for ``ApproximateRetrieval(...)(queries, excluded_ids=...)``.
+    ``width`` defaults to the longest list."""
+    lists = [np.asarray(x, np.int64).ravel() for x in lists]
+    w = max((len(x) for x in lists), default=0) if width is None else int(width)
+    out = np.full((len(lists), w), pad, np.int32)
+    for i, x in enumerate(lists):
+        if len(x) > w:
+            raise ValueError(f"pad_ids: list {i} has {len(x)} ids, more than width={w}")
+        out[i, :len(x)] = x
+    return out

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from mipscan import _live, _mipscan
+from mipscan import _filters, _live, _mipscan
 from mipscan._build import build_arrays, to_mips_rows
 from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import check_state, read_index, write_index
@@ -164,7 +164,8 @@ class Searcher:
 
     # ---------------------------------------------------------------- searching
     def search(self, q, final_num_neighbors=None, pre_reorder_num_neighbors=None,
-               leaves_to_search=None) -> SearchResult:
+               leaves_to_search=None, allowed=None, excluded=None,
+               filter_strategy="auto") -> SearchResult:
         """Neighbours of one query.
 
         Args:
@@ -176,38 +177,64 @@ class Searcher:
                 final_num_neighbors are always kept.
             leaves_to_search: leaves scanned, in [1, num_leaves] (default: the tree's
                 num_leaves_to_search).
+            allowed: only these may be returned: ids (docids for an index built with
+                docids, row numbers otherwise; any iterable or 1-D array), or a
+                :class:`mipscan.Filter` built once and reused. None: all.
+            excluded: ids that must not be returned (as allowed, not a Filter). With
+                both, the eligible ids are allowed minus excluded.
+            filter_strategy: with a filter, "auto" (default) picks per query, by a cost
+                model, between searching the index with the filter (filtered-out rows
+                never take a candidate slot; more leaves are searched the fewer rows are
+                eligible) and scoring the eligible rows exactly; "index" or "exact"
+                forces one ("exact" needs float rows: reorder or a live index, else the
+                index is searched). See mipscan._filters.
 
         Returns:
             SearchResult(indices (k,), distances (k,) float32), best first, with k =
             min(final_num_neighbors, size()): an index shrunk (or built) below k returns
             the results there are, as ScaNN does. indices are uint32 rows, or, for an
             index built with docids, the docids (int64, or str for string docids).
+            Filtered: the best min(k, eligible) eligible ids (an empty allowed set gives
+            empty arrays); rows are then int64.
 
         Raises:
-            TypeError: non-float q, non-int counts. ValueError: wrong shape, NaN/inf,
-            dimension mismatch, counts out of range.
+            TypeError: non-float q, non-int counts, ids of the wrong type.
+            ValueError: wrong shape, NaN/inf, dimension mismatch, counts out of range,
+            an id in allowed/excluded that is not in the index (the first is named).
         """
         call = "search()"
         q = as_float_array(call, "q", q, 1, d=self.d)
         r = self._run(call, q[None, :], final_num_neighbors, pre_reorder_num_neighbors,
-                      leaves_to_search, threads=1)
+                      leaves_to_search, threads=1, allowed=allowed, excluded=excluded,
+                      strategy=filter_strategy, single=True)
         return SearchResult(r.indices[0], r.distances[0])
 
     def search_batched(self, queries, final_num_neighbors=None, pre_reorder_num_neighbors=None,
-                       leaves_to_search=None) -> SearchResult:
+                       leaves_to_search=None, allowed=None, excluded=None,
+                       filter_strategy="auto") -> SearchResult:
         """Neighbours of each row of ``queries`` (nq, d), on the calling thread only.
-        Arguments as :meth:`search`; returns (nq, k) arrays."""
+        Arguments as :meth:`search`; returns (nq, k) arrays.
+
+        ``allowed`` / ``excluded`` are one set shared by all queries (a list or 1-D
+        array of ids, or for allowed a :class:`mipscan.Filter`), or one list of ids per
+        query (a list of nq lists/arrays, or a 2-D array). Filtered results have
+        k = min(final_num_neighbors, size(), the largest eligible count of the batch)
+        columns; a query with fewer eligible ids than that is padded at the end with id
+        -1 (rows and int docids; "" for str docids) and distance -inf (+inf for
+        squared_l2). Rows are then int64."""
         call = "search_batched()"
         empty = self._empty_batch(call, queries, final_num_neighbors)
         if empty is not None:
             return empty
         queries = as_float_array(call, "queries", queries, 2, d=self.d)
         return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
-                         leaves_to_search, threads=1)
+                         leaves_to_search, threads=1, allowed=allowed, excluded=excluded,
+                         strategy=filter_strategy)
 
     def search_batched_parallel(self, queries, final_num_neighbors=None,
                                 pre_reorder_num_neighbors=None, leaves_to_search=None,
-                                batch_size: int = 256) -> SearchResult:
+                                batch_size: int = 256, allowed=None, excluded=None,
+                                filter_strategy="auto") -> SearchResult:
         """As :meth:`search_batched`, on ``num_threads`` threads (C++, GIL released; see
         :meth:`set_num_threads`). ``batch_size`` (an int >= 1) is how many queries get their centroid
         scores from one BLAS product; results do not depend on it."""
@@ -218,7 +245,12 @@ class Searcher:
         queries = as_float_array(call, "queries", queries, 2, d=self.d)
         batch_size = check_int(call, "batch_size", batch_size, 1, None)
         return self._run(call, queries, final_num_neighbors, pre_reorder_num_neighbors,
-                         leaves_to_search, threads=self.num_threads, batch_size=batch_size)
+                         leaves_to_search, threads=self.num_threads, batch_size=batch_size,
+                         allowed=allowed, excluded=excluded, strategy=filter_strategy)
+
+    def make_filter(self, allowed=None, excluded=None) -> "_filters.Filter":
+        """A reusable :class:`mipscan.Filter` over this searcher (see there)."""
+        return _filters.Filter(self, allowed=allowed, excluded=excluded)
 
     def _k(self, call, final_k, n) -> int:
         k = self.num_neighbors if final_k is None else check_int(
@@ -246,7 +278,8 @@ class Searcher:
         out = st.docids[ids]
         return out.astype(str) if st.docid_kind == "str" else out
 
-    def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256) -> SearchResult:
+    def _run(self, call, queries, final_k, pre_k, leaves, threads, batch_size=256,
+             allowed=None, excluded=None, strategy="auto", single=False) -> SearchResult:
         st = self._state  # one snapshot for the whole search (mipscan._live)
         n = st.n_live
         final_k = self._k(call, final_k, n)
@@ -260,6 +293,12 @@ class Searcher:
         if final_k == 0:
             return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
                                 np.zeros((nq, 0), np.float32))
+        if strategy not in _filters.STRATEGIES:
+            raise ValueError(f"{call}: filter_strategy must be one of {list(_filters.STRATEGIES)}; "
+                             f"got {strategy!r}")
+        if allowed is not None or excluded is not None:
+            return self._run_filtered(call, st, queries, final_k, pre_k, leaves, threads,
+                                      allowed, excluded, strategy, single)
         q = self._to_mips(queries)
         if st.live is not None:
             ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads)
@@ -275,6 +314,38 @@ class Searcher:
                 ids[b:b + len(qb)], scores[b:b + len(qb)] = st.index.search_batch(
                     qb, leaf_scores, leaves, pre_k, final_k, threads)
         return SearchResult(self._ids_out(st, ids), self._from_mips(queries, scores))
+
+    def _run_filtered(self, call, st, queries, final_k, pre_k, leaves, threads, allowed,
+                      excluded, strategy, single) -> SearchResult:
+        nq = len(queries)
+        r = _filters.resolve(call, st, nq, allowed, excluded, single)
+        engine = st.live if st.live is not None else st.index
+        exact = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy, engine.has_exact_rows)
+        q = self._to_mips(queries)
+        if exact is not None and exact.all() and _filters.gemm_ok(r, nq):
+            store = st.row_data if st.live is not None else st.arrays["reorder_rows"]
+            ids, scores, counts = _filters.exact_batched(st, r, q, store, final_k)
+        else:
+            walk_rows = exact is not None and exact.any() and not (r.lists and not r.list_excludes)
+            ids, scores, counts = engine.search_batch_filtered(
+                q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
+                r.list_excludes, None, exact, _filters.LEAF_EXPONENT,
+                _filters.shared_rows(st, r) if walk_rows else None)
+        cols = int(counts.max()) if nq else final_k  # one query: its count (no padding)
+        ids, scores = ids[:, :cols], scores[:, :cols]
+        pad = ids == np.uint32(0xFFFFFFFF)
+        if st.docids is None:
+            out = ids.astype(np.int64)
+            out[pad] = -1
+        else:
+            out = st.docids[np.where(pad, 0, ids)]
+            if st.docid_kind == "str":
+                out = out.astype(str)
+                out[pad] = ""
+            else:
+                out = out.astype(np.int64)
+                out[pad] = -1
+        return SearchResult(out, self._from_mips(queries, scores))
 
     def _to_mips(self, q: np.ndarray) -> np.ndarray:
         if self.distance_measure == "cosine":

@@ -76,6 +76,68 @@ mipscan::Kernels kernels_at(const std::string& level, const char* call) {
   return k;
 }
 
+// search_batch_filtered for either layout: checks what protects memory (array shapes,
+// list offsets and rows inside the row space), then searches with the GIL released.
+// Returns (ids, scores, counts).
+nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& cache, const mipscan::Kernels& kn,
+                          const In<float, 2>& queries, const std::optional<In<float, 2>>& leaf_scores,
+                          size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+                          const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
+                          const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes,
+                          const std::optional<In<int64_t, 1>>& eligible, const std::optional<In<uint8_t, 1>>& exact,
+                          float leaf_exponent, const std::optional<In<uint32_t, 1>>& shared_rows) {
+  const size_t nq = queries.shape(0);
+  const size_t space = v.dead != nullptr ? v.num_rows : v.n;
+  require(queries.shape(1) == v.d, "search_batch_filtered: queries have the wrong dimension");
+  require(final_k >= 1 && final_k <= v.n, "search_batch_filtered: final_k must be in [1, n]");
+  require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch_filtered: leaves_to_search out of range");
+  require(pre_reorder_k >= 1, "search_batch_filtered: pre_reorder_k must be >= 1");
+  require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
+          "search_batch_filtered: leaf_scores must be (nq, num_leaves)");
+  require(!allow || allow->shape(0) * 64 >= space, "search_batch_filtered: allow must hold one bit per row");
+  if (eligible) {
+    require(eligible->shape(0) == nq, "search_batch_filtered: eligible must have one entry per query");
+    for (size_t i = 0; i < nq; ++i) require(eligible->data()[i] >= 0, "search_batch_filtered: eligible must be >= 0");
+  }
+  require(!exact || exact->shape(0) == nq, "search_batch_filtered: exact must have one entry per query");
+  require(bool(list_offsets) == bool(list_rows), "search_batch_filtered: list_offsets and list_rows go together");
+  if (list_offsets) {
+    const int64_t* off = list_offsets->data();
+    require(list_offsets->shape(0) == nq + 1 && off[0] == 0 && off[nq] == int64_t(list_rows->shape(0)),
+            "search_batch_filtered: list_offsets must run from 0 to len(list_rows), nq + 1 entries");
+    for (size_t i = 0; i < nq; ++i) require(off[i] <= off[i + 1], "search_batch_filtered: list_offsets must not decrease");
+    for (size_t j = 0; j < list_rows->shape(0); ++j)
+      require(list_rows->data()[j] < space, "search_batch_filtered: list_rows out of range");
+  }
+  if (shared_rows) {
+    for (size_t j = 0; j < shared_rows->shape(0); ++j)
+      require(shared_rows->data()[j] < space, "search_batch_filtered: shared_rows out of range");
+  }
+  require(std::isfinite(leaf_exponent) && leaf_exponent >= 0 && leaf_exponent <= 4,
+          "search_batch_filtered: leaf_exponent must be in [0, 4]");
+  auto ids = new_array<uint32_t>(nq, final_k);
+  auto scores = new_array<float>(nq, final_k);
+  auto counts = new_array<uint32_t>(nq);
+  {
+    nb::gil_scoped_release release;
+    mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
+    mipscan::FilterSpec spec;
+    spec.allow = allow ? allow->data() : nullptr;
+    spec.list_offsets = list_offsets ? list_offsets->data() : nullptr;
+    spec.list_rows = list_rows ? list_rows->data() : nullptr;
+    spec.list_excludes = list_excludes;
+    spec.eligible = eligible ? eligible->data() : nullptr;
+    spec.exact = exact ? exact->data() : nullptr;
+    spec.leaf_exponent = leaf_exponent;
+    spec.shared_rows = shared_rows ? shared_rows->data() : nullptr;
+    spec.shared_count = shared_rows ? shared_rows->shape(0) : 0;
+    const float* rows = v.dead != nullptr ? v.row_data : v.reorder_rows;
+    mipscan::search_batch_filtered(v, cache, kn, queries.data(), nq, leaf_scores ? leaf_scores->data() : nullptr,
+                                   p, spec, rows, num_threads, ids.data(), scores.data(), counts.data());
+  }
+  return nb::make_tuple(ids, scores, counts);
+}
+
 // The arrays are not owned (the keep_alive policies below keep each one alive with the
 // view); the search scratch is, and is freed with the Index.
 struct Index {
@@ -403,7 +465,23 @@ NB_MODULE(_mipscan, m) {
              return std::make_pair(ids, scores);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none());
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none())
+      .def("search_batch_filtered",
+           [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+              const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
+              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
+              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
+              const std::optional<In<uint32_t, 1>>& shared_rows) {
+             return filtered_search(ix.view, ix.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
+                                    pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
+                                    list_excludes, eligible, exact, leaf_exponent, shared_rows);
+           },
+           "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
+           "shared_rows"_a.noconvert().none() = nb::none())
+      .def_prop_ro("has_exact_rows", [](const Index& ix) { return ix.view.reorder_rows != nullptr; });
 
   // Live index snapshots (live.h). n (live rows) is given by the caller, who counts them;
   // the rows of the segments and the tombstones must agree with it (Python's _live.py).
@@ -504,5 +582,21 @@ NB_MODULE(_mipscan, m) {
              return std::make_pair(ids, scores);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a);
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a)
+      .def("search_batch_filtered",
+           [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+              const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
+              const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
+              const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
+              const std::optional<In<uint32_t, 1>>& shared_rows) {
+             return filtered_search(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
+                                    pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
+                                    list_excludes, eligible, exact, leaf_exponent, shared_rows);
+           },
+           "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
+           "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
+           "shared_rows"_a.noconvert().none() = nb::none())
+      .def_prop_ro("has_exact_rows", [](const Live& lv) { return lv.view.row_data != nullptr; });
 }

@@ -33,6 +33,16 @@ inline unsigned ctz64(uint64_t x) {
 #endif
 }
 
+inline unsigned popcount64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+  return static_cast<unsigned>(__builtin_popcountll(x));
+#else
+  unsigned c = 0;
+  for (; x != 0; x &= x - 1) ++c;
+  return c;
+#endif
+}
+
 inline unsigned ctz32(uint32_t x) {
 #if defined(__GNUC__) || defined(__clang__)
   return static_cast<unsigned>(__builtin_ctz(x));

@@ -45,6 +45,8 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint32_t> hash;
   std::vector<std::pair<float, uint32_t>> pairs;
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
+  std::vector<uint64_t> allow;  // filtered search: eligible entries of a leaf, per 64-group
+  std::vector<uint64_t> qbits;  // filtered search: a query's list as a bitset (kept all 0)
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -53,6 +55,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
+           b(allow) + b(qbits) +
            candidates.bytes() + final_.bytes();
   }
 };
@@ -236,13 +239,70 @@ void sort_remaining_leaves(size_t first, Scratch& s) {
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
 }
 
-void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                  const QuantLut& ql, Scratch& s, TopKBuffer& top) {
+inline bool bit_set(const uint64_t* bits, uint32_t row) {
+  return ((bits[row >> 6] >> (row & 63)) & 1u) != 0;
+}
+
+inline bool is_dead(const IndexView& ix, uint32_t row) { return bit_set(ix.dead, row); }
+
+// One query's filter (FilterSpec, resolved): a row may enter when allowed by `allow` (null:
+// all) and not named by `deny` (null: none). Dead rows are the live layout's business.
+struct QueryFilter {
+  const uint64_t* allow = nullptr;
+  const uint64_t* deny = nullptr;
+  bool ok(uint32_t row) const {
+    return (allow == nullptr || bit_set(allow, row)) && (deny == nullptr || !bit_set(deny, row));
+  }
+};
+
+// The result handler's half of filtering: per group of kGroup entries of a leaf, the mask
+// of its eligible entries (allowed, and live in a live index); returns how many there are.
+// The scan's candidate masks are ANDed with these, so an ineligible entry is never offered.
+template <class RowAt>
+size_t allow_masks(const IndexView& ix, const QueryFilter& f, size_t count, RowAt row_at,
+                   Scratch& s) {
+  const size_t groups = num_groups(count);
+  if (s.allow.size() < groups) grow(s.allow, groups);
+  // Branch-free per entry (a random filter would mispredict every other branch): a set
+  // bit of `allow` and clear bits of `deny` and `dead`; an absent bitset reads a constant.
+  static const uint64_t kOnes = ~uint64_t{0}, kZero = 0;
+  const uint64_t* A = f.allow != nullptr ? f.allow : &kOnes;
+  const uint64_t* D = f.deny != nullptr ? f.deny : &kZero;
+  const uint64_t* X = ix.dead != nullptr ? ix.dead : &kZero;
+  const uint32_t ma = f.allow != nullptr ? ~0u : 0u;  // word index masks: 0 reads the constant
+  const uint32_t md = f.deny != nullptr ? ~0u : 0u;
+  const uint32_t mx = ix.dead != nullptr ? ~0u : 0u;
+  size_t total = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const size_t lim = std::min(kGroup, count - g * kGroup);
+    uint64_t m = 0;
+    for (size_t j = 0; j < lim; ++j) {
+      const uint32_t row = row_at(g * kGroup + j);
+      const uint32_t w = row >> 6, b = row & 63;
+      const uint64_t ok = (A[w & ma] & ~D[w & md] & ~X[w & mx]) >> b;
+      m |= (ok & 1u) << j;
+    }
+    s.allow[g] = m;
+    total += popcount64(m);
+  }
+  return total;
+}
+
+// Scans return the number of eligible entries of the leaf when kF (filtered), else 0.
+template <bool kF>
+size_t scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                  const QuantLut& ql, Scratch& s, TopKBuffer& top, const QueryFilter& f) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const int64_t g0 = ix.leaf_groups[leaf], g1 = ix.leaf_groups[leaf + 1];
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
-  if (count == 0) return;
+  if (count == 0) return 0;
+  size_t eligible = 0;
+  if constexpr (kF) {
+    const uint32_t* ids = ix.slot_ids + slot0;
+    eligible = allow_masks(ix, f, count, [ids](size_t i) { return ids[i]; }, s);
+    if (eligible == 0) return 0;
+  }
   const size_t groups = static_cast<size_t>(g1 - g0);
   if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
@@ -272,6 +332,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
                   sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
+      if constexpr (kF) m &= s.allow[g];
       while (m != 0) {
         const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
         m &= m - 1;
@@ -284,6 +345,7 @@ void scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float bas
       }
     }
   }
+  return eligible;
 }
 
 // The first leaf searched, when it alone holds more than k points: instead of offering
@@ -326,47 +388,64 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
 
 // Indexes with more than kMaxLut16Blocks blocks (lut16.h): each point's score exactly,
 // base + the sum (in double, block order) of its codewords' dot products with the query.
-void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
-                        TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                        TopKBuffer& top, const QueryFilter& f) {
   const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
   const int64_t slot0 = ix.leaf_offsets[leaf];
   const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
   const uint8_t* codes = ix.packed_codes + static_cast<size_t>(ix.leaf_groups[leaf]) * bytes;
   const float* lut = s.lut_f.data();
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
+    if constexpr (kF) {
+      if (!f.ok(ix.slot_ids[slot0 + static_cast<int64_t>(i)])) continue;
+      ++eligible;
+    }
     const uint8_t* grp = codes + (i / kGroup) * bytes;
     double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
   }
+  return eligible;
 }
 
-void scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
-                     TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                     TopKBuffer& top, const QueryFilter& f) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
+  size_t eligible = 0;
   for (int64_t slot = a; slot < b; ++slot) {
+    if constexpr (kF) {
+      if (!f.ok(ix.slot_ids[slot])) continue;
+      ++eligible;
+    }
     const float v = kn.dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
   }
+  return eligible;
 }
 
 // ---- Live index (IndexView's live fields, live.h): leaves are segments, candidates are
 // rows, and dead rows are skipped where candidates are offered (the result handling, not
 // the scan kernels), so a tombstoned entry never takes a slot.
-inline bool is_dead(const IndexView& ix, uint32_t row) {
-  return ((ix.dead[row >> 6] >> (row & 63)) & 1u) != 0;
-}
-
 inline uint32_t row_of(const IndexView& ix, uint32_t id) {
   return ix.leaf_rows != nullptr ? id : ix.slot_ids[id];
 }
 
-void scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
-                       const QuantLut& ql, Scratch& s, TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, float base,
+                       const QuantLut& ql, Scratch& s, TopKBuffer& top, const QueryFilter& f) {
   const size_t bytes = group_bytes(ix.num_blocks);
   const size_t count = ix.leaf_sizes[leaf];
-  if (ix.leaf_live[leaf] == 0) return;
+  if (ix.leaf_live[leaf] == 0) return 0;
+  size_t eligible = 0;
+  if constexpr (kF) {
+    const uint32_t* lrows = ix.leaf_rows[leaf];
+    eligible = allow_masks(ix, f, count, [lrows](size_t i) { return lrows[i]; }, s);
+    if (eligible == 0) return 0;
+  }
   const size_t groups = num_groups(count);
   if (s.sums.size() < groups * kGroup || s.masks.size() < groups) {
     grow(s.sums, groups * kGroup);
@@ -390,46 +469,62 @@ void scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, floa
                   sums + c0 * kGroup, s.masks.data() + c0);
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
+      if constexpr (kF) m &= s.allow[g];  // eligible: allowed and live
       while (m != 0) {
         const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
         m &= m - 1;
         if (i >= count) break;
-        if (sums[i] < cut || is_dead(ix, rows[i])) continue;
+        if (sums[i] < cut || (!kF && is_dead(ix, rows[i]))) continue;
         if (top.push(base + static_cast<float>(sums[i]) * ql.inv_scale, rows[i])) {
           cut = current_cut();
         }
       }
     }
   }
+  return eligible;
 }
 
-void scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, const Scratch& s,
-                             TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, const Scratch& s,
+                             TopKBuffer& top, const QueryFilter& f) {
   const size_t nb = ix.num_blocks, bytes = group_bytes(nb);
   const size_t count = ix.leaf_sizes[leaf];
   const uint8_t* codes = ix.leaf_codes[leaf];
   const uint32_t* rows = ix.leaf_rows[leaf];
   const float* lut = s.lut_f.data();
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
     if (is_dead(ix, rows[i])) continue;
+    if constexpr (kF) {
+      if (!f.ok(rows[i])) continue;
+      ++eligible;
+    }
     const uint8_t* grp = codes + (i / kGroup) * bytes;
     double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
     if (v > top.threshold()) top.push(v, rows[i]);
   }
+  return eligible;
 }
 
-void scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
-                          TopKBuffer& top) {
+template <bool kF>
+size_t scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
+                          TopKBuffer& top, const QueryFilter& f) {
   const size_t count = ix.leaf_sizes[leaf];
   const uint32_t* rows = ix.leaf_rows[leaf];
+  size_t eligible = 0;
   for (size_t i = 0; i < count; ++i) {
     const uint32_t row = rows[i];
     if (is_dead(ix, row)) continue;
+    if constexpr (kF) {
+      if (!f.ok(row)) continue;
+      ++eligible;
+    }
     const float v = kn.dot(q, ix.row_data + size_t{row} * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, row);
   }
+  return eligible;
 }
 
 // Spilled indexes hold a datapoint in two leaves, so the candidates (slots) may name a
@@ -539,17 +634,52 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
   }
 }
 
-void search_one(const IndexView& ix, const Kernels& kn, const float* q,
+// A filtered query's plan for search_one<true>: its filter, its eligible row count.
+struct QueryPlan {
+  QueryFilter f;
+  size_t eligible = 0;
+  float leaf_exponent = 0.5f;
+};
+
+// Returns the results written: final_k, or (filtered) min(final_k, eligible rows).
+template <bool kF>
+size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
-                uint32_t* out_ids, float* out_scores) {
+                uint32_t* out_ids, float* out_scores, const QueryPlan* plan) {
   const bool reorder = ix.reorder_rows != nullptr;
+  // Rows that may be returned: all (n) or the eligible ones.
+  const size_t avail = kF ? std::min(ix.n, plan->eligible) : ix.n;
+  if (kF && avail == 0) return 0;
+  const size_t final_k = std::min(p.final_k, avail);
   // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
-  const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
+  const size_t cand_k = std::min(avail, reorder ? std::max(p.pre_reorder_k, final_k) : final_k);
   const bool spilled = ix.num_slots > ix.n;
   const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
   const size_t L = ix.num_leaves;
-  const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  const size_t need = keep;  // entries to have offered before stopping (eligible ones if kF)
+  size_t seen = 0;  // entries scanned so far (eligible ones if kF): every one was offered
+  QueryFilter f;
+  // Filtered: leaves count by their eligible share (eff: the sum over scanned leaves of
+  // eligible entries / entries), and the search goes on until eff reaches
+  // leaves_to_search * frac^(1 - exponent) (frac: the eligible share of all rows). A
+  // random filter then scans leaves_to_search * frac^-exponent leaves (its eligible rows
+  // are spread thinly); a filter whose rows sit in a few leaves far from the query scans
+  // past the leaves without eligible rows and then about as many eligible-rich leaves as
+  // an unfiltered search would: what keeps recall when allowed rows are far away.
+  double eff = 0, eff_target = 0;
+  if constexpr (kF) {
+    f = plan->f;
+    const double frac = static_cast<double>(avail) / static_cast<double>(ix.n);
+    const double a = static_cast<double>(plan->leaf_exponent);
+    eff_target = static_cast<double>(first) * std::pow(frac, 1.0 - a);
+    const double scaled = std::ceil(static_cast<double>(first) * std::pow(frac, -a));
+    first = !(scaled < static_cast<double>(L)) ? L : std::max(first, static_cast<size_t>(scaled));
+  }
+  auto done = [&](size_t r) {
+    return kF ? (seen >= need && eff >= eff_target) : (r + 1 >= first && seen >= need);
+  };
   reserve_for(ix, keep, s);
   select_leaves(ix, kn, q, precomputed, first, s);
 
@@ -559,24 +689,27 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
   const bool live = ix.leaf_rows != nullptr;
   if (ah) ql = build_lut(ix, q, s);
-  size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
-      if (seen >= keep) break;
+      if (kF ? done(r) : seen >= need) break;
       sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
-    if (live) {  // widening counts live entries only: k live rows give k results
+    if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
       const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+      size_t e;
       if (!ah) {
-        scan_leaf_float_live(ix, kn, leaf, q, cand);
+        e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
       } else if (ql.exact) {
-        scan_leaf_ah_exact_live(ix, leaf, base, s, cand);
+        e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
       } else {
-        scan_leaf_ah_live(ix, kn, leaf, base, ql, s, cand);
+        e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
       }
-      seen += ix.leaf_live[leaf];
-      if (r + 1 >= first && seen >= keep) break;
+      seen += kF ? e : ix.leaf_live[leaf];
+      if constexpr (kF) {
+        if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+      }
+      if (done(r)) break;
       continue;
     }
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
@@ -585,17 +718,21 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
     // below, push only scores above the threshold, which NaN never is.
     const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+    size_t e = 0;
     if (!ah) {
-      scan_leaf_float(ix, kn, leaf, q, cand);
+      e = scan_leaf_float<kF>(ix, kn, leaf, q, cand, f);
     } else if (ql.exact) {
-      scan_leaf_ah_exact(ix, leaf, base, s, cand);
-    } else if (r == 0 && size > keep && ql.scale > 0) {
+      e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
+    } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
       scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
     } else {
-      scan_leaf_ah(ix, kn, leaf, base, ql, s, cand);
+      e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
     }
-    seen += size;
-    if (r + 1 >= first && seen >= keep) break;
+    seen += kF ? e : size;
+    if constexpr (kF) {
+      if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
+    }
+    if (done(r)) break;
   }
   const size_t nc = cand.finish_unsorted();
   size_t nr = nc;  // candidate rows: s.rows / s.row_scores
@@ -612,7 +749,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   }
 
   TopKBuffer& fin = s.final_;
-  fin.reset(p.final_k);
+  fin.reset(final_k);
   if (reorder) {
     // The reorder rows are random accesses: request every row first, so that many cache
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
@@ -639,7 +776,64 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     out_ids[i] = fin.id(i);
     out_scores[i] = fin.score(i);
   }
-  if (nf < p.final_k) complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
+  if (!kF && nf < p.final_k) return complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
+  return nf;
+}
+
+// The exact plan: every eligible row scored exactly against rows (num_rows * d, row
+// order), the best final_k kept. Eligible: with an allow list (list), the list's rows
+// marked in `deny` (here: the marks of its eligible rows); otherwise the rows of the row
+// space passing allow and not in deny. Dead rows never.
+size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, const float* rows,
+                    const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
+                    size_t list_n, const uint32_t* shared_rows, size_t shared_n, size_t final_k,
+                    Scratch& s, uint32_t* out_ids, float* out_scores) {
+  if (final_k == 0) return 0;
+  TopKBuffer& fin = s.final_;
+  fin.reset(final_k);
+  const size_t d = ix.d;
+  const uint64_t* dead = ix.dead;
+  if (list != nullptr) {
+    // marks: the list's eligible rows as a bitset (search_batch_filtered); each is cleared
+    // when scored, so a row named twice is scored once and the bitset ends all zero.
+    uint64_t* marks = const_cast<uint64_t*>(deny);
+    constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
+    for (size_t i = 0; i < list_n; ++i) {
+      if (i + kAhead < list_n) prefetch(rows + size_t{list[i + kAhead]} * d);
+      const uint32_t row = list[i];
+      if (!bit_set(marks, row)) continue;
+      marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
+      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      if (v > fin.threshold()) fin.push(v, row);
+    }
+  } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
+    for (size_t i = 0; i < shared_n; ++i) {
+      const uint32_t row = shared_rows[i];
+      if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
+      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      if (v > fin.threshold()) fin.push(v, row);
+    }
+  } else {
+    const size_t space = dead != nullptr ? ix.num_rows : ix.n;
+    for (size_t w = 0; w * 64 < space; ++w) {
+      uint64_t m = allow != nullptr ? allow[w] : ~uint64_t{0};
+      if (dead != nullptr) m &= ~dead[w];
+      if (deny != nullptr) m &= ~deny[w];
+      if (space - w * 64 < 64) m &= (uint64_t{1} << (space - w * 64)) - 1;
+      while (m != 0) {
+        const uint32_t row = static_cast<uint32_t>(w * 64 + ctz64(m));
+        m &= m - 1;
+        const float v = kn.dot(q, rows + size_t{row} * d, d);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
+    }
+  }
+  const size_t nf = fin.finish_sorted();
+  for (size_t i = 0; i < nf; ++i) {
+    out_ids[i] = fin.id(i);
+    out_scores[i] = fin.score(i);
+  }
+  return nf;
 }
 
 }  // namespace
@@ -672,9 +866,103 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
       chunk_scores = s.chunk_scores.data();
     }
     for (size_t i = b; i < e; ++i) {
-      search_one(index, kn, queries + i * index.d,
-                 chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
-                 out_ids + i * params.final_k, out_scores + i * params.final_k);
+      search_one<false>(index, kn, queries + i * index.d,
+                        chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
+                        out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr);
+    }
+  });
+}
+
+void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Kernels& kn,
+                           const float* queries, size_t nq, const float* leaf_scores,
+                           const SearchParams& params, const FilterSpec& spec,
+                           const float* exact_rows, int num_threads, uint32_t* out_ids,
+                           float* out_scores, uint32_t* out_counts) {
+  constexpr size_t kChunk = 8;
+  const size_t parts = dynamic_parts(nq, num_threads, kChunk);
+  ScratchLease first(cache);
+  std::vector<ScratchLease> more;
+  if (parts > 1) {
+    fault::alloc();
+    more.reserve(parts - 1);
+    for (size_t w = 1; w < parts; ++w) more.emplace_back(cache);
+  }
+  const size_t L = index.num_leaves;
+  const size_t space = index.dead != nullptr ? index.num_rows : index.n;
+  const size_t words = (space + 63) / 64;
+  // Eligible rows before any list: live rows the shared bitset allows.
+  size_t base = index.n;
+  if (spec.allow != nullptr || index.dead != nullptr) {
+    base = 0;
+    for (size_t w = 0; w < words; ++w) {
+      uint64_t m = spec.allow != nullptr ? spec.allow[w] : ~uint64_t{0};
+      if (index.dead != nullptr) m &= ~index.dead[w];
+      if (space - w * 64 < 64) m &= (uint64_t{1} << (space - w * 64)) - 1;
+      base += popcount64(m);
+    }
+  }
+  parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
+    Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
+    const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
+    for (size_t i = b; i < e; ++i) {
+      const size_t k = params.final_k;
+      uint32_t* ids = out_ids + i * k;
+      float* scores = out_scores + i * k;
+      const float* q = queries + i * index.d;
+      const uint32_t* list = nullptr;
+      size_t list_n = 0;
+      if (spec.list_offsets != nullptr) {
+        list = spec.list_rows + spec.list_offsets[i];
+        list_n = static_cast<size_t>(spec.list_offsets[i + 1] - spec.list_offsets[i]);
+      }
+      const bool exact = spec.exact != nullptr && spec.exact[i] != 0 && exact_rows != nullptr;
+      // The query's list as a bitset in the scratch (all zero between queries): the
+      // eligible rows it names (allowed by the shared bitset and live), or every row it
+      // excludes; a row named twice counts once.
+      size_t eligible = spec.eligible != nullptr ? static_cast<size_t>(spec.eligible[i]) : base;
+      const bool bits = list != nullptr;
+      if (bits) {
+        if (s.qbits.size() < words) grow(s.qbits, words);  // new words are 0
+        uint64_t* qb = s.qbits.data();
+        size_t named = 0;  // distinct named rows that are live and pass the shared bitset
+        for (size_t j = 0; j < list_n; ++j) {
+          const uint32_t row = list[j];
+          const bool pass = (spec.allow == nullptr || bit_set(spec.allow, row)) &&
+                            (index.dead == nullptr || !bit_set(index.dead, row));
+          if (!pass && !spec.list_excludes) continue;
+          if (bit_set(qb, row)) continue;
+          qb[row >> 6] |= uint64_t{1} << (row & 63);
+          named += pass;
+        }
+        if (spec.eligible == nullptr) eligible = spec.list_excludes ? base - named : named;
+      }
+      size_t nf;
+      if (exact) {
+        nf = search_exact(index, kn, q, exact_rows, spec.allow, bits ? s.qbits.data() : nullptr,
+                          spec.list_excludes ? nullptr : list, list_n, spec.shared_rows,
+                          spec.shared_count, std::min(k, eligible), s, ids, scores);
+      } else {
+        QueryPlan plan;
+        plan.eligible = eligible;
+        plan.leaf_exponent = spec.leaf_exponent;
+        if (list == nullptr) {
+          plan.f = QueryFilter{spec.allow, nullptr};
+        } else if (spec.list_excludes) {
+          plan.f = QueryFilter{spec.allow, s.qbits.data()};
+        } else {
+          plan.f = QueryFilter{s.qbits.data(), nullptr};
+        }
+        nf = search_one<true>(index, kn, q, chunk_scores ? chunk_scores + (i - b) * L : nullptr,
+                              params, s, ids, scores, &plan);
+      }
+      if (bits) {
+        for (size_t j = 0; j < list_n; ++j) s.qbits[list[j] >> 6] = 0;
+      }
+      for (size_t j = nf; j < k; ++j) {
+        ids[j] = UINT32_MAX;
+        scores[j] = -INFINITY;
+      }
+      out_counts[i] = static_cast<uint32_t>(nf);
     }
   });
 }

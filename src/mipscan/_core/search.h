@@ -74,6 +74,36 @@ struct SearchParams {
   size_t final_k = 1;           // 1..n
 };
 
+// Filtered search (DESIGN.md "Filters"). A row is eligible when it is live, allowed by
+// the shared bitset (if any) and by the query's own list (if any). Eligibility is decided
+// where candidates are offered (the result handling: a per-group mask ANDed with the scan
+// kernel's mask), never in the kernels, so a filtered-out row never takes a candidate or
+// a reorder slot. An unfiltered search takes the unfiltered instantiation and pays
+// nothing. Rows are internal rows (< n for a static index, < num_rows for a live one).
+struct FilterSpec {
+  const uint64_t* allow = nullptr;       // shared by all queries: bit set = allowed (null: all)
+  // Per-query lists (CSR, may be null): query i names rows
+  // list_rows[list_offsets[i], list_offsets[i+1]), distinct; allowed rows, or excluded
+  // ones when list_excludes.
+  const int64_t* list_offsets = nullptr;
+  const uint32_t* list_rows = nullptr;
+  bool list_excludes = false;
+  // nq: eligible rows of each query, or null: counted here (live rows passing the shared
+  // bitset, and the list: its distinct named rows, or all but them).
+  const int64_t* eligible = nullptr;
+  const uint8_t* exact = nullptr;        // nq or null: 1 = score the eligible rows exactly
+  // The rows `allow` sets, ascending (optional): the exact plan of a query without a list
+  // walks these instead of the whole bitset.
+  const uint32_t* shared_rows = nullptr;
+  size_t shared_count = 0;
+  // Index plan: the searched leaves are scaled to ceil(leaves_to_search * f^-exponent)
+  // (f = eligible / n), and leaves are added until the eligible entries seen reach both
+  // the candidates needed and eligible * leaves_to_search / num_leaves (the share of the
+  // eligible set an unfiltered search would cover; this is what keeps recall when the
+  // allowed rows sit far from the query).
+  float leaf_exponent = 0.5f;
+};
+
 struct Scratch;  // one working thread's buffers (search.cpp)
 
 // Scratches kept between searches, for one index. Each working thread of a search takes
@@ -122,6 +152,17 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& ke
                   const float* queries, size_t nq, const float* leaf_scores,
                   const SearchParams& params, int num_threads, uint32_t* out_ids,
                   float* out_scores);
+
+// Filtered search: as above, but each query's results are the best of its eligible rows
+// (FilterSpec): out_counts[i] = min(final_k, eligible[i]) results, the rest of the row
+// padded with id UINT32_MAX and score -inf. A query marked exact scores its eligible rows
+// exactly (exact_rows: num_rows * d floats in row order, required when any is marked),
+// the others search the index with the filter in the result handling.
+void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Kernels& kernels,
+                           const float* queries, size_t nq, const float* leaf_scores,
+                           const SearchParams& params, const FilterSpec& filter,
+                           const float* exact_rows, int num_threads, uint32_t* out_ids,
+                           float* out_scores, uint32_t* out_counts);
 
 // Anisotropic AH encoding (Guo et al., ICML 2020). For each of n points, picks the code
 // of each block minimising |e|^2 + (eta - 1) * (e . x_hat)^2, e = residual - decoded,

@@ -17,7 +17,7 @@ from mipscan.recsys.movielens import (
 )
 
 _MODEL_NAMES = ("TUTORIAL_QUERY_USERS", "TutorialEmbeddings", "build_candidates",
-                "split_ratings", "train_two_tower", "tutorial_embeddings")
+                "rated_candidates", "split_ratings", "train_two_tower", "tutorial_embeddings")
 
 
 def __getattr__(name):

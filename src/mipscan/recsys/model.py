@@ -163,6 +163,26 @@ def build_candidates(movie_table: np.ndarray, copies: int = 100, seed: int = 42)
     return out
 
 
+def rated_candidates(data: MovieLens100K, user_ids, movie_table_rows: int, copies: int = 100,
+                     seed: int = 42) -> list[np.ndarray]:
+    """Per user id, the candidate rows of the movies that user rated in the tutorial's
+    training split (:func:`split_ratings`): every copy of each rated movie (candidate
+    ``i`` is a copy of movie id ``i % movie_table_rows``, :func:`build_candidates`).
+    What "never recommend what the user already rated" excludes: pass the list as
+    ``excluded=`` to ``search_batched`` (int64 arrays, ascending)."""
+    (x_train, y_train), _ = split_ratings(data, seed)
+    movies = y_train["movie_id"].astype(np.int64)
+    order = np.argsort(x_train, kind="stable")
+    users_sorted, movies_sorted = x_train[order], movies[order]
+    copies_off = np.arange(copies + 1, dtype=np.int64) * int(movie_table_rows)
+    out = []
+    for u in np.asarray(user_ids).tolist():
+        lo, hi = np.searchsorted(users_sorted, [u, u + 1])
+        rated = np.unique(movies_sorted[lo:hi])
+        out.append(np.sort((rated[None, :] + copies_off[:, None]).ravel()))
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class TutorialEmbeddings:
     """What the tutorial retrieves with.
@@ -279,4 +299,4 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 __all__ = ["TUTORIAL_QUERY_USERS", "RetrievalModel", "TutorialEmbeddings", "build_candidates",
-           "split_ratings", "train_two_tower", "tutorial_embeddings"]
+           "rated_candidates", "split_ratings", "train_two_tower", "tutorial_embeddings"]

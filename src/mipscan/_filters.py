@@ -1,0 +1,435 @@
+"""Filtered search (DESIGN.md "Filters"): ids -> internal rows, the reusable
+:class:`Filter` (a bitset over rows), and the plan by selectivity.
+
+What the engine gets per batch (``search_batch_filtered`` of the C++ Index / Live): an
+optional bitset shared by all queries (allowed rows; dead rows cleared), optional
+per-query row lists (CSR; allowed rows, or excluded ones), the eligible row count of each
+query, and per query the plan: 0 = search the index with the filter in the result handling
+(search.cpp), 1 = score the eligible rows exactly (gather + dot).
+
+The plan (``filter_strategy="auto"``) compares two cost estimates, in nanoseconds, made
+from per-unit costs measured on the development machine (2-core AVX-512 x86, one thread;
+``benchmarks/bench_filtered.py --calibrate`` re-measures them and prints the constants):
+
+* index: ``C_CENTROID * L * d + scanned * (C_AH_BLOCK * blocks + C_ELIGIBLE)
+  + reordered * C_DOT * d``, where ``scanned`` is the entries of the leaves the filtered
+  search will scan (leaves_to_search scaled by ``f ** -LEAF_EXPONENT``, f = eligible / n,
+  and at least enough leaves to offer the candidates), and float scoring costs
+  ``C_DOT * d`` per entry instead of the AH blocks;
+* exact: ``eligible * C_DOT * d`` (+ ``C_ROW_CHECK`` per row walked when a per-query
+  excluded list is checked against every allowed row); for a batch of at least
+  GEMM_MIN_QUERIES queries sharing one filter, ``eligible * (C_GEMM * d + C_TOPK)``: the
+  eligible rows are gathered once (cached on a Filter) and scored with one BLAS product.
+
+The cheaper one wins; ``filter_strategy="index"`` or ``"exact"`` forces either (exact
+needs float rows: an index with reorder, or a live index; otherwise the index plan is
+used).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mipscan import _live, _mipscan
+
+#: Per-unit costs (ns), one thread, measured with ``bench_filtered.py --calibrate`` on
+#: GloVe-50 (d=50, 25 AH blocks, 300 leaves) on the development machine.
+C_CENTROID = 0.12       # per centroid dimension (leaf selection)
+C_AH_BLOCK = 0.08       # per AH entry and block (LUT16 scan, candidate handling)
+C_ELIGIBLE = 1.5        # per scanned entry: the eligibility bit (a gather)
+C_DOT = 0.5             # per float of a gathered exact dot product
+C_ROW_CHECK = 0.5       # per row walked by the exact plan of an excluded list
+C_GEMM = 0.03           # per float, batched exact plan (BLAS product over gathered rows)
+C_TOPK = 0.6            # per row and query, batched exact plan (C++ top-k of the scores)
+#: A batch of at least this many queries sharing one filter (no per-query lists) runs the
+#: exact plan as one BLAS product over the gathered eligible rows.
+GEMM_MIN_QUERIES = 8
+#: Leaves searched by a filtered index search: leaves_to_search * f ** -LEAF_EXPONENT.
+LEAF_EXPONENT = 0.5
+
+STRATEGIES = ("auto", "index", "exact")
+
+
+class Filter:
+    """A reusable filter: the rows a searcher may return, as a bitset over its internal
+    rows, built once from ids and shared by many searches (a region, a catalogue).
+
+    ``Filter(searcher, allowed=ids)`` allows only those ids; ``Filter(searcher,
+    excluded=ids)`` allows all but those; both: allowed minus excluded. Ids are docids for
+    a searcher built with docids, row numbers otherwise. Pass it as ``allowed=`` to any
+    search method. After an update of the searcher (upsert, delete, rebalance) it is
+    rebuilt from its ids on its next use (new docids are then allowed by an excluded-only
+    filter, not by an allowed one); ids deleted meanwhile are ignored.
+
+    Raises:
+        ValueError: an id that is not in the index (the first is named).
+        TypeError: ids that are not ints (or strings, for string docids).
+    """
+
+    def __init__(self, searcher, allowed=None, excluded=None):
+        call = "Filter()"
+        self._searcher = searcher
+        st = searcher._state
+        self._allowed = None if allowed is None else _as_id_array(call, "allowed", allowed, st)
+        self._excluded = None if excluded is None else _as_id_array(call, "excluded", excluded, st)
+        self._cache = None
+        self._rows = None  # (bits, their rows) for the exact plan
+        self._gathered = None  # (rows, their float rows) for the batched exact plan
+        self._bits_for(call, st, strict=True)  # validates the ids now
+
+    def __repr__(self) -> str:
+        return f"Filter(eligible={self.count()}, of={self._searcher.size()})"
+
+    def count(self) -> int:
+        """Rows the filter allows in the searcher's current snapshot."""
+        return self._bits_for("Filter.count()", self._searcher._state)[1]
+
+    def _bits_for(self, call, st, strict=False):
+        cache = self._cache
+        if cache is not None and cache[0] is st:
+            return cache[1], cache[2]
+        bits = np.zeros(_words(st), np.uint64)
+        if self._allowed is not None:
+            rows = _rows_of_ids(call, "allowed", st, self._allowed, strict)
+            _set_bits(bits, rows)
+        else:
+            bits[:] = _live_bits(st)
+        if self._excluded is not None:
+            rows = _rows_of_ids(call, "excluded", st, self._excluded, strict)
+            _clear_bits(bits, rows)
+        count = _popcount(bits)
+        self._cache = (st, bits, count)
+        return bits, count
+
+
+# ---------------------------------------------------------------- ids -> rows
+
+def _space(st) -> int:
+    return st.n_live if st.live is None else st.num_rows
+
+
+def _words(st) -> int:
+    return (_space(st) + 63) // 64
+
+
+def _live_bits(st) -> np.ndarray:
+    """Bitset of the live rows (all rows of a static index)."""
+    space = _space(st)
+    bits = np.full(_words(st), np.uint64(0xFFFFFFFFFFFFFFFF))
+    if space % 64:
+        bits[-1] = np.uint64((1 << (space % 64)) - 1)
+    if st.live is not None:
+        bits &= ~st.dead[:len(bits)]
+    return bits
+
+
+def _bits_of_rows(rows: np.ndarray, words: int) -> np.ndarray:
+    """Bitset (uint64 words, bit r of word r // 64) with the given rows set."""
+    mask = np.zeros(words * 64, bool)
+    mask[rows] = True
+    return np.packbits(mask, bitorder="little").view(np.uint64)
+
+
+def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
+    bits |= _bits_of_rows(rows, len(bits))
+
+
+def _clear_bits(bits: np.ndarray, rows: np.ndarray) -> None:
+    bits &= ~_bits_of_rows(rows, len(bits))
+
+
+def _test_bits(bits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return ((bits[rows >> 6] >> (rows & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+
+
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _popcount(bits: np.ndarray) -> int:
+    return int(_POP8[bits.view(np.uint8)].sum(dtype=np.int64))
+
+
+def _as_id_array(call, name, ids, st) -> np.ndarray:
+    """ids as a 1-D array: int64 (rows or int docids) or object (str docids)."""
+    if isinstance(ids, (set, frozenset)):
+        ids = list(ids)
+    a = np.asarray(ids)
+    if a.ndim != 1:
+        if a.ndim == 0:
+            raise TypeError(f"{call}: {name} must be a list or array of ids; got {type(ids).__name__}")
+        raise ValueError(f"{call}: {name} must be one list of ids; got shape {a.shape}")
+    if st.docid_kind == "str":
+        if a.size and a.dtype.kind not in "UO":
+            raise TypeError(f"{call}: {name} must hold string docids like the index's; got {a.dtype}")
+        return a.astype(object)
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    if a.dtype.kind not in "iu" or a.dtype == np.bool_:
+        kind = "docids" if st.docid_kind == "int" else "row numbers"
+        raise TypeError(f"{call}: {name} must hold integer {kind}; got dtype {a.dtype}")
+    if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{call}: {name} holds {int(a.max())}, which is not in the index")
+    return a.astype(np.int64, copy=False)
+
+
+def _docid_map(st):
+    """(kind, lookup) for a state with docids, cached on nothing but the state itself:
+    int docids -> (sorted docids, their rows); str docids -> dict."""
+    cached = _MAP_CACHE.get(id(st))
+    if cached is not None and cached[0] is st:
+        return cached[1]
+    rows = np.arange(st.n_live) if st.live is None else _live.live_rows(st)
+    keys = st.docids[rows]
+    if st.docid_kind == "int":
+        order = np.argsort(keys, kind="stable")
+        lookup = (keys[order].astype(np.int64), rows[order].astype(np.int64))
+    else:
+        lookup = {k: int(r) for k, r in zip(keys.tolist(), rows.tolist())}
+    if len(_MAP_CACHE) > 8:
+        _MAP_CACHE.clear()
+    _MAP_CACHE[id(st)] = (st, lookup)
+    return lookup
+
+
+_MAP_CACHE: dict = {}
+
+
+def _rows_of_ids(call, name, st, ids: np.ndarray, strict: bool = True,
+                 unique: bool = True) -> np.ndarray:
+    """Internal rows (int64; unique and sorted when unique) of ids; an id not in the index
+    raises ValueError naming the first (strict), or is dropped."""
+    uniq = np.unique if unique else (lambda a: a)
+    if st.docid_kind is None:
+        n = st.n_live
+        bad = (ids < 0) | (ids >= n)
+        if bad.any():
+            if strict:
+                raise ValueError(f"{call}: {name} holds {int(ids[np.argmax(bad)])}, which is not a "
+                                 f"row of the index (rows are 0..{n - 1}; it has no docids)")
+            ids = ids[~bad]
+        return uniq(ids)
+    lookup = _docid_map(st)
+    if st.docid_kind == "int":
+        keys, rows = lookup
+        pos = np.searchsorted(keys, ids)
+        pos_c = np.minimum(pos, max(len(keys) - 1, 0))
+        ok = (pos < len(keys)) & (keys[pos_c] == ids) if len(keys) else np.zeros(len(ids), bool)
+        if not ok.all():
+            if strict:
+                raise ValueError(f"{call}: {name} holds docid {int(ids[np.argmin(ok)])}, which is "
+                                 "not in the index")
+            pos_c = pos_c[ok]
+        return uniq(rows[pos_c])
+    out = []
+    for v in ids.tolist():
+        r = lookup.get(v)
+        if r is None:
+            if strict:
+                raise ValueError(f"{call}: {name} holds docid {v!r}, which is not in the index")
+            continue
+        out.append(r)
+    return uniq(np.array(out, np.int64))
+
+
+def _is_per_query(value) -> bool:
+    """A sequence of id lists (one per query), as opposed to one list of ids."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 2 or (value.ndim == 1 and value.dtype == object and value.size > 0
+                                   and not isinstance(value[0], (str, int, np.integer)))
+    if isinstance(value, (list, tuple)) and value:
+        first = value[0]
+        return not isinstance(first, (str, bytes, int, np.integer)) and hasattr(first, "__len__")
+    return False
+
+
+# ---------------------------------------------------------------- a batch's filter
+
+class Resolved:
+    """A batch's filter, as the engine takes it."""
+    __slots__ = ("allow", "list_offsets", "list_rows", "list_excludes", "eligible", "lists",
+                 "filter", "mask", "count")
+
+    def __init__(self):
+        self.mask = None    # bool per row of the shared bitset, when made from one array
+        self.count = None   # its set bits
+        self.filter = None  # the Filter whose bits are the shared bitset, if so (caches rows)
+        self.allow = None
+        self.list_offsets = None
+        self.list_rows = None
+        self.list_excludes = False
+        self.eligible = None
+        self.lists = False
+
+
+def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
+    """The engine's form of allowed/excluded for nq queries (see Searcher.search)."""
+    out = Resolved()
+    shared = None  # bitset (live rows only)
+    lists = {}     # "allowed"/"excluded" -> list of row arrays, one per query
+    for name, value in (("allowed", allowed), ("excluded", excluded)):
+        if value is None:
+            continue
+        if isinstance(value, Filter):
+            if name == "excluded":
+                raise TypeError(f"{call}: a Filter goes in allowed= (build it with "
+                                "Filter(searcher, excluded=ids) to exclude)")
+            bits, _ = value._bits_for(call, st)
+            if len(bits) != _words(st):
+                raise ValueError(f"{call}: allowed is a Filter of another searcher")
+            out.filter = value
+            shared = bits if shared is None else shared & bits  # never changed in place
+        elif not single and _is_per_query(value):
+            if len(value) != nq:
+                raise ValueError(f"{call}: {name} must hold one list of ids per query ({nq}); "
+                                 f"got {len(value)}")
+            lists[name] = _per_query_rows(call, name, st, value)
+        else:
+            rows = _rows_of_ids(call, name, st, _as_id_array(call, name, value, st),
+                                unique=False)
+            words = _words(st)
+            mask = np.zeros(words * 64, bool)
+            if name == "allowed":
+                mask[rows] = True
+                if st.live is not None:
+                    mask[:st.num_rows] &= ~_live.dead_mask(st)
+            else:
+                mask[:_space(st)] = True if st.live is None else ~_live.dead_mask(st)
+                mask[rows] = False
+            bits = np.packbits(mask, bitorder="little").view(np.uint64)
+            out.mask = mask if shared is None else None
+            shared = bits if shared is None else shared & bits
+    if "allowed" in lists and "excluded" in lists:
+        (ao, ar), (eo, er) = lists["allowed"], lists["excluded"]
+        per = [np.setdiff1d(ar[ao[i]:ao[i + 1]], er[eo[i]:eo[i + 1]]) for i in range(nq)]
+        counts = np.array([len(p) for p in per], np.int64)
+        lists = {"allowed": (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                             np.concatenate(per) if per else np.zeros(0, np.int64))}
+    if out.filter is not None and shared is not out.filter._cache[1]:
+        out.filter = None
+    # The engine counts each query's eligible rows exactly (dead rows, duplicates); the
+    # estimate here (list lengths) is for the plan only.
+    out.allow = shared
+    if out.mask is not None and out.filter is None:
+        out.count = int(np.count_nonzero(out.mask))
+    else:
+        out.mask = None
+    base = st.n_live if shared is None else (out.count if out.count is not None else _popcount(shared))
+    if not lists:
+        out.eligible = np.full(nq, base, np.int64)
+        return out
+    (name, (offsets, rows)), = lists.items()
+    out.lists = True
+    out.list_excludes = name == "excluded"
+    out.list_offsets = offsets
+    out.list_rows = rows.astype(np.uint32)
+    counts = np.diff(offsets)
+    out.eligible = np.maximum(base - counts, 0) if out.list_excludes else np.minimum(counts, base)
+    return out
+
+
+def _per_query_rows(call, name, st, value):
+    """(offsets, rows) of nq id lists (CSR, rows not deduplicated: the engine does),
+    resolved and checked in one vectorized pass; the first bad id is named with its
+    query."""
+    arrays = [_as_id_array(call, f"{name}[{i}]", ids, st) for i, ids in enumerate(value)]
+    counts = np.array([len(a) for a in arrays], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if not len(arrays) or not offsets[-1]:
+        return offsets, np.zeros(0, np.int64)
+    flat = np.concatenate(arrays)
+    try:
+        rows = _rows_of_ids(call, name, st, flat, unique=False)
+    except ValueError:
+        for i, a in enumerate(arrays):  # name the query of the first bad id
+            _rows_of_ids(call, f"{name}[{i}]", st, a, unique=False)
+        raise
+    return offsets, rows
+
+
+def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strategy: str,
+         has_exact_rows: bool) -> np.ndarray | None:
+    """Per query: 1 = exact scoring of the eligible rows, 0 = index (None: all index)."""
+    if strategy == "index" or not has_exact_rows:
+        return None
+    nq = len(r.eligible)
+    if strategy == "exact":
+        return np.ones(nq, np.uint8)
+    n = max(st.n_live, 1)
+    d = searcher.d + (1 if searcher.distance_measure == "squared_l2" else 0)
+    L = searcher.num_leaves
+    arrays_ah = searcher.config.get("score_ah") is not None
+    slots = st.index.num_slots if st.live is None else int(st.leaf_live.sum())
+    per_leaf = slots / L
+    f = np.maximum(r.eligible, 1) / n
+    leaves_f = np.minimum(L, np.ceil(leaves * f ** -LEAF_EXPONENT))
+    reordered = min(pre_k, n) if searcher.reordering_num_neighbors else final_k
+    # at least enough leaves to offer the candidates: reordered / f entries
+    scanned = np.minimum(slots, np.maximum(leaves_f * per_leaf, reordered / f))
+    if L == 1:
+        scanned = np.full(nq, float(slots))
+    if arrays_ah:
+        blocks = math.ceil(d / max(1, searcher.config["score_ah"].get("dimensions_per_block", 2)))
+        per_entry = C_AH_BLOCK * blocks + C_ELIGIBLE
+    else:
+        per_entry = C_DOT * d + C_ELIGIBLE
+    index_cost = C_CENTROID * L * d + scanned * per_entry + reordered * C_DOT * d
+    walked = (st.n_live if r.allow is None else
+              r.count if r.count is not None else _popcount(r.allow)) if r.list_excludes else 0
+    if gemm_ok(r, nq):
+        exact_cost = r.eligible * (C_GEMM * d + C_TOPK)
+    else:
+        exact_cost = r.eligible * C_DOT * d + C_ROW_CHECK * walked
+    return (exact_cost < index_cost).astype(np.uint8)
+
+
+def shared_rows(st, r: Resolved) -> np.ndarray | None:
+    """The rows of the shared bitset, ascending (uint32), for the exact plan; cached on a
+    Filter."""
+    if r.allow is None:
+        return None
+    f = r.filter
+    if f is not None and f._rows is not None and f._rows[0] is r.allow:
+        return f._rows[1]
+    if r.mask is not None:
+        return np.flatnonzero(r.mask).astype(np.uint32)
+    rows = np.flatnonzero(np.unpackbits(r.allow.view(np.uint8), bitorder="little")).astype(np.uint32)
+    if f is not None:
+        f._rows = (r.allow, rows)
+    return rows
+
+
+def gemm_ok(r: Resolved, nq: int) -> bool:
+    """Whether the batch's exact plan may run as one BLAS product (one shared set)."""
+    return not r.lists and r.allow is not None and nq >= GEMM_MIN_QUERIES
+
+
+def exact_batched(st, r: Resolved, q: np.ndarray, rows_store: np.ndarray, k: int):
+    """The exact plan of a batch sharing one filter: the eligible rows gathered once
+    (cached on a Filter), scored by one BLAS product per block, C++ top-k. Returns
+    (ids (nq, k) uint32 rows, UINT32_MAX padding; scores; counts)."""
+    rows = shared_rows(st, r)
+    f = r.filter
+    if f is not None and f._gathered is not None and f._gathered[0] is rows:
+        sub = f._gathered[1]
+    else:
+        sub = np.ascontiguousarray(rows_store[rows])
+        if f is not None:
+            f._gathered = (rows, sub)
+    nq, e = len(q), len(rows)
+    kk = min(k, e)
+    ids = np.full((nq, k), 0xFFFFFFFF, np.uint32)
+    scores = np.full((nq, k), -np.inf, np.float32)
+    if kk:
+        heap_s = np.empty((nq, kk), np.float32)
+        heap_i = np.empty((nq, kk), np.uint32)
+        sizes = np.zeros(nq, np.int64)
+        block = 8192
+        for b0 in range(0, e, block):
+            sc = q @ sub[b0:b0 + block].T
+            _mipscan.topk_update_rows(sc, None, b0, heap_s, heap_i, sizes, 1)
+        _mipscan.topk_finish_rows(heap_s, heap_i, sizes, 1)
+        ids[:, :kk] = rows[heap_i]
+        scores[:, :kk] = heap_s
+    return ids, scores, np.full(nq, kk, np.uint32)
