@@ -17,7 +17,9 @@ import pytest
 import mipscan
 from mipscan import cli
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+# The folder holding the mipscan this test imports (the checkout's src/ in a developer's
+# tree, site-packages where the package is installed, as in CI): subprocesses get it first.
+SRC = Path(mipscan.__file__).resolve().parents[1]
 #: recall@10 of the demo's approximate index (the tutorial's ScaNN parameters) against
 #: exact top-10 on 5-epoch embeddings of MovieLens 100K with 2 noisy copies (8,046
 #: candidates): measured 0.90 (the full demo, 50 epochs and 100 copies: 0.94).

@@ -24,7 +24,9 @@ from mipscan.serve._app import Limits, create_app
 
 from _serve_util import running
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+# The folder holding the mipscan this test imports (the checkout's src/ in a developer's
+# tree, site-packages where the package is installed, as in CI): subprocesses get it first.
+SRC = Path(mipscan.__file__).resolve().parents[1]
 TOKEN = "t0k3n-for-the-serve-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 D = 16
