@@ -191,6 +191,32 @@ mipscan::IndexView live_view(const mipscan::LiveLeaves& lv, const In<float, 2>& 
   return v;
 }
 
+// The unfiltered batched search of a view (a static Index's or a Live snapshot's): the
+// O(1) shape checks that protect memory, then the core with the GIL released.
+std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
+    const mipscan::IndexView& v, mipscan::ScratchCache& scratch, const mipscan::Kernels& kn,
+    const In<float, 2>& queries, const std::optional<In<float, 2>>& leaf_scores,
+    size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+    const char* final_k_error) {
+  const size_t nq = queries.shape(0);
+  require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
+  require(final_k >= 1 && final_k <= v.n, final_k_error);
+  require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
+  require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
+  require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
+          "search_batch: leaf_scores must be (nq, num_leaves)");
+  auto ids = new_array<uint32_t>(nq, final_k);
+  auto scores = new_array<float>(nq, final_k);
+  {
+    nb::gil_scoped_release release;
+    mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
+    mipscan::search_batch(v, scratch, kn, queries.data(), nq,
+                          leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
+                          ids.data(), scores.data());
+  }
+  return std::make_pair(ids, scores);
+}
+
 }  // namespace
 
 NB_MODULE(_mipscan, m) {
@@ -443,26 +469,11 @@ NB_MODULE(_mipscan, m) {
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               std::optional<std::string> level) {
-             const auto& v = ix.view;
              // level: run this call at another SIMD level (tests); None = the one fixed at load.
              const mipscan::Kernels kn = level ? kernels_at(*level, "search_batch") : mipscan::kernels();
-             const size_t nq = queries.shape(0);
-             require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
-             require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, n]");
-             require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
-             require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
-             require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
-                     "search_batch: leaf_scores must be (nq, num_leaves)");
-             auto ids = new_array<uint32_t>(nq, final_k);
-             auto scores = new_array<float>(nq, final_k);
-             {
-               nb::gil_scoped_release release;
-               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
-               mipscan::search_batch(v, ix.scratch, kn, queries.data(), nq,
-                                     leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
-                                     ids.data(), scores.data());
-             }
-             return std::make_pair(ids, scores);
+             return search_view(ix.view, ix.scratch, kn, queries, leaf_scores, leaves_to_search,
+                                pre_reorder_k, final_k, num_threads,
+                                "search_batch: final_k must be in [1, n]");
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none())
@@ -562,24 +573,9 @@ NB_MODULE(_mipscan, m) {
       .def("search_batch",
            [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads) {
-             const auto& v = lv.view;
-             const size_t nq = queries.shape(0);
-             require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
-             require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, live rows]");
-             require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
-             require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
-             require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
-                     "search_batch: leaf_scores must be (nq, num_leaves)");
-             auto ids = new_array<uint32_t>(nq, final_k);
-             auto scores = new_array<float>(nq, final_k);
-             {
-               nb::gil_scoped_release release;
-               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
-               mipscan::search_batch(v, *lv.scratch, mipscan::kernels(), queries.data(), nq,
-                                     leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
-                                     ids.data(), scores.data());
-             }
-             return std::make_pair(ids, scores);
+             return search_view(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores,
+                                leaves_to_search, pre_reorder_k, final_k, num_threads,
+                                "search_batch: final_k must be in [1, live rows]");
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a)
