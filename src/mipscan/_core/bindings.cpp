@@ -27,6 +27,7 @@
 #include "fault.h"
 #include "lut16.h"
 #include "parallel.h"
+#include "reorder.h"
 #include "search.h"
 #include "topk.h"
 
@@ -226,6 +227,28 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
 
+  // For tests: the quantized dot products of one SIMD level (reorder.h), out[i, r] =
+  // dot(queries[i], rows[r]) with int8 rows (scales already folded into the queries) or
+  // bfloat16 rows (uint16 bit patterns).
+  m.def("dot_i8", [](In<float, 2> qs, In<int8_t, 2> rows, const std::string& level) {
+    const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
+    require(rows.shape(1) == d, "dot_i8: queries and rows must have the same width");
+    const mipscan::DotI8Fn fn = kernels_at(level, "dot_i8").dot_i8;
+    auto out = new_array<float>(nq, m_);
+    for (size_t i = 0; i < nq; ++i)
+      for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
+    return out;
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
+  m.def("dot_bf16", [](In<float, 2> qs, In<uint16_t, 2> rows, const std::string& level) {
+    const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
+    require(rows.shape(1) == d, "dot_bf16: queries and rows must have the same width");
+    const mipscan::DotBf16Fn fn = kernels_at(level, "dot_bf16").dot_bf16;
+    auto out = new_array<float>(nq, m_);
+    for (size_t i = 0; i < nq; ++i)
+      for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
+    return out;
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
+
   m.def("cluster_sums", [](In<float, 2> x, In<int64_t, 1> labels, size_t k) {
     const size_t n = x.shape(0), d = x.shape(1);
     require(labels.shape(0) == n && k >= 1, "cluster_sums: labels must have one entry per row, k >= 1");
@@ -241,7 +264,12 @@ NB_MODULE(_mipscan, m) {
            [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,
               std::optional<In<float, 3>> codebooks, std::optional<In<uint8_t, 1>> packed_codes,
               std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 2>> slot_rows,
-              std::optional<In<float, 2>> reorder_rows, std::optional<size_t> n) {
+              std::optional<In<float, 2>> reorder_rows, std::optional<In<int8_t, 2>> reorder_int8,
+              std::optional<In<uint16_t, 2>> reorder_bf16, std::optional<In<float, 1>> reorder_scales,
+              std::optional<In<int8_t, 2>> slot_int8, std::optional<In<uint16_t, 2>> slot_bf16,
+              std::optional<In<float, 1>> slot_scales, std::optional<In<int8_t, 2>> centroids_int8,
+              std::optional<In<uint16_t, 2>> centroids_bf16, std::optional<In<float, 1>> centroid_scales,
+              std::optional<size_t> n) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
@@ -288,7 +316,7 @@ NB_MODULE(_mipscan, m) {
                v.packed_codes = packed_codes->data();
                v.leaf_groups = g;
              } else {
-               require(slot_rows.has_value(), "Index: needs AH arrays or slot_rows");
+               require(slot_rows || slot_int8 || slot_bf16, "Index: needs AH arrays or slot rows");
              }
              if (slot_rows) {
                require(slot_rows->shape(0) == v.num_slots && slot_rows->shape(1) == v.d, "Index: slot_rows must be (slots, d)");
@@ -298,14 +326,50 @@ NB_MODULE(_mipscan, m) {
                require(reorder_rows->shape(0) == v.n && reorder_rows->shape(1) == v.d, "Index: reorder_rows must be (n, d)");
                v.reorder_rows = reorder_rows->data();
              }
+             // Quantized copies (reorder.h): each (rows, d) with the float32 rows' row count,
+             // int8 ones with d scales, at most one of float32 / int8 / bf16 per role.
+             auto rows_of = [&](const auto& a, size_t rows, const char* what) {
+               if (a) require(a->shape(0) == rows && a->shape(1) == v.d, what);
+               return a ? a->data() : nullptr;
+             };
+             auto scales_of = [&](bool need, const std::optional<In<float, 1>>& a, const char* what) {
+               require(need == a.has_value() && (!a || a->shape(0) == v.d), what);
+               return a ? a->data() : nullptr;
+             };
+             v.reorder_i8 = rows_of(reorder_int8, v.n, "Index: reorder_int8 must be (n, d)");
+             v.reorder_bf16 = rows_of(reorder_bf16, v.n, "Index: reorder_bf16 must be (n, d)");
+             v.reorder_scales = scales_of(reorder_int8.has_value(), reorder_scales,
+                                          "Index: reorder_scales must be (d,), given with reorder_int8 only");
+             require(int(reorder_rows.has_value()) + int(reorder_int8.has_value()) + int(reorder_bf16.has_value()) <= 1,
+                     "Index: at most one kind of reorder rows");
+             v.slot_i8 = rows_of(slot_int8, v.num_slots, "Index: slot_int8 must be (slots, d)");
+             v.slot_bf16 = rows_of(slot_bf16, v.num_slots, "Index: slot_bf16 must be (slots, d)");
+             v.slot_scales = scales_of(slot_int8.has_value(), slot_scales,
+                                       "Index: slot_scales must be (d,), given with slot_int8 only");
+             require(int(slot_rows.has_value()) + int(slot_int8.has_value()) + int(slot_bf16.has_value()) <= 1 &&
+                         !(v.packed_codes && (slot_int8 || slot_bf16)),
+                     "Index: at most one kind of slot rows, and none with AH");
+             v.centroids_i8 = rows_of(centroids_int8, v.num_leaves, "Index: centroids_int8 must be (num_leaves, d)");
+             v.centroids_bf16 = rows_of(centroids_bf16, v.num_leaves, "Index: centroids_bf16 must be (num_leaves, d)");
+             v.centroid_scales = scales_of(centroids_int8.has_value(), centroid_scales,
+                                           "Index: centroid_scales must be (d,), given with centroids_int8 only");
+             require(!(centroids_int8 && centroids_bf16), "Index: at most one kind of quantized centroids");
              new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
            "codebooks"_a.noconvert().none(), "packed_codes"_a.noconvert().none(),
            "leaf_groups"_a.noconvert().none(), "slot_rows"_a.noconvert().none(),
-           "reorder_rows"_a.noconvert().none(), "n"_a.none() = nb::none(),
+           "reorder_rows"_a.noconvert().none(), "reorder_int8"_a.noconvert().none() = nb::none(),
+           "reorder_bf16"_a.noconvert().none() = nb::none(), "reorder_scales"_a.noconvert().none() = nb::none(),
+           "slot_int8"_a.noconvert().none() = nb::none(), "slot_bf16"_a.noconvert().none() = nb::none(),
+           "slot_scales"_a.noconvert().none() = nb::none(), "centroids_int8"_a.noconvert().none() = nb::none(),
+           "centroids_bf16"_a.noconvert().none() = nb::none(), "centroid_scales"_a.noconvert().none() = nb::none(),
+           "n"_a.none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
-           nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>())
+           nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
+           nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
+           nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
+           nb::keep_alive<1, 18>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })

@@ -18,9 +18,10 @@ namespace mipscan {
 
 namespace {
 
-constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2};
+constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512};
 
-Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
+Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
+                  &dot_i8_scalar, &dot_bf16_scalar};
 
 #if MIPSCAN_X86
 // regs = {eax, ebx, ecx, edx} of CPUID(leaf, subleaf); false when the leaf is not supported.
@@ -60,6 +61,16 @@ bool detect_avx2() {
   if (!cpuid(7, 0, r)) return false;
   return (r[1] >> 5) & 1;  // EBX bit 5: AVX2
 }
+
+bool detect_avx512() {
+  if (!detect_avx2()) return false;
+  uint32_t r[4];
+  if (!cpuid(7, 0, r)) return false;
+  const bool f = (r[1] >> 16) & 1, bw = (r[1] >> 30) & 1, vl = (r[1] >> 31) & 1;  // EBX
+  if (!(f && bw && vl)) return false;
+  // XCR0 bits 5-7: opmask, upper halves of ZMM0-15, ZMM16-31 (with bits 1-2: XMM, YMM).
+  return (xgetbv0() & 0xE6) == 0xE6;
+}
 #endif
 
 std::string join(const std::vector<std::string>& v) {
@@ -79,16 +90,34 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if MIPSCAN_X86 && MIPSCAN_HAVE_AVX512
+  static const bool has = detect_avx512();
+  return has;
+#else
+  return false;
+#endif
+}
+
 const Kernels& kernels() { return g_kernels; }
 
 bool kernels_for(SimdLevel level, Kernels* out) {
   if (level == SimdLevel::kScalar) {
-    *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar};
+    *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
+                   &dot_i8_scalar, &dot_bf16_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
   if (level == SimdLevel::kAvx2 && cpu_has_avx2()) {
-    *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2};
+    *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2, &dot_i8_avx2,
+                   &dot_bf16_avx2};
+    return true;
+  }
+#endif
+#if MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
+  if (level == SimdLevel::kAvx512 && cpu_has_avx512()) {
+    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx2, &dot_avx2, &dots_avx2, &dot_i8_avx512,
+                   &dot_bf16_avx512};
     return true;
   }
 #endif
@@ -96,7 +125,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
 }
 
 const char* simd_level_name(SimdLevel level) {
-  return level == SimdLevel::kAvx2 ? "avx2" : "scalar";
+  return level == SimdLevel::kAvx512 ? "avx512" : level == SimdLevel::kAvx2 ? "avx2" : "scalar";
 }
 
 bool parse_simd_level(const std::string& name, SimdLevel* out) {

@@ -1,7 +1,7 @@
 // Run-time choice of SIMD kernels, fixed when the module loads.
 //
 // init_kernels_from_env() runs once, in the module's init, before any search: it reads
-// MIPSCAN_SIMD ("scalar" or "avx2"; unset or empty = the best level this CPU and build
+// MIPSCAN_SIMD ("scalar", "avx2" or "avx512"; unset or empty = the best level this CPU and build
 // can run) and fills the table that kernels() returns. Nothing changes it afterwards, so
 // searches read it without synchronisation. An unknown value, or a level this CPU or build
 // cannot run, is an error (the module then fails to import, naming the variable).
@@ -13,16 +13,21 @@
 #include <vector>
 
 #include "lut16.h"
+#include "reorder.h"
 
 namespace mipscan {
 
-enum class SimdLevel { kScalar = 0, kAvx2 = 1 };
+// kAvx512 (F, BW, VL): the quantized dot products use 512-bit registers; the other
+// kernels are AVX2's at that level until they get AVX-512 versions of their own.
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 struct Kernels {
   SimdLevel level;
   ScanLut16Fn scan_lut16;
   DotFn dot;
   DotsFn dots;
+  DotI8Fn dot_i8;      // reorder.h: float32 x int8 (scales folded into the query)
+  DotBf16Fn dot_bf16;  // reorder.h: float32 x bfloat16
 };
 
 // The kernels chosen at module load.
@@ -30,6 +35,9 @@ const Kernels& kernels();
 // True when the CPU has AVX2 and FMA and the OS saves the AVX (YMM) state; false on
 // non-x86 targets and in builds without the AVX2 kernels.
 bool cpu_has_avx2();
+// True when the CPU has AVX-512 F, BW and VL (and AVX2) and the OS saves the opmask and
+// ZMM state; false on non-x86 targets and in builds without the AVX-512 kernels.
+bool cpu_has_avx512();
 // The kernels of one level, in *out; false (and *out unchanged) when this CPU or build
 // cannot run that level.
 bool kernels_for(SimdLevel level, Kernels* out);

@@ -14,6 +14,7 @@
 #include "lut16.h"
 #include "parallel.h"
 #include "portable.h"
+#include "reorder.h"
 #include "topk.h"
 
 namespace mipscan {
@@ -45,6 +46,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint32_t> hash;
   std::vector<std::pair<float, uint32_t>> pairs;
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
+  std::vector<float> qfold;     // the query times int8 scales (reorder.h)
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -52,7 +54,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
-           b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
+           b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) + b(qfold) +
            candidates.bytes() + final_.bytes();
   }
 };
@@ -183,6 +185,19 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   return out;
 }
 
+// out[r] = q . row r of an int8 (with scales) or bf16 array of m rows: the quantized
+// kernels of reorder.h. Leaves the folded query in s.qfold.
+void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales, size_t m,
+                    size_t d, const Kernels& kn, const float* q, Scratch& s, float* out) {
+  if (i8 != nullptr) {
+    grow(s.qfold, d);
+    fold_scales(q, scales, d, s.qfold.data());
+    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_i8(s.qfold.data(), i8 + r * d, d);
+  } else {
+    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_bf16(q, bf16 + r * d, d);
+  }
+}
+
 void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
                    const float* precomputed, size_t first, Scratch& s) {
   const size_t L = ix.num_leaves;
@@ -190,6 +205,9 @@ void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   float* sc = s.leaf_scores.data();
   if (precomputed != nullptr) {
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(precomputed[l]);
+  } else if (ix.quantized_centroids()) {
+    quantized_dots(ix.centroids_i8, ix.centroids_bf16, ix.centroid_scales, L, ix.d, kn, q, s, sc);
+    for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   } else {
     kn.dots(q, 1, ix.centroids, L, ix.d, sc);
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
@@ -345,6 +363,20 @@ void scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Scra
 void scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
                      TopKBuffer& top) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
+  if (ix.slot_i8 != nullptr) {  // q is the folded query here (search_one)
+    for (int64_t slot = a; slot < b; ++slot) {
+      const float v = kn.dot_i8(q, ix.slot_i8 + static_cast<size_t>(slot) * ix.d, ix.d);
+      if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
+    }
+    return;
+  }
+  if (ix.slot_bf16 != nullptr) {
+    for (int64_t slot = a; slot < b; ++slot) {
+      const float v = kn.dot_bf16(q, ix.slot_bf16 + static_cast<size_t>(slot) * ix.d, ix.d);
+      if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
+    }
+    return;
+  }
   for (int64_t slot = a; slot < b; ++slot) {
     const float v = kn.dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
     if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
@@ -459,7 +491,7 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
 void search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
                 uint32_t* out_ids, float* out_scores) {
-  const bool reorder = ix.reorder_rows != nullptr;
+  const bool reorder = ix.reorders();
   // Candidates to take (distinct datapoints), and slots to keep: with spilling, a row may
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
   const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
@@ -475,6 +507,13 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   QuantLut ql;
   const bool ah = ix.packed_codes != nullptr;
   if (ah) ql = build_lut(ix, q, s);
+  // The query the float scan scores with: folded with the int8 slot scales (reorder.h).
+  const float* q_scan = q;
+  if (!ah && ix.slot_i8 != nullptr) {
+    grow(s.qfold, ix.d);
+    fold_scales(q, ix.slot_scales, ix.d, s.qfold.data());
+    q_scan = s.qfold.data();
+  }
   size_t seen = 0;  // slots scanned so far: every scanned slot was offered
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
@@ -489,7 +528,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // below, push only scores above the threshold, which NaN never is.
     const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
     if (!ah) {
-      scan_leaf_float(ix, kn, leaf, q, cand);
+      scan_leaf_float(ix, kn, leaf, q_scan, cand);
     } else if (ql.exact) {
       scan_leaf_ah_exact(ix, leaf, base, s, cand);
     } else if (r == 0 && size > keep && ql.scale > 0) {
@@ -520,16 +559,36 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // The reorder rows are random accesses: request every row first, so that many cache
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
     // line aligned may end in one more line.)
-    const size_t row_bytes = ix.d * sizeof(float);
+    const size_t elem = ix.reorder_rows ? sizeof(float) : ix.reorder_i8 ? 1 : 2;
+    const char* base = ix.reorder_rows ? reinterpret_cast<const char*>(ix.reorder_rows)
+                       : ix.reorder_i8 ? reinterpret_cast<const char*>(ix.reorder_i8)
+                                       : reinterpret_cast<const char*>(ix.reorder_bf16);
+    const size_t row_bytes = ix.d * elem;
     for (size_t i = 0; i < nr; ++i) {
-      const char* r = reinterpret_cast<const char*>(ix.reorder_rows + size_t{s.rows[i]} * ix.d);
+      const char* r = base + size_t{s.rows[i]} * row_bytes;
       for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
       prefetch(r + row_bytes - 1);
     }
-    for (size_t i = 0; i < nr; ++i) {
-      const uint32_t row = s.rows[i];
-      const float v = kn.dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
-      if (v > fin.threshold()) fin.push(v, row);
+    if (ix.reorder_rows != nullptr) {
+      for (size_t i = 0; i < nr; ++i) {
+        const uint32_t row = s.rows[i];
+        const float v = kn.dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
+    } else if (ix.reorder_i8 != nullptr) {
+      grow(s.qfold, ix.d);
+      fold_scales(q, ix.reorder_scales, ix.d, s.qfold.data());
+      for (size_t i = 0; i < nr; ++i) {
+        const uint32_t row = s.rows[i];
+        const float v = kn.dot_i8(s.qfold.data(), ix.reorder_i8 + size_t{row} * ix.d, ix.d);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
+    } else {
+      for (size_t i = 0; i < nr; ++i) {
+        const uint32_t row = s.rows[i];
+        const float v = kn.dot_bf16(q, ix.reorder_bf16 + size_t{row} * ix.d, ix.d);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
     }
   } else {
     for (size_t i = 0; i < nr; ++i) {
@@ -567,7 +626,7 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
   parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
     Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
-    if (chunk_scores == nullptr && e - b > 1) {
+    if (chunk_scores == nullptr && e - b > 1 && !index.quantized_centroids()) {
       // The chunk's centroid scores in one pass over the centroids (the same values the
       // per-query kernel gives, so results do not depend on how queries are chunked).
       grow(s.chunk_scores, (e - b) * L);

@@ -49,6 +49,23 @@ struct IndexView {
   const float* slot_rows = nullptr;
   // Exact reorder: n * d, datapoint-row order (nullptr: no reorder).
   const float* reorder_rows = nullptr;
+
+  // Quantized copies (reorder.h), each instead of its float32 counterpart above (at most
+  // one of float32 / int8 / bf16 is set per role). int8 ones come with d per-dimension
+  // scales > 0. Reorder: n * d, row order; slots: num_slots * d, slot order; centroids:
+  // num_leaves * d, used for the leaf scores instead of `centroids` when set.
+  const int8_t* reorder_i8 = nullptr;
+  const uint16_t* reorder_bf16 = nullptr;
+  const float* reorder_scales = nullptr;
+  const int8_t* slot_i8 = nullptr;
+  const uint16_t* slot_bf16 = nullptr;
+  const float* slot_scales = nullptr;
+  const int8_t* centroids_i8 = nullptr;
+  const uint16_t* centroids_bf16 = nullptr;
+  const float* centroid_scales = nullptr;
+
+  bool reorders() const { return reorder_rows || reorder_i8 || reorder_bf16; }
+  bool quantized_centroids() const { return centroids_i8 || centroids_bf16; }
 };
 
 struct SearchParams {
