@@ -13,7 +13,7 @@ from mipscan._mipscan import simd_level, simd_levels
 from mipscan._policy import suggest_config
 from mipscan._threads import get_num_threads
 from mipscan.brute import SearchResult, brute_force
-from mipscan.builder import ScannBuilder, builder
+from mipscan.builder import ReorderType, ScannBuilder, builder
 from mipscan.searcher import Searcher, load_searcher
 from mipscan import scann_ops, scann_ops_pybind
 
@@ -30,6 +30,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mipscan' has no attribute {name!r}")
 
 __all__ = [
+    "ReorderType",
     "ScannBuilder",
     "SearchResult",
     "Searcher",

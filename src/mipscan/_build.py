@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from mipscan import _mipscan
-from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks
+from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks, quantize_type
 from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan.brute import normalize_rows
 
@@ -78,13 +78,62 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
         arrays.update(_build_ah(rows, centroids, labels, slot_ids, slot_leaves[order], counts, ah,
                                 rng, threads))
     else:
-        arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
-    if config.get("reorder") is not None:
+        kind = quantize_type(config["score_brute_force"]["quantize"])
+        if kind == "float32":
+            arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
+        else:
+            arrays.update(_quantized(rows, kind, "slot_int8", "slot_bf16", "slot_scales", slot_ids))
+    if tree is not None and quantize_type(tree["quantize_centroids"]) != "float32":
+        arrays.update(_quantized(arrays["centroids"], quantize_type(tree["quantize_centroids"]),
+                                 "centroids_int8", "centroids_bf16", "centroid_scales"))
+    reorder = config.get("reorder")
+    if reorder is not None and quantize_type(reorder["quantize"]) != "float32":
+        arrays.update(_quantized(rows, quantize_type(reorder["quantize"]), "reorder_int8",
+                                 "reorder_bf16", "reorder_scales"))
+    elif reorder is not None:
         reorder_rows = np.ascontiguousarray(rows, dtype=np.float32)
         if copy and np.shares_memory(reorder_rows, db):
             reorder_rows = reorder_rows.copy()
         arrays["reorder_rows"] = reorder_rows
     return arrays
+
+
+def int8_scales(x: np.ndarray) -> np.ndarray:
+    """Per-column scales of ScaNN's scalar (fixed-point) quantization: max |x[:, j]| / 127,
+    so that every column spans [-127, 127] (1 for an all-zero column: any scale > 0 works)."""
+    amax = np.zeros(x.shape[1], np.float32)
+    for b in range(0, len(x), _ENCODE_CHUNK):
+        amax = np.maximum(amax, np.abs(x[b:b + _ENCODE_CHUNK]).max(axis=0))
+    return np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+
+
+def quantize_int8(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """x[i, j] ~= scales[j] * out[i, j], out rounded to nearest (ties to even) in [-127, 127]."""
+    out = np.empty(x.shape, np.int8)
+    for b in range(0, len(x), _ENCODE_CHUNK):
+        out[b:b + _ENCODE_CHUNK] = np.clip(np.rint(x[b:b + _ENCODE_CHUNK] / scales), -127, 127)
+    return out
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even (finite
+    input; the builder's magnitude bound keeps the result finite)."""
+    out = np.empty(x.shape, np.uint16)
+    for b in range(0, len(x), _ENCODE_CHUNK):
+        bits = np.ascontiguousarray(x[b:b + _ENCODE_CHUNK], dtype=np.float32).view(np.uint32)
+        out[b:b + _ENCODE_CHUNK] = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+    return out
+
+
+def _quantized(rows, kind, int8_name, bf16_name, scales_name, take=None):
+    """The int8 (with scales fitted on ``rows``) or bfloat16 copy of ``rows[take]``."""
+    if kind == "int8":
+        scales = int8_scales(rows)
+        codes = quantize_int8(rows, scales)
+        return {int8_name: np.ascontiguousarray(codes if take is None else codes[take]),
+                scales_name: scales}
+    out = to_bfloat16(rows)
+    return {bf16_name: np.ascontiguousarray(out if take is None else out[take])}
 
 
 def _merge_small_leaves(x, centroids, labels, min_size):

@@ -18,7 +18,7 @@ from typing import Any
 
 from mipscan._build import build_arrays
 from mipscan._policy import suggest_config
-from mipscan._schema import STAGES, check_stage_args, cross_rule_errors
+from mipscan._schema import STAGES, ReorderType, check_stage_args, cross_rule_errors
 from mipscan._threads import get_num_threads
 from mipscan._validation import (MAX_THREADS, Bool, as_float_array, check_distance_measure,
                                  check_int, check_value)
@@ -85,19 +85,44 @@ class ScannBuilder:
         return self._set("score_ah", args, kwargs)
 
     def score_brute_force(self, *args, **kwargs) -> "ScannBuilder":
-        """Exact float32 scoring of the searched leaves."""
+        """Exact scoring of the searched leaves, over a float32 copy of the rows or, with
+        ``quantize`` (``ReorderType.INT8`` / ``True``, ``ReorderType.BFLOAT16``; ScaNN's
+        spellings), over an int8 (per-dimension scales) or bfloat16 copy only: 1/4 or 1/2
+        of the memory, scores then exact on the quantized rows."""
         return self._set("score_brute_force", args, kwargs)
 
     def reorder(self, *args, **kwargs) -> "ScannBuilder":
-        """Exact float32 rescoring of the best ``reordering_num_neighbors`` candidates."""
+        """Exact rescoring of the best ``reordering_num_neighbors`` candidates.
+
+        ``quantize`` chooses what is stored for it, as ScaNN's ``ReorderType``: FLOAT32
+        (default; ``False``), INT8 (``True``: per-dimension scales max |x[:, j]| / 127,
+        as ScaNN's fixed-point reorder) or BFLOAT16 (rounded to nearest even). Quantized
+        types keep no float32 copy; the query stays float32. ``build()`` refuses a
+        non-NaN ``anisotropic_quantization_threshold`` with INT8 (ScaNN's noise shaping
+        is not implemented).
+        """
         return self._set("reorder", args, kwargs)
+
+    def pca(self, *args, **kwargs) -> "ScannBuilder":
+        """ScaNN's PCA projection stage: arguments checked here; ``build()`` refuses it
+        (projections are not supported by mipscan yet)."""
+        return self._set("pca", args, kwargs)
+
+    def truncate(self, *args, **kwargs) -> "ScannBuilder":
+        """ScaNN's truncation stage (MRL embeddings): arguments checked here; ``build()``
+        refuses it (projections are not supported by mipscan yet)."""
+        return self._set("truncate", args, kwargs)
+
+    def upper_tree(self, *args, **kwargs) -> "ScannBuilder":
+        """ScaNN's second tree level: arguments checked here; ``build()`` refuses it."""
+        return self._set("upper_tree", args, kwargs)
 
     def autopilot(self, mode: str = "NONE", quantize: Any = False) -> "ScannBuilder":
         """Lets mipscan choose the stages from the data's size, as ScaNN's ``autopilot()``:
         the stages of :func:`mipscan.suggest_config` (the one policy the Keras layer and
         the CLI use too). It must be the only stage configured; ``mode`` (incremental
-        updates) and ``quantize`` (int8/bfloat16 reorder data) accept only their "off"
-        values for now.
+        updates) accepts only "NONE" for now; ``quantize`` (a ``ReorderType``, as ScaNN's)
+        is the storage type of the reorder rows.
         """
         if self.params:
             raise ValueError("autopilot(): must be the only stage; already configured: "
@@ -106,6 +131,8 @@ class ScannBuilder:
         n, d = self.db.shape
         for stage, kwargs in suggest_config(n, d, self.num_neighbors,
                                             self.distance_measure).items():
+            if stage in ("reorder", "score_brute_force"):  # the exact scores' copy
+                kwargs = {**kwargs, "quantize": self.params["autopilot"]["quantize"]}
             getattr(self, stage)(**kwargs)
         return self
 

@@ -64,6 +64,8 @@ class Searcher:
         # when small partitions were merged at build time (min_partition_size); searches
         # clamp it to the leaves built.
         self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
+        # Quantized centroids score the leaves in C++ (never through float32 BLAS).
+        self._quantized_centroids = "centroids_int8" in arrays or "centroids_bf16" in arrays
         reorder = config.get("reorder")
         self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
@@ -159,7 +161,7 @@ class Searcher:
             call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
         q = self._to_mips(queries)
         nq = len(q)
-        if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
+        if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES or self._quantized_centroids:
             ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads)
         else:
             ids = np.empty((nq, final_k), np.uint32)
