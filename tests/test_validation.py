@@ -71,7 +71,7 @@ def test_unknown_and_internal_arguments(db):
         b.tree(10, 3, distance_measure="dot_product")
     with pytest.raises(TypeError, match="missing required argument 'num_leaves_to_search'"):
         b.tree(num_leaves=10)
-    with pytest.raises(ValueError, match=r"overretrieve_factor must be a number in \[1.0, inf\]"):
+    with pytest.raises(ValueError, match=r"overretrieve_factor must be a number in \[1.0, 1000000.0\]"):
         b.tree(10, 3, soar_lambda=1.5, overretrieve_factor=0.5)
     with pytest.raises(ValueError, match=r"soar_lambda must be a number in \[0.0, inf\] or None; got -1"):
         b.tree(10, 3, soar_lambda=-1.0)

@@ -64,7 +64,7 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "avq": (Interval(float, 0.0, None, allow_none=True, allow_nan=True), None),
         "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
         # Slots kept per distinct row to reorder, with SOAR (None: 2, ScaNN's default).
-        "overretrieve_factor": (Interval(float, 1.0, None, allow_none=True), None),
+        "overretrieve_factor": (Interval(float, 1.0, 1e6, allow_none=True), None),
     },
     "score_ah": {
         "dimensions_per_block": (Interval(int, 1, None), None),
@@ -108,7 +108,7 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "num_leaves_to_search": (Interval(int, 1, None), None),
         "avq": (Interval(float, 0.0, None, allow_none=True, allow_nan=True), _NAN),
         "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
-        "overretrieve_factor": (Interval(float, 1.0, None, allow_none=True), None),
+        "overretrieve_factor": (Interval(float, 1.0, 1e6, allow_none=True), None),
         "scoring_mode": (Quantize(), "int8"),
         "anisotropic_quantization_threshold": (Interval(float, None, None, allow_nan=True), _NAN),
     },

@@ -64,6 +64,9 @@ class Searcher:
         # when small partitions were merged at build time (min_partition_size); searches
         # clamp it to the leaves built.
         self._configured_leaves = max(self.num_leaves, tree["num_leaves"] if tree else 1)
+        # SOAR: slots kept per distinct row reordered (ScaNN's overretrieve_factor).
+        factor = tree.get("overretrieve_factor") if tree else None
+        self._overretrieve = 2.0 if factor is None else float(min(factor, 1e6))
         # Quantized centroids score the leaves in C++ (never through float32 BLAS).
         self._quantized_centroids = "centroids_int8" in arrays or "centroids_bf16" in arrays
         reorder = config.get("reorder")
@@ -162,7 +165,8 @@ class Searcher:
         q = self._to_mips(queries)
         nq = len(q)
         if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES or self._quantized_centroids:
-            ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads)
+            ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads,
+                                                   overretrieve=self._overretrieve)
         else:
             ids = np.empty((nq, final_k), np.uint32)
             scores = np.empty((nq, final_k), np.float32)
@@ -171,7 +175,8 @@ class Searcher:
                 qb = q[b:b + batch_size]
                 leaf_scores = np.ascontiguousarray(qb @ c.T, dtype=np.float32)
                 ids[b:b + len(qb)], scores[b:b + len(qb)] = self._index.search_batch(
-                    qb, leaf_scores, leaves, pre_k, final_k, threads)
+                    qb, leaf_scores, leaves, pre_k, final_k, threads,
+                    overretrieve=self._overretrieve)
         return SearchResult(ids, self._from_mips(queries, scores))
 
     def _to_mips(self, q: np.ndarray) -> np.ndarray:

@@ -381,7 +381,7 @@ NB_MODULE(_mipscan, m) {
       .def("search_batch",
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
-              std::optional<std::string> level) {
+              std::optional<std::string> level, double overretrieve) {
              const auto& v = ix.view;
              // level: run this call at another SIMD level (tests); None = the one fixed at load.
              const mipscan::Kernels kn = level ? kernels_at(*level, "search_batch") : mipscan::kernels();
@@ -390,13 +390,14 @@ NB_MODULE(_mipscan, m) {
              require(final_k >= 1 && final_k <= v.n, "search_batch: final_k must be in [1, n]");
              require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
              require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
+             require(overretrieve >= 1.0 && overretrieve <= 1e6, "search_batch: overretrieve must be in [1, 1e6]");
              require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
                      "search_batch: leaf_scores must be (nq, num_leaves)");
              auto ids = new_array<uint32_t>(nq, final_k);
              auto scores = new_array<float>(nq, final_k);
              {
                nb::gil_scoped_release release;
-               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
+               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k, overretrieve};
                mipscan::search_batch(v, ix.scratch, kn, queries.data(), nq,
                                      leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
                                      ids.data(), scores.data());
@@ -404,5 +405,6 @@ NB_MODULE(_mipscan, m) {
              return std::make_pair(ids, scores);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none());
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none(),
+           "overretrieve"_a = 2.0);
 }

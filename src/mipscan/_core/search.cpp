@@ -496,7 +496,10 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
   const size_t cand_k = std::min(ix.n, reorder ? std::max(p.pre_reorder_k, p.final_k) : p.final_k);
   const bool spilled = ix.num_slots > ix.n;
-  const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
+  const size_t keep =
+      spilled ? std::min(ix.num_slots, std::max(static_cast<size_t>(std::ceil(p.overretrieve * double(cand_k))),
+                                                2 * p.final_k))
+              : cand_k;
   const size_t L = ix.num_leaves;
   const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
   reserve_for(ix, keep, s);

@@ -72,6 +72,9 @@ struct SearchParams {
   size_t leaves_to_search = 1;  // 1..num_leaves
   size_t pre_reorder_k = 1;     // approximate candidates kept (>= final_k when reordering)
   size_t final_k = 1;           // 1..n
+  // Spilled indexes (SOAR): candidate slots kept per distinct row to take, >= 1 (ScaNN's
+  // overretrieve_factor); at least 2 * final_k slots are kept whatever it is.
+  double overretrieve = 2.0;
 };
 
 struct Scratch;  // one working thread's buffers (search.cpp)
