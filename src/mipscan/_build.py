@@ -57,6 +57,9 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
             second = soar_assign(space, centroids, labels, tree["soar_lambda"])
             slot_rows_of = np.concatenate([slot_rows_of, slot_rows_of])
             slot_leaves = np.concatenate([labels, second])
+        avq = tree.get("avq")
+        if avq is not None and not math.isnan(avq):
+            centroids = avq_centroids(space, labels, centroids, avq)
         if metric == "squared_l2":
             half = -0.5 * np.einsum("ij,ij->i", centroids, centroids)
             centroids = np.hstack([centroids, half[:, None]]).astype(np.float32)
@@ -134,6 +137,26 @@ def _quantized(rows, kind, int8_name, bf16_name, scales_name, take=None):
                 scales_name: scales}
     out = to_bfloat16(rows)
     return {bf16_name: np.ascontiguousarray(out if take is None else out[take])}
+
+
+def avq_centroids(x, labels, centroids, eta):
+    """Anisotropic (AVQ) centroids, as ScaNN's partitioner with ``avq=eta``: each leaf's
+    centre minimises sum over its points of |x - c|^2 + (eta - 1) <x - c, x_hat>^2 (the
+    error parallel to a point weighted eta times), keeping the points' leaves. Closed form:
+    c = eta (m I + (eta - 1) sum x_hat x_hat^T)^-1 sum x, as sum x_hat <x_hat, x> = sum x."""
+    out = np.array(centroids, dtype=np.float32, copy=True)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
+    d = x.shape[1]
+    for leaf in range(len(centroids)):
+        pts = x[order[bounds[leaf]:bounds[leaf + 1]]].astype(np.float64)
+        if len(pts) == 0:
+            continue
+        norms = np.linalg.norm(pts, axis=1, keepdims=True)
+        unit = pts / np.where(norms > 0, norms, 1.0)
+        a = len(pts) * np.eye(d) + (eta - 1.0) * (unit.T @ unit)
+        out[leaf] = eta * np.linalg.solve(a, pts.sum(axis=0))
+    return out
 
 
 def _merge_small_leaves(x, centroids, labels, min_size):

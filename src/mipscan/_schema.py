@@ -59,9 +59,8 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "quantize_centroids": (Quantize(), "float32"),
         "random_init": (Bool(), True),
         "incremental_threshold": (Options((None,)), None),
-        # ScaNN's AVQ eta for the partitioner; a number is refused in build() (see
-        # cross_rule_errors: measured, not better here), None / NaN mean off.
-        "avq": (Interval(float, 0.0, None, allow_none=True, allow_nan=True), None),
+        # ScaNN's AVQ eta for the partitioner (_build.avq_centroids); None / NaN: off.
+        "avq": (Interval(float, 1.0, None, allow_none=True, allow_nan=True), None),
         "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
         # Slots kept per distinct row to reorder, with SOAR (None: 2, ScaNN's default).
         "overretrieve_factor": (Interval(float, 1.0, 1e6, allow_none=True), None),
@@ -279,9 +278,9 @@ def _scann_surface_errors(config: dict) -> list[tuple[str, str]]:
     each refused by name rather than ignored."""
     errors = []
     tree, reorder = config.get("tree"), config.get("reorder")
-    if tree is not None and _is_set(tree.get("avq")):
-        errors.append(("tree.avq", f"is {tree['avq']!r}: anisotropic (AVQ) centroid training is "
-                                   "not supported by mipscan; pass avq=None"))
+    if tree is not None and _is_set(tree.get("avq")) and config["distance_measure"] == "squared_l2":
+        errors.append(("tree.avq", f"is {tree['avq']!r}: AVQ centroids apply to inner-product "
+                                   "search (dot_product, cosine), as in ScaNN; pass avq=None"))
     if (reorder is not None and quantize_type(reorder["quantize"]) == "int8"
             and _is_set(reorder["anisotropic_quantization_threshold"])):
         errors.append(("reorder.anisotropic_quantization_threshold",

@@ -56,7 +56,19 @@ class ScannBuilder:
 
     def tree(self, *args, **kwargs) -> "ScannBuilder":
         """Partitioning: k-means into ``num_leaves`` leaves, ``num_leaves_to_search``
-        searched per query. Same arguments and defaults as ScaNN's ``tree()``."""
+        searched per query. Same arguments and defaults as ScaNN's ``tree()``.
+
+        ``quantize_centroids``: ``True`` (int8 with per-dimension scales, ScaNN's
+        FIXED_POINT_INT8) or ``ReorderType.BFLOAT16`` scores the leaves from a quantized
+        copy of the centroids (the float32 ones are kept too: the build and the index
+        layout use them). ``avq=eta`` (dot_product / cosine): after k-means, each leaf's
+        centre minimises the anisotropic loss of its points (ScaNN's AVQ partitioner; the
+        points keep their leaves). Measured at 30% of the leaves, reorder 500: GloVe-50 IP
+        recall@10 +0.011 with eta 10; the tutorial candidates +0.000 at 30 leaves but
+        -0.09 at 3 leaves, so it stays off by default, as in ScaNN.
+        ``overretrieve_factor`` (with ``soar_lambda``): candidate slots kept per distinct
+        row to reorder (None: 2); without spilling it has no effect, as in ScaNN.
+        """
         self._set("tree", args, kwargs)
         p = self.params["tree"]
         if p["num_leaves_to_search"] > p["num_leaves"]:
