@@ -215,6 +215,7 @@ def test_autopilot_passes_quantize_to_the_reorder(clustered):
     ("squared_l2", lambda b: b.score_brute_force(quantize=True)),
     ("dot_product", lambda b: b.tree(20, 5, soar_lambda=1.5, overretrieve_factor=1.5)
      .score_ah(2).reorder(50, quantize=True)),
+    ("squared_l2", lambda b: b.tree(20, 5).upper_tree(4, 2).score_ah(2).reorder(50)),
 ])
 @pytest.mark.parametrize("mmap", [True, False])
 def test_each_option_serializes_and_loads(clustered, tmp_path, metric, stages, mmap):
@@ -293,8 +294,11 @@ def test_scann_arguments_that_cannot_be_honoured_are_refused_by_name(clustered):
          .build(), "reorder anisotropic_quantization_threshold"),
         (lambda: b().pca(8).score_ah(2).build(), r"pca\(\) projections are not supported"),
         (lambda: b().truncate(8).score_ah(2).build(), r"truncate\(\) projections are not supported"),
-        (lambda: b().tree(10, 3).upper_tree(4, 2).score_ah(2).build(),
-         r"upper_tree\(\) is not supported"),
+        (lambda: b().upper_tree(4, 2).score_ah(2).build(), r"upper_tree\(\) needs tree\(\)"),
+        (lambda: b().tree(10, 3).upper_tree(4, 2, soar_lambda=1.0).score_ah(2).build(),
+         r"upper_tree soar_lambda is 1.0: not supported"),
+        (lambda: b().tree(10, 3).upper_tree(4, 5).score_ah(2).build(),
+         r"upper_tree num_leaves_to_search must be an int in \[1, num_leaves=4\]"),
         (lambda: b().score_ah(2, residual_quantization=False), "residual_quantization=False"),
         (lambda: b().score_ah(2, hash_type="lut256"), "hash_type"),
     ]
@@ -333,3 +337,28 @@ def test_avq_centroids_minimise_the_anisotropic_loss(clustered):
     assert all(loss(c) <= loss(c + 1e-3 * rng.normal(size=c.shape)) for _ in range(5))
     truth = exact(db, q)
     assert recall(avq.search_batched(q).indices, truth) >= 0.9
+
+
+def test_upper_tree_scores_only_the_children_of_the_best_upper_nodes(clustered):
+    db, q = clustered
+    truth = exact(db, q)
+    s = (mipscan.builder(db, 10, "dot_product").tree(40, 10).upper_tree(8, 3)
+         .score_ah(2).reorder(100).build())
+    uo, uc = s._arrays["upper_offsets"], s._arrays["upper_centroids"].astype(np.float64)
+    c = s._arrays["centroids"].astype(np.float64)
+    assert uo[0] == 0 and uo[-1] == len(c) and (np.diff(uo) > 0).all()
+    # With one leaf searched, the result comes from the best child of the 3 best upper
+    # nodes (when that leaf holds at least 10 points), which need not be the best leaf.
+    for qi in q:
+        top3 = np.argsort(-(uc @ qi), kind="stable")[:3]
+        kids = np.concatenate([np.arange(uo[u], uo[u + 1]) for u in top3])
+        leaf = kids[int(np.argmax(c[kids] @ qi))]
+        rows = s._arrays["slot_ids"][s._arrays["leaf_offsets"][leaf]:s._arrays["leaf_offsets"][leaf + 1]]
+        ids = s.search(qi, leaves_to_search=1, pre_reorder_num_neighbors=10).indices
+        if len(rows) >= 10:
+            assert set(ids.tolist()) <= set(rows.tolist())
+    assert recall(s.search_batched(q).indices, truth) >= 0.9
+    # Every upper node searched: the same leaves as without an upper tree.
+    full = (mipscan.builder(db, 10, "dot_product").tree(40, 10).upper_tree(8, 8)
+            .score_ah(2).reorder(100).build())
+    assert recall(full.search_batched(q).indices, truth) >= recall(s.search_batched(q).indices, truth) - 0.01

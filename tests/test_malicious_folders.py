@@ -56,6 +56,8 @@ LAYOUTS = {
                                                        quantize_centroids="bfloat16")
                             .score_brute_force(quantize="bfloat16").reorder(30, quantize="bfloat16")),
     "bf8_l2": ("squared_l2", lambda b: b.score_brute_force(quantize=True)),
+    "upper_l2": ("squared_l2", lambda b: b.tree(8, 3, min_partition_size=1).upper_tree(3, 2)
+                 .score_ah(2).reorder(30)),
 }
 if LONG:
     LAYOUTS.update({

@@ -50,6 +50,10 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
                            spherical=tree["spherical"], kmeanspp=not tree["random_init"])
         labels = assign_nearest(space, centroids)
         centroids, labels = _merge_small_leaves(space, centroids, labels, tree["min_partition_size"])
+        upper = config.get("upper_tree")
+        if upper is not None:
+            centroids, labels, upper_centroids, upper_offsets = _upper_tree(
+                centroids, labels, upper, tree, rng)
         # Slots: every row in its own leaf, and with SOAR a second time in another one.
         slot_rows_of = np.arange(n)
         slot_leaves = labels
@@ -63,6 +67,9 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
         if metric == "squared_l2":
             half = -0.5 * np.einsum("ij,ij->i", centroids, centroids)
             centroids = np.hstack([centroids, half[:, None]]).astype(np.float32)
+            if upper is not None:
+                half = -0.5 * np.einsum("ij,ij->i", upper_centroids, upper_centroids)
+                upper_centroids = np.hstack([upper_centroids, half[:, None]]).astype(np.float32)
     else:
         centroids = np.zeros((1, mips_d), np.float32)
         labels = slot_leaves = np.zeros(n, np.int64)
@@ -75,6 +82,9 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
     arrays = {"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
               "leaf_offsets": leaf_offsets,
               "slot_ids": slot_ids.astype(np.uint32)}
+    if tree is not None and config.get("upper_tree") is not None:
+        arrays["upper_centroids"] = np.ascontiguousarray(upper_centroids, dtype=np.float32)
+        arrays["upper_offsets"] = upper_offsets
 
     ah = config.get("score_ah")
     if ah is not None:
@@ -137,6 +147,24 @@ def _quantized(rows, kind, int8_name, bf16_name, scales_name, take=None):
                 scales_name: scales}
     out = to_bfloat16(rows)
     return {bf16_name: np.ascontiguousarray(out if take is None else out[take])}
+
+
+def _upper_tree(centroids, labels, upper, tree, rng):
+    """ScaNN's upper_tree, simply: k-means of the leaf centroids into ``upper["num_leaves"]``
+    nodes (empty nodes dropped), and the leaves renumbered so that each node's children are
+    contiguous. Returns (centroids, labels, upper_centroids, upper_offsets)."""
+    k = min(upper["num_leaves"], len(centroids))
+    nodes = kmeans(centroids, k, tree["training_iterations"], rng, spherical=tree["spherical"],
+                   kmeanspp=not tree["random_init"])
+    parent = assign_nearest(centroids, nodes)
+    used = np.unique(parent)
+    nodes, parent = nodes[used], np.searchsorted(used, parent)
+    order = np.argsort(parent, kind="stable")  # new leaf i is old leaf order[i]
+    new_of_old = np.empty_like(order)
+    new_of_old[order] = np.arange(len(order))
+    counts = np.bincount(parent, minlength=len(nodes))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return centroids[order], new_of_old[labels], nodes.astype(np.float32), offsets
 
 
 def avq_centroids(x, labels, centroids, eta):

@@ -140,6 +140,9 @@ ARRAYS: dict[str, tuple[Any, int, str | None]] = {
     "centroids_int8": (np.int8, 2, "tree"),
     "centroids_bf16": (np.uint16, 2, "tree"),
     "centroid_scales": (np.float32, 1, "tree"),
+    # upper_tree(): node centres and, per node, its children's range of leaves.
+    "upper_centroids": (np.float32, 2, "upper_tree"),
+    "upper_offsets": (np.int64, 1, "upper_tree"),
 }
 
 #: Arrays held only for one storage type: array -> (stage, argument, types).
@@ -291,8 +294,21 @@ def _scann_surface_errors(config: dict) -> list[tuple[str, str]]:
         if stage in config:
             errors.append(("stages", f"{stage}() projections are not supported by mipscan yet; "
                                   "project the data (and queries) before builder()"))
-    if "upper_tree" in config:
-        errors.append(("stages", "upper_tree() is not supported by mipscan yet"))
+    upper = config.get("upper_tree")
+    if upper is not None:
+        if tree is None:
+            errors.append(("stages", "upper_tree() needs tree(), as in ScaNN"))
+        elif upper["num_leaves"] > tree["num_leaves"]:
+            errors.append(("upper_tree.num_leaves", f"must be an int in [1, tree num_leaves="
+                                                    f"{tree['num_leaves']}]; got {upper['num_leaves']}"))
+        if upper["num_leaves_to_search"] > upper["num_leaves"]:
+            errors.append(("upper_tree.num_leaves_to_search",
+                           f"must be an int in [1, num_leaves={upper['num_leaves']}]; "
+                           f"got {upper['num_leaves_to_search']}"))
+        for name in ("soar_lambda", "avq", "anisotropic_quantization_threshold"):
+            if _is_set(upper[name]):
+                errors.append((f"upper_tree.{name}", f"is {upper[name]!r}: not supported by "
+                                                     "mipscan's upper tree yet; leave it unset"))
     return errors
 
 
@@ -359,7 +375,7 @@ LUT16_GROUP = 64
 
 #: Arrays whose values are float rows of the MIPS space: (rows, width) or, for
 #: codebooks, (num_blocks, 16, dims_per_block) residual codewords.
-FLOAT_ARRAYS = ("centroids", "slot_rows", "reorder_rows", "codebooks")
+FLOAT_ARRAYS = ("centroids", "slot_rows", "reorder_rows", "codebooks", "upper_centroids")
 
 
 def float_value_bounds(name: str, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -465,6 +481,15 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
             return [("arrays.packed_codes.shape", f"must hold {int(want[-1])} groups of "
                                                   f"{blocks * 32} bytes (arrays.leaf_groups, "
                                                   f"arrays.codebooks); got {packed.shape[0]} bytes")]
+    if "upper_tree" in config:
+        uo, uc = arrays["upper_offsets"], arrays["upper_centroids"]
+        if uo.shape[0] < 2 or uc.shape != (uo.shape[0] - 1, width):
+            return [("arrays.upper_centroids.shape", f"must be (num_upper, {width}) with "
+                                                     f"num_upper = len(upper_offsets) - 1 >= 1; got "
+                                                     f"{uc.shape} and {uo.shape[0]} offsets")]
+        if uo[0] != 0 or uo[-1] != leaves or (np.diff(uo) <= 0).any():
+            return [("arrays.upper_offsets", f"must increase from 0 to num_leaves={leaves}; got "
+                                             f"{uo[:8].tolist()}{'...' if len(uo) > 8 else ''}")]
     return quantized_array_errors(config, arrays, num_slots, leaves)
 
 

@@ -126,7 +126,14 @@ class ScannBuilder:
         return self._set("truncate", args, kwargs)
 
     def upper_tree(self, *args, **kwargs) -> "ScannBuilder":
-        """ScaNN's second tree level: arguments checked here; ``build()`` refuses it."""
+        """ScaNN's second tree level (requires ``tree()``), for very many leaves: the leaf
+        centroids are clustered into ``num_leaves`` upper nodes, and a query scores the
+        upper nodes, then only the leaves under its best ``num_leaves_to_search`` nodes
+        (further leaves are scored only if those hold too few points). ``scoring_mode``
+        is accepted; the upper centroids are scored in float32 (at least as precise as
+        any mode asks). ``soar_lambda``, ``avq`` and ``anisotropic_quantization_threshold``
+        on the upper level are refused by ``build()``; ``overretrieve_factor`` has no
+        effect there (no spilling), as in ScaNN without SOAR."""
         return self._set("upper_tree", args, kwargs)
 
     def autopilot(self, mode: str = "NONE", quantize: Any = False) -> "ScannBuilder":

@@ -69,6 +69,10 @@ class Searcher:
         self._overretrieve = 2.0 if factor is None else float(min(factor, 1e6))
         # Quantized centroids score the leaves in C++ (never through float32 BLAS).
         self._quantized_centroids = "centroids_int8" in arrays or "centroids_bf16" in arrays
+        # upper_tree(): upper nodes whose children are scored (leaf scores come from C++).
+        upper = config.get("upper_tree")
+        self._upper_to_search = (min(upper["num_leaves_to_search"], len(arrays["upper_offsets"]) - 1)
+                                 if upper else 1)
         reorder = config.get("reorder")
         self.reordering_num_neighbors = reorder["reordering_num_neighbors"] if reorder else None
         self._index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
@@ -164,9 +168,11 @@ class Searcher:
             call, "leaves_to_search", leaves, 1, configured, high_name="num_leaves"))
         q = self._to_mips(queries)
         nq = len(q)
-        if self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES or self._quantized_centroids:
+        if (self.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES or self._quantized_centroids
+                or "upper_tree" in self.config):
             ids, scores = self._index.search_batch(q, None, leaves, pre_k, final_k, threads,
-                                                   overretrieve=self._overretrieve)
+                                                   overretrieve=self._overretrieve,
+                                                   upper_to_search=self._upper_to_search)
         else:
             ids = np.empty((nq, final_k), np.uint32)
             scores = np.empty((nq, final_k), np.float32)

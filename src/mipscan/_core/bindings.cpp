@@ -269,6 +269,7 @@ NB_MODULE(_mipscan, m) {
               std::optional<In<int8_t, 2>> slot_int8, std::optional<In<uint16_t, 2>> slot_bf16,
               std::optional<In<float, 1>> slot_scales, std::optional<In<int8_t, 2>> centroids_int8,
               std::optional<In<uint16_t, 2>> centroids_bf16, std::optional<In<float, 1>> centroid_scales,
+              std::optional<In<float, 2>> upper_centroids, std::optional<In<int64_t, 1>> upper_offsets,
               std::optional<size_t> n) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
@@ -354,6 +355,19 @@ NB_MODULE(_mipscan, m) {
              v.centroid_scales = scales_of(centroids_int8.has_value(), centroid_scales,
                                            "Index: centroid_scales must be (d,), given with centroids_int8 only");
              require(!(centroids_int8 && centroids_bf16), "Index: at most one kind of quantized centroids");
+             if (upper_centroids || upper_offsets) {
+               // Upper tree: every node has at least one child; the children cover the leaves.
+               require(upper_centroids && upper_offsets, "Index: an upper tree needs upper_centroids and upper_offsets");
+               const size_t U = upper_centroids->shape(0);
+               require(U >= 1 && upper_centroids->shape(1) == v.d && upper_offsets->shape(0) == U + 1,
+                       "Index: upper_centroids must be (num_upper, d), upper_offsets num_upper + 1");
+               const int64_t* uo = upper_offsets->data();
+               require(uo[0] == 0 && uo[U] == int64_t(v.num_leaves), "Index: upper_offsets must run from 0 to num_leaves");
+               for (size_t u = 0; u < U; ++u) require(uo[u] < uo[u + 1], "Index: upper_offsets must increase");
+               v.num_upper = U;
+               v.upper_centroids = upper_centroids->data();
+               v.upper_offsets = uo;
+             }
              new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
@@ -364,12 +378,13 @@ NB_MODULE(_mipscan, m) {
            "slot_int8"_a.noconvert().none() = nb::none(), "slot_bf16"_a.noconvert().none() = nb::none(),
            "slot_scales"_a.noconvert().none() = nb::none(), "centroids_int8"_a.noconvert().none() = nb::none(),
            "centroids_bf16"_a.noconvert().none() = nb::none(), "centroid_scales"_a.noconvert().none() = nb::none(),
+           "upper_centroids"_a.noconvert().none() = nb::none(), "upper_offsets"_a.noconvert().none() = nb::none(),
            "n"_a.none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
            nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
            nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
            nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
-           nb::keep_alive<1, 18>())
+           nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
@@ -381,7 +396,7 @@ NB_MODULE(_mipscan, m) {
       .def("search_batch",
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
-              std::optional<std::string> level, double overretrieve) {
+              std::optional<std::string> level, double overretrieve, size_t upper_to_search) {
              const auto& v = ix.view;
              // level: run this call at another SIMD level (tests); None = the one fixed at load.
              const mipscan::Kernels kn = level ? kernels_at(*level, "search_batch") : mipscan::kernels();
@@ -391,13 +406,16 @@ NB_MODULE(_mipscan, m) {
              require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
              require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
              require(overretrieve >= 1.0 && overretrieve <= 1e6, "search_batch: overretrieve must be in [1, 1e6]");
+             require(v.num_upper == 0 || (upper_to_search >= 1 && upper_to_search <= v.num_upper),
+                     "search_batch: upper_to_search must be in [1, num_upper]");
              require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
                      "search_batch: leaf_scores must be (nq, num_leaves)");
              auto ids = new_array<uint32_t>(nq, final_k);
              auto scores = new_array<float>(nq, final_k);
              {
                nb::gil_scoped_release release;
-               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k, overretrieve};
+               mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k, overretrieve,
+                                       upper_to_search};
                mipscan::search_batch(v, ix.scratch, kn, queries.data(), nq,
                                      leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
                                      ids.data(), scores.data());
@@ -406,5 +424,5 @@ NB_MODULE(_mipscan, m) {
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none(),
-           "overretrieve"_a = 2.0);
+           "overretrieve"_a = 2.0, "upper_to_search"_a = 1);
 }

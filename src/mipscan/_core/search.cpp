@@ -47,6 +47,9 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<std::pair<float, uint32_t>> pairs;
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
   std::vector<float> qfold;     // the query times int8 scales (reorder.h)
+  std::vector<float> upper_scores;   // upper tree: node scores
+  std::vector<uint32_t> upper_pick;  // upper tree: nodes by score
+  std::vector<uint8_t> scored;       // upper tree: leaf l's score was computed
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -55,6 +58,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) + b(qfold) +
+           b(upper_scores) + b(upper_pick) + b(scored) +
            candidates.bytes() + final_.bytes();
   }
 };
@@ -198,12 +202,63 @@ void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales,
   }
 }
 
-void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
-                   const float* precomputed, size_t first, Scratch& s) {
+// Scores of leaves [a, b) into s.leaf_scores (float32 or quantized centroids).
+void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, size_t a,
+                      size_t b, Scratch& s) {
+  float* sc = s.leaf_scores.data();
+  if (ix.quantized_centroids()) {
+    quantized_dots(ix.centroids_i8 ? ix.centroids_i8 + a * ix.d : nullptr,
+                   ix.centroids_bf16 ? ix.centroids_bf16 + a * ix.d : nullptr, ix.centroid_scales,
+                   b - a, ix.d, kn, q, s, sc + a);
+  } else {
+    kn.dots(q, 1, ix.centroids + a * ix.d, b - a, ix.d, sc + a);
+  }
+  for (size_t l = a; l < b; ++l) {
+    sc[l] = no_nan(sc[l]);
+    s.scored[l] = 1;
+  }
+}
+
+// Upper tree: scores the upper nodes, then the children of the best `upper` of them; the
+// other leaves get -inf (and scored[l] = 0) until widening needs them. Returns how many
+// leaves were scored.
+size_t score_upper_tree(const IndexView& ix, const Kernels& kn, const float* q, size_t upper,
+                        Scratch& s) {
+  const size_t U = ix.num_upper, L = ix.num_leaves;
+  grow(s.upper_scores, U);
+  grow(s.upper_pick, U);
+  grow_fill(s.scored, L, uint8_t{0});
+  std::fill(s.leaf_scores.begin(), s.leaf_scores.begin() + static_cast<std::ptrdiff_t>(L), -INFINITY);
+  kn.dots(q, 1, ix.upper_centroids, U, ix.d, s.upper_scores.data());
+  for (size_t u = 0; u < U; ++u) {
+    s.upper_scores[u] = no_nan(s.upper_scores[u]);
+    s.upper_pick[u] = static_cast<uint32_t>(u);
+  }
+  const float* us = s.upper_scores.data();
+  upper = std::min(std::max<size_t>(upper, 1), U);
+  std::partial_sort(s.upper_pick.begin(), s.upper_pick.begin() + static_cast<std::ptrdiff_t>(upper),
+                    s.upper_pick.begin() + static_cast<std::ptrdiff_t>(U),
+                    [us](uint32_t a, uint32_t b) { return better(us[a], a, us[b], b); });
+  size_t scored = 0;
+  for (size_t i = 0; i < upper; ++i) {
+    const uint32_t u = s.upper_pick[i];
+    const size_t a = static_cast<size_t>(ix.upper_offsets[u]), b = static_cast<size_t>(ix.upper_offsets[u + 1]);
+    score_leaf_range(ix, kn, q, a, b, s);
+    scored += b - a;
+  }
+  return scored;
+}
+
+// Returns the number of leaves to search first: `first`, or fewer when an upper tree
+// scored fewer leaves than that (the rest come by widening).
+size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
+                     const float* precomputed, size_t first, size_t upper, Scratch& s) {
   const size_t L = ix.num_leaves;
   grow(s.leaf_scores, L);
   float* sc = s.leaf_scores.data();
-  if (precomputed != nullptr) {
+  if (precomputed == nullptr && ix.num_upper > 0) {
+    first = std::min(first, score_upper_tree(ix, kn, q, upper, s));
+  } else if (precomputed != nullptr) {
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(precomputed[l]);
   } else if (ix.quantized_centroids()) {
     quantized_dots(ix.centroids_i8, ix.centroids_bf16, ix.centroid_scales, L, ix.d, kn, q, s, sc);
@@ -245,10 +300,17 @@ void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
             [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
   grow(s.leaf_order, L);
   for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
+  return first;
 }
 
 // Sorts the leaves past `first` (only needed when the searched ones held too few points).
-void sort_remaining_leaves(size_t first, Scratch& s) {
+// With an upper tree, the leaves not scored yet are scored first.
+void sort_remaining_leaves(const IndexView& ix, const Kernels& kn, const float* q,
+                           const float* precomputed, size_t first, Scratch& s) {
+  if (ix.num_upper > 0 && precomputed == nullptr) {
+    for (size_t l = 0; l < ix.num_leaves; ++l)
+      if (!s.scored[l]) score_leaf_range(ix, kn, q, l, l + 1, s);
+  }
   const float* sc = s.leaf_scores.data();
   std::sort(s.leaf_order.begin() + first, s.leaf_order.end(),
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
@@ -501,9 +563,10 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
                                                 2 * p.final_k))
               : cand_k;
   const size_t L = ix.num_leaves;
-  const size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
   reserve_for(ix, keep, s);
-  select_leaves(ix, kn, q, precomputed, first, s);
+  const size_t first = select_leaves(ix, kn, q, precomputed,
+                                     std::min(std::max<size_t>(p.leaves_to_search, 1), L),
+                                     p.upper_to_search, s);
 
   TopKBuffer& cand = s.candidates;
   cand.reset(keep);
@@ -521,7 +584,7 @@ void search_one(const IndexView& ix, const Kernels& kn, const float* q,
   for (size_t r = 0; r < L; ++r) {
     if (r == first) {
       if (seen >= keep) break;
-      sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
+      sort_remaining_leaves(ix, kn, q, precomputed, first, s);  // too few slots so far: widen
     }
     const uint32_t leaf = s.leaf_order[r];
     const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
@@ -629,7 +692,7 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
   parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
     Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
-    if (chunk_scores == nullptr && e - b > 1 && !index.quantized_centroids()) {
+    if (chunk_scores == nullptr && e - b > 1 && !index.quantized_centroids() && index.num_upper == 0) {
       // The chunk's centroid scores in one pass over the centroids (the same values the
       // per-query kernel gives, so results do not depend on how queries are chunked).
       grow(s.chunk_scores, (e - b) * L);

@@ -64,6 +64,14 @@ struct IndexView {
   const uint16_t* centroids_bf16 = nullptr;
   const float* centroid_scales = nullptr;
 
+  // Upper tree (ScaNN's upper_tree, present when num_upper > 0): the leaves are grouped
+  // by upper node, node u's children being leaves [upper_offsets[u], upper_offsets[u+1])
+  // (every node has at least one); a query scores the num_upper upper_centroids
+  // (num_upper * d) first and then only the children of its best upper nodes.
+  size_t num_upper = 0;
+  const float* upper_centroids = nullptr;
+  const int64_t* upper_offsets = nullptr;
+
   bool reorders() const { return reorder_rows || reorder_i8 || reorder_bf16; }
   bool quantized_centroids() const { return centroids_i8 || centroids_bf16; }
 };
@@ -75,6 +83,10 @@ struct SearchParams {
   // Spilled indexes (SOAR): candidate slots kept per distinct row to take, >= 1 (ScaNN's
   // overretrieve_factor); at least 2 * final_k slots are kept whatever it is.
   double overretrieve = 2.0;
+  // Upper nodes whose children are scored (1..num_upper; used when num_upper > 0). If
+  // their children are fewer than leaves_to_search, or hold too few points, the other
+  // leaves are scored and searched after them, best first.
+  size_t upper_to_search = 1;
 };
 
 struct Scratch;  // one working thread's buffers (search.cpp)
