@@ -1,7 +1,7 @@
 // AVX2 quantized dot products (reorder.h). Built with -mavx2 -mfma; reached only through
 // cpu.cpp's table after the CPU was checked. Lanes 0-7 of the specification live in lo,
-// 8-15 in hi; the tail (d % 16 values) goes through zero-padded copies, which adds +0
-// products to the lanes it does not reach (a lane is never -0, so that changes nothing).
+// 8-15 in hi; the last d % 8 values go through zero-padded copies, which adds +0
+// products to the lanes they do not reach (a lane is never -0, so that changes nothing).
 #include <immintrin.h>
 
 #include <cstring>
@@ -22,6 +22,16 @@ inline __m256 bf16_to_ps(const uint16_t* p) {  // 8 bf16 -> 8 float, exact
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
+// The specification's reduction of lanes lo (0-7) and hi (8-15), in registers:
+// s = lo + hi; t = s[0:4] + s[4:8] = (s0+s4, s1+s5, s2+s6, s3+s7);
+// u = (t0+t2, t1+t3); u0 + u1 = ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7)).
+inline float reduce16_avx2(__m256 lo, __m256 hi) {
+  const __m256 sum = _mm256_add_ps(lo, hi);
+  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+}
+
 template <class T, class Load>
 inline float dot16(const float* a, const T* b, size_t d, Load load) {
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -31,18 +41,21 @@ inline float dot16(const float* a, const T* b, size_t d, Load load) {
     lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + j), load(b + j)));
     hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + j + 8), load(b + j + 8)));
   }
+  // j % 16 == 0 here: the next 8 values belong to lanes 0-7, the 8 after to lanes 8-15.
+  __m256* half = &lo;
+  if (j + 8 <= d) {
+    lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + j), load(b + j)));
+    j += 8;
+    half = &hi;
+  }
   if (j < d) {
-    alignas(32) float ta[16] = {0};
-    alignas(32) T tb[16] = {0};
+    alignas(32) float ta[8] = {0};
+    alignas(16) T tb[8] = {0};
     std::memcpy(ta, a + j, (d - j) * sizeof(float));
     std::memcpy(tb, b + j, (d - j) * sizeof(T));
-    lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_load_ps(ta), load(tb)));
-    hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_load_ps(ta + 8), load(tb + 8)));
+    *half = _mm256_add_ps(*half, _mm256_mul_ps(_mm256_load_ps(ta), load(tb)));
   }
-  alignas(32) float l[16];
-  _mm256_store_ps(l, lo);
-  _mm256_store_ps(l + 8, hi);
-  return reduce16(l);
+  return reduce16_avx2(lo, hi);
 }
 
 }  // namespace
