@@ -89,18 +89,23 @@ def run_mipscan(ds, p, kth, repeats):
 
 def timed(built, nq, repeats):
     """QPS of each search function, timed in interleaved rounds (one warm-up each) so that
-    load from other processes hits every variant alike: median and best round."""
+    load from other processes hits every variant alike: median and best round of wall
+    time, and queries per CPU-second of this process (median; steadier on a shared
+    machine, and it counts every thread a library might use)."""
     for _, fn in built:
         fn()
     times = [[] for _ in built]
+    cpu = [[] for _ in built]
     for _ in range(repeats):
         for i, (_, fn) in enumerate(built):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
     rows = []
-    for (row, _), ts in zip(built, times):
-        row.update(qps_batched_1t=nq / float(np.median(ts)), qps_batched_1t_best=nq / min(ts))
+    for (row, _), ts, cs in zip(built, times, cpu):
+        row.update(qps_batched_1t=nq / float(np.median(ts)), qps_batched_1t_best=nq / min(ts),
+                   qps_cpu_time=nq / float(np.median(cs)))
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -148,15 +153,15 @@ def table(results: dict) -> str:
         p = r["params"]
         out.append(f"### {name} (n={r['n']}, d={r['d']}, nq={r['nq']}; {p['num_leaves']} leaves, "
                    f"{p['leaves_to_search']} searched, AH {p['dims_per_block']}, reorder {p['reorder']})\n")
-        out.append("| index | quantize | system | recall@10 | QPS median | QPS best | index MB | bytes vs float32 |")
-        out.append("|---|---|---|---:|---:|---:|---:|---:|")
+        out.append("| index | quantize | system | recall@10 | QPS median | QPS best | queries/CPU-s | index MB | bytes vs float32 |")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
         base = {(row["system"], row["index"]): row["index_bytes"] for row in r["rows"]
                 if row["quantize"] == "float32"}
         for row in sorted(r["rows"], key=lambda x: (x["index"], TYPES.index(x["quantize"]), x["system"])):
             ratio = row["index_bytes"] / base.get((row["system"], row["index"]), np.nan)
             out.append(f"| {row['index']} | {row['quantize']} | {row['system']} | "
                        f"{row['recall@10']:.4f} | {row['qps_batched_1t']:.0f} | "
-                       f"{row['qps_batched_1t_best']:.0f} | "
+                       f"{row['qps_batched_1t_best']:.0f} | {row['qps_cpu_time']:.0f} | "
                        f"{row['index_bytes'] / 1e6:.2f} | {ratio:.3f} |")
         out.append("")
     return "\n".join(out)
