@@ -1,10 +1,11 @@
 // AVX2 quantized dot products (reorder.h). Built with -mavx2 -mfma; reached only through
 // cpu.cpp's table after the CPU was checked. Lanes 0-7 of the specification live in lo,
-// 8-15 in hi; the last d % 8 values go through zero-padded copies, which adds +0
-// products to the lanes they do not reach (a lane is never -0, so that changes nothing).
+// 8-15 in hi. The last d % 8 values come from the 8 values ending at d, rotated into
+// their lanes; the lanes they do not reach get +0 (a lane is never -0, so that changes
+// nothing).
 #include <immintrin.h>
 
-#include <cstring>
+#include <cstdint>
 
 #include "reorder.h"
 
@@ -42,18 +43,38 @@ inline float dot16(const float* a, const T* b, size_t d, Load load) {
     hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + j + 8), load(b + j + 8)));
   }
   // j % 16 == 0 here: the next 8 values belong to lanes 0-7, the 8 after to lanes 8-15.
-  __m256* half = &lo;
+  bool in_hi = false;
   if (j + 8 <= d) {
     lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + j), load(b + j)));
     j += 8;
-    half = &hi;
+    in_hi = true;
   }
   if (j < d) {
-    alignas(32) float ta[8] = {0};
-    alignas(16) T tb[8] = {0};
-    std::memcpy(ta, a + j, (d - j) * sizeof(float));
-    std::memcpy(tb, b + j, (d - j) * sizeof(T));
-    *half = _mm256_add_ps(*half, _mm256_mul_ps(_mm256_load_ps(ta), load(tb)));
+    const int r = static_cast<int>(d - j);  // 1..7 values left, for lanes (j % 16) + t
+    __m256 tail;
+    if (d >= 8) {
+      // The 8 values ending at d (all inside the row), multiplied, then lanes rotated so
+      // that value j + t lands in lane t, and lanes t >= r zeroed. Same products as the
+      // specification, moved, never re-rounded.
+      const __m256 prod = _mm256_mul_ps(_mm256_loadu_ps(a + d - 8), load(b + d - 8));
+      const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i idx = _mm256_add_epi32(iota, _mm256_set1_epi32(8 - r));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(r), iota));
+      tail = _mm256_and_ps(_mm256_permutevar8x32_ps(prod, idx), keep);
+    } else {  // a row shorter than 8: zero-padded copies
+      alignas(32) float ta[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      alignas(32) T tb[8] = {};
+      for (int t = 0; t < r; ++t) {
+        ta[t] = a[j + t];
+        tb[t] = b[j + t];
+      }
+      tail = _mm256_mul_ps(_mm256_load_ps(ta), load(tb));
+    }
+    if (in_hi) {
+      hi = _mm256_add_ps(hi, tail);
+    } else {
+      lo = _mm256_add_ps(lo, tail);
+    }
   }
   return reduce16_avx2(lo, hi);
 }
