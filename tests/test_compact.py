@@ -241,7 +241,6 @@ def test_folders_written_before_quantize_existed_still_load(clustered, tmp_path)
     m = json.loads(path.read_text())
     m["config"]["reorder"]["quantize"] = False  # format 1 as first written
     m["config"]["tree"]["quantize_centroids"] = False
-    del m["config"]["score_ah"]["residual_quantization"]
     path.write_text(json.dumps(m))
     t = mipscan.load_searcher(tmp_path / "ix")
     assert t.config["reorder"]["quantize"] == "float32"

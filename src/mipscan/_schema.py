@@ -113,6 +113,10 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
     },
 }
 
+#: Arguments checked when passed but not stored in the configuration: accepted for ScaNN
+#: code, equivalent to mipscan's only behaviour (residual_quantization: True or None).
+CALL_ONLY: dict[str, tuple[str, ...]] = {"score_ah": ("residual_quantization",)}
+
 #: Arguments ScaNN derives itself; a user passing them is told so.
 INTERNAL = {"distance_measure", "projection", "upper_tree", "n_dims"}
 
@@ -340,11 +344,11 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception]) -> d
         if stage not in config:
             continue
         params = config[stage]
-        if isinstance(params, dict) and stage == "score_ah":
-            params.setdefault("residual_quantization", None)  # added after format 1 began
-        if not isinstance(params, dict) or set(params) != set(table):
-            raise bad(f"config.{stage}", f"expected keys {sorted(table)}")
-        for name, (rule, _default) in table.items():
+        stored = {name: entry for name, entry in table.items()
+                  if name not in CALL_ONLY.get(stage, ())}
+        if not isinstance(params, dict) or set(params) != set(stored):
+            raise bad(f"config.{stage}", f"expected keys {sorted(stored)}")
+        for name, (rule, _default) in stored.items():
             if name == "anisotropic_quantization_threshold" and params[name] is None:
                 continue  # JSON has no NaN: NaN is stored as null
             try:

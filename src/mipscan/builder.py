@@ -18,7 +18,8 @@ from typing import Any
 
 from mipscan._build import build_arrays
 from mipscan._policy import suggest_config
-from mipscan._schema import STAGES, ReorderType, check_stage_args, cross_rule_errors
+from mipscan._schema import (CALL_ONLY, STAGES, ReorderType, check_stage_args,
+                             cross_rule_errors)
 from mipscan._threads import get_num_threads
 from mipscan._validation import (MAX_THREADS, Bool, as_float_array, check_distance_measure,
                                  check_int, check_value)
@@ -51,7 +52,10 @@ class ScannBuilder:
         call = f"{stage}()"
         if stage in self.params:
             raise ValueError(f"{call}: {stage} has already been configured")
-        self.params[stage] = check_stage_args(call, stage, args, kwargs)
+        params = check_stage_args(call, stage, args, kwargs)
+        for name in CALL_ONLY.get(stage, ()):
+            del params[name]  # checked, equivalent to mipscan's behaviour, not stored
+        self.params[stage] = params
         return self
 
     def tree(self, *args, **kwargs) -> "ScannBuilder":
