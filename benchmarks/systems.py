@@ -11,6 +11,7 @@ call (:func:`benchmarks.common.pinned_threads`); hnswlib and ScaNN get the count
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from benchmarks.common import numpy_topk, package_version
 FAMILIES = {
     "mipscan": ["mipscan", "mipscan-bf"],
     "scann": ["scann"],
+    "scann-core": ["scann-core"],
     "faiss": ["faiss-ivfpq4fs", "faiss-flat"],
     "hnswlib": ["hnswlib-M16", "hnswlib-M32"],
     "numpy": ["numpy"],
@@ -38,12 +40,17 @@ def _dir_bytes(path: str) -> int:
 
 
 class Variant:
-    """Base class; ``knob_grid`` is a list of dicts passed back to the search methods."""
+    """Base class; ``knob_grid`` is a list of dicts passed back to the search methods.
+
+    ``simd_level`` says which SIMD kernels the library ran, as far as it can be known
+    (a level it reports, or how it chooses one when it reports none); recorded per system.
+    """
 
     name = ""
     family = ""
     exact = False
     version: str | None = None
+    simd_level: str | None = None
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -89,6 +96,7 @@ class Mipscan(Variant):
             raise Unavailable("mipscan.builder does not exist yet in this checkout")
         self.mipscan = mipscan
         self.version = getattr(mipscan, "__version__", None)
+        self.simd_level = mipscan.simd_level()
 
     def build_params(self):
         c = self.cfg
@@ -154,6 +162,7 @@ class MipscanBruteForce(Variant):
             raise Unavailable(f"mipscan not importable: {exc}") from exc
         self.mipscan = mipscan
         self.version = getattr(mipscan, "__version__", None)
+        self.simd_level = mipscan.simd_level()
 
     def build(self, train):
         self.train = train
@@ -168,16 +177,29 @@ class MipscanBruteForce(Variant):
 
 
 class Scann(Variant):
+    """The ``scann`` wheel. ``scann-core`` installs the same module name, so each needs its
+    own Python environment; the distribution that owns ``scann`` here decides which runs."""
+
     name, family = "scann", "scann"
+    distribution = "scann"
+    simd_level = "not reported (no run-time dispatch)"
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.version = package_version(self.distribution)
+        if self.version is None:
+            other = "scann-core" if self.distribution == "scann" else "scann"
+            hint = (" (scann-core runs in its own venv: python -m benchmarks.run "
+                    "--scann-core-python /path/to/venv/bin/python, see benchmarks/README.md)"
+                    if self.distribution == "scann-core" else "")
+            raise Unavailable(f"the {self.distribution} distribution is not installed in "
+                              f"{sys.executable}" + (f" ({other} is)" if package_version(other)
+                                                     else "") + hint)
         try:
             from scann.scann_ops.py import scann_ops_pybind
         except ImportError as exc:
-            raise Unavailable(f"scann not importable: {exc}") from exc
+            raise Unavailable(f"{self.distribution} not importable: {exc}") from exc
         self.scann = scann_ops_pybind
-        self.version = package_version("scann")
 
     build_params = Mipscan.build_params
     default_knobs = Mipscan.default_knobs
@@ -220,6 +242,16 @@ class Scann(Variant):
                                       pre_reorder_num_neighbors=knobs["reorder"],
                                       leaves_to_search=knobs["leaves_to_search"])
         return np.asarray(ids, dtype=np.int64)
+
+
+class ScannCore(Scann):
+    """``scann-core``: ScaNN's core with its run-time SIMD dispatch enabled."""
+
+    name, family = "scann-core", "scann-core"
+    distribution = "scann-core"
+    # Its binary picks the best of AVX2 / AVX512 / AVX512_VNNI at run time (flags
+    # --ignore_avx2, --ignore_avx512, ...), but its API does not say which.
+    simd_level = "run-time dispatch (not reported)"
 
 
 def _import_faiss():
@@ -359,6 +391,7 @@ def make(name: str, cfg: dict) -> Variant:
     """The adapter for a variant name from :data:`FAMILIES`."""
     table = {
         "mipscan": Mipscan, "mipscan-bf": MipscanBruteForce, "scann": Scann,
+        "scann-core": ScannCore,
         "faiss-ivfpq4fs": FaissIVF, "faiss-flat": FaissFlat, "numpy": NumpyExact,
     }
     if name in table:

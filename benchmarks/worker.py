@@ -99,7 +99,8 @@ def run(job: dict) -> dict:
     except systems.Unavailable as exc:
         out["skipped"] = str(exc)
         return out
-    out.update(version=v.version, exact=v.exact, build_params=v.build_params())
+    out.update(version=v.version, exact=v.exact, build_params=v.build_params(),
+               simd_level=v.simd_level, python=sys.executable)
     try:
         rss0 = rss_bytes()
         reset_ok = reset_peak_rss()

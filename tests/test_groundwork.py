@@ -94,6 +94,23 @@ def test_searcher_pickles_to_identical_results(rng, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ref.indices)
 
 
+def test_unpickling_checks_the_state_like_the_loader(rng):
+    db, q = clustered(rng, 2000, 8)
+    s = mipscan.builder(db, 10, "dot_product").tree(10, 3).score_ah(2).reorder(40).build()
+    state = s.__getstate__()
+    for name, change in [("centroids", lambda a: a.__setitem__((0, 0), np.nan)),
+                         ("leaf_offsets", lambda a: a.__setitem__(1, 10**9)),
+                         ("slot_ids", lambda a: a.__setitem__(0, 10**6)),
+                         ("reorder_rows", lambda a: a.__setitem__((3, 3), np.inf))]:
+        arrays = {k: np.array(v) for k, v in state["arrays"].items()}
+        change(arrays[name])
+        bad = dict(state, arrays=arrays)
+        with pytest.raises(ValueError, match=rf"Searcher.__setstate__\(\).*{name}"):
+            pickle.loads(pickle.dumps(s)).__setstate__(bad)
+    with pytest.raises(ValueError, match="config.n"):
+        pickle.loads(pickle.dumps(s)).__setstate__(dict(state, config=dict(state["config"], n=-1)))
+
+
 def _serialized(s, path):
     s.serialize(path)
     return mipscan.load_searcher(path, mmap=True)

@@ -32,7 +32,7 @@ def test_pack_unpack_is_identity(rng, n, num_blocks):
     np.testing.assert_array_equal(_mipscan.unpack_codes(packed, n, num_blocks), codes)
 
 
-@pytest.mark.parametrize("n,num_blocks", [(32, 2), (96, 16), (50, 17), (320, 64), (64, 300), (130, 1), (200, 25), (70, 9)])
+@pytest.mark.parametrize("n,num_blocks", [(32, 2), (96, 16), (50, 17), (320, 64), (64, 300), (130, 1), (200, 25), (70, 9), (129, 33), (192, 65), (1000, 16)])
 def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
     cap = min(127, 65535 // num_blocks)  # the bound the searcher keeps (lut16.h)
     codes = rng.integers(0, 16, size=(n, num_blocks), dtype=np.uint8)
@@ -81,20 +81,23 @@ def test_search_batch_rejects_an_unknown_level(rng):
         s._index.search_batch(db[:2], None, 2, 5, 5, 1, level="bogus")
 
 
-def _import_with_simd(value):
+def _import_with_simd(value, disable=None):
     env = {**os.environ, "MIPSCAN_SIMD": value}
-    return subprocess.run([sys.executable, "-c", "import mipscan; print(mipscan.simd_level())"],
-                          env=env, capture_output=True, text=True)
+    env.pop("MIPSCAN_DISABLE_CPU_FEATURES", None)
+    if disable is not None:
+        env["MIPSCAN_DISABLE_CPU_FEATURES"] = disable
+    code = "import mipscan; print(mipscan.simd_level(), ','.join(mipscan.simd_levels()))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("value", LEVELS)
 def test_simd_env_override_is_honoured(value):
     out = _import_with_simd(value)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == value
+    assert out.stdout.split()[0] == value
 
 
-@pytest.mark.parametrize("value", ["bogus", "AVX2", "avx-512", " scalar"])
+@pytest.mark.parametrize("value", ["bogus", "AVX2", "AVX512", "avx1", " scalar"])
 def test_unknown_simd_env_value_makes_the_import_fail(value):
     out = _import_with_simd(value)
     assert out.returncode != 0
@@ -103,13 +106,39 @@ def test_unknown_simd_env_value_makes_the_import_fail(value):
     assert "allowed values: scalar, avx2, avx512" in last, last
 
 
-def test_a_level_the_cpu_cannot_run_makes_the_import_fail():
-    missing = [lv for lv in ("scalar", "avx2", "avx512") if lv not in LEVELS]
-    if not missing:
-        pytest.skip("this CPU and build run every level")
-    out = _import_with_simd(missing[0])
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_a_level_the_cpu_cannot_run_makes_the_import_fail(level):
+    # MIPSCAN_DISABLE_CPU_FEATURES hides the level from detection, so this runs (and
+    # asserts) on every machine, whatever it has.
+    out = _import_with_simd(level, disable=level)
     assert out.returncode != 0
-    assert "cannot run here" in out.stderr and "MIPSCAN_SIMD" in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: MIPSCAN_SIMD=" + repr(level) + " cannot run here"), last
+    assert "MIPSCAN_DISABLE_CPU_FEATURES hides" in last, last
+
+
+@pytest.mark.parametrize("disable,expected", [
+    ("avx512", ["scalar", "avx2"]),
+    ("avx2", ["scalar"]),           # avx512 goes with avx2
+    ("avx2,avx512", ["scalar"]),
+    ("", None),                      # empty: nothing hidden
+])
+def test_disabled_cpu_features_hide_levels_from_detection(disable, expected):
+    out = _import_with_simd("", disable=disable)
+    assert out.returncode == 0, out.stderr
+    best, levels = out.stdout.split()
+    want = LEVELS if expected is None else [lv for lv in expected if lv in LEVELS]
+    assert levels.split(",") == want
+    assert best == want[-1]
+
+
+@pytest.mark.parametrize("disable", ["sse", "AVX2", "avx2;avx512"])
+def test_an_unknown_cpu_feature_makes_the_import_fail(disable):
+    out = _import_with_simd("", disable=disable)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: MIPSCAN_DISABLE_CPU_FEATURES=" + repr(disable)), last
+    assert "allowed: a comma separated list of avx2, avx512" in last, last
 
 
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 16, 20, 33, 50, 64])
@@ -125,3 +154,31 @@ def test_centroid_dots_are_identical_across_levels_and_batch_sizes(rng, d):
     for lv in LEVELS:
         for nq in (1, 4, 5, 9):
             np.testing.assert_array_equal(_mipscan.dots(qs[:nq], rows, lv), ref[:nq])
+
+
+@pytest.mark.parametrize("build", ["ah", "ah_reorder", "soar", "tiny_leaves"])
+def test_batched_searches_equal_one_query_at_a_time(rng, level, build):
+    # search_batch scores a chunk's queries against the centroids in one pass and reuses
+    # scratch between them; every result must be the one a single-query search gives,
+    # ties (duplicate rows), widening (leaves that run short) and SOAR included.
+    db = rng.normal(size=(4000, 24)).astype(np.float32)
+    db[1000:1100] = db[:100]  # exact duplicates: tied approximate scores
+    q = rng.normal(size=(37, 24)).astype(np.float32)
+    q[20:30] = q[:10] + 1e-3  # neighbouring queries share leaves
+    if build == "tiny_leaves":  # few points per leaf: the searched leaves run short (widening)
+        b = mipscan.builder(db, 10, "dot_product").tree(100, 2).score_ah(2).reorder(60)
+    else:
+        b = mipscan.builder(db, 10, "dot_product").tree(
+            40, 8, **({"soar_lambda": 1.0} if build == "soar" else {})).score_ah(2)
+        if build != "ah":
+            b = b.reorder(60)
+    searcher = b.build()
+    ix = searcher._index
+    assert searcher.num_leaves >= 20
+    for leaves, pre_k in ((1, 20), (1, 300), (2, 300), (8, 60), (40, 200)):
+        leaves = min(leaves, searcher.num_leaves)
+        one = [ix.search_batch(q[i:i + 1], None, leaves, pre_k, 10, 1, level=level) for i in range(len(q))]
+        for threads in (1, 2):
+            ids, scores = ix.search_batch(q, None, leaves, pre_k, 10, threads, level=level)
+            np.testing.assert_array_equal(ids, np.concatenate([o[0] for o in one]))
+            np.testing.assert_array_equal(scores, np.concatenate([o[1] for o in one]))

@@ -745,6 +745,38 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
     return config, arrays
 
 
+def check_state(config, arrays, call: str) -> tuple[dict, dict]:
+    """The loader's checks for an index held in memory (an unpickled searcher): the
+    config against the schema, each array's dtype and rank, the arrays against the config
+    and every value. Returns (config, C-contiguous arrays); ValueError names the field."""
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"{call}: {field}: {why}")
+
+    if not isinstance(config, dict) or not isinstance(arrays, dict):
+        raise bad("state", "config and arrays must be dicts")
+    config = check_stored_config(config, bad)
+    need = required_arrays(config)
+    if set(arrays) != need:
+        raise bad("arrays", f"expected {sorted(need)}; got {_short(sorted(map(str, arrays)))}")
+    out = {}
+    for name in sorted(need):
+        dtype, ndim, _ = ARRAYS[name]
+        a = arrays[name]
+        if not isinstance(a, np.ndarray) or a.dtype != np.dtype(dtype) or a.ndim != ndim:
+            raise bad(f"arrays.{name}", f"must be a {ndim}-D {np.dtype(dtype)} array; got "
+                                        f"{type(a).__name__} {getattr(a, 'dtype', '')} "
+                                        f"{getattr(a, 'shape', '')}")
+        out[name] = np.ascontiguousarray(a)
+    _check_config_against_arrays(config, out, bad)
+    for field, why in array_value_errors(config, out):
+        raise bad(field, why)
+    for name in FLOAT_ARRAYS:
+        if name in out:
+            low, high = float_value_bounds(name, config)
+            _check_float_values(Path(f"<{call}>"), f"arrays.{name}", out[name], low, high)
+    return config, out
+
+
 def _short(value, limit: int = 200) -> str:
     """repr() of a manifest value, cut to ``limit`` characters (values may be huge)."""
     try:

@@ -5,7 +5,9 @@ two-tower model on MovieLens 100K, builds the tutorial's 270,882 candidates, and
 keras-rs brute force, mipscan's exact brute force and mipscan's approximate index (as the
 Keras layer mipscan.keras.ApproximateRetrieval and through the ScaNN-style API) on
 build time, latency and recall@k for the tutorial's 4 users and for all 943 users.
-Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``); ``mipscan --help`` and
+Needs the ``recsys`` extra (``pip install "mipscan[recsys]"``). ``mipscan serve DIR``
+serves an index folder over HTTP (:mod:`mipscan.serve`, the ``serve`` extra); ``demo
+--save-index DIR`` saves the demo's index and page data for it. ``mipscan --help`` and
 ``mipscan --version`` need only the core (the parser is the standard library's argparse).
 Errors go to stderr with a non-zero exit status: 2 for bad arguments or data, 1 for a
 missing extra (one line naming it).
@@ -156,7 +158,8 @@ class _Fail(Exception):
 
 
 def demo(data: Path | None = None, epochs: int = 50, copies: int = 100, k: int = 10,
-         out: Path | None = None, seed: int = 42, repeats: int = 3) -> None:
+         out: Path | None = None, seed: int = 42, repeats: int = 3,
+         save_index: Path | None = None, serve: bool = False) -> Path | None:
     """Train the Keras-RS tutorial's two-tower model on MovieLens 100K and compare
     keras-rs brute force, mipscan.brute_force and mipscan's approximate search."""
     require_recsys("mipscan demo")  # before the data: one line instead of a traceback
@@ -250,6 +253,42 @@ def demo(data: Path | None = None, epochs: int = 50, copies: int = 100, k: int =
             raise _Fail(f"--out: cannot write {out}: {exc.strerror or exc}") from None
         console.print(f"wrote {out}")
 
+    if save_index is None and serve:
+        import tempfile
+
+        save_index = Path(tempfile.mkdtemp(prefix="mipscan-demo-")) / "index"
+    if save_index is not None:
+        save_demo_index(save_index, emb, ml)
+        console.print(f"saved the index in {save_index} and the page's data in "
+                      f"{save_index}.page (serve them: mipscan serve {save_index})")
+    return save_index
+
+
+def save_demo_index(folder: Path, emb, ml) -> None:
+    """The tutorial's approximate index in ``folder`` and, beside it in ``folder.page``,
+    the user embeddings and movie titles of the service's page (``mipscan serve``)."""
+    from mipscan.serve import page_dir_for, save_page_data
+
+    p = TUTORIAL_INDEX
+    searcher = (mipscan.builder(emb.candidates, 10, "dot_product")
+                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
+                      training_iterations=p["training_iterations"])
+                .score_ah(p["dimensions_per_block"])
+                .reorder(p["reordering_num_neighbors"])
+                .build())
+    try:
+        searcher.serialize(folder)
+        # Candidate i is a copy of movie-table row i % rows, and a row is a movie id.
+        rows = emb.movie_table_rows
+        titles: list[str | None] = [None] * rows
+        for movie_id, title in zip(ml.movie_ids.tolist(), ml.titles.tolist()):
+            if 0 <= movie_id < rows:
+                titles[movie_id] = title
+        save_page_data(page_dir_for(folder), emb.users, emb.all_user_ids.tolist(), titles,
+                       rows)
+    except (ValueError, OSError) as exc:
+        raise _Fail(f"--save-index: {exc}") from None
+
 
 # --- the command line (argparse: the core install has no other dependency)
 
@@ -268,7 +307,7 @@ def _int_at_least(low: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mipscan`` parser: ``--version`` and the ``demo`` command."""
+    """The ``mipscan`` parser: ``--version`` and the ``demo`` and ``serve`` commands."""
     parser = argparse.ArgumentParser(
         prog="mipscan", description="mipscan: fast top-k retrieval for learned embeddings.")
     parser.add_argument("--version", action="version", version=f"mipscan {mipscan.__version__}")
@@ -294,6 +333,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds the split, Keras and the noise (default: 42)")
     p.add_argument("--repeats", type=_int_at_least(1), default=3,
                    help="timed calls per measurement (default: 3)")
+    p.add_argument("--save-index", type=Path, default=None, metavar="DIR",
+                   help="also save the approximate index in DIR and the page's user "
+                   "embeddings and titles in DIR.page, for `mipscan serve DIR`")
+    p.add_argument("--serve", action="store_true",
+                   help="then serve the index and its page on http://127.0.0.1:PORT/ "
+                   "(needs the serve extra)")
+    p.add_argument("--port", type=_int_at_least(0), default=8080,
+                   help="the port of --serve (default: 8080)")
+
+    s = commands.add_parser(
+        "serve", help="serve an index folder over HTTP (search, updates, hot reload, metrics)",
+        description="Serve the index in INDEX_DIR over HTTP: POST /search, /upsert, /delete, "
+        "/snapshot, /reload; GET /healthz, /stats, /metrics, and the demo page at / when "
+        "INDEX_DIR.page exists. Write endpoints need 'Authorization: Bearer TOKEN' "
+        "(MIPSCAN_SERVE_TOKEN or --token-file); without a token they are disabled, and a "
+        "non-loopback --host is refused unless --read-only. Needs the serve extra: "
+        'pip install "mipscan[serve]".')
+    s.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="the index folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=_int_at_least(0), default=8080,
+                   help="port (default: 8080; 0 picks a free one)")
+    s.add_argument("--token-file", type=Path, default=None, metavar="F",
+                   help="file whose first line is the write token (default: "
+                   "$MIPSCAN_SERVE_TOKEN)")
+    s.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="engine threads per batched search (default: the CPUs available)")
+    s.add_argument("--read-only", action="store_true",
+                   help="disable the write endpoints (upsert, delete, snapshot, reload)")
+    s.add_argument("--max-body-bytes", type=_int_at_least(1), default=16 << 20, metavar="B",
+                   help="largest request body (default: 16 MiB)")
     return parser
 
 
@@ -304,9 +373,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "serve":
+        return _serve_command(args)
     try:
-        demo(data=args.data, epochs=args.epochs, copies=args.copies, k=args.k, out=args.out,
-             seed=args.seed, repeats=args.repeats)
+        if args.serve:  # before training: one line instead of a traceback at the end
+            from mipscan.serve import require_serve
+            require_serve("mipscan demo --serve")
+        saved = demo(data=args.data, epochs=args.epochs, copies=args.copies, k=args.k,
+                     out=args.out, seed=args.seed, repeats=args.repeats,
+                     save_index=args.save_index, serve=args.serve)
+        if args.serve:
+            return _serve_command(argparse.Namespace(
+                index_dir=saved, host="127.0.0.1", port=args.port, token_file=None,
+                threads=None, read_only=False, max_body_bytes=16 << 20), "mipscan demo")
     except MissingExtraError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -316,6 +395,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mipscan demo: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _serve_command(args: argparse.Namespace, what: str = "mipscan serve") -> int:
+    """``mipscan serve``: exit status 2 for a refused start, 1 for a missing extra."""
+    from mipscan.serve import ServeError, serve
+
+    try:
+        serve(args.index_dir, host=args.host, port=args.port, token_file=args.token_file,
+              threads=args.threads, read_only=args.read_only,
+              max_body_bytes=args.max_body_bytes)
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ServeError as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

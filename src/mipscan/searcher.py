@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mipscan import _mipscan
-from mipscan._io import read_index, write_index
+from mipscan._io import check_state, read_index, write_index
 from mipscan._schema import ARRAYS
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
@@ -105,7 +105,12 @@ class Searcher:
                 "arrays": {k: np.asarray(v) for k, v in self._arrays.items()}}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["config"], state["arrays"], state["num_threads"])
+        # The loader's checks: a pickle from elsewhere gets no more trust than a folder.
+        if not isinstance(state, dict) or set(state) != {"config", "num_threads", "arrays"}:
+            raise ValueError("Searcher.__setstate__(): state must be a dict with config, "
+                             "num_threads and arrays")
+        config, arrays = check_state(state["config"], state["arrays"], "Searcher.__setstate__()")
+        self.__init__(config, arrays, state["num_threads"])
 
     # ---------------------------------------------------------------- searching
     def search(self, q, final_num_neighbors=None, pre_reorder_num_neighbors=None,

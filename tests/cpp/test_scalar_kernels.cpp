@@ -215,6 +215,44 @@ void check_avx2(Rng& rng) {
 }
 #endif
 
+#if MIPSCAN_HAVE_AVX512 && (defined(__GNUC__) || defined(__clang__))
+// On an x86-64 CPU with AVX-512 F/BW/VL, the AVX-512 kernels against the scalar ones.
+void check_avx512(Rng& rng) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx2")) {
+    std::printf("SKIP avx512_vs_scalar: this CPU has no AVX-512 F/BW/VL\n");
+    return;
+  }
+  bool ok = true;
+  for (const auto& sz : kSizes) {
+    const size_t n = sz[0], nb = sz[1], groups = num_groups(n);
+    const auto codes = random_codes(rng, n, nb);
+    const auto lut = random_lut(rng, nb);
+    std::vector<uint8_t> packed(groups * group_bytes(nb));
+    pack_codes(codes.data(), n, nb, packed.data());
+    std::vector<uint16_t> s1(groups * kGroup), s2(groups * kGroup);
+    std::vector<uint64_t> m1(groups), m2(groups);
+    scan_lut16_scalar(packed.data(), groups, nb, lut.data(), 300, s1.data(), m1.data());
+    scan_lut16_avx512(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
+    ok &= s1 == s2 && m1 == m2;
+  }
+  for (size_t d : kDims) {
+    const size_t nq = 6, m = 9;
+    std::vector<float> qs(nq * d), rows(m * d), o1(nq * m), o2(nq * m);
+    for (auto& v : qs) v = rng.value();
+    for (auto& v : rows) v = rng.value();
+    dots_scalar(qs.data(), nq, rows.data(), m, d, o1.data());
+    dots_avx512(qs.data(), nq, rows.data(), m, d, o2.data());
+    ok &= std::memcmp(o1.data(), o2.data(), o1.size() * sizeof(float)) == 0;
+    for (size_t i = 0; i < nq; ++i)
+      ok &= same_bits(dot_scalar(qs.data() + i * d, rows.data(), d),
+                      dot_avx512(qs.data() + i * d, rows.data(), d));
+  }
+  report("avx512_vs_scalar", ok, "an AVX-512 kernel differs from its scalar specification");
+}
+#endif
+
 // What this program printed on x86-64 (GCC 12 and Clang 14, Debian 12).
 constexpr uint64_t kExpectedHash = 0x2afce2acd02b5148ULL;
 
@@ -235,6 +273,10 @@ int main() {
 #if MIPSCAN_HAVE_AVX2 && (defined(__GNUC__) || defined(__clang__))
   Rng rng2{7};
   check_avx2(rng2);
+#endif
+#if MIPSCAN_HAVE_AVX512 && (defined(__GNUC__) || defined(__clang__))
+  Rng rng3{11};
+  check_avx512(rng3);
 #endif
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -90,6 +90,8 @@ NB_MODULE(_mipscan, m) {
   // The levels this CPU and build can run, lowest first (tests parametrise over them).
   m.def("simd_levels", &mipscan::runnable_simd_levels);
   m.def("cpu_has_avx2", &mipscan::cpu_has_avx2);
+  m.def("cpu_has_avx512", &mipscan::cpu_has_avx512);
+  m.def("disabled_cpu_features", &mipscan::disabled_cpu_features);
   m.def("fault_injection", [] { return mipscan::fault::kEnabled; });
   // The worker pool's bound on its threads (parallel.h).
   m.def("max_pool_workers", &mipscan::max_pool_workers);

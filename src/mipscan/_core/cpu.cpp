@@ -64,14 +64,50 @@ bool detect_avx2() {
 
 bool detect_avx512() {
   if (!detect_avx2()) return false;
+  // XCR0 bits 1 (SSE), 2 (AVX), 5 (opmask), 6 (ZMM0-15 upper halves), 7 (ZMM16-31).
+  if ((xgetbv0() & 0xE6) != 0xE6) return false;
   uint32_t r[4];
   if (!cpuid(7, 0, r)) return false;
   const bool f = (r[1] >> 16) & 1, bw = (r[1] >> 30) & 1, vl = (r[1] >> 31) & 1;  // EBX
-  if (!(f && bw && vl)) return false;
-  // XCR0 bits 5-7: opmask, upper halves of ZMM0-15, ZMM16-31 (with bits 1-2: XMM, YMM).
-  return (xgetbv0() & 0xE6) == 0xE6;
+  return f && bw && vl;
 }
 #endif
+
+// MIPSCAN_DISABLE_CPU_FEATURES, parsed once: which features to hide, or an error message.
+struct FeatureMask {
+  bool avx2 = false, avx512 = false;
+  std::vector<std::string> names;
+  std::string error;
+};
+
+const FeatureMask& feature_mask() {
+  static const FeatureMask mask = [] {
+    FeatureMask m;
+    const char* env = std::getenv("MIPSCAN_DISABLE_CPU_FEATURES");
+    if (env == nullptr) return m;
+    const std::string value(env);
+    size_t start = 0;
+    while (start <= value.size()) {
+      size_t end = value.find(',', start);
+      if (end == std::string::npos) end = value.size();
+      const std::string name = value.substr(start, end - start);
+      if (name == "avx2") {
+        m.avx2 = m.avx512 = true;
+      } else if (name == "avx512") {
+        m.avx512 = true;
+      } else if (!name.empty()) {
+        m.error = "MIPSCAN_DISABLE_CPU_FEATURES='" + value + "' names an unknown feature '" + name +
+                  "'; allowed: a comma separated list of avx2, avx512";
+        return m;
+      }
+      start = end + 1;
+    }
+    if (m.avx2) m.names.emplace_back("avx2");
+    if (m.avx512) m.names.emplace_back("avx512");
+    return m;
+  }();
+  return mask;
+}
 
 std::string join(const std::vector<std::string>& v) {
   std::string out;
@@ -83,7 +119,7 @@ std::string join(const std::vector<std::string>& v) {
 
 bool cpu_has_avx2() {
 #if MIPSCAN_X86 && MIPSCAN_HAVE_AVX2
-  static const bool has = detect_avx2();
+  static const bool has = detect_avx2() && !feature_mask().avx2;
   return has;
 #else
   return false;
@@ -91,13 +127,15 @@ bool cpu_has_avx2() {
 }
 
 bool cpu_has_avx512() {
-#if MIPSCAN_X86 && MIPSCAN_HAVE_AVX512
-  static const bool has = detect_avx512();
+#if MIPSCAN_X86 && MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
+  static const bool has = detect_avx512() && !feature_mask().avx512;
   return has;
 #else
   return false;
 #endif
 }
+
+std::vector<std::string> disabled_cpu_features() { return feature_mask().names; }
 
 const Kernels& kernels() { return g_kernels; }
 
@@ -116,8 +154,8 @@ bool kernels_for(SimdLevel level, Kernels* out) {
 #endif
 #if MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
   if (level == SimdLevel::kAvx512 && cpu_has_avx512()) {
-    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx2, &dot_avx2, &dots_avx2, &dot_i8_avx512,
-                   &dot_bf16_avx512};
+    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512,
+                   &dot_i8_avx512, &dot_bf16_avx512};
     return true;
   }
 #endif
@@ -125,7 +163,11 @@ bool kernels_for(SimdLevel level, Kernels* out) {
 }
 
 const char* simd_level_name(SimdLevel level) {
-  return level == SimdLevel::kAvx512 ? "avx512" : level == SimdLevel::kAvx2 ? "avx2" : "scalar";
+  switch (level) {
+    case SimdLevel::kAvx2: return "avx2";
+    case SimdLevel::kAvx512: return "avx512";
+    default: return "scalar";
+  }
 }
 
 bool parse_simd_level(const std::string& name, SimdLevel* out) {
@@ -153,6 +195,7 @@ std::vector<std::string> runnable_simd_levels() {
 }
 
 void init_kernels_from_env() {
+  if (!feature_mask().error.empty()) throw std::runtime_error(feature_mask().error);
   const char* env = std::getenv("MIPSCAN_SIMD");
   if (env == nullptr || *env == '\0') {
     // The best level available: the last runnable one.
@@ -167,8 +210,11 @@ void init_kernels_from_env() {
                              join(runnable_simd_levels()) + ")");
   }
   if (!kernels_for(level, &g_kernels)) {
+    const auto off = disabled_cpu_features();
     throw std::runtime_error("MIPSCAN_SIMD='" + value + "' cannot run here: this CPU and build support " +
-                             join(runnable_simd_levels()) + "; unset MIPSCAN_SIMD or choose one of those");
+                             join(runnable_simd_levels()) +
+                             (off.empty() ? "" : " (MIPSCAN_DISABLE_CPU_FEATURES hides " + join(off) + ")") +
+                             "; unset MIPSCAN_SIMD or choose one of those");
   }
 }
 

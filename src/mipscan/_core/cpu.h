@@ -1,8 +1,14 @@
 // Run-time choice of SIMD kernels, fixed when the module loads.
 //
 // init_kernels_from_env() runs once, in the module's init, before any search: it reads
-// MIPSCAN_SIMD ("scalar", "avx2" or "avx512"; unset or empty = the best level this CPU and build
-// can run) and fills the table that kernels() returns. Nothing changes it afterwards, so
+// MIPSCAN_SIMD ("scalar", "avx2" or "avx512"; unset or empty = the best level this CPU
+// and build can run) and fills the table that kernels() returns.
+//
+// MIPSCAN_DISABLE_CPU_FEATURES (like faiss's FAISS_DISABLE_CPU_FEATURES): a comma
+// separated list of features ("avx2", "avx512") that detection pretends this CPU lacks,
+// read once, at the first detection. Disabling avx2 disables avx512 too (the AVX-512
+// level uses AVX2 kernels for its tails). An unknown name is an error at import, as for
+// MIPSCAN_SIMD. Tests use it to see how a CPU without a level behaves. Nothing changes it afterwards, so
 // searches read it without synchronisation. An unknown value, or a level this CPU or build
 // cannot run, is an error (the module then fails to import, naming the variable).
 // Other levels stay reachable without global state through kernels_for(level), which is
@@ -17,8 +23,6 @@
 
 namespace mipscan {
 
-// kAvx512 (F, BW, VL): the quantized dot products use 512-bit registers; the other
-// kernels are AVX2's at that level until they get AVX-512 versions of their own.
 enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 struct Kernels {
@@ -36,8 +40,10 @@ const Kernels& kernels();
 // non-x86 targets and in builds without the AVX2 kernels.
 bool cpu_has_avx2();
 // True when the CPU has AVX-512 F, BW and VL (and AVX2) and the OS saves the opmask and
-// ZMM state; false on non-x86 targets and in builds without the AVX-512 kernels.
+// ZMM state (XCR0 bits 1, 2, 5, 6, 7); false on other targets and builds.
 bool cpu_has_avx512();
+// What MIPSCAN_DISABLE_CPU_FEATURES removed, e.g. "avx512" (empty when unset).
+std::vector<std::string> disabled_cpu_features();
 // The kernels of one level, in *out; false (and *out unchanged) when this CPU or build
 // cannot run that level.
 bool kernels_for(SimdLevel level, Kernels* out);

@@ -68,6 +68,11 @@ void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
 void scan_lut16_avx2(const uint8_t* packed, size_t groups, size_t num_blocks,
                      const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
 #endif
+#if MIPSCAN_HAVE_AVX512
+// Two groups per 512-bit register (group g in the low 256 bits, g + 1 in the high).
+void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
+#endif
 
 // Float inner product, also one kernel per ISA with identical results: eight running
 // sums (lane j % 8 takes a[j] * b[j], multiply then add, never fused), reduced as
@@ -77,16 +82,24 @@ float dot_scalar(const float* a, const float* b, size_t d);
 #if MIPSCAN_HAVE_AVX2
 float dot_avx2(const float* a, const float* b, size_t d);
 #endif
+#if MIPSCAN_HAVE_AVX512
+float dot_avx512(const float* a, const float* b, size_t d);
+#endif
 
 // out[i * m + r] = dot(qs + i * d, rows + r * d, d) for i < nq, r < m: many queries
 // against many rows (the centroids), each result exactly as the dot kernel computes it.
 // (The AVX2 version scores four queries against two rows at a time, sharing the loads,
-// and streams the rows once per four queries.)
+// and streams the rows once per four queries; the AVX-512 one four queries against four.)
 using DotsFn = void (*)(const float* qs, size_t nq, const float* rows, size_t m, size_t d,
                         float* out);
 void dots_scalar(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out);
 #if MIPSCAN_HAVE_AVX2
 void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out);
+#endif
+#if MIPSCAN_HAVE_AVX512
+// Two rows per 512-bit accumulator (lanes 0-7 one row's eight spec lanes, 8-15 the
+// next row's): 16-lane sums would reassociate, so the spec's 8 lanes are kept per row.
+void dots_avx512(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out);
 #endif
 
 }  // namespace mipscan

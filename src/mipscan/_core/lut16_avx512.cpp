@@ -1,0 +1,237 @@
+// AVX-512 (F, BW, VL) LUT16 scan and centroid scores. Built with -mavx512f -mavx512bw
+// -mavx512vl; only reached through cpu.cpp's dispatch table after the CPU was checked
+// for those features and the OS for the opmask and ZMM state (XCR0 bits 1, 2, 5, 6, 7).
+//
+// Same packed layout and same integer and float results as the scalar kernels (lut16.h).
+// VBMI is not used: its byte permutes (vpermb) would only replace the final word
+// permutes, which run once per group, not once per block.
+// GCC 12's avx512fintrin.h builds _mm512_undefined_* from a self-initialised variable,
+// which -Wuninitialized reports at every broadcast and insert; the values are defined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include "lut16.h"
+
+namespace mipscan {
+
+namespace {
+
+// The 32 bytes of block b of a group, for two groups at once: group A in the low 256
+// bits, group B (the next group) in the high 256 bits. B == nullptr: zeros (an odd last
+// group; its sums are discarded).
+inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  if (b == nullptr) return _mm512_zextsi256_si512(lo);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+// Scans groups A and B (B may be nullptr) with the AVX2 kernel's scheme widened to 512
+// bits: 128-bit lanes 0-1 are group A's two halves, lanes 2-3 group B's, and the LUT row
+// is broadcast to all four. kBlocks as in the AVX2 kernel (0: read num_blocks).
+template <size_t kBlocks>
+inline void scan_pair(const uint8_t* ga, const uint8_t* gb, size_t num_blocks,
+                      const __m512i* tables, __m512i cutv, uint16_t* sums_a, uint64_t* mask_a,
+                      uint16_t* sums_b, uint64_t* mask_b) {
+  const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // lo covers points 0-15 and 32-47 of each group, hi 16-31 and 48-63; uint16 lane t of
+  // a 16-point run holds point 2t (low byte) and 2t + 1 (high byte). even = all - 256 *
+  // odd, exact modulo 2^16 because every true sum is < 65536 (lut16.h).
+  __m512i lo_all = _mm512_setzero_si512(), lo_odd = _mm512_setzero_si512();
+  __m512i hi_all = _mm512_setzero_si512(), hi_odd = _mm512_setzero_si512();
+  auto accumulate = [&](__m512i lo, __m512i hi) {
+    lo_all = _mm512_add_epi16(lo_all, lo);
+    lo_odd = _mm512_add_epi16(lo_odd, _mm512_srli_epi16(lo, 8));
+    hi_all = _mm512_add_epi16(hi_all, hi);
+    hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(hi, 8));
+  };
+  size_t b = 0;
+  // Two blocks at a time: LUT entries are <= 127, so two lookups add in 8 bits.
+  for (; b + 2 <= nb; b += 2) {
+    const __m512i c0 = load_pair(ga + b * 32, gb ? gb + b * 32 : nullptr);
+    const __m512i c1 = load_pair(ga + b * 32 + 32, gb ? gb + b * 32 + 32 : nullptr);
+    const __m512i t0 = tables[b], t1 = tables[b + 1];
+    const __m512i lo = _mm512_add_epi8(_mm512_shuffle_epi8(t0, _mm512_and_si512(c0, low4)),
+                                       _mm512_shuffle_epi8(t1, _mm512_and_si512(c1, low4)));
+    const __m512i hi = _mm512_add_epi8(
+        _mm512_shuffle_epi8(t0, _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4)),
+        _mm512_shuffle_epi8(t1, _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4)));
+    accumulate(lo, hi);
+  }
+  if (b < nb) {
+    const __m512i c0 = load_pair(ga + b * 32, gb ? gb + b * 32 : nullptr);
+    const __m512i t0 = tables[b];
+    accumulate(_mm512_shuffle_epi8(t0, _mm512_and_si512(c0, low4)),
+               _mm512_shuffle_epi8(t0, _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4)));
+  }
+  const __m512i lo_even = _mm512_sub_epi16(lo_all, _mm512_slli_epi16(lo_odd, 8));
+  const __m512i hi_even = _mm512_sub_epi16(hi_all, _mm512_slli_epi16(hi_odd, 8));
+  // Interleaving even/odd within 128-bit lanes gives, lane by lane (A, B the groups):
+  //   la: A 0-7,   A 32-39, B 0-7,   B 32-39     lb: A 8-15,  A 40-47, B 8-15,  B 40-47
+  //   ha: A 16-23, A 48-55, B 16-23, B 48-55     hb: A 24-31, A 56-63, B 24-31, B 56-63
+  const __m512i la = _mm512_unpacklo_epi16(lo_even, lo_odd), lb = _mm512_unpackhi_epi16(lo_even, lo_odd);
+  const __m512i ha = _mm512_unpacklo_epi16(hi_even, hi_odd), hb = _mm512_unpackhi_epi16(hi_even, hi_odd);
+  // Gather lanes into point order with 64-bit permutes (index 8+ = second source).
+  const __m512i pick_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);    // A's lanes of x, y
+  const __m512i pick_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);   // B's lanes
+  const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);     // points 0-31
+  const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);   // points 32-63
+  auto store_group = [&](const __m512i& pick, uint16_t* out, uint64_t* mask) {
+    const __m512i l = _mm512_permutex2var_epi64(la, pick, lb);  // 0-7, 8-15, 32-39, 40-47
+    const __m512i h = _mm512_permutex2var_epi64(ha, pick, hb);  // 16-23, 24-31, 48-55, 56-63
+    const __m512i p0 = _mm512_permutex2var_epi64(l, first, h);
+    const __m512i p1 = _mm512_permutex2var_epi64(l, second, h);
+    _mm512_storeu_si512(out, p0);
+    _mm512_storeu_si512(out + 32, p1);
+    *mask = static_cast<uint64_t>(_mm512_cmpge_epu16_mask(p0, cutv)) |
+            (static_cast<uint64_t>(_mm512_cmpge_epu16_mask(p1, cutv)) << 32);
+  };
+  store_group(pick_a, sums_a, mask_a);
+  if (gb != nullptr) store_group(pick_b, sums_b, mask_b);
+}
+
+template <size_t kBlocks>
+void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const uint8_t* lut,
+               uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
+  const size_t bytes = group_bytes(nb);
+  const __m512i cutv = _mm512_set1_epi16(static_cast<short>(cut));
+  // LUT rows broadcast to the four lanes once per call (kept in registers or L1 across
+  // groups). Precondition: nb <= 64 (scan_lut16_avx512 sends wider indexes elsewhere).
+  constexpr size_t kStack = kBlocks != 0 ? kBlocks : 64;
+  __m512i stack_tables[kStack];
+  auto table = [lut](size_t b) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
+  };
+  for (size_t b = 0; b < nb; ++b) stack_tables[b] = table(b);
+  for (size_t g = 0; g < groups; g += 2) {
+    const uint8_t* ga = packed + g * bytes;
+    const bool pair = g + 1 < groups;
+    scan_pair<kBlocks>(ga, pair ? ga + bytes : nullptr, nb, stack_tables, cutv,
+                       sums + g * kGroup, masks + g, pair ? sums + (g + 1) * kGroup : nullptr,
+                       pair ? masks + g + 1 : nullptr);
+  }
+}
+
+}  // namespace
+
+void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  // One group (the searcher scans one at a time until its top-k has a threshold): the
+  // 256-bit kernel does it with half the work and shorter permutes.
+  if (groups == 1) return scan_lut16_avx2(packed, groups, num_blocks, lut, cut, sums, masks);
+  switch (num_blocks) {
+    case 4: return scan_impl<4>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 8: return scan_impl<8>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 16: return scan_impl<16>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 17: return scan_impl<17>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 24: return scan_impl<24>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 25: return scan_impl<25>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 32: return scan_impl<32>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 48: return scan_impl<48>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 64: return scan_impl<64>(packed, groups, num_blocks, lut, cut, sums, masks);
+    default: break;
+  }
+  if (num_blocks <= 64) return scan_impl<0>(packed, groups, num_blocks, lut, cut, sums, masks);
+  // More than 64 blocks: the AVX2 kernel's scheme needs no LUT table; these widths are
+  // rare (d > 128 at 2 dims per block), so they take the 256-bit kernel.
+  scan_lut16_avx2(packed, groups, num_blocks, lut, cut, sums, masks);
+}
+
+float dot_avx512(const float* a, const float* b, size_t d) {
+  // One inner product has a single chain per lane; 512 bits would need 16 lanes, which
+  // the spec's 8-lane order forbids. So this is dot_avx2's body (VEX encoded here too).
+  return dot_avx2(a, b, d);
+}
+
+namespace {
+
+// Finishes two dots held side by side in acc (lanes 0-7: q . row0, 8-15: q . row1, the
+// spec's eight running sums each): adds the tail j in [d8, d) to lane j - d8 of each half
+// (masked, so other lanes stay bit for bit as they are, -0.0 included), then reduces each
+// half in the spec's order with shuffles:
+//   s1 lane t (t < 4) = l[t] + l[t + 4];  s2 lane 0 = s1[0] + s1[2], lane 1 = s1[1] + s1[3];
+//   result = s2[0] + s2[1] = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+inline void finish_pair(__m512 acc, const float* q, const float* r0, const float* r1,
+                        size_t d8, size_t d, float* out0, float* out1) {
+  if (d8 < d) {
+    const __mmask8 t8 = static_cast<__mmask8>((1u << (d - d8)) - 1);
+    const __mmask16 t16 = static_cast<__mmask16>(t8 | (t8 << 8));
+    const __m256 qt = _mm256_maskz_loadu_ps(t8, q + d8);
+    const __m512 qq = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(qt)));
+    const __m512 rr = _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_maskz_loadu_ps(t8, r0 + d8))),
+        _mm256_castps_pd(_mm256_maskz_loadu_ps(t8, r1 + d8)), 1));
+    acc = _mm512_mask_add_ps(acc, t16, acc, _mm512_mul_ps(qq, rr));
+  }
+  const __m512 s1 = _mm512_add_ps(acc, _mm512_shuffle_f32x4(acc, acc, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 s2 = _mm512_add_ps(s1, _mm512_permute_ps(s1, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 s3 = _mm512_add_ps(s2, _mm512_permute_ps(s2, _MM_SHUFFLE(2, 3, 0, 1)));
+  *out0 = _mm512_cvtss_f32(s3);
+  *out1 = _mm512_cvtss_f32(_mm512_shuffle_f32x4(s3, s3, _MM_SHUFFLE(2, 2, 2, 2)));
+}
+
+// Rows r and r + 1 side by side, 8 floats each: lanes 0-7 row r, 8-15 row r + 1.
+inline __m512 load_rows(const float* r0, const float* r1) {
+  // insertf64x4 rather than insertf32x8 (DQ): the same bits, F only.
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(r0))),
+                                             _mm256_castps_pd(_mm256_loadu_ps(r1)), 1));
+}
+
+// Queries q[0..kQ) against rows[r .. r + 4): each 512-bit accumulator holds two rows'
+// eight spec lanes (the query broadcast to both halves), so every lane still sums
+// a[j] * b[j] for j = lane, lane + 8, ... in order, multiply then add, as dot_scalar.
+template <size_t kQ>
+inline void dots_block(const float* const* q, const float* rows, size_t r, size_t m, size_t d,
+                       size_t d8, float* out, size_t i) {
+  const float* r0 = rows + r * d;
+  const float* r1 = r0 + d;
+  const float* r2 = r1 + d;
+  const float* r3 = r2 + d;
+  __m512 acc[kQ][2];
+  for (size_t t = 0; t < kQ; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (size_t j = 0; j < d8; j += 8) {
+    const __m512 x01 = load_rows(r0 + j, r1 + j), x23 = load_rows(r2 + j, r3 + j);
+    for (size_t t = 0; t < kQ; ++t) {
+      const __m512 qj = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(q[t] + j))));
+      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mul_ps(qj, x01));
+      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mul_ps(qj, x23));
+    }
+  }
+  for (size_t t = 0; t < kQ; ++t) {
+    float* o = out + (i + t) * m + r;
+    finish_pair(acc[t][0], q[t], r0, r1, d8, d, o, o + 1);
+    finish_pair(acc[t][1], q[t], r2, r3, d8, d, o + 2, o + 3);
+  }
+}
+
+template <size_t kQ>
+void dots_queries(const float* qs, size_t i, const float* rows, size_t m, size_t d, float* out) {
+  const size_t d8 = d - d % 8;
+  const float* q[kQ];
+  for (size_t t = 0; t < kQ; ++t) q[t] = qs + (i + t) * d;
+  size_t r = 0;
+  for (; r + 4 <= m; r += 4) dots_block<kQ>(q, rows, r, m, d, d8, out, i);
+  for (; r < m; ++r)
+    for (size_t t = 0; t < kQ; ++t) out[(i + t) * m + r] = dot_avx2(q[t], rows + r * d, d);
+}
+
+}  // namespace
+
+void dots_avx512(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {
+  // Four queries against four rows at a time (eight 512-bit accumulators); each row is
+  // read once per four queries.
+  // Fewer than four queries (a single-query search): the AVX2 kernel, measured faster in
+  // whole searches (glove-50-dev single queries 0.96x -> 1.01x of the AVX2 level), though
+  // not in isolation: one query gives the 512-bit version only two accumulator chains.
+  if (nq < 4) return dots_avx2(qs, nq, rows, m, d, out);
+  size_t i = 0;
+  for (; i + 4 <= nq; i += 4) dots_queries<4>(qs, i, rows, m, d, out);
+  for (; i < nq; ++i) dots_queries<1>(qs, i, rows, m, d, out);
+}
+
+}  // namespace mipscan
