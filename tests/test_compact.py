@@ -74,9 +74,15 @@ def test_int8_scales_are_per_dimension_max_abs_over_127(rng):
     assert sc.dtype == np.float32 and sc[3] == 1.0
     keep = [0, 1, 2, 4, 5]
     assert np.allclose(sc[keep], np.abs(x[:, keep]).max(axis=0) / 127, rtol=1e-6)
-    codes = quantize_int8(x, sc)
+    x[7] = 0
+    x[8] *= 1e-3  # a short row: its own scale keeps its digits
+    codes, rows = quantize_int8(x, sc)
     assert codes.min() >= -127 and codes.max() <= 127
-    assert np.abs(codes * sc - x).max(axis=0)[keep].max() <= sc.max() / 2 * 1.0001
+    assert rows.dtype == np.float32 and rows[7] == 1.0 and (rows > 0).all() and (rows <= 1).all()
+    assert np.abs(codes[np.arange(len(x)) != 7]).max(axis=1).min() == 127  # each row spans int8
+    err = np.abs(codes * sc * rows[:, None] - x)
+    assert (err <= sc * rows[:, None] / 2 * 1.0001 + 1e-12).all()
+    assert err[8].max() <= 1e-3 * sc.max()
 
 
 # ---------------------------------------------------------------- searchers
@@ -134,7 +140,8 @@ def test_quantized_reorder_is_exact_up_to_its_error_bound_and_small(clustered, m
 def test_quantized_scores_are_the_dequantized_rows_exact_scores(clustered):
     db, q = clustered
     s = build(db, quantize="int8")
-    rows = s._arrays["reorder_int8"].astype(np.float64) * s._arrays["reorder_scales"]
+    rows = (s._arrays["reorder_int8"].astype(np.float64) * s._arrays["reorder_scales"]
+            * s._arrays["reorder_row_scales"][:, None])
     ids, sc = s.search_batched(q)
     want = np.take_along_axis(q.astype(np.float64) @ rows.T, np.asarray(ids, np.int64), 1)
     assert np.allclose(sc, want, rtol=1e-5, atol=1e-4)
@@ -171,7 +178,8 @@ def test_quantized_centroids_choose_mostly_the_same_leaves(clustered, quantize):
     # Same tree, so the same leaf ids; compare the 10 leaves each query searches.
     c = plain._arrays["centroids"].astype(np.float64)
     if quantize == "int8":
-        cq = qc._arrays["centroids_int8"] * qc._arrays["centroid_scales"].astype(np.float64)
+        cq = (qc._arrays["centroids_int8"] * qc._arrays["centroid_scales"].astype(np.float64)
+              * qc._arrays["centroid_row_scales"][:, None])
     else:
         cq = bf16_values(qc._arrays["centroids_bf16"]).astype(np.float64)
     top = lambda cc: np.argsort(-(q @ cc.T), axis=1, kind="stable")[:, :10]

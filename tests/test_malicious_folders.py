@@ -294,7 +294,8 @@ CHECKER = textwrap.dedent(r"""
         def rows_of(kind):  # float32 rows, or the values of the quantized copy
             if f"{kind}_int8" in arrays:
                 scales = np.asarray(arrays[f"{kind}_scales"], np.float64)
-                return np.asarray(arrays[f"{kind}_int8"], np.float64) * scales
+                rows = np.asarray(arrays[f"{kind}_row_scales"], np.float64)[:, None]
+                return np.asarray(arrays[f"{kind}_int8"], np.float64) * scales * rows
             if f"{kind}_bf16" in arrays:
                 bits = np.asarray(arrays[f"{kind}_bf16"]).astype(np.uint32) << 16
                 return bits.view(np.float32).astype(np.float64)

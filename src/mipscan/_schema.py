@@ -147,12 +147,15 @@ ARRAYS: dict[str, tuple[Any, int, str | None]] = {
     "reorder_int8": (np.int8, 2, "reorder"),
     "reorder_bf16": (np.uint16, 2, "reorder"),
     "reorder_scales": (np.float32, 1, "reorder"),
+    "reorder_row_scales": (np.float32, 1, "reorder"),
     "slot_int8": (np.int8, 2, "score_brute_force"),
     "slot_bf16": (np.uint16, 2, "score_brute_force"),
     "slot_scales": (np.float32, 1, "score_brute_force"),
+    "slot_row_scales": (np.float32, 1, "score_brute_force"),
     "centroids_int8": (np.int8, 2, "tree"),
     "centroids_bf16": (np.uint16, 2, "tree"),
     "centroid_scales": (np.float32, 1, "tree"),
+    "centroid_row_scales": (np.float32, 1, "tree"),
     # upper_tree(): node centres and, per node, its children's range of leaves.
     "upper_centroids": (np.float32, 2, "upper_tree"),
     "upper_offsets": (np.int64, 1, "upper_tree"),
@@ -168,12 +171,15 @@ ARRAY_QUANTIZE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "reorder_int8": ("reorder", "quantize", ("int8",)),
     "reorder_bf16": ("reorder", "quantize", ("bfloat16",)),
     "reorder_scales": ("reorder", "quantize", ("int8",)),
+    "reorder_row_scales": ("reorder", "quantize", ("int8",)),
     "slot_int8": ("score_brute_force", "quantize", ("int8",)),
     "slot_bf16": ("score_brute_force", "quantize", ("bfloat16",)),
     "slot_scales": ("score_brute_force", "quantize", ("int8",)),
+    "slot_row_scales": ("score_brute_force", "quantize", ("int8",)),
     "centroids_int8": ("tree", "quantize_centroids", ("int8",)),
     "centroids_bf16": ("tree", "quantize_centroids", ("bfloat16",)),
     "centroid_scales": ("tree", "quantize_centroids", ("int8",)),
+    "centroid_row_scales": ("tree", "quantize_centroids", ("int8",)),
 }
 
 #: Row arrays of each quantized copy: name -> (float32 counterpart, storage type, scales).
@@ -584,6 +590,15 @@ def quantized_array_errors(config: dict, arrays: dict[str, np.ndarray], num_slot
                 return [(f"arrays.{scales_name}", f"value {float(sc[j])!r} at ({j},) must be finite, "
                                                   f"> 0 and at most {bound[j] * _VALUE_SLACK / 127:.6g} "
                                                   "(127 * scale within the data's bounds)")]
+            row_name = scales_name.replace("_scales", "_row_scales")
+            rs = arrays[row_name]
+            if rs.shape != (rows,):
+                return [(f"arrays.{row_name}.shape", f"must be ({rows},) (one scale per row of "
+                                                     f"{name}); got {rs.shape}")]
+            ok = (rs > 0) & (rs <= 1)  # False for NaN
+            if not ok.all():
+                i = int(np.argmin(ok))
+                return [(f"arrays.{row_name}", f"value {float(rs[i])!r} at ({i},) must be in (0, 1]")]
         else:
             for r0 in range(0, rows, _VALUE_CHUNK):
                 x = (a[r0:r0 + _VALUE_CHUNK].astype(np.uint32) << 16).view(np.float32)

@@ -435,7 +435,8 @@ NB_MODULE(_mipscan, m) {
               std::optional<In<float, 1>> slot_scales, std::optional<In<int8_t, 2>> centroids_int8,
               std::optional<In<uint16_t, 2>> centroids_bf16, std::optional<In<float, 1>> centroid_scales,
               std::optional<In<float, 2>> upper_centroids, std::optional<In<int64_t, 1>> upper_offsets,
-              std::optional<size_t> n) {
+              std::optional<In<float, 1>> reorder_row_scales, std::optional<In<float, 1>> slot_row_scales,
+              std::optional<In<float, 1>> centroid_row_scales, std::optional<size_t> n) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
@@ -502,16 +503,27 @@ NB_MODULE(_mipscan, m) {
                require(need == a.has_value() && (!a || a->shape(0) == v.d), what);
                return a ? a->data() : nullptr;
              };
+             // Row scales in (0, 1] (the int8 codes stay within the per-dimension bounds).
+             auto row_scales_of = [&](bool need, const std::optional<In<float, 1>>& a, size_t rows, const char* what) {
+               require(need == a.has_value() && (!a || a->shape(0) == rows), what);
+               if (a)
+                 for (size_t i = 0; i < rows; ++i) require(a->data()[i] > 0 && a->data()[i] <= 1, what);
+               return a ? a->data() : nullptr;
+             };
              v.reorder_i8 = rows_of(reorder_int8, v.n, "Index: reorder_int8 must be (n, d)");
              v.reorder_bf16 = rows_of(reorder_bf16, v.n, "Index: reorder_bf16 must be (n, d)");
              v.reorder_scales = scales_of(reorder_int8.has_value(), reorder_scales,
                                           "Index: reorder_scales must be (d,), given with reorder_int8 only");
+             v.reorder_row_scales = row_scales_of(reorder_int8.has_value(), reorder_row_scales, v.n,
+                                                  "Index: reorder_row_scales must be (n,) in (0, 1], given with reorder_int8 only");
              require(int(reorder_rows.has_value()) + int(reorder_int8.has_value()) + int(reorder_bf16.has_value()) <= 1,
                      "Index: at most one kind of reorder rows");
              v.slot_i8 = rows_of(slot_int8, v.num_slots, "Index: slot_int8 must be (slots, d)");
              v.slot_bf16 = rows_of(slot_bf16, v.num_slots, "Index: slot_bf16 must be (slots, d)");
              v.slot_scales = scales_of(slot_int8.has_value(), slot_scales,
                                        "Index: slot_scales must be (d,), given with slot_int8 only");
+             v.slot_row_scales = row_scales_of(slot_int8.has_value(), slot_row_scales, v.num_slots,
+                                               "Index: slot_row_scales must be (slots,) in (0, 1], given with slot_int8 only");
              require(int(slot_rows.has_value()) + int(slot_int8.has_value()) + int(slot_bf16.has_value()) <= 1 &&
                          !(v.packed_codes && (slot_int8 || slot_bf16)),
                      "Index: at most one kind of slot rows, and none with AH");
@@ -519,6 +531,8 @@ NB_MODULE(_mipscan, m) {
              v.centroids_bf16 = rows_of(centroids_bf16, v.num_leaves, "Index: centroids_bf16 must be (num_leaves, d)");
              v.centroid_scales = scales_of(centroids_int8.has_value(), centroid_scales,
                                            "Index: centroid_scales must be (d,), given with centroids_int8 only");
+             v.centroid_row_scales = row_scales_of(centroids_int8.has_value(), centroid_row_scales, v.num_leaves,
+                                                   "Index: centroid_row_scales must be (num_leaves,) in (0, 1], given with centroids_int8 only");
              require(!(centroids_int8 && centroids_bf16), "Index: at most one kind of quantized centroids");
              if (upper_centroids || upper_offsets) {
                // Upper tree: every node has at least one child; the children cover the leaves.
@@ -544,12 +558,14 @@ NB_MODULE(_mipscan, m) {
            "slot_scales"_a.noconvert().none() = nb::none(), "centroids_int8"_a.noconvert().none() = nb::none(),
            "centroids_bf16"_a.noconvert().none() = nb::none(), "centroid_scales"_a.noconvert().none() = nb::none(),
            "upper_centroids"_a.noconvert().none() = nb::none(), "upper_offsets"_a.noconvert().none() = nb::none(),
-           "n"_a.none() = nb::none(),
+           "reorder_row_scales"_a.noconvert().none() = nb::none(), "slot_row_scales"_a.noconvert().none() = nb::none(),
+           "centroid_row_scales"_a.noconvert().none() = nb::none(), "n"_a.none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
            nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
            nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
            nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
-           nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>())
+           nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>(), nb::keep_alive<1, 21>(),
+           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })

@@ -191,14 +191,15 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   return out;
 }
 
-// out[r] = q . row r of an int8 (with scales) or bf16 array of m rows: the quantized
-// kernels of reorder.h. Leaves the folded query in s.qfold.
-void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales, size_t m,
-                    size_t d, const Kernels& kn, const float* q, Scratch& s, float* out) {
+// out[r] = q . row r of an int8 (with per-dimension and per-row scales) or bf16 array of
+// m rows: the quantized kernels of reorder.h. Leaves the folded query in s.qfold.
+void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales,
+                    const float* row_scales, size_t m, size_t d, const Kernels& kn,
+                    const float* q, Scratch& s, float* out) {
   if (i8 != nullptr) {
     grow(s.qfold, d);
     fold_scales(q, scales, d, s.qfold.data());
-    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_i8(s.qfold.data(), i8 + r * d, d);
+    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_i8(s.qfold.data(), i8 + r * d, d) * row_scales[r];
   } else {
     for (size_t r = 0; r < m; ++r) out[r] = kn.dot_bf16(q, bf16 + r * d, d);
   }
@@ -211,7 +212,8 @@ void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, si
   if (ix.quantized_centroids()) {
     quantized_dots(ix.centroids_i8 ? ix.centroids_i8 + a * ix.d : nullptr,
                    ix.centroids_bf16 ? ix.centroids_bf16 + a * ix.d : nullptr, ix.centroid_scales,
-                   b - a, ix.d, kn, q, s, sc + a);
+                   ix.centroid_row_scales ? ix.centroid_row_scales + a : nullptr, b - a, ix.d, kn, q,
+                   s, sc + a);
   } else {
     kn.dots(q, 1, ix.centroids + a * ix.d, b - a, ix.d, sc + a);
   }
@@ -263,7 +265,8 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   } else if (precomputed != nullptr) {
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(precomputed[l]);
   } else if (ix.quantized_centroids()) {
-    quantized_dots(ix.centroids_i8, ix.centroids_bf16, ix.centroid_scales, L, ix.d, kn, q, s, sc);
+    quantized_dots(ix.centroids_i8, ix.centroids_bf16, ix.centroid_scales, ix.centroid_row_scales, L,
+                   ix.d, kn, q, s, sc);
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   } else {
     kn.dots(q, 1, ix.centroids, L, ix.d, sc);
@@ -494,22 +497,25 @@ template <bool kF>
 size_t scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
                        TopKBuffer& top, const QueryFilter& f) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
-  auto scan = [&](auto dot_at) {  // dot_at(offset of the slot's row)
+  const size_t d = ix.d;
+  auto scan = [&](auto dot_at) {  // dot_at(slot)
     size_t eligible = 0;
     for (int64_t slot = a; slot < b; ++slot) {
       if constexpr (kF) {
         if (!f.ok(ix.slot_ids[slot])) continue;
         ++eligible;
       }
-      const float v = dot_at(static_cast<size_t>(slot) * ix.d);
+      const float v = dot_at(static_cast<size_t>(slot));
       if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
     }
     return eligible;
   };
   // With int8 slots, q is the query folded with their scales (search_one).
-  if (ix.slot_i8 != nullptr) return scan([&](size_t o) { return kn.dot_i8(q, ix.slot_i8 + o, ix.d); });
-  if (ix.slot_bf16 != nullptr) return scan([&](size_t o) { return kn.dot_bf16(q, ix.slot_bf16 + o, ix.d); });
-  return scan([&](size_t o) { return kn.dot(q, ix.slot_rows + o, ix.d); });
+  if (ix.slot_i8 != nullptr) {
+    return scan([&](size_t i) { return kn.dot_i8(q, ix.slot_i8 + i * d, d) * ix.slot_row_scales[i]; });
+  }
+  if (ix.slot_bf16 != nullptr) return scan([&](size_t i) { return kn.dot_bf16(q, ix.slot_bf16 + i * d, d); });
+  return scan([&](size_t i) { return kn.dot(q, ix.slot_rows + i * d, d); });
 }
 
 // ---- Live index (IndexView's live fields, live.h): leaves are segments, candidates are
@@ -728,10 +734,11 @@ struct RowScorer {
   const float* f32 = nullptr;
   const int8_t* i8 = nullptr;
   const uint16_t* bf16 = nullptr;
+  const float* row_scales = nullptr;  // with i8
 
   // For the reorder of a static index: its reorder rows, whichever type they are.
   static RowScorer reorder(const IndexView& ix, const Kernels& kn, const float* q, Scratch& s) {
-    RowScorer r{&kn, q, ix.d, ix.reorder_rows, ix.reorder_i8, ix.reorder_bf16};
+    RowScorer r{&kn, q, ix.d, ix.reorder_rows, ix.reorder_i8, ix.reorder_bf16, ix.reorder_row_scales};
     if (r.i8 != nullptr) r.fold(ix.reorder_scales, s);
     return r;
   }
@@ -749,7 +756,7 @@ struct RowScorer {
   }
   float operator()(uint32_t row) const {
     if (f32 != nullptr) return kn->dot(q, f32 + size_t{row} * d, d);
-    if (i8 != nullptr) return kn->dot_i8(q, i8 + size_t{row} * d, d);
+    if (i8 != nullptr) return kn->dot_i8(q, i8 + size_t{row} * d, d) * row_scales[row];
     return kn->dot_bf16(q, bf16 + size_t{row} * d, d);
   }
 };

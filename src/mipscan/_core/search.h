@@ -68,17 +68,21 @@ struct IndexView {
   size_t num_rows = 0;
   // Quantized copies (reorder.h), each instead of its float32 counterpart above (at most
   // one of float32 / int8 / bf16 is set per role). int8 ones come with d per-dimension
-  // scales > 0. Reorder: n * d, row order; slots: num_slots * d, slot order; centroids:
+  // scales > 0 and one scale in (0, 1] per row: x[i][j] = row_scales[i] * scales[j] *
+  // c[i][j]. Reorder: n * d, row order; slots: num_slots * d, slot order; centroids:
   // num_leaves * d, used for the leaf scores instead of `centroids` when set.
   const int8_t* reorder_i8 = nullptr;
   const uint16_t* reorder_bf16 = nullptr;
   const float* reorder_scales = nullptr;
+  const float* reorder_row_scales = nullptr;
   const int8_t* slot_i8 = nullptr;
   const uint16_t* slot_bf16 = nullptr;
   const float* slot_scales = nullptr;
+  const float* slot_row_scales = nullptr;
   const int8_t* centroids_i8 = nullptr;
   const uint16_t* centroids_bf16 = nullptr;
   const float* centroid_scales = nullptr;
+  const float* centroid_row_scales = nullptr;
 
   // Upper tree (ScaNN's upper_tree, present when num_upper > 0): the leaves are grouped
   // by upper node, node u's children being leaves [upper_offsets[u], upper_offsets[u+1])
