@@ -57,6 +57,16 @@ TUTORIAL_INDEX = dict(num_leaves=100, num_leaves_to_search=30, training_iteratio
                       dimensions_per_block=2, reordering_num_neighbors=500)
 
 
+def tutorial_index(builder):
+    """The tutorial's stages on a ScaNN-style builder (mipscan's or ScaNN's), built."""
+    p = TUTORIAL_INDEX
+    return (builder.tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
+                         training_iterations=p["training_iterations"])
+            .score_ah(p["dimensions_per_block"])
+            .reorder(p["reordering_num_neighbors"])
+            .build())
+
+
 def mipscan_keras_layer(candidates: np.ndarray, k: int) -> SearchFn:
     """(c) mipscan.keras.ApproximateRetrieval, the Keras-RS layer ScaNN never had, called
     eagerly like keras-rs's BruteForceRetrieval, with the tutorial's ScaNN parameters."""
@@ -72,13 +82,7 @@ def mipscan_keras_layer(candidates: np.ndarray, k: int) -> SearchFn:
 def mipscan_approximate(candidates: np.ndarray, k: int) -> SearchFn:
     """(d) the same index through mipscan's ScaNN-compatible API, as the tutorial calls
     ScaNN: ``search_batched_parallel(...).indices``."""
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(candidates, k, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(candidates, k, "dot_product"))
     return lambda q: np.asarray(searcher.search_batched_parallel(q, final_num_neighbors=k).indices)
 
 
@@ -98,13 +102,7 @@ def scann_approximate(candidates: np.ndarray, k: int) -> SearchFn:
     except Exception as exc:  # ImportError, or a wheel that fails to load beside TensorFlow
         raise MethodUnavailable("not installed: `pip install scann` (or scann-core) adds "
                                 f"this row ({type(exc).__name__}: {exc})") from None
-    p = TUTORIAL_INDEX
-    searcher = (scann_ops_pybind.builder(candidates, k, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(scann_ops_pybind.builder(candidates, k, "dot_product"))
     return lambda q: np.asarray(searcher.search_batched_parallel(q, final_num_neighbors=k)[0])
 
 
@@ -123,13 +121,7 @@ METHODS: list[tuple[str, Callable[[np.ndarray, int], SearchFn]]] = [
 
 def mipscan_approximate_excluding(candidates: np.ndarray, k: int):
     """(d) with ``excluded=`` per query: filtered in the engine, planned by selectivity."""
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(candidates, k, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(candidates, k, "dot_product"))
     return lambda q, ex: np.asarray(searcher.search_batched_parallel(
         q, final_num_neighbors=k, excluded=ex).indices)
 

@@ -77,6 +77,17 @@ mipscan::Kernels kernels_at(const std::string& level, const char* call) {
   return k;
 }
 
+// For tests: out[i, r] = fn(queries[i], rows[r]), a quantized dot kernel (reorder.h).
+template <class T, class Fn>
+Out<float, 2> quantized_dot_table(const In<float, 2>& qs, const In<T, 2>& rows, Fn fn, const char* call) {
+  const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
+  if (rows.shape(1) != d) throw std::invalid_argument(std::string(call) + ": queries and rows must have the same width");
+  auto out = new_array<float>(nq, m_);
+  for (size_t i = 0; i < nq; ++i)
+    for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
+  return out;
+}
+
 // The search knobs of a call, checked against the index (call: the message prefix).
 mipscan::SearchParams search_params(const mipscan::IndexView& v, size_t leaves_to_search,
                                     size_t pre_reorder_k, size_t final_k, double overretrieve,
@@ -384,22 +395,10 @@ NB_MODULE(_mipscan, m) {
   // dot(queries[i], rows[r]) with int8 rows (scales already folded into the queries) or
   // bfloat16 rows (uint16 bit patterns).
   m.def("dot_i8", [](In<float, 2> qs, In<int8_t, 2> rows, const std::string& level) {
-    const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
-    require(rows.shape(1) == d, "dot_i8: queries and rows must have the same width");
-    const mipscan::DotI8Fn fn = kernels_at(level, "dot_i8").dot_i8;
-    auto out = new_array<float>(nq, m_);
-    for (size_t i = 0; i < nq; ++i)
-      for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
-    return out;
+    return quantized_dot_table(qs, rows, kernels_at(level, "dot_i8").dot_i8, "dot_i8");
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
   m.def("dot_bf16", [](In<float, 2> qs, In<uint16_t, 2> rows, const std::string& level) {
-    const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
-    require(rows.shape(1) == d, "dot_bf16: queries and rows must have the same width");
-    const mipscan::DotBf16Fn fn = kernels_at(level, "dot_bf16").dot_bf16;
-    auto out = new_array<float>(nq, m_);
-    for (size_t i = 0; i < nq; ++i)
-      for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
-    return out;
+    return quantized_dot_table(qs, rows, kernels_at(level, "dot_bf16").dot_bf16, "dot_bf16");
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
 
   m.def("cluster_sums", [](In<float, 2> x, In<int64_t, 1> labels, size_t k) {
