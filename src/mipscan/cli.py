@@ -381,13 +381,7 @@ def save_demo_index(folder: Path, emb, ml) -> None:
     the user embeddings and movie titles of the service's page (``mipscan serve``)."""
     from mipscan.serve import page_dir_for, save_page_data
 
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(emb.candidates, 10, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(emb.candidates, 10, "dot_product"))
     try:
         searcher.serialize(folder)
         # Candidate i is a copy of movie-table row i % rows, and a row is a movie id.
