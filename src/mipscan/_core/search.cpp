@@ -52,6 +52,8 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> upper_scores;   // upper tree: node scores
   std::vector<uint32_t> upper_pick;  // upper tree: nodes by score
   std::vector<uint8_t> scored;       // upper tree: leaf l's score was computed
+  std::vector<float> tile;           // score_all_slots: a tile of the chunk's scores
+  std::vector<TopKBuffer> chunk_top;  // score_all_slots: each query's candidates
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -61,7 +63,11 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
-           candidates.bytes() + final_.bytes();
+           b(tile) + b(chunk_top) + candidates.bytes() + final_.bytes() + [this] {
+             size_t t = 0;
+             for (const TopKBuffer& c : chunk_top) t += c.bytes();
+             return t;
+           }();
   }
 };
 
@@ -772,7 +778,8 @@ struct QueryPlan {
 template <bool kF>
 size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
-                uint32_t* out_ids, float* out_scores, const QueryPlan* plan) {
+                uint32_t* out_ids, float* out_scores, const QueryPlan* plan,
+                TopKBuffer* given = nullptr) {
   const bool reorder = ix.reorders();
   // Rows that may be returned: all (n) or the eligible ones.
   const size_t avail = kF ? std::min(ix.n, plan->eligible) : ix.n;
@@ -811,65 +818,69 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     return kF ? (seen >= need && eff >= eff_target) : (r + 1 >= first && seen >= need);
   };
   reserve_for(ix, keep, s);
-  first = select_leaves(ix, kn, q, precomputed, first, p.upper_to_search, s);
-
   TopKBuffer& cand = s.candidates;
-  cand.reset(keep);
-  QuantLut ql;
-  const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
-  const bool live = ix.leaf_rows != nullptr;
-  if (ah) ql = build_lut(ix, q, s);
-  // The query the float scan scores with: folded with the int8 slot scales (reorder.h).
-  const float* q_scan = q;
-  if (!ah && ix.slot_i8 != nullptr) {
-    grow(s.qfold, ix.d);
-    fold_scales(q, ix.slot_scales, ix.d, s.qfold.data());
-    q_scan = s.qfold.data();
-  }
-  for (size_t r = 0; r < L; ++r) {
-    if (r == first) {
-      if (kF ? done(r) : seen >= need) break;
-      sort_remaining_leaves(ix, kn, q, precomputed, first, s);  // too few so far: widen
+  if (given != nullptr) {  // scored already (score_all_slots): keep of them
+    std::swap(cand, *given);
+  } else {
+    first = select_leaves(ix, kn, q, precomputed, first, p.upper_to_search, s);
+
+    cand.reset(keep);
+    QuantLut ql;
+    const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
+    const bool live = ix.leaf_rows != nullptr;
+    if (ah) ql = build_lut(ix, q, s);
+    // The query the float scan scores with: folded with the int8 slot scales (reorder.h).
+    const float* q_scan = q;
+    if (!ah && ix.slot_i8 != nullptr) {
+      grow(s.qfold, ix.d);
+      fold_scales(q, ix.slot_scales, ix.d, s.qfold.data());
+      q_scan = s.qfold.data();
     }
-    const uint32_t leaf = s.leaf_order[r];
-    if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
-      const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
-      size_t e;
-      if (!ah) {
-        e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
-      } else if (ql.exact) {
-        e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
-      } else {
-        e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
+    for (size_t r = 0; r < L; ++r) {
+      if (r == first) {
+        if (kF ? done(r) : seen >= need) break;
+        sort_remaining_leaves(ix, kn, q, precomputed, first, s);  // too few so far: widen
       }
-      seen += kF ? e : ix.leaf_live[leaf];
+      const uint32_t leaf = s.leaf_order[r];
+      if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
+        const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+        size_t e;
+        if (!ah) {
+          e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
+        } else if (ql.exact) {
+          e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
+        } else {
+          e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
+        }
+        seen += kF ? e : ix.leaf_live[leaf];
+        if constexpr (kF) {
+          if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+        }
+        if (done(r)) break;
+        continue;
+      }
+      const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+      // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
+      // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
+      // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
+      // below, push only scores above the threshold, which NaN never is.
+      const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+      size_t e = 0;
+      if (!ah) {
+        e = scan_leaf_float<kF>(ix, kn, leaf, q_scan, cand, f);
+      } else if (ql.exact) {
+        e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
+      } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
+        scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
+      } else {
+        e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
+      }
+      seen += kF ? e : size;
       if constexpr (kF) {
-        if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+        if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
       }
       if (done(r)) break;
-      continue;
     }
-    const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
-    // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
-    // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
-    // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
-    // below, push only scores above the threshold, which NaN never is.
-    const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
-    size_t e = 0;
-    if (!ah) {
-      e = scan_leaf_float<kF>(ix, kn, leaf, q_scan, cand, f);
-    } else if (ql.exact) {
-      e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
-    } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
-      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
-    } else {
-      e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
-    }
-    seen += kF ? e : size;
-    if constexpr (kF) {
-      if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
-    }
-    if (done(r)) break;
   }
   const size_t nc = cand.finish_unsorted();
   size_t nr = nc;  // candidate rows: s.rows / s.row_scores
@@ -916,6 +927,39 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   }
   if (!kF && nf < p.final_k) return complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
   return nf;
+}
+
+// score_brute_force without a tree, in float32 (a static index): every slot is scored
+// for a chunk of queries at once, tile by tile, by kn.dots, which reads each row once
+// per four queries and gives the same values as kn.dot one query at a time (so results
+// do not depend on chunking: search_one then finishes each query from its buffer).
+bool scores_all_slots(const IndexView& ix) {
+  return ix.num_leaves == 1 && ix.packed_codes == nullptr && ix.slot_rows != nullptr &&
+         ix.leaf_rows == nullptr && ix.num_slots == ix.n;
+}
+
+// Fills s.chunk_top[0, nq) with each query's best `keep` slots.
+void score_all_slots(const IndexView& ix, const Kernels& kn, const float* qs, size_t nq,
+                     size_t keep, Scratch& s) {
+  constexpr size_t kTile = 256;
+  if (s.chunk_top.size() < nq) {
+    fault::alloc();
+    s.chunk_top.resize(nq);
+  }
+  for (size_t i = 0; i < nq; ++i) s.chunk_top[i].reset(keep);
+  grow(s.tile, nq * kTile);
+  const size_t d = ix.d;
+  for (size_t r0 = 0; r0 < ix.num_slots; r0 += kTile) {
+    const size_t m = std::min(kTile, ix.num_slots - r0);
+    kn.dots(qs, nq, ix.slot_rows + r0 * d, m, d, s.tile.data());
+    for (size_t i = 0; i < nq; ++i) {
+      TopKBuffer& top = s.chunk_top[i];
+      const float* sc = s.tile.data() + i * m;
+      for (size_t r = 0; r < m; ++r) {
+        if (sc[r] > top.threshold()) top.push(sc[r], static_cast<uint32_t>(r0 + r));
+      }
+    }
+  }
 }
 
 // The exact plan: every eligible row scored exactly by `score` (rows in row order), the
@@ -991,8 +1035,21 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
     for (size_t w = 1; w < parts; ++w) more.emplace_back(cache);
   }
   const size_t L = index.num_leaves;
+  const bool all_slots = scores_all_slots(index);
+  // Slots kept per query there: the candidates search_one would keep (no spilling).
+  const size_t all_keep = std::min(index.n, index.reorders() ? std::max(params.pre_reorder_k, params.final_k)
+                                                             : params.final_k);
   parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
     Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
+    if (all_slots && e - b > 1) {
+      score_all_slots(index, kn, queries + b * index.d, e - b, all_keep, s);
+      for (size_t i = b; i < e; ++i) {
+        search_one<false>(index, kn, queries + i * index.d, nullptr, params, s,
+                          out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr,
+                          &s.chunk_top[i - b]);
+      }
+      return;
+    }
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
     if (chunk_scores == nullptr && e - b > 1 && !index.quantized_centroids() && index.num_upper == 0) {
       // The chunk's centroid scores in one pass over the centroids (the same values the
