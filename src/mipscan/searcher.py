@@ -73,8 +73,11 @@ class Searcher:
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
-        index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-                               **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
+        # An empty index (a live index that starts empty: builder._check_empty_start)
+        # has no static layout; it is live from the start.
+        index = None if n == 0 else _mipscan.Index(
+            arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
+            **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
         # Updates (upsert, delete, rebalance) take this lock; searches never do. They read
         # self._state once and search that snapshot (see mipscan._live).
@@ -82,6 +85,10 @@ class Searcher:
         self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
                                   index=index, arrays=arrays,
                                   **_search_shape(config, arrays))
+        if n == 0:
+            if store is None:
+                raise ValueError("Searcher(): an empty index must have docids (build(docids=[]))")
+            self._state = _live.to_live(self._state, self.num_threads)
         self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
 
     # State of the published snapshot (static names kept for the code that reads them).
@@ -124,12 +131,14 @@ class Searcher:
         st = self._state
         if st.arrays is not None:
             return st.arrays
-        return _compact(st)[1]
+        return _compact(st, "_arrays")[1]
 
     # ---------------------------------------------------------------- properties
     @property
     def index_bytes(self) -> int:
         """Bytes of all index arrays (what serialize() writes, less the JSON)."""
+        if self._state.n_live == 0:
+            return 0  # nothing to store (serialize() refuses an empty index)
         return int(sum(a.nbytes for a in self._arrays.values()))
 
     def __repr__(self) -> str:
@@ -149,7 +158,7 @@ class Searcher:
 
     def __getstate__(self) -> dict:
         # Plain arrays (a memory-mapped file's pages are read into the pickle).
-        config, arrays, docids = _compact(self._state)
+        config, arrays, docids = _compact(self._state, "pickle")
         return {"config": dict(config), "num_threads": self.num_threads,
                 "arrays": {k: np.asarray(v) for k, v in arrays.items()}, "docids": docids}
 
@@ -374,7 +383,7 @@ class Searcher:
         listed files; anything else is refused with ValueError and left untouched. A
         symlink is followed: the folder it names is replaced and the link stays.
         """
-        config, arrays, docids = _compact(self._state)
+        config, arrays, docids = _compact(self._state, "serialize()")
         write_index(directory, dict(config), arrays, docids=docids)
 
     # ---------------------------------------------------------------- live index
@@ -468,6 +477,9 @@ class Searcher:
                 return
             if st.live is None:
                 st = _live.to_live(st, self.num_threads)
+            if st.docid_kind is None and up_ids:  # started empty: the first docids set the kind
+                kind = "str" if isinstance(up_ids[0], str) else "int"
+                st = replace(st, docid_kind=kind, docids=np.zeros(0, np.int64 if kind == "int" else object))
             replaced = np.array([rows_of[i] for i in up_ids if i in rows_of], np.int64)
             deleted = np.array([rows_of[i] for i in del_ids], np.int64)
             base = st.num_rows
@@ -513,7 +525,7 @@ class Searcher:
         if isinstance(docids, (str, int, np.integer)) and not isinstance(docids, bool):
             docids = [docids]
         kind, ids = _docid_values(call, docids)
-        if ids and kind != st.docid_kind:
+        if ids and st.docid_kind is not None and kind != st.docid_kind:
             raise TypeError(f"{call}: docids must be {st.docid_kind} like the index's; got "
                             f"{type(ids[0]).__name__} {ids[0]!r}")
         seen = set()
@@ -622,22 +634,24 @@ def _docid_store(call: str, docids, n: int) -> tuple[str, np.ndarray]:
         seen = set()
         dup = next(v for v in ids if v in seen or seen.add(v))
         raise ValueError(f"{call}: docids must be unique; {dup!r} is repeated")
-    if kind == "int":
+    if kind == "int" or n == 0:  # an empty index's kind is set by its first upsert
         return kind, np.array(ids, np.int64)
     store = np.empty(n, object)
     store[:] = ids
     return kind, store
 
 
-def _compact(st) -> tuple[dict, dict, list | None]:
+def _compact(st, call: str) -> tuple[dict, dict, list | None]:
     """(config, flat arrays, docids) of a state: a static state as it is; a live one
-    compacted (tombstones dropped, rows renumbered densely in row order, codes kept)."""
+    compacted (tombstones dropped, rows renumbered densely in row order, codes kept).
+    An empty index has no flat layout (ValueError naming ``call``)."""
+    if st.n_live == 0:
+        raise ValueError(f"{call}: the index holds no live datapoints (built empty, or all "
+                         "deleted); an empty index cannot be stored: upsert at least one "
+                         "datapoint first")
     if st.live is None:
         docids = None if st.docids is None else st.docids[:st.n_live].tolist()
         return st.config, st.arrays, docids
-    if st.n_live == 0:
-        raise ValueError("serialize(): the index holds no live datapoints; an empty index "
-                         "cannot be stored")
     keep = _live.live_rows(st)
     new_of = np.full(st.num_rows, -1, np.int64)
     new_of[keep] = np.arange(len(keep))
