@@ -89,7 +89,9 @@ class Searcher:
             if store is None:
                 raise ValueError("Searcher(): an empty index must have docids (build(docids=[]))")
             self._state = _live.to_live(self._state, self.num_threads)
-        self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
+        # docid -> row, the writer's: made by the first update (an index that is never
+        # updated, such as the Keras layer's, never pays for it).
+        self._rows_of = None
 
     # State of the published snapshot (static names kept for the code that reads them).
     @property
@@ -450,6 +452,8 @@ class Searcher:
                 raise ValueError(f"{call}: {why}")
             up_ids = self._docid_list(call, st, up) if vectors is not None else []
             del_ids = self._docid_list(call, st, dels)
+            if self._rows_of is None:
+                self._reindex(st)
             rows_of = self._rows_of
             for docid in del_ids:
                 if docid not in rows_of:
