@@ -525,3 +525,88 @@ def test_every_other_empty_build_names_db(stages, docids, needle):
 def test_empty_db_of_no_dimensions_or_no_float_is_refused(db, exc, needle):
     with pytest.raises(exc, match=needle):
         mipscan.builder(db, 1, "dot_product")
+
+
+def test_empty_batches_and_edge_updates(data):
+    """Empty batches change nothing; upsert without vectors, a bad batch into an empty
+    index, and ids or strategies checked on an empty index raise by name."""
+    rng, db = data
+    s = _exact_searcher(db[:100], [f"d{i}" for i in range(100)], leaves=4)
+    q = db[:5]
+    before = s.search_batched(q)
+    st = s._state
+    s.upsert([], np.zeros((0, 12), np.float32))
+    s.upsert([], [])
+    s.delete([])
+    s.update([], np.zeros((0, 12), np.float32), delete=[])
+    assert s._state is st  # nothing published
+    with pytest.raises(TypeError, match="upsert\\(\\): vectors must be a float array"):
+        s.upsert(["x"], None)
+    with pytest.raises(ValueError, match="got 0 docids but 1 vectors"):
+        s.upsert([], db[:1])
+    with pytest.raises(ValueError, match="both upserted and deleted"):
+        s.update(["d1"], db[:1], delete=["d1"])
+    assert s._state is st
+    np.testing.assert_array_equal(s.search_batched(q).indices, before.indices)
+
+    e = mipscan.builder(np.zeros((0, 12), np.float32), 5, "dot_product").score_brute_force() \
+        .build(docids=[])
+    bad = db[:2].copy()
+    bad[1, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        e.upsert(["a", "b"], bad)
+    assert e.size() == 0 and e._state.docid_kind is None  # the kind is still open
+    with pytest.raises(ValueError, match="allowed holds 'x', which is not in the index"):
+        e.search(db[0], allowed=["x"])
+    with pytest.raises(ValueError, match="filter_strategy"):
+        e.search(db[0], filter_strategy="fast")
+    assert e.search(db[0], allowed=[]).indices.shape == (0,)
+    e.upsert([5, 6], db[5:7])
+    assert sorted(e.search(db[5]).indices) == [5, 6]
+
+
+def test_racing_updaters_and_readers_keep_every_update(data):
+    """Two threads upsert disjoint docids and one deletes, while searches run: the
+    updates serialize (none is lost) and the final index answers exactly."""
+    rng, db = data
+    s = _exact_searcher(db[:1000], list(range(1000)), leaves=10)
+    errors = []
+    stop = threading.Event()
+
+    def upserter(lo):
+        try:
+            for b in range(lo, lo + 1000, 50):
+                s.upsert(list(range(b, b + 50)), db[b % 3000: b % 3000 + 50] * 0.5)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def deleter():
+        try:
+            for b in range(0, 500, 25):
+                s.delete(list(range(b, b + 25)))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            r = s.search_batched(db[:8], final_num_neighbors=10)
+            if r.indices.shape != (8, 10):
+                errors.append(AssertionError(r.indices.shape))
+
+    threads = [threading.Thread(target=upserter, args=(lo,)) for lo in (1000, 2000)]
+    threads += [threading.Thread(target=deleter)]
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for th in readers + threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stop.set()
+    for th in readers:
+        th.join()
+    assert not errors, errors[0]
+    want = {i: db[i] for i in range(500, 1000)}
+    want.update({i: db[i % 3000] * 0.5 for i in range(1000, 3000)})
+    assert s.size() == len(want) and sorted(s.docids) == sorted(want)
+    for qi in db[:5]:
+        r = s.search(qi)
+        assert _matches(r.indices, r.distances, want, qi, 10)

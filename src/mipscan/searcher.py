@@ -302,12 +302,14 @@ class Searcher:
         leaves = st.leaves_to_search if leaves is None else min(st.num_leaves, check_int(
             call, "leaves_to_search", leaves, 1, st.configured_leaves, high_name="num_leaves"))
         nq = len(queries)
-        if final_k == 0:
-            return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
-                                np.zeros((nq, 0), np.float32))
         if strategy not in _filters.STRATEGIES:
             raise ValueError(f"{call}: filter_strategy must be one of {list(_filters.STRATEGIES)}; "
                              f"got {strategy!r}")
+        if final_k == 0:  # an empty index: (nq, 0), after the checks of the ids
+            if allowed is not None or excluded is not None:
+                _filters.resolve(call, st, nq, allowed, excluded, single)
+            return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
+                                np.zeros((nq, 0), np.float32))
         if allowed is not None or excluded is not None:
             return self._run_filtered(call, st, queries, final_k, pre_k, leaves, threads,
                                       allowed, excluded, strategy, single)
@@ -421,6 +423,8 @@ class Searcher:
         """
         call = "upsert()"
         check_int(call, "batch_size", batch_size, 1, None)
+        if vectors is None:
+            raise TypeError(f"{call}: vectors must be a float array (one row per docid); got None")
         self._update(call, docids, vectors, [])
 
     def delete(self, docids) -> None:
