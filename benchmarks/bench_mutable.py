@@ -5,7 +5,7 @@ Build on the first half of the base vectors (docids 0 .. n/2-1), upsert the seco
 batches of ``--batch``, then delete every 4th docid in batches of ``--batch``. Reported per
 system: upsert vectors/s, delete ids/s, recall@10 and single-thread QPS (search_batched)
 after the churn, after ``rebalance()``, and for a fresh build on the final set with the
-same knobs. Ground truth: exact inner-product top-10 over the final set (numpy).
+same knobs (each QPS measured alternately with the fresh build's, best of --repeats). Ground truth: exact inner-product top-10 over the final set (numpy).
 
 Then a steady stream of updates: one updater thread re-upserts deleted docids (their
 own vectors) and deletes them again, in batches of ``--batch``, at ``--stream-rate``
@@ -50,6 +50,37 @@ def _qps(fn, nq: int, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return nq / best
+
+
+def _qps_pair(fn_a, fn_b, nq: int, repeats: int) -> tuple[float, float]:
+    """Best QPS of two searches measured alternately (a, b, a, b, ...), so that the
+    machine's drift and the other jobs hit both alike."""
+    fn_a(), fn_b()
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, fn in enumerate((fn_a, fn_b)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return nq / best[0], nq / best[1]
+
+
+def _after_churn(out: dict, index, fresh, found, test, truth, k, repeats) -> None:
+    """Recall and QPS of the churned index and of it after rebalance(), each measured
+    alternately with the fresh build (qps_fresh: the better of its two measures;
+    *_vs_fresh: the ratio within each pair)."""
+    out["recall_churn"] = _recall(found(index), truth, k)
+    out["recall_fresh"] = _recall(found(fresh), truth, k)
+    qc, qf1 = _qps_pair(lambda: index.search_batched(test), lambda: fresh.search_batched(test),
+                        len(test), repeats)
+    t0 = time.perf_counter()
+    index.rebalance()
+    out["rebalance_s"] = time.perf_counter() - t0
+    out["recall_rebalanced"] = _recall(found(index), truth, k)
+    qr, qf2 = _qps_pair(lambda: index.search_batched(test), lambda: fresh.search_batched(test),
+                        len(test), repeats)
+    out.update(qps_churn=qc, qps_rebalanced=qr, qps_fresh=max(qf1, qf2),
+               qps_churn_vs_fresh=qc / qf1, qps_rebalanced_vs_fresh=qr / qf2)
 
 
 def _stream(search, nq: int, upsert, delete, dels, batch: int, seconds: float, rate: float,
@@ -144,22 +175,12 @@ def run_mipscan(train, test, truth, k, batch, knobs, repeats, stream):
     for b in range(0, len(dels), batch):
         s.delete(dels[b:b + batch])
     out["delete_per_s"] = len(dels) / (time.perf_counter() - t0)
-    search = lambda: s.search_batched(test)  # noqa: E731
-    out["recall_churn"] = _recall(search().indices, truth, k)
-    out["qps_churn"] = _qps(search, len(test), repeats)
-    t0 = time.perf_counter()
-    s.rebalance()
-    out["rebalance_s"] = time.perf_counter() - t0
-    out["recall_rebalanced"] = _recall(search().indices, truth, k)
-    out["qps_rebalanced"] = _qps(search, len(test), repeats)
     keep = np.setdiff1d(np.arange(len(train)), dels)
     f = build(train[keep], keep.tolist(), incremental=False)
-    fresh = lambda: f.search_batched(test)  # noqa: E731
-    out["recall_fresh"] = _recall(fresh().indices, truth, k)
-    out["qps_fresh"] = _qps(fresh, len(test), repeats)
+    _after_churn(out, s, f, lambda ix: ix.search_batched(test).indices, test, truth, k, repeats)
     del f
-    out.update(_stream(search, len(test), s.upsert, s.delete, (dels, train[dels]), batch,
-                       **stream))
+    out.update(_stream(lambda: s.search_batched(test), len(test), s.upsert, s.delete,
+                       (dels, train[dels]), batch, **stream))
     return out
 
 
@@ -190,21 +211,13 @@ def run_scann(train, test, truth, k, batch, knobs, repeats, stream):
         s.delete(dels[b:b + batch])
     out["delete_per_s"] = len(dels) / (time.perf_counter() - t0)
 
-    def search(sr):
+    def found(sr):
         ids, _ = sr.search_batched(test)
         return np.array([[int(x) for x in row] for row in ids])
 
-    out["recall_churn"] = _recall(search(s), truth, k)
-    out["qps_churn"] = _qps(lambda: s.search_batched(test), len(test), repeats)
-    t0 = time.perf_counter()
-    s.rebalance()
-    out["rebalance_s"] = time.perf_counter() - t0
-    out["recall_rebalanced"] = _recall(search(s), truth, k)
-    out["qps_rebalanced"] = _qps(lambda: s.search_batched(test), len(test), repeats)
     keep = np.setdiff1d(np.arange(len(train)), np.arange(0, len(train), 4))
     f = build(train[keep], [str(i) for i in keep])
-    out["recall_fresh"] = _recall(search(f), truth, k)
-    out["qps_fresh"] = _qps(lambda: f.search_batched(test), len(test), repeats)
+    _after_churn(out, s, f, found, test, truth, k, repeats)
     del f
     gone = np.arange(0, len(train), 4)
     out.update(_stream(lambda: s.search_batched(test), len(test),
@@ -256,7 +269,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--max-n", type=int, default=0, help="use at most this many base vectors")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stream-seconds", type=float, default=5.0,
                     help="length of each search loop of the update-stream phase")
     ap.add_argument("--stream-rate", type=float, default=5000.0,
@@ -304,8 +317,8 @@ def main(argv=None) -> dict:
 
 def table(results: dict) -> str:
     cols = ["upsert_per_s", "delete_per_s", "recall_churn", "recall_rebalanced", "recall_fresh",
-            "qps_churn", "qps_rebalanced", "qps_fresh", "qps_idle", "qps_stream",
-            "stream_updates_per_s"]
+            "qps_churn", "qps_rebalanced", "qps_fresh", "qps_churn_vs_fresh",
+            "qps_rebalanced_vs_fresh", "qps_idle", "qps_stream", "stream_updates_per_s"]
     lines = [f"{results['dataset']}: n={results['n']} -> {results['final_n']}, "
              f"batches of {results['batch']}, knobs {results['knobs']}, one thread, "
              f"stream {results['stream']}, load average {results['loadavg']}",
@@ -314,7 +327,8 @@ def table(results: dict) -> str:
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append("-" if v is None else f"{v:.4f}" if "recall" in c else f"{v:,.0f}")
+            cells.append("-" if v is None else f"{v:.4f}" if "recall" in c else
+                         f"{v:.2f}" if c.endswith("_vs_fresh") else f"{v:,.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -18,7 +18,9 @@ Where things live:
   ``num_rows`` (which no reader reads) or moves to a bigger copy; a row is never rewritten,
   so a replaced docid gets a new row and its old row dies.
 * Tombstones: ``dead``, a bitset over rows (uint64 words), copied on every update; and
-  ``leaf_live``, the live entries per leaf (the search's leaf widening counts them).
+  ``leaf_live``, the live entries per leaf (the search's leaf widening counts them). A
+  leaf whose dead entries reach COMPACT_SHARE of its segment is rewritten without them
+  by the update that kills them (codes kept); rebalance() drops the rest, and the rows.
 * ``rows_of`` (docid -> row): the writer's dict, in the Searcher, never read by searches.
 """
 

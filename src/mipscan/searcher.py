@@ -429,7 +429,9 @@ class Searcher:
 
     def delete(self, docids) -> None:
         """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
-        slots are tombstoned (skipped by searches) and reclaimed by :meth:`rebalance`.
+        slots are tombstoned (skipped by searches); a leaf whose tombstones reach a tenth
+        of its entries is compacted by the same call (``mipscan._live.COMPACT_SHARE``),
+        and :meth:`rebalance` reclaims everything, rows included.
 
         Raises:
             KeyError: a docid not in the index (named; nothing is deleted).
