@@ -12,7 +12,9 @@ own vectors) and deletes them again, in batches of ``--batch``, at ``--stream-ra
 updates/s (vectors upserted + ids deleted; less if the system cannot keep up), while the
 measuring thread runs ``search_batched`` over the queries for ``--stream-seconds``.
 Reported: the QPS of the same loop without the updater (``qps_idle``), with it
-(``qps_stream``) and the updates/s achieved (``stream_updates_per_s``). ScaNN's searches
+(``qps_stream``) and the updates/s achieved (``stream_updates_per_s``); ``cpu_qps_*``
+count queries per second of the searching thread's CPU time (the machine is shared: the
+wall clock also measures what other jobs left), ``updater_cpu_share`` the updater's. ScaNN's searches
 are not safe while it updates, so its updater and searcher share a lock (what a ScaNN user
 must do); mipscan and hnswlib run without one.
 
@@ -52,17 +54,20 @@ def _qps(fn, nq: int, repeats: int) -> float:
     return nq / best
 
 
-def _qps_pair(fn_a, fn_b, nq: int, repeats: int) -> tuple[float, float]:
+def _qps_pair(fn_a, fn_b, nq: int, repeats: int) -> tuple[float, float, float, float]:
     """Best QPS of two searches measured alternately (a, b, a, b, ...), so that the
-    machine's drift and the other jobs hit both alike."""
+    machine's drift and the other jobs hit both alike: (a, b) by the wall clock, then
+    (a, b) per second of the calling thread's CPU time (what a loaded machine's
+    preemption does not count)."""
     fn_a(), fn_b()
-    best = [math.inf, math.inf]
+    wall, cpu = [math.inf, math.inf], [math.inf, math.inf]
     for _ in range(repeats):
         for i, fn in enumerate((fn_a, fn_b)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return nq / best[0], nq / best[1]
+            wall[i] = min(wall[i], time.perf_counter() - t0)
+            cpu[i] = min(cpu[i], time.thread_time() - c0)
+    return nq / wall[0], nq / wall[1], nq / cpu[0], nq / cpu[1]
 
 
 def _after_churn(out: dict, index, fresh, found, test, truth, k, repeats) -> None:
@@ -71,16 +76,18 @@ def _after_churn(out: dict, index, fresh, found, test, truth, k, repeats) -> Non
     *_vs_fresh: the ratio within each pair)."""
     out["recall_churn"] = _recall(found(index), truth, k)
     out["recall_fresh"] = _recall(found(fresh), truth, k)
-    qc, qf1 = _qps_pair(lambda: index.search_batched(test), lambda: fresh.search_batched(test),
-                        len(test), repeats)
+    qc, qf1, cc, cf1 = _qps_pair(lambda: index.search_batched(test),
+                                 lambda: fresh.search_batched(test), len(test), repeats)
     t0 = time.perf_counter()
     index.rebalance()
     out["rebalance_s"] = time.perf_counter() - t0
     out["recall_rebalanced"] = _recall(found(index), truth, k)
-    qr, qf2 = _qps_pair(lambda: index.search_batched(test), lambda: fresh.search_batched(test),
-                        len(test), repeats)
+    qr, qf2, cr, cf2 = _qps_pair(lambda: index.search_batched(test),
+                                 lambda: fresh.search_batched(test), len(test), repeats)
     out.update(qps_churn=qc, qps_rebalanced=qr, qps_fresh=max(qf1, qf2),
-               qps_churn_vs_fresh=qc / qf1, qps_rebalanced_vs_fresh=qr / qf2)
+               qps_churn_vs_fresh=qc / qf1, qps_rebalanced_vs_fresh=qr / qf2,
+               cpu_qps_churn=cc, cpu_qps_rebalanced=cr, cpu_qps_fresh=max(cf1, cf2),
+               cpu_churn_vs_fresh=cc / cf1, cpu_rebalanced_vs_fresh=cr / cf2)
 
 
 def _stream(search, nq: int, upsert, delete, dels, batch: int, seconds: float, rate: float,
@@ -91,25 +98,26 @@ def _stream(search, nq: int, upsert, delete, dels, batch: int, seconds: float, r
     guard = lock if lock is not None else contextlib.nullcontext()
 
     def loop(stop_at):
-        done = 0
+        done, c0 = 0, time.thread_time()
         while time.perf_counter() < stop_at:
             with guard:
                 search()
             done += 1
-        return done
+        return done, time.thread_time() - c0
 
     search()
     t0 = time.perf_counter()
-    idle = loop(t0 + seconds)
+    idle, idle_cpu = loop(t0 + seconds)
     idle_s = time.perf_counter() - t0
     ids, vecs = dels
     half = max(1, batch // 2)
     stop = threading.Event()
-    count = [0]
+    tally = {"updates": 0, "cpu_s": 0.0}
     errors = []
 
     def updater():
         try:
+            c0 = time.thread_time()
             start = time.perf_counter()
             b = 0
             while not stop.is_set():
@@ -117,29 +125,34 @@ def _stream(search, nq: int, upsert, delete, dels, batch: int, seconds: float, r
                 chunk = ids[lo:lo + half]
                 with guard:
                     upsert(chunk, vecs[lo:lo + half])
-                count[0] += len(chunk)
+                tally["updates"] += len(chunk)
                 with guard:
                     delete(chunk)
-                count[0] += len(chunk)
+                tally["updates"] += len(chunk)
                 b += 1
                 # Steady rate: sleep until this many updates are due.
-                ahead = count[0] / rate - (time.perf_counter() - start)
+                ahead = tally["updates"] / rate - (time.perf_counter() - start)
                 if ahead > 0:
                     stop.wait(ahead)
+            tally["cpu_s"] = time.thread_time() - c0
         except Exception as exc:  # reported below
             errors.append(exc)
 
     th = threading.Thread(target=updater)
     t0 = time.perf_counter()
     th.start()
-    busy = loop(t0 + seconds)
+    busy, busy_cpu = loop(t0 + seconds)
     busy_s = time.perf_counter() - t0
     stop.set()
     th.join()
     if errors:
         raise errors[0]
+    # cpu_*: queries per second of the searching thread's CPU time; the machine is
+    # shared, so the wall-clock QPS also measures what the other jobs left us.
     return {"qps_idle": idle * nq / idle_s, "qps_stream": busy * nq / busy_s,
-            "stream_updates_per_s": count[0] / busy_s}
+            "stream_updates_per_s": tally["updates"] / busy_s,
+            "cpu_qps_idle": idle * nq / idle_cpu, "cpu_qps_stream": busy * nq / busy_cpu,
+            "updater_cpu_share": tally["cpu_s"] / busy_s}
 
 
 def _knobs(n: int) -> dict:
@@ -317,8 +330,9 @@ def main(argv=None) -> dict:
 
 def table(results: dict) -> str:
     cols = ["upsert_per_s", "delete_per_s", "recall_churn", "recall_rebalanced", "recall_fresh",
-            "qps_churn", "qps_rebalanced", "qps_fresh", "qps_churn_vs_fresh",
-            "qps_rebalanced_vs_fresh", "qps_idle", "qps_stream", "stream_updates_per_s"]
+            "qps_churn", "qps_rebalanced", "qps_fresh", "cpu_churn_vs_fresh",
+            "cpu_rebalanced_vs_fresh", "qps_idle", "qps_stream", "cpu_qps_idle",
+            "cpu_qps_stream", "stream_updates_per_s"]
     lines = [f"{results['dataset']}: n={results['n']} -> {results['final_n']}, "
              f"batches of {results['batch']}, knobs {results['knobs']}, one thread, "
              f"stream {results['stream']}, load average {results['loadavg']}",
