@@ -429,7 +429,7 @@ class Searcher:
 
     def delete(self, docids) -> None:
         """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
-        slots are tombstoned (skipped by searches); a leaf whose tombstones reach a tenth
+        slots are tombstoned (skipped by searches); a leaf whose tombstones reach 5%
         of its entries is compacted by the same call (``mipscan._live.COMPACT_SHARE``),
         and :meth:`rebalance` reclaims everything, rows included.
 
