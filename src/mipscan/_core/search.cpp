@@ -1009,6 +1009,36 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
   });
 }
 
+void filter_bitsets(size_t nq, size_t space, const uint64_t* allow, const uint64_t* dead,
+                    const int64_t* list_offsets, const uint32_t* list_rows, bool list_excludes,
+                    uint64_t* out, int64_t* out_counts, int num_threads) {
+  const size_t words = (space + 63) / 64;
+  parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
+    for (size_t i = b; i < e; ++i) {
+      uint64_t* o = out + i * words;
+      const uint32_t* list = list_rows + list_offsets[i];
+      const size_t list_n = static_cast<size_t>(list_offsets[i + 1] - list_offsets[i]);
+      if (list_excludes) {
+        for (size_t w = 0; w < words; ++w) o[w] = allow != nullptr ? allow[w] : ~uint64_t{0};
+        for (size_t j = 0; j < list_n; ++j) o[list[j] >> 6] &= ~(uint64_t{1} << (list[j] & 63));
+      } else {
+        std::fill(o, o + words, uint64_t{0});
+        for (size_t j = 0; j < list_n; ++j) o[list[j] >> 6] |= uint64_t{1} << (list[j] & 63);
+        if (allow != nullptr) {
+          for (size_t w = 0; w < words; ++w) o[w] &= allow[w];
+        }
+      }
+      size_t count = 0;
+      for (size_t w = 0; w < words; ++w) {
+        if (dead != nullptr) o[w] &= ~dead[w];
+        if (space - w * 64 < 64) o[w] &= (uint64_t{1} << (space - w * 64)) - 1;
+        count += popcount64(o[w]);
+      }
+      out_counts[i] = static_cast<int64_t>(count);
+    }
+  });
+}
+
 void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Kernels& kn,
                            const float* queries, size_t nq, const float* leaf_scores,
                            const SearchParams& params, const FilterSpec& spec,
