@@ -60,7 +60,11 @@ GEMM_MIN_QUERIES = 8
 SMALL_ROWS = 1024
 SMALL_K = 32
 #: Queries per block of the batched exact plan of lists (bounds its bitsets: block * n bits).
-LIST_BLOCK = 128
+LIST_BLOCK = 256
+#: Rows per BLAS product of the batched exact plans (a multiple of 64: whole bitset words):
+#: small enough that the scores (queries x ROW_BLOCK) stay in L2 for the top-k that reads
+#: them (512 against 8192: 30 % less time on GloVe-50, 300 queries).
+ROW_BLOCK = 512
 #: Leaves searched by a filtered index search: leaves_to_search * f ** -LEAF_EXPONENT.
 LEAF_EXPONENT = 0.5
 
@@ -475,9 +479,8 @@ def exact_batched(st, r: Resolved, q: np.ndarray, rows_store: np.ndarray, k: int
         heap_s = np.empty((nq, kk), np.float32)
         heap_i = np.empty((nq, kk), np.uint32)
         sizes = np.zeros(nq, np.int64)
-        block = 8192
-        for b0 in range(0, e, block):
-            sc = q @ sub[b0:b0 + block].T
+        for b0 in range(0, e, ROW_BLOCK):
+            sc = q @ sub[b0:b0 + ROW_BLOCK].T
             _mipscan.topk_update_rows(sc, None, b0, heap_s, heap_i, sizes, 1)
         _mipscan.topk_finish_rows(heap_s, heap_i, sizes, 1)
         ids[:, :kk] = rows[heap_i]
@@ -515,7 +518,6 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
     ids = np.full((nq, k), 0xFFFFFFFF, np.uint32)
     scores = np.full((nq, k), -np.inf, np.float32)
     counts = np.zeros(nq, np.uint32)
-    block = 8192  # rows per product (a multiple of 64: whole bitset words)
     for b in range(0, nq, LIST_BLOCK):
         qs = sel[b:b + LIST_BLOCK]
         part = subset(r, qs)
@@ -528,8 +530,8 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
         heap_s = np.empty((len(qs), kk), np.float32)
         heap_i = np.empty((len(qs), kk), np.uint32)
         sizes = np.zeros(len(qs), np.int64)
-        for b0 in range(0, space, block):
-            sc = qb @ rows_store[b0:min(b0 + block, space)].T
+        for b0 in range(0, space, ROW_BLOCK):
+            sc = qb @ rows_store[b0:min(b0 + ROW_BLOCK, space)].T
             _mipscan.topk_update_rows_masked(sc, bits, b0, heap_s, heap_i, sizes, 1)
         _mipscan.topk_finish_rows(heap_s, heap_i, sizes, 1)
         got = np.arange(kk)[None, :] < sizes[:, None]
