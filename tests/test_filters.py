@@ -205,6 +205,12 @@ def test_metrics(data, metric):
     _check_exact(r.indices, r.distances, ref, q, allowed, 10, metric)
     r = s.search_batched(qs[:2], allowed=[[1], [2, 3]])
     assert np.isposinf(r.distances[0, 1]) if metric == "squared_l2" else np.isneginf(r.distances[0, 1])
+    # the batched exact plans (BLAS products): one shared set, and per-query lists
+    for a in (allowed, [allowed] * len(qs)):
+        r = s.search_batched(qs, allowed=a, filter_strategy="exact")
+        for i in range(len(qs)):
+            q = qs[i] / np.linalg.norm(qs[i]) if metric == "cosine" else qs[i]
+            _check_exact(r.indices[i], r.distances[i], ref, q, allowed, 10, metric)
 
 
 def test_spilled_index(data):

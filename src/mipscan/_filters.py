@@ -59,8 +59,10 @@ GEMM_MIN_QUERIES = 8
 #: of a heap per query.
 SMALL_ROWS = 1024
 SMALL_K = 32
-#: Queries per block of the batched exact plan of lists (bounds its bitsets: block * n bits).
+#: Queries per block of the batched exact plan of lists, and the most bytes their bitsets
+#: (one bit per row and query) may take.
 LIST_BLOCK = 256
+LIST_BITS_BYTES = 32 << 20
 #: Rows per BLAS product of the batched exact plans (a multiple of 64: whole bitset words):
 #: small enough that the scores (queries x ROW_BLOCK) stay in L2 for the top-k that reads
 #: them (512 against 8192: 30 % less time on GloVe-50, 300 queries).
@@ -518,8 +520,10 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
     ids = np.full((nq, k), 0xFFFFFFFF, np.uint32)
     scores = np.full((nq, k), -np.inf, np.float32)
     counts = np.zeros(nq, np.uint32)
-    for b in range(0, nq, LIST_BLOCK):
-        qs = sel[b:b + LIST_BLOCK]
+    words = (space + 63) // 64
+    per = max(1, min(LIST_BLOCK, LIST_BITS_BYTES // (8 * words)))  # queries per block
+    for b in range(0, nq, per):
+        qs = sel[b:b + per]
         part = subset(r, qs)
         bits, elig = _mipscan.filter_bitsets(space, r.allow, dead, part.list_offsets,
                                              part.list_rows, r.list_excludes, 1)
