@@ -56,9 +56,14 @@ C_MASKED = 0.02         # per row and query, batched exact plan of lists (eligib
 GEMM_MIN_QUERIES = 8
 #: Up to this many shared eligible rows (and k <= SMALL_K), the batched exact plan picks
 #: each query's best k with topk_columns (sorted insertion, 16 queries at a time) instead
-#: of a heap per query.
-SMALL_ROWS = 1024
+#: of a heap per query: per level, where it stays faster than the heaps (300 queries,
+#: k=10: 2.2x at 2,700 rows with AVX-512; the compiled lanes of the other levels lose
+#: from about 1,000 rows).
+SMALL_ROWS = {"avx512": 8192}
+SMALL_ROWS_DEFAULT = 1024
 SMALL_K = 32
+#: Queries per topk_columns call (bounds its scores: SMALL_ROWS x this many floats).
+SMALL_QUERIES = 1024
 #: Queries per block of the batched exact plan of lists, and the most bytes their bitsets
 #: (one bit per row and query) may take.
 LIST_BLOCK = 256
@@ -467,9 +472,14 @@ def exact_batched(st, r: Resolved, q: np.ndarray, rows_store: np.ndarray, k: int
             f._gathered = (rows, sub)
     nq, e = len(q), len(rows)
     kk = min(k, e)
-    if kk and e <= SMALL_ROWS and kk <= SMALL_K:
-        # one product, each query's scores a column; its best kk by sorted insertion
-        heap_s, heap_i = _mipscan.topk_columns(sub @ q.T, kk)
+    if kk and e <= SMALL_ROWS.get(_mipscan.simd_level(), SMALL_ROWS_DEFAULT) and kk <= SMALL_K:
+        # one product per block of queries, each query's scores a column; its best kk by
+        # sorted insertion
+        heap_s = np.empty((nq, kk), np.float32)
+        heap_i = np.empty((nq, kk), np.uint32)
+        for b in range(0, nq, SMALL_QUERIES):
+            heap_s[b:b + SMALL_QUERIES], heap_i[b:b + SMALL_QUERIES] = _mipscan.topk_columns(
+                sub @ q[b:b + SMALL_QUERIES].T, kk)
         ids, scores = rows[heap_i], heap_s
         if kk < k:
             ids = np.hstack([ids, np.full((nq, k - kk), 0xFFFFFFFF, np.uint32)])

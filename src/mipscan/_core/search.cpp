@@ -761,6 +761,15 @@ struct RowScorer {
   }
 };
 
+// Requests every cache line of a row (the last byte too: a row that is not line aligned
+// may end in one more line).
+inline void prefetch_row(const RowScorer& score, uint32_t row) {
+  const size_t row_bytes = score.row_bytes();
+  const char* r = score.at(row);
+  for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
+  prefetch(r + row_bytes - 1);
+}
+
 // A filtered query's plan for search_one<true>: its filter, its eligible row count.
 struct QueryPlan {
   QueryFilter f;
@@ -892,12 +901,7 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
     // line aligned may end in one more line.)
     const RowScorer score = RowScorer::reorder(ix, kn, q, s);
-    const size_t row_bytes = score.row_bytes();
-    for (size_t i = 0; i < nr; ++i) {
-      const char* r = score.at(s.rows[i]);
-      for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
-      prefetch(r + row_bytes - 1);
-    }
+    for (size_t i = 0; i < nr; ++i) prefetch_row(score, s.rows[i]);
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
       const float v = score(row);
@@ -918,6 +922,9 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   return nf;
 }
 
+// Rows the exact plan requests ahead of the one it scores.
+constexpr size_t kExactAhead = 8;
+
 // The exact plan: every eligible row scored exactly by `score` (rows in row order), the
 // best final_k kept. Eligible: with an allow list (list), the list's rows
 // marked in `deny` (here: the marks of its eligible rows); otherwise the rows of the row
@@ -933,9 +940,12 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
     // marks: the list's eligible rows as a bitset (search_batch_filtered); each is cleared
     // when scored, so a row named twice is scored once and the bitset ends all zero.
     uint64_t* marks = const_cast<uint64_t*>(deny);
-    constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
+    // Random rows: keep several cache misses in flight, for every line of the row (a
+    // 50-float row spans four; prefetching only the first left three misses per row:
+    // 120 ns a row on GloVe-50).
+    for (size_t i = 0; i < std::min(list_n, kExactAhead); ++i) prefetch_row(score, list[i]);
     for (size_t i = 0; i < list_n; ++i) {
-      if (i + kAhead < list_n) prefetch(score.at(list[i + kAhead]));
+      if (i + kExactAhead < list_n) prefetch_row(score, list[i + kExactAhead]);
       const uint32_t row = list[i];
       if (!bit_set(marks, row)) continue;
       marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
@@ -943,7 +953,9 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
+    for (size_t i = 0; i < std::min(shared_n, kExactAhead); ++i) prefetch_row(score, shared_rows[i]);
     for (size_t i = 0; i < shared_n; ++i) {
+      if (i + kExactAhead < shared_n) prefetch_row(score, shared_rows[i + kExactAhead]);
       const uint32_t row = shared_rows[i];
       if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
       const float v = score(row);
