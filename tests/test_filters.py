@@ -238,13 +238,14 @@ def test_batched_exact_plan(data, ah, k):
     cached on a Filter): exact, for arrays, Filters, empty and tiny sets."""
     db, qs = data
     rng = np.random.default_rng(k)
-    allowed = rng.choice(len(db), 37, replace=False)
-    f = ah.make_filter(allowed=allowed)
-    for a in (allowed, f, f):
-        r = ah.search_batched(qs, k, allowed=a, filter_strategy="exact")
-        assert r.indices.shape == (len(qs), min(k, 37))
-        for i in range(len(qs)):
-            _check_exact(r.indices[i], r.distances[i], db, qs[i], allowed, k)
+    for size in (37, 1500):  # topk_columns at every level; at 1500, with AVX-512 only
+        allowed = rng.choice(len(db), size, replace=False)
+        f = ah.make_filter(allowed=allowed)
+        for a in (allowed, f, f):
+            r = ah.search_batched(qs, k, allowed=a, filter_strategy="exact")
+            assert r.indices.shape == (len(qs), min(k, size))
+            for i in range(len(qs)):
+                _check_exact(r.indices[i], r.distances[i], db, qs[i], allowed, k)
     r = ah.search_batched(qs, k, allowed=[], filter_strategy="exact")
     assert r.indices.shape == (len(qs), 0)
     r = ah.search_batched(qs, k, excluded=np.arange(len(db) - 3), filter_strategy="exact")
