@@ -365,9 +365,13 @@ def _per_query_rows(call, name, st, value):
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if not len(arrays) or not offsets[-1]:
         return offsets, np.zeros(0, np.int64)
-    if st.docid_kind is None:  # row numbers: a range check per list, one uint32 copy
+    if st.docid_kind is None:  # row numbers: checked and copied to uint32
         n = st.n_live
-        for i, a in enumerate(arrays):
+        if offsets[-1] <= FLAT_CHECK_MAX:  # one check of all (two numpy calls a list cost more)
+            flat = np.concatenate(arrays)
+            if flat.min() >= 0 and flat.max() < n:
+                return offsets, flat.astype(np.uint32)
+        for i, a in enumerate(arrays):  # huge lists: no int64 copy of them all
             if len(a) and (a.min() < 0 or a.max() >= n):
                 _rows_of_ids(call, f"{name}[{i}]", st, a, unique=False)  # raises
         return offsets, np.concatenate(arrays, dtype=np.uint32, casting="unsafe")
@@ -380,6 +384,10 @@ def _per_query_rows(call, name, st, value):
         raise
     return offsets, rows
 
+
+#: Up to this many ids in all, per-query lists of row numbers are range-checked as one
+#: array (300 lists of 90 ids: 36 us against 460 us for a check per list).
+FLAT_CHECK_MAX = 1 << 22
 
 #: Plan codes per query.
 INDEX, EXACT, EXACT_GEMM = 0, 1, 2
