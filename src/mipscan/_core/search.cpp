@@ -761,6 +761,9 @@ struct RowScorer {
   }
 };
 
+// Rows the exact plan requests ahead of the one it scores.
+constexpr size_t kExactAhead = 8;
+
 // Requests every cache line of a row (the last byte too: a row that is not line aligned
 // may end in one more line).
 inline void prefetch_row(const RowScorer& score, uint32_t row) {
@@ -921,9 +924,6 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   if (!kF && nf < p.final_k) return complete_result(ix, p.final_k, nf, nr, s, out_ids, out_scores);
   return nf;
 }
-
-// Rows the exact plan requests ahead of the one it scores.
-constexpr size_t kExactAhead = 8;
 
 // The exact plan: every eligible row scored exactly by `score` (rows in row order), the
 // best final_k kept. Eligible: with an allow list (list), the list's rows
