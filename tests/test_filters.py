@@ -205,6 +205,12 @@ def test_metrics(data, metric):
     _check_exact(r.indices, r.distances, ref, q, allowed, 10, metric)
     r = s.search_batched(qs[:2], allowed=[[1], [2, 3]])
     assert np.isposinf(r.distances[0, 1]) if metric == "squared_l2" else np.isneginf(r.distances[0, 1])
+    # the batched exact plans (BLAS products): one shared set, and per-query lists
+    for a in (allowed, [allowed] * len(qs)):
+        r = s.search_batched(qs, allowed=a, filter_strategy="exact")
+        for i in range(len(qs)):
+            q = qs[i] / np.linalg.norm(qs[i]) if metric == "cosine" else qs[i]
+            _check_exact(r.indices[i], r.distances[i], ref, q, allowed, 10, metric)
 
 
 def test_spilled_index(data):
@@ -232,13 +238,14 @@ def test_batched_exact_plan(data, ah, k):
     cached on a Filter): exact, for arrays, Filters, empty and tiny sets."""
     db, qs = data
     rng = np.random.default_rng(k)
-    allowed = rng.choice(len(db), 37, replace=False)
-    f = ah.make_filter(allowed=allowed)
-    for a in (allowed, f, f):
-        r = ah.search_batched(qs, k, allowed=a, filter_strategy="exact")
-        assert r.indices.shape == (len(qs), min(k, 37))
-        for i in range(len(qs)):
-            _check_exact(r.indices[i], r.distances[i], db, qs[i], allowed, k)
+    for size in (37, 1500):  # topk_columns at every level; at 1500, with AVX-512 only
+        allowed = rng.choice(len(db), size, replace=False)
+        f = ah.make_filter(allowed=allowed)
+        for a in (allowed, f, f):
+            r = ah.search_batched(qs, k, allowed=a, filter_strategy="exact")
+            assert r.indices.shape == (len(qs), min(k, size))
+            for i in range(len(qs)):
+                _check_exact(r.indices[i], r.distances[i], db, qs[i], allowed, k)
     r = ah.search_batched(qs, k, allowed=[], filter_strategy="exact")
     assert r.indices.shape == (len(qs), 0)
     r = ah.search_batched(qs, k, excluded=np.arange(len(db) - 3), filter_strategy="exact")
@@ -303,3 +310,110 @@ def test_keras_layer_excluded_ids(tutorial):
         assert not np.isin(row, ids[e]).any()
     with pytest.raises(ValueError, match="excluded_ids"):
         layer(users, excluded_ids=np.zeros((3, 2), np.int32))
+
+
+# ---------------------------------------------------------------- batched exact plans
+
+@pytest.mark.parametrize("m,nq,k", [(1, 1, 1), (7, 5, 7), (90, 300, 10), (200, 17, 32),
+                                    (33, 16, 1)])
+def test_topk_columns_matches_a_stable_sort_at_every_level(m, nq, k):
+    """topk_columns (the small shared-set exact plan): the best k of each column by
+    (score desc, id asc), the same bits at every SIMD level, with ties, -inf and NaN
+    (taken as -inf, like the heaps)."""
+    from mipscan import _mipscan
+    rng = np.random.default_rng(m * 1000 + nq)
+    sc = rng.integers(-4, 5, size=(m, nq)).astype(np.float32)  # many ties
+    sc[rng.random((m, nq)) < 0.1] = -np.inf
+    sc[rng.random((m, nq)) < 0.05] = np.nan
+    clean = np.where(np.isnan(sc), -np.inf, sc)
+    want = np.argsort(-clean, axis=0, kind="stable")[:k].T
+    outs = [_mipscan.topk_columns(sc, k, lv) for lv in mipscan.simd_levels()]
+    for s, i in outs:
+        np.testing.assert_array_equal(i, want)
+        np.testing.assert_array_equal(s, np.take_along_axis(clean.T, want.astype(np.int64), 1))
+    with pytest.raises(ValueError, match="k must be in"):
+        _mipscan.topk_columns(sc, m + 1)
+
+
+@pytest.mark.parametrize("kind", ["allowed", "excluded"])
+def test_dense_lists_exact_by_blas(data, ah, kind):
+    """Per-query lists run the exact plan as BLAS products over all rows, each query's
+    eligible rows picked by a bitset: exact, with repeated ids, empty lists, lists
+    shorter than k, and the same as the engine's gather plan on one query."""
+    db, qs = data
+    n = len(db)
+    rng = np.random.default_rng(3)
+    lists = [rng.choice(n, int(f * n), replace=False) for f in rng.uniform(0.3, 0.7, len(qs))]
+    lists[1] = np.concatenate([lists[1], lists[1][:50]])  # repeated ids count once
+    lists[2] = np.zeros(0, np.int64)
+    lists[3] = lists[3][:4] if kind == "allowed" else np.arange(n - 3)  # fewer than k
+    r = ah.search_batched(qs, 10, filter_strategy="exact", **{kind: lists})
+    for i, lst in enumerate(lists):
+        eligible = set(lst.tolist()) if kind == "allowed" else set(range(n)) - set(lst.tolist())
+        got = r.indices[i][r.indices[i] >= 0]
+        _check_exact(got, r.distances[i][:len(got)], db, qs[i], eligible, 10)
+        if len(got) < r.indices.shape[1]:
+            assert (r.indices[i][len(got):] == -1).all()
+            assert np.isneginf(r.distances[i][len(got):]).all()
+    one = ah.search(qs[0], 10, filter_strategy="exact", **{kind: lists[0]})  # gathers
+    np.testing.assert_array_equal(one.indices, r.indices[0])
+    # auto mixes plans per query; every result is eligible and exact when exact
+    a = ah.search_batched(qs, 10, leaves_to_search=40, **{kind: lists})
+    for i, lst in enumerate(lists):
+        got = a.indices[i][a.indices[i] >= 0]
+        assert np.isin(got, lst).all() == (kind == "allowed") or not len(got)
+
+
+def test_per_query_list_errors_name_the_query(data, ah):
+    db, qs = data
+    n = len(db)
+    big = [np.arange(n)] * len(qs)
+    for bad, msg in ((n, rf"allowed\[5\] holds {n}"), (-1, r"allowed\[5\] holds -1")):
+        lists = list(big)
+        lists[5] = np.array([0, 1, bad])
+        with pytest.raises(ValueError, match=msg):
+            ah.search_batched(qs, 10, allowed=lists)
+    lists = list(big)
+    lists[2] = np.array([0.5])
+    with pytest.raises(TypeError, match=r"allowed\[2\]"):
+        ah.search_batched(qs, 10, allowed=lists)
+    with pytest.raises(ValueError, match="one list of ids per query"):
+        ah.search_batched(qs, 10, excluded=big[:3])
+
+
+def test_live_lists_exact_by_blas_per_snapshot(data):
+    """A live index: the BLAS plan of lists skips dead rows and new rows are eligible,
+    per snapshot; searches racing updates each see one snapshot."""
+    import threading
+    db, qs = data
+    s = (mipscan.builder(db[:1500], 10, "dot_product").tree(20, 4).score_ah(2).reorder(50)
+         .build(docids=list(range(1500))))
+    s.delete(list(range(0, 200, 2)))
+    lists = [np.arange(200, 1500, 2)] * len(qs)
+    r = s.search_batched(qs, 10, allowed=lists, filter_strategy="exact")
+    for i in range(len(qs)):
+        _check_exact(r.indices[i], r.distances[i], db, qs[i], set(range(200, 1500, 2)), 10)
+    errors = []
+
+    def search():
+        try:
+            for _ in range(20):
+                out = s.search_batched(qs, 5, excluded=[np.arange(101, 200, 2)] * len(qs),
+                                       filter_strategy="exact")
+                assert not np.isin(out.indices, np.arange(101, 200, 2)).any()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=search)
+    t.start()
+    for j in range(10):
+        s.upsert(list(range(1500 + 10 * j, 1510 + 10 * j)), db[1500 + 10 * j:1510 + 10 * j])
+        s.delete(list(range(200 + j, 1500, 97)))
+    t.join()
+    assert not errors
+    dead = set(range(0, 200, 2)) | {v for j in range(10) for v in range(200 + j, 1500, 97)}
+    eligible = set(range(1600)) - dead - set(range(101, 200, 2))
+    ex = s.search_batched(qs, 10, excluded=[np.arange(101, 200, 2)] * len(qs),
+                          filter_strategy="exact")
+    for i in range(len(qs)):
+        _check_exact(ex.indices[i], ex.distances[i], db, qs[i], eligible, 10)

@@ -336,18 +336,37 @@ class Searcher:
         nq = len(queries)
         r = _filters.resolve(call, st, nq, allowed, excluded, single)
         engine = st.live if st.live is not None else st.index
-        exact = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy, engine.has_exact_rows)
-        q = self._to_mips(queries)
         # Float32 rows for the batched exact plan (a quantized copy is scored in the core).
         store = st.row_data if st.live is not None else st.arrays.get("reorder_rows")
-        if exact is not None and exact.all() and store is not None and _filters.gemm_ok(r, nq):
-            ids, scores, counts = _filters.exact_batched(st, r, q, store, final_k)
-        else:
+        if store is not None and store.dtype != np.float32:
+            store = None
+        codes = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy,
+                              engine.has_exact_rows, store is not None)
+        q = self._to_mips(queries)
+        gemm = np.zeros(nq, bool) if codes is None else codes == _filters.EXACT_GEMM
+        if gemm.all():  # the exact plan by BLAS products (mipscan._filters)
+            ids, scores, counts = (_filters.exact_lists(st, r, np.arange(nq), q, store, final_k)
+                                   if r.lists else _filters.exact_batched(st, r, q, store, final_k))
+        elif gemm.any():  # lists only (a shared filter has one plan for the batch)
+            sel = np.flatnonzero(gemm)
+            ids = np.empty((nq, final_k), np.uint32)
+            scores = np.empty((nq, final_k), np.float32)
+            counts = np.empty(nq, np.uint32)
+            ids[sel], scores[sel], counts[sel] = _filters.exact_lists(st, r, sel, q, store, final_k)
+        if not gemm.all():
+            rest = np.flatnonzero(~gemm)
+            part = r if len(rest) == nq else _filters.subset(r, rest)
+            exact = None if codes is None else (codes[rest] == _filters.EXACT).astype(np.uint8)
             walk_rows = exact is not None and exact.any() and not (r.lists and not r.list_excludes)
-            ids, scores, counts = engine.search_batch_filtered(
-                q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
-                r.list_excludes, None, exact, _filters.LEAF_EXPONENT,
-                _filters.shared_rows(st, r) if walk_rows else None, **_knobs(st))
+            out = engine.search_batch_filtered(
+                q if len(rest) == nq else q[rest], None, leaves, pre_k, final_k, threads,
+                part.allow, part.list_offsets, part.list_rows, part.list_excludes, None, exact,
+                _filters.LEAF_EXPONENT, _filters.shared_rows(st, r) if walk_rows else None,
+                **_knobs(st))
+            if len(rest) == nq:
+                ids, scores, counts = out
+            else:
+                ids[rest], scores[rest], counts[rest] = out
         cols = int(counts.max()) if nq else final_k  # one query: its count (no padding)
         ids, scores = ids[:, :cols], scores[:, :cols]
         pad = ids == np.uint32(0xFFFFFFFF)

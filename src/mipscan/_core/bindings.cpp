@@ -342,6 +342,63 @@ NB_MODULE(_mipscan, m) {
   }, "scores"_a.noconvert(), "col_bias"_a.noconvert().none(), "col_offset"_a, "heap_s"_a.noconvert(),
      "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
 
+  m.def("topk_update_rows_masked", [](In<float, 2> scores, In<uint64_t, 2> bits, uint32_t col_offset,
+                                      nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                                      nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                                      nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig> sizes, int num_threads) {
+    const size_t nq = scores.shape(0), m_ = scores.shape(1), k = heap_s.shape(1), words = bits.shape(1);
+    require(k >= 1 && heap_s.shape(0) == nq && heap_id.shape(0) == nq && heap_id.shape(1) == k &&
+                sizes.shape(0) == nq && bits.shape(0) == nq,
+            "topk_update_rows_masked: heap arrays or bits do not match the scores");
+    require(col_offset % 64 == 0 && uint64_t(col_offset) + m_ <= 64 * uint64_t(words),
+            "topk_update_rows_masked: columns outside the bitsets");
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "topk_update_rows_masked: bad sizes");
+    nb::gil_scoped_release release;
+    mipscan::topk_update_rows_masked(scores.data(), nq, m_, m_, bits.data(), words, col_offset, k,
+                                     heap_s.data(), heap_id.data(), sizes.data(), num_threads);
+  }, "scores"_a.noconvert(), "bits"_a.noconvert(), "col_offset"_a, "heap_s"_a.noconvert(),
+     "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
+
+  m.def("topk_columns", [](In<float, 2> scores_t, size_t k, const std::string& level) {
+    const size_t m_ = scores_t.shape(0), nq = scores_t.shape(1);
+    require(k >= 1 && k <= m_, "topk_columns: k must be in [1, rows of scores_t]");
+    const mipscan::TopkColumnsFn fn = level.empty() ? mipscan::kernels().topk_columns
+                                                    : kernels_at(level, "topk_columns").topk_columns;
+    auto s = new_array<float>(nq, k);
+    auto id = new_array<uint32_t>(nq, k);
+    {
+      nb::gil_scoped_release release;
+      fn(scores_t.data(), m_, nq, k, s.data(), id.data());
+    }
+    return std::make_pair(s, id);
+  }, "scores_t"_a.noconvert(), "k"_a, "level"_a = "");
+
+  m.def("filter_bitsets", [](size_t space, std::optional<In<uint64_t, 1>> allow,
+                             std::optional<In<uint64_t, 1>> dead, In<int64_t, 1> list_offsets,
+                             In<uint32_t, 1> list_rows, bool list_excludes, int num_threads) {
+    const size_t words = (space + 63) / 64;
+    require(list_offsets.shape(0) >= 1, "filter_bitsets: list_offsets needs nq + 1 entries");
+    const size_t nq = list_offsets.shape(0) - 1;
+    const int64_t* off = list_offsets.data();
+    require(off[0] == 0 && off[nq] == int64_t(list_rows.shape(0)),
+            "filter_bitsets: list_offsets must run from 0 to len(list_rows)");
+    for (size_t i = 0; i < nq; ++i) require(off[i] <= off[i + 1], "filter_bitsets: list_offsets must not decrease");
+    for (size_t j = 0; j < list_rows.shape(0); ++j)
+      require(list_rows.data()[j] < space, "filter_bitsets: list_rows out of range");
+    require(!allow || allow->shape(0) >= words, "filter_bitsets: allow must hold one bit per row");
+    require(!dead || dead->shape(0) >= words, "filter_bitsets: dead must hold one bit per row");
+    auto out = new_array<uint64_t>(nq, words);
+    auto counts = new_array<int64_t>(nq);
+    {
+      nb::gil_scoped_release release;
+      mipscan::filter_bitsets(nq, space, allow ? allow->data() : nullptr, dead ? dead->data() : nullptr,
+                              off, list_rows.data(), list_excludes, out.data(), counts.data(), num_threads);
+    }
+    return std::make_pair(out, counts);
+  }, "space"_a, "allow"_a.noconvert().none(), "dead"_a.noconvert().none(), "list_offsets"_a.noconvert(),
+     "list_rows"_a.noconvert(), "list_excludes"_a, "num_threads"_a);
+
   m.def("topk_finish_rows", [](nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
                                nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
                                In<int64_t, 1> sizes, int num_threads) {

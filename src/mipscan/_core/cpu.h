@@ -20,6 +20,7 @@
 
 #include "lut16.h"
 #include "reorder.h"
+#include "topk.h"
 
 namespace mipscan {
 
@@ -33,6 +34,7 @@ struct Kernels {
   ArgmaxShiftedFn argmax_shifted;
   DotI8Fn dot_i8;      // reorder.h: float32 x int8 (scales folded into the query)
   DotBf16Fn dot_bf16;  // reorder.h: float32 x bfloat16
+  TopkColumnsFn topk_columns;  // topk.h: the best k of each column of a small block
 };
 
 // The kernels chosen at module load.

@@ -767,6 +767,18 @@ struct RowScorer {
   }
 };
 
+// Rows the exact plan requests ahead of the one it scores.
+constexpr size_t kExactAhead = 8;
+
+// Requests every cache line of a row (the last byte too: a row that is not line aligned
+// may end in one more line).
+inline void prefetch_row(const RowScorer& score, uint32_t row) {
+  const size_t row_bytes = score.row_bytes();
+  const char* r = score.at(row);
+  for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
+  prefetch(r + row_bytes - 1);
+}
+
 // A filtered query's plan for search_one<true>: its filter, its eligible row count.
 struct QueryPlan {
   QueryFilter f;
@@ -903,12 +915,7 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
     // line aligned may end in one more line.)
     const RowScorer score = RowScorer::reorder(ix, kn, q, s);
-    const size_t row_bytes = score.row_bytes();
-    for (size_t i = 0; i < nr; ++i) {
-      const char* r = score.at(s.rows[i]);
-      for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
-      prefetch(r + row_bytes - 1);
-    }
+    for (size_t i = 0; i < nr; ++i) prefetch_row(score, s.rows[i]);
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
       const float v = score(row);
@@ -977,9 +984,12 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
     // marks: the list's eligible rows as a bitset (search_batch_filtered); each is cleared
     // when scored, so a row named twice is scored once and the bitset ends all zero.
     uint64_t* marks = const_cast<uint64_t*>(deny);
-    constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
+    // Random rows: keep several cache misses in flight, for every line of the row (a
+    // 50-float row spans four; prefetching only the first left three misses per row:
+    // 120 ns a row on GloVe-50).
+    for (size_t i = 0; i < std::min(list_n, kExactAhead); ++i) prefetch_row(score, list[i]);
     for (size_t i = 0; i < list_n; ++i) {
-      if (i + kAhead < list_n) prefetch(score.at(list[i + kAhead]));
+      if (i + kExactAhead < list_n) prefetch_row(score, list[i + kExactAhead]);
       const uint32_t row = list[i];
       if (!bit_set(marks, row)) continue;
       marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
@@ -987,7 +997,9 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
+    for (size_t i = 0; i < std::min(shared_n, kExactAhead); ++i) prefetch_row(score, shared_rows[i]);
     for (size_t i = 0; i < shared_n; ++i) {
+      if (i + kExactAhead < shared_n) prefetch_row(score, shared_rows[i + kExactAhead]);
       const uint32_t row = shared_rows[i];
       if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
       const float v = score(row);
@@ -1062,6 +1074,36 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
       search_one<false>(index, kn, queries + i * index.d,
                         chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
                         out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr);
+    }
+  });
+}
+
+void filter_bitsets(size_t nq, size_t space, const uint64_t* allow, const uint64_t* dead,
+                    const int64_t* list_offsets, const uint32_t* list_rows, bool list_excludes,
+                    uint64_t* out, int64_t* out_counts, int num_threads) {
+  const size_t words = (space + 63) / 64;
+  parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
+    for (size_t i = b; i < e; ++i) {
+      uint64_t* o = out + i * words;
+      const uint32_t* list = list_rows + list_offsets[i];
+      const size_t list_n = static_cast<size_t>(list_offsets[i + 1] - list_offsets[i]);
+      if (list_excludes) {
+        for (size_t w = 0; w < words; ++w) o[w] = allow != nullptr ? allow[w] : ~uint64_t{0};
+        for (size_t j = 0; j < list_n; ++j) o[list[j] >> 6] &= ~(uint64_t{1} << (list[j] & 63));
+      } else {
+        std::fill(o, o + words, uint64_t{0});
+        for (size_t j = 0; j < list_n; ++j) o[list[j] >> 6] |= uint64_t{1} << (list[j] & 63);
+        if (allow != nullptr) {
+          for (size_t w = 0; w < words; ++w) o[w] &= allow[w];
+        }
+      }
+      size_t count = 0;
+      for (size_t w = 0; w < words; ++w) {
+        if (dead != nullptr) o[w] &= ~dead[w];
+        if (space - w * 64 < 64) o[w] &= (uint64_t{1} << (space - w * 64)) - 1;
+        count += popcount64(o[w]);
+      }
+      out_counts[i] = static_cast<int64_t>(count);
     }
   });
 }

@@ -139,6 +139,15 @@ struct FilterSpec {
   float leaf_exponent = 0.5f;
 };
 
+// Per-query eligibility as bitsets over `space` rows (out: nq * words, words =
+// ceil(space / 64), bit r of word r / 64): the rows `allow` sets (null: all) that `dead`
+// does not (null: none), and then query i's list rows list_rows[list_offsets[i],
+// list_offsets[i+1]): only those (allowed lists) or all but those (list_excludes); a row
+// named twice counts once. out_counts[i] = query i's eligible rows. Rows must be < space.
+void filter_bitsets(size_t nq, size_t space, const uint64_t* allow, const uint64_t* dead,
+                    const int64_t* list_offsets, const uint32_t* list_rows, bool list_excludes,
+                    uint64_t* out, int64_t* out_counts, int num_threads);
+
 struct Scratch;  // one working thread's buffers (search.cpp)
 
 // Scratches kept between searches, for one index. Each working thread of a search takes

@@ -5,6 +5,8 @@
 #include <utility>
 
 #include "parallel.h"
+#include "portable.h"
+#include "topk_columns.h"
 
 namespace mipscan {
 
@@ -222,6 +224,37 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
       sizes[r] = static_cast<int64_t>(h.size);
     }
   });
+}
+
+void topk_update_rows_masked(const float* scores, size_t nq, size_t m, size_t ld,
+                             const uint64_t* bits, size_t words, uint32_t col_offset, size_t k,
+                             float* heap_s, uint32_t* heap_id, int64_t* sizes, int num_threads) {
+  parallel_for(nq, num_threads, 16, [&](size_t b, size_t e, int) {
+    for (size_t r = b; r < e; ++r) {
+      HeapView h{heap_s + r * k, heap_id + r * k, k, static_cast<size_t>(sizes[r])};
+      const float* row = scores + r * ld;
+      const uint64_t* rb = bits + r * words + col_offset / 64;
+      float thr = h.threshold();
+      for (size_t w0 = 0; w0 < m; w0 += 64) {
+        uint64_t mk = rb[w0 / 64];
+        if (m - w0 < 64) mk &= (uint64_t{1} << (m - w0)) - 1;
+        while (mk != 0) {
+          const size_t j = w0 + ctz64(mk);
+          mk &= mk - 1;
+          if (!(row[j] < thr)) {  // as topk_update_rows
+            h.push(row[j], col_offset + static_cast<uint32_t>(j));
+            thr = h.threshold();
+          }
+        }
+      }
+      sizes[r] = static_cast<int64_t>(h.size);
+    }
+  });
+}
+
+void topk_columns_scalar(const float* scores_t, size_t m, size_t nq, size_t k, float* out_s,
+                         uint32_t* out_id) {
+  topk_columns_impl(scores_t, m, nq, k, out_s, out_id);
 }
 
 void topk_finish_rows(size_t nq, size_t k, float* heap_s, uint32_t* heap_id,

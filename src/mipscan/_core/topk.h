@@ -134,6 +134,31 @@ void topk_update_rows(const float* scores, size_t nq, size_t m, size_t ld,
                       const float* col_bias, uint32_t col_offset, size_t k,
                       float* heap_s, uint32_t* heap_id, int64_t* sizes, int num_threads);
 
+// As topk_update_rows (no bias), offering to row r only the columns j whose bit
+// col_offset + j is set in row r's bitset bits[r * words, (r + 1) * words) (bit b of word
+// b / 64). The cost follows the set bits, not m: a sparse row skips its empty words.
+// Preconditions: as topk_update_rows, col_offset % 64 == 0, col_offset + m <= 64 * words.
+void topk_update_rows_masked(const float* scores, size_t nq, size_t m, size_t ld,
+                             const uint64_t* bits, size_t words, uint32_t col_offset, size_t k,
+                             float* heap_s, uint32_t* heap_id, int64_t* sizes, int num_threads);
+
+// The best k (1 <= k <= m) of each column of a small (m, nq) score block, many columns
+// at once: column r holds one query's scores of m candidates, candidate j has id j.
+// Writes out_s/out_id, (nq, k), best first by `better` (NaN as -inf). A kernel (cpu.h):
+// the same result at every SIMD level (topk_columns.h: compares and selects only).
+using TopkColumnsFn = void (*)(const float* scores_t, size_t m, size_t nq, size_t k,
+                               float* out_s, uint32_t* out_id);
+void topk_columns_scalar(const float* scores_t, size_t m, size_t nq, size_t k, float* out_s,
+                         uint32_t* out_id);
+#if MIPSCAN_HAVE_AVX2
+void topk_columns_avx2(const float* scores_t, size_t m, size_t nq, size_t k, float* out_s,
+                       uint32_t* out_id);
+#endif
+#if MIPSCAN_HAVE_AVX512
+void topk_columns_avx512(const float* scores_t, size_t m, size_t nq, size_t k, float* out_s,
+                         uint32_t* out_id);
+#endif
+
 // Sorts each row's heap best first (rows with fewer than k entries keep their count).
 void topk_finish_rows(size_t nq, size_t k, float* heap_s, uint32_t* heap_id,
                       const int64_t* sizes, int num_threads);
