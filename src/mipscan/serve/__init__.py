@@ -202,7 +202,7 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
-    s = app.state.live.searcher
+    s = app.state.live.backend.reader()
     log(f"mipscan serve: {s.size():,} datapoints x {s.d} from {index_dir} on "
         f"http://{shown}:{bound}/ (writes {'enabled' if token else 'disabled'}"
         f"{', page /' if page_dir is not None else ''}); Ctrl-C stops")
