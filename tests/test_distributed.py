@@ -9,14 +9,10 @@ their PYTHONPATH (src/ in a checkout, site-packages in CI's venv).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +21,10 @@ import mipscan
 from mipscan import distributed
 from mipscan.distributed import ShardedIndex, ShardUnavailableError, batch_search, shard_of
 
+from _ray_util import PACKAGE_ROOT, ray_env, ray_head
+
 ray = pytest.importorskip("ray")  # the test extra brings it; CI never skips
 
-PACKAGE_ROOT = str(Path(mipscan.__file__).resolve().parents[1])
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": PACKAGE_ROOT}}
 
 
@@ -278,16 +275,6 @@ def test_batch_search_over_a_sharded_folder_equals_the_actors(cluster, tmp_path)
 
 
 # ---------------------------------------------------------------- a separate cluster
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
     db, q = _data(n=5000, nq=20)
     root = tmp_path / "sharded"
@@ -296,39 +283,24 @@ def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
     np.save(tmp_path / "q.npy", q)
     np.save(tmp_path / "want.npy", want.indices)
 
-    port, agent, grpc, metrics, runtime_env, client, node, objm = _free_ports(8)
-    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    # `ray start --block` in its own session: ending it (by its pid and process group)
-    # stops this head only. `ray stop` would stop every Ray on the machine.
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--ray-client-server-port={client}", f"--node-manager-port={node}",
-         f"--object-manager-port={objm}", "--object-store-memory=200000000",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    driver = textwrap.dedent(f"""
-        import numpy as np, ray
-        from mipscan.distributed import ShardedIndex
-        ray.init(address="127.0.0.1:{port}", logging_level="WARNING", log_to_driver=False)
-        assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
-        q = np.load({str(tmp_path / 'q.npy')!r})
-        with ShardedIndex.load({str(root)!r}) as index:
-            ids = index.search_batched(q).indices
-        assert np.array_equal(ids, np.load({str(tmp_path / 'want.npy')!r}))
-        print("DRIVER OK", ray.get_runtime_context().get_node_id() is not None)
-        ray.shutdown()
-    """)
-    try:
+    with ray_head(num_cpus=1) as (address, head):
+        driver = textwrap.dedent(f"""
+            import numpy as np, ray
+            from mipscan.distributed import ShardedIndex
+            ray.init(address={address!r}, logging_level="WARNING", log_to_driver=False)
+            assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
+            q = np.load({str(tmp_path / 'q.npy')!r})
+            with ShardedIndex.load({str(root)!r}) as index:
+                ids = index.search_batched(q).indices
+            assert np.array_equal(ids, np.load({str(tmp_path / 'want.npy')!r}))
+            print("DRIVER OK", ray.get_runtime_context().get_node_id() is not None)
+            ray.shutdown()
+        """)
         deadline = time.monotonic() + 60
         out = None
         while time.monotonic() < deadline:  # the head takes a few seconds to come up
-            out = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True,
-                                 text=True, timeout=120)
+            out = subprocess.run([sys.executable, "-c", driver], env=ray_env(),
+                                 capture_output=True, text=True, timeout=120)
             if out.returncode == 0 or "DRIVER OK" in out.stdout:
                 break
             if head.poll() is not None:
@@ -338,15 +310,3 @@ def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
             time.sleep(2)
         assert out is not None and "DRIVER OK" in out.stdout, (out.stdout[-2000:],
                                                                out.stderr[-4000:])
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait(timeout=10)
-        try:  # anything of that head still alive in its process group
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

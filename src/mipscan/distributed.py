@@ -74,6 +74,9 @@ class ShardUnavailableError(RuntimeError):
         super().__init__(message)
         self.shard = shard
 
+    def __reduce__(self):  # raised in an actor, re-raised in its caller
+        return (type(self), (str(self), self.shard))
+
 
 def _ray(what: str):
     """Imports ray, or raises the one-line MissingExtraError."""
@@ -913,11 +916,12 @@ def share(directory, *, threads_per_shard: int = 1, actor_options: dict | None =
     """Starts the owner actor of the index in ``directory`` (a sharded folder, or a plain
     index folder as one shard; see :meth:`ShardedIndex.open`) and returns its handle, for
     :class:`SharedIndex` in any process of the cluster. Raises ValueError for a folder that
-    is not a valid index. End it with ``SharedIndex(owner).close()``."""
+    is not a valid index. With ``name``, the actor is
+    ``ray.get_actor(name, namespace="mipscan")``. End it with ``SharedIndex(owner).close()``."""
     ray = _ray("share()")
     options = {"num_cpus": 0, "max_restarts": 0}
     if name is not None:
-        options["name"] = name
+        options.update(name=name, namespace="mipscan")
     owner = ray.remote(_Owner).options(**options).remote(
         str(Path(os.fspath(directory)).resolve()), threads_per_shard, actor_options)
     try:
@@ -964,8 +968,11 @@ class SharedIndex:
         return _unwrap(self._ray, lambda: self._ray.get(getattr(self.owner, method).remote(*args)))
 
     def _set(self, view: dict) -> None:
+        if view["epoch"] < getattr(self, "_view", view)["epoch"]:
+            return  # fetched before a reload that another thread has already seen
         self._view = view  # one assignment: a search reads the view once
         self.n = int(view["n"])
+        self.shard_sizes = [int(s["n"]) for s in view["shards"]]
 
     # Read from the current view (a reload may change them).
     d = property(lambda self: int(self._view["d"]))
@@ -1005,7 +1012,8 @@ class SharedIndex:
                     failed = i
                     break
             if failed is None and all(a is not None for a in answers):
-                self.n = int(sum(a[3] for a in answers))
+                self.shard_sizes = [int(a[3]) for a in answers]
+                self.n = int(sum(self.shard_sizes))
                 return merge([(a[0], a[1]) for a in answers], k, view["distance_measure"])
             if failed is not None:  # the owner restarts it (or raises naming it)
                 self._set(self._call("restore", view["epoch"], failed,

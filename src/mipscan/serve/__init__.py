@@ -154,17 +154,39 @@ def read_page_data(folder) -> tuple[np.ndarray, dict]:
     return users, meta
 
 
+def require_ray_serve(what: str = "mipscan serve --ray") -> None:
+    """As :func:`require_serve`, and Ray Serve (the ``ray`` extra's ``ray[serve]``)."""
+    from mipscan.recsys._extras import MissingExtraError
+
+    require_serve(what)
+    for module in ("ray", "ray.serve", "fastapi"):  # Ray Serve imports fastapi
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtraError(f"{what} needs Ray Serve (no module named {module!r}): "
+                                    'pip install "mipscan[serve,ray]"', name=module)
+
+
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
           threads: int | None = None, read_only: bool = False, page_dir=None,
-          max_body_bytes: int | None = None, log=print) -> None:
-    """Loads ``index_dir`` and serves it until interrupted (``mipscan serve``).
+          max_body_bytes: int | None = None, log=print, ray: bool = False,
+          replicas: int = 2, address: str | None = None) -> None:
+    """Loads ``index_dir`` and serves it until interrupted (``mipscan serve``). With
+    ``ray``, as a Ray Serve deployment of ``replicas`` replicas sharing one sharded index
+    (``index_dir`` a sharded folder or a plain index folder; ``threads`` = engine threads
+    per shard; see :mod:`mipscan.serve._ray`) on the cluster at ``address``.
 
     Raises:
         ServeError: no token for write endpoints on a non-loopback address, a bad token
             file, a folder that is not a valid index, or an address in use.
-        MissingExtraError: the serve extra is not installed.
+        MissingExtraError: the serve extra (or, with ``ray``, Ray Serve) is not installed.
     """
-    require_serve()
+    if ray:
+        require_ray_serve()
+    else:
+        require_serve()
     token = read_token(token_file)
     loopback = is_loopback(host)
     if read_only:
@@ -177,12 +199,21 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     if page_dir is None and page_dir_for(index_dir).is_dir():
         page_dir = page_dir_for(index_dir)
 
+    from mipscan.serve._app import Limits
+
+    limits = Limits() if max_body_bytes is None else Limits(max_body_bytes=max_body_bytes)
+    if ray:
+        from mipscan.serve._ray import serve_ray
+
+        return serve_ray(index_dir, host=host, port=port, token=token, loopback=loopback,
+                         limits=limits, page_dir=page_dir, replicas=replicas, address=address,
+                         threads_per_shard=threads or 1, log=log)
+
     import uvicorn
 
     import mipscan
-    from mipscan.serve._app import Limits, create_app
+    from mipscan.serve._app import create_app
 
-    limits = Limits() if max_body_bytes is None else Limits(max_body_bytes=max_body_bytes)
     try:
         searcher = mipscan.load_searcher(index_dir, mmap=True, verify=True)
         app = create_app(index_dir, token=token, limits=limits, threads=threads,
@@ -226,5 +257,5 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
 
 
 __all__ = ["MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV", "is_loopback",
-           "page_dir_for", "read_page_data", "read_token", "require_serve", "save_page_data",
-           "serve"]
+           "page_dir_for", "read_page_data", "read_token", "require_ray_serve", "require_serve",
+           "save_page_data", "serve"]

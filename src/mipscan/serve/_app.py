@@ -729,8 +729,9 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
             try:
                 size = await off_loop(b.delete, docids)
             except KeyError as exc:  # nothing was deleted (issue 13's contract)
-                raise HTTPError(404, "docids", f"unknown docid {_key(exc)}; nothing was "
-                                "deleted") from None
+                said = _key(exc)
+                raise HTTPError(404, "docids", said if "nothing was deleted" in said else
+                                f"unknown docid {said}; nothing was deleted") from None
             except (ValueError, TypeError) as exc:
                 raise HTTPError(422, "docids", str(exc)[:300]) from None
             return _json({"deleted": len(docids), "size": size})
