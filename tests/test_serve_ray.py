@@ -32,8 +32,8 @@ import mipscan
 from mipscan.serve._app import Limits, create_app
 
 from _ray_util import PACKAGE_ROOT, RAY_AUTH, free_ports, ray_env, ray_head
-from _serve_util import running
-from test_serve import AUTH, BAD, D, GOOD, TOKEN, WRITES
+from _serve_util import request_kwargs, running
+from test_serve import AUTH, BAD, D, GOOD, TOKEN, WRITES, run_cli
 
 ray = pytest.importorskip("ray")  # the test extra brings it; CI never skips
 pytest.importorskip("ray.serve")
@@ -176,10 +176,7 @@ def test_a_plain_folder_answers_as_the_single_node_service(cluster, folders):
             for kind, method, path, body, headers, status, field in BAD:
                 if kind == "bad Content-Length":
                     continue
-                kwargs = {"headers": dict(headers or {})}
-                kwargs["content" if isinstance(body, bytes) else "json"] = body
-                if body is None:
-                    kwargs.pop("json")
+                kwargs = request_kwargs(body, headers)
                 got, want = ra.request(method, path, **kwargs), sb.request(method, path, **kwargs)
                 assert (got.status_code, got.json()) == (want.status_code, want.json()), kind
             stats = ra.get("/stats").json()
@@ -196,12 +193,7 @@ def test_a_plain_folder_answers_as_the_single_node_service(cluster, folders):
 def test_bad_requests_get_their_4xx_through_ray_serve(server, kind, method, path, body,
                                                       headers, status, field):
     client, _ = server
-    kwargs = {"headers": dict(headers or {})}
-    if isinstance(body, bytes):
-        kwargs["content"] = body
-    elif body is not None:
-        kwargs["json"] = body
-    r = client.request(method, path, **kwargs)
+    r = client.request(method, path, **request_kwargs(body, headers))
     assert r.status_code == status, (kind, r.status_code, r.text[:300])
     assert r.json()["field"] == field, (kind, r.text[:300])
 
@@ -316,15 +308,13 @@ def test_a_killed_shard_is_restored_or_named(server, folders):
 
 # ---------------------------------------------------------------- the command line
 def test_cli_refusals_before_any_cluster(folders, tmp_path):
-    env = {**ray_env()}
-    env.pop("MIPSCAN_SERVE_TOKEN", None)
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "mipscan.cli", "serve", "--ray", *args],
-                              capture_output=True, text=True, env=env, timeout=120)
-
-    p = run(str(folders / "sharded"), "--host", "0.0.0.0")
+    p = run_cli("serve", "--ray", str(folders / "sharded"), "--host", "0.0.0.0",
+                env=RAY_AUTH)
     assert p.returncode == 2 and "without a token" in p.stderr, p.stderr
-    p = run(str(tmp_path))
+    p = run_cli("serve", "--ray", str(tmp_path), env=RAY_AUTH)
     assert p.returncode == 2 and "not a mipscan index folder" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+    p = run_cli("serve", "--ray", str(folders / "sharded"), block="ray.serve")
+    assert p.returncode == 1 and p.stderr.strip() == (
+        "mipscan serve --ray needs Ray Serve (no module named 'ray.serve'): "
+        'pip install "mipscan[serve,ray]"'), p.stderr

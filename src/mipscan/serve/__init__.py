@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 SERVE_INSTALL = 'pip install "mipscan[serve]"'
+RAY_SERVE_INSTALL = 'pip install "mipscan[serve,ray]"'
 TOKEN_ENV = "MIPSCAN_SERVE_TOKEN"
 #: Shortest token accepted: a guessable token is no access control.
 MIN_TOKEN_CHARS = 16
@@ -47,16 +48,27 @@ class ServeError(Exception):
 def require_serve(what: str = "mipscan serve") -> None:
     """Raises :class:`mipscan.recsys._extras.MissingExtraError` naming the ``serve`` extra
     when one of its modules is missing (without importing any)."""
+    _require(_MODULES, f"{what} needs the serve extra", SERVE_INSTALL)
+
+
+def require_ray_serve(what: str = "mipscan serve --ray") -> None:
+    """As :func:`require_serve`, and Ray Serve (the ``ray`` extra's ``ray[serve]``)."""
+    require_serve(what)
+    # Ray Serve imports fastapi.
+    _require(("ray", "ray.serve", "fastapi"), f"{what} needs Ray Serve", RAY_SERVE_INSTALL)
+
+
+def _require(modules, needs: str, install: str) -> None:
     from mipscan.recsys._extras import MissingExtraError
 
-    for module in _MODULES:
+    for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise MissingExtraError(f"{what} needs the serve extra (no module named "
-                                    f"{module!r}): {SERVE_INSTALL}", name=module)
+            raise MissingExtraError(f"{needs} (no module named {module!r}): {install}",
+                                    name=module)
 
 
 def is_loopback(host: str) -> bool:
@@ -152,21 +164,6 @@ def read_page_data(folder) -> tuple[np.ndarray, dict]:
         raise ValueError(f"page data {mpath}: title_period {meta['title_period']} > "
                          f"{len(meta['titles'])} titles")
     return users, meta
-
-
-def require_ray_serve(what: str = "mipscan serve --ray") -> None:
-    """As :func:`require_serve`, and Ray Serve (the ``ray`` extra's ``ray[serve]``)."""
-    from mipscan.recsys._extras import MissingExtraError
-
-    require_serve(what)
-    for module in ("ray", "ray.serve", "fastapi"):  # Ray Serve imports fastapi
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise MissingExtraError(f"{what} needs Ray Serve (no module named {module!r}): "
-                                    'pip install "mipscan[serve,ray]"', name=module)
 
 
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,

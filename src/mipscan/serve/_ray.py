@@ -26,7 +26,6 @@ import numpy as np
 from mipscan.distributed import MANIFEST, SharedIndex, ShardUnavailableError, read_manifest
 
 APP_NAME = "mipscan"
-RAY_SERVE_INSTALL = 'pip install "mipscan[serve,ray]"'
 
 
 class ShardedBackend:
