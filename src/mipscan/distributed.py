@@ -989,40 +989,80 @@ class SharedIndex:
         """Datapoints over all shards, as of this handle's last search or update."""
         return self.n
 
+    def _prepare(self, call: str, queries, k, pre_k, leaves) -> tuple:
+        q = _check_queries(call, queries, self.d, 2)
+        k, pre_k, leaves = _check_search(call, k, pre_k, leaves, self.num_neighbors, self.n)
+        return (self._ray.put(q) if q.nbytes > 100_000 else q), k, pre_k, leaves
+
+    def _settle(self, view: dict, answers: list, k: int):
+        """The merged result of one round of shard answers (results or exceptions, by
+        shard), or the owner call ``(method, args)`` that gets the view to retry on."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for i, a in enumerate(answers):
+            if isinstance(a, (RayActorError, ActorUnavailableError)):
+                # The owner restarts it (or raises naming it).
+                return "restore", (view["epoch"], i, view["actors"][i]._actor_id.hex())
+            if isinstance(a, BaseException):
+                raise a
+        if any(a is None for a in answers):  # retired by a reload
+            return "view", ()
+        self.shard_sizes = [int(a[3]) for a in answers]
+        self.n = int(sum(self.shard_sizes))
+        return merge([(a[0], a[1]) for a in answers], k, view["distance_measure"])
+
+    def _gave_up(self, call: str, step) -> ShardUnavailableError:
+        shard = step[1][1] if step[0] == "restore" else 0
+        return ShardUnavailableError(f"{call}: shard {shard} did not answer after "
+                                     f"{self.retries} restarts", shard)
+
     def search_batched(self, queries, final_num_neighbors: int | None = None,
                        pre_reorder_num_neighbors: int | None = None,
                        leaves_to_search: int | None = None) -> SearchResult:
         """As :meth:`ShardedIndex.search_batched`."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
         call = "SharedIndex.search_batched()"
         ray = self._ray
-        q = _check_queries(call, queries, self.d, 2)
-        k, pre_k, leaves = _check_search(call, final_num_neighbors, pre_reorder_num_neighbors,
-                                         leaves_to_search, self.num_neighbors, self.n)
-        q_ref = ray.put(q) if q.nbytes > 100_000 else q
+        q_ref, k, pre_k, leaves = self._prepare(call, queries, final_num_neighbors,
+                                                pre_reorder_num_neighbors, leaves_to_search)
         for _ in range(self.retries + 1):
             view = self._view
             refs = [actor.search.remote(q_ref, k, pre_k, leaves) for actor in view["actors"]]
-            answers, failed = [], None
-            for i, ref in enumerate(refs):
+            answers = []
+            for ref in refs:
                 try:
                     answers.append(ray.get(ref))
-                except (RayActorError, ActorUnavailableError):
-                    failed = i
-                    break
-            if failed is None and all(a is not None for a in answers):
-                self.shard_sizes = [int(a[3]) for a in answers]
-                self.n = int(sum(self.shard_sizes))
-                return merge([(a[0], a[1]) for a in answers], k, view["distance_measure"])
-            if failed is not None:  # the owner restarts it (or raises naming it)
-                self._set(self._call("restore", view["epoch"], failed,
-                                     view["actors"][failed]._actor_id.hex()))
-            else:  # retired by a reload
-                self._set(self._call("view"))
-        raise ShardUnavailableError(
-            f"{call}: shard {failed if failed is not None else 0} did not answer after "
-            f"{self.retries} restarts", failed or 0)
+                except Exception as exc:  # noqa: BLE001 (sorted out by _settle)
+                    answers.append(exc)
+            step = self._settle(view, answers, k)
+            if isinstance(step, SearchResult):
+                return step
+            self._set(self._call(step[0], *step[1]))
+        raise self._gave_up(call, step)
+
+    async def search_batched_async(self, queries, final_num_neighbors: int | None = None,
+                                   pre_reorder_num_neighbors: int | None = None,
+                                   leaves_to_search: int | None = None) -> SearchResult:
+        """:meth:`search_batched` on the caller's event loop (it awaits the shards'
+        answers instead of blocking a thread): what the Ray Serve replicas use."""
+        import asyncio
+
+        call = "SharedIndex.search_batched()"
+        q_ref, k, pre_k, leaves = self._prepare(call, queries, final_num_neighbors,
+                                                pre_reorder_num_neighbors, leaves_to_search)
+        for _ in range(self.retries + 1):
+            view = self._view
+            answers = await asyncio.gather(
+                *[actor.search.remote(q_ref, k, pre_k, leaves) for actor in view["actors"]],
+                return_exceptions=True)
+            step = self._settle(view, answers, k)
+            if isinstance(step, SearchResult):
+                return step
+            try:
+                self._set(await getattr(self.owner, step[0]).remote(*step[1]))
+            except self._ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, Exception) else exc) from None
+        raise self._gave_up(call, step)
 
     search_batched_parallel = search_batched  # the shards search with their own threads
 

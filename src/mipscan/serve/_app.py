@@ -653,8 +653,12 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
         for name in ("allowed", "excluded"):
             if body.get(name) is not None:
                 kwargs[name] = _filter(body, name, len(q), s)
+        filtered = "allowed" in kwargs or "excluded" in kwargs
+        search_async = getattr(s, "search_batched_async", None)  # a sharded index on Ray
         try:
-            if len(q) == 1 and "allowed" not in kwargs and "excluded" not in kwargs:
+            if search_async is not None and not filtered:
+                ids, scores = await search_async(q, **kwargs)
+            elif len(q) == 1 and not filtered:
                 ids, scores = await coalescer.search(s, q[0], kwargs)
             elif len(q) >= _PARALLEL_MIN_QUERIES:
                 ids, scores = await off_loop(
