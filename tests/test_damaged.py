@@ -272,6 +272,11 @@ def test_every_manifest_field_edited_is_rejected(saved, tmp_path, layout):
                     and (rule.low is None or v >= rule.low) and (rule.high is None or v <= rule.high)
                     and path[-1] == "incremental_threshold"):
                 continue  # a valid value with no consequence for the arrays (issue 13)
+            if path[1:] in (("tree", "avq"), ("tree", "overretrieve_factor")) and \
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1:
+                # A valid value of a field the arrays cannot contradict (how the centroids
+                # were trained; a search-time setting of SOAR), so not damage.
+                continue
             edits.append((f"value {v!r}", v))
         for label, v in edits:
             m = json.loads(json.dumps(original))

@@ -347,7 +347,8 @@ def test_fuzz_stage_arguments(stage, data):
     """Each stage with random values for random arguments: accepted values are stored as
     given (normalised), refused ones raise TypeError/ValueError naming the argument."""
     from mipscan.builder import STAGES
-    from mipscan._validation import Bool, Interval, Options
+    from mipscan._schema import CALL_ONLY
+    from mipscan._validation import Bool, Interval, Options, Quantize
 
     db = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     table = STAGES[stage]
@@ -367,6 +368,9 @@ def test_fuzz_stage_arguments(stage, data):
         if isinstance(rule, Bool):
             ok = isinstance(v, (bool, np.bool_))
             problems.append(None if ok else Problem(TypeError, name))
+        elif isinstance(rule, Quantize):  # ScaNN's ReorderType spellings, normalised
+            ok = rule.normalize(v) is not None
+            problems.append(None if ok else Problem((TypeError, ValueError), name))
         elif isinstance(rule, Options):
             ok = any(v is o or (type(v) is type(o) and v == o) for o in rule.values)
             problems.append(None if ok else Problem(ValueError, name) if isinstance(
@@ -395,7 +399,11 @@ def test_fuzz_stage_arguments(stage, data):
     if out is not None:
         stored = b.params[stage]
         for name, v in kwargs.items():
-            if isinstance(v, float) and math.isnan(v):
+            if name in CALL_ONLY.get(stage, ()):
+                assert name not in stored  # checked, not stored
+            elif isinstance(table[name][0], Quantize):
+                assert stored[name] == table[name][0].normalize(v)
+            elif isinstance(v, float) and math.isnan(v):
                 assert math.isnan(stored[name])
             else:
                 assert stored[name] == v and type(stored[name]) in (int, float, bool, str,

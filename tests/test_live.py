@@ -241,7 +241,7 @@ def test_autopilot_online_incremental_phases(data):
     assert s.config().startswith("method: partitioning + asymmetric hashing + reorder")
     final = mipscan.builder(big, 10, "dot_product").autopilot(mode=mode, quantize=scann_builder.ReorderType.FLOAT32)
     assert mipscan.builder(big, 10, "dot_product").autopilot(mode=mode).create_config() == s.config()
-    assert final.params["autopilot"]["quantize"] == "FLOAT32"
+    assert final.params["autopilot"]["quantize"] == "float32"
     s.delete(list(range(0, 5000)))
     assert s.config().startswith("method: brute force")
     rest = big[5000:]

@@ -54,6 +54,17 @@ LAYOUTS = {
                                "int"),
     "live_bf_strids": ("cosine", lambda b: b.tree(8, 3, min_partition_size=1).score_brute_force(),
                        "str"),
+    # Quantized copies (issue 14): int8 with scales and bfloat16, for reorder rows,
+    # brute-force slots and centroids.
+    "qc8_ah_reorder8": ("dot_product", lambda b: b.tree(8, 3, min_partition_size=1,
+                                                        quantize_centroids=True)
+                        .score_ah(2).reorder(30, quantize=mipscan.ReorderType.INT8)),
+    "qc16_bf16_reorder16": ("cosine", lambda b: b.tree(8, 3, min_partition_size=1,
+                                                       quantize_centroids="bfloat16")
+                            .score_brute_force(quantize="bfloat16").reorder(30, quantize="bfloat16")),
+    "bf8_l2": ("squared_l2", lambda b: b.score_brute_force(quantize=True)),
+    "upper_l2": ("squared_l2", lambda b: b.tree(8, 3, min_partition_size=1).upper_tree(3, 2)
+                 .score_ah(2).reorder(30)),
 }
 if LONG:
     LAYOUTS.update({
@@ -153,7 +164,8 @@ def _byte_cases(a, rng):
 def _layout_cases(a):
     """Wrong dtype, byte order, memory order and size (the manifest is rewritten to match)."""
     others = {"float32": ["<f8", "<f2", "<i4", ">f4"], "int64": ["<i4", "<u8", "<f8", ">i8"],
-              "uint32": ["<i8", "<i4", "<f4", ">u4"], "uint8": ["|i1", "<u2", "|b1"]}[a.dtype.name]
+              "uint32": ["<i8", "<i4", "<f4", ">u4"], "uint8": ["|i1", "<u2", "|b1"],
+              "int8": ["|u1", "<i2", "<f4"], "uint16": ["<i2", "<u4", "<f2", ">u2"]}[a.dtype.name]
     for dt in others:
         yield f"dtype {dt}", a.astype(dt)
     if a.ndim >= 2:
@@ -167,7 +179,25 @@ def _layout_cases(a):
     yield "0-d", np.asarray(a.reshape(-1)[0] if a.size else 0, a.dtype)
 
 
+def _quantized_cases(a, rng):
+    """int8 codes (only -128 is out of range) and bfloat16 bit patterns (NaN, inf, huge)."""
+    for p in _positions(a.size, rng):
+        if a.dtype == np.int8:
+            yield f"-128 at {p}", _element(a, p, -128)
+            yield f"127 at {p}", _element(a, p, 127)
+        else:
+            for bits, what in ((0x7FC0, "NaN"), (0x7F80, "inf"), (0xFF80, "-inf"),
+                               (0x7F7F, "huge 3.4e38"), (0x0001, "subnormal")):
+                yield f"{what} at {p}", _element(a, p, bits)
+    yield "random", rng.integers(np.iinfo(a.dtype).min, np.iinfo(a.dtype).max, a.shape,
+                                 dtype=a.dtype, endpoint=True)
+    yield "zeros", np.zeros_like(a)
+    yield from _layout_cases(a)
+
+
 def _array_cases(name, a, config, rng):
+    if a.dtype in (np.int8, np.uint16):
+        return _quantized_cases(a, rng)
     if a.dtype.kind == "f":
         return _float_cases(a, rng, config["d"])
     if a.dtype == np.uint8:
@@ -261,10 +291,19 @@ CHECKER = textwrap.dedent(r"""
         # The rows a result's score must be exact for: reorder_rows (row r is id r), or a
         # brute-force index's slot_rows (slot i is id slot_ids[i]; with SOAR an id has two
         # slots, and a folder whose two copies differ is answered for one of them).
+        def rows_of(kind):  # float32 rows, or the values of the quantized copy
+            if f"{kind}_int8" in arrays:
+                scales = np.asarray(arrays[f"{kind}_scales"], np.float64)
+                rows = np.asarray(arrays[f"{kind}_row_scales"], np.float64)[:, None]
+                return np.asarray(arrays[f"{kind}_int8"], np.float64) * scales * rows
+            if f"{kind}_bf16" in arrays:
+                bits = np.asarray(arrays[f"{kind}_bf16"]).astype(np.uint32) << 16
+                return bits.view(np.float32).astype(np.float64)
+            return np.asarray(arrays[f"{kind}_rows"])
         if "reorder" in cfg:
-            exact_rows, exact_ids = np.asarray(arrays["reorder_rows"]), np.arange(n)
+            exact_rows, exact_ids = rows_of("reorder"), np.arange(n)
         elif "score_brute_force" in cfg:
-            exact_rows = np.asarray(arrays["slot_rows"])
+            exact_rows = rows_of("slot")
             exact_ids = np.asarray(arrays["slot_ids"]).astype(np.int64)
         else:
             exact_rows = None

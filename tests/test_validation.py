@@ -44,7 +44,10 @@ def minimal_args(stage):
             "score_ah": {"dimensions_per_block": 2},
             "score_brute_force": {},
             "autopilot": {},
-            "reorder": {"reordering_num_neighbors": 20}}[stage]
+            "reorder": {"reordering_num_neighbors": 20},
+            "pca": {},
+            "truncate": {"reduction_dim": 4},
+            "upper_tree": {"num_leaves": 4, "num_leaves_to_search": 2}}[stage]
 
 
 CASES = [(stage, name, rule) for stage, table in STAGES.items() for name, (rule, _) in table.items()]
@@ -68,12 +71,14 @@ def test_unknown_and_internal_arguments(db):
         b.tree(10, 3, distance_measure="dot_product")
     with pytest.raises(TypeError, match="missing required argument 'num_leaves_to_search'"):
         b.tree(num_leaves=10)
-    with pytest.raises(ValueError, match="overretrieve_factor"):
-        b.tree(10, 3, soar_lambda=1.5, overretrieve_factor=2.0)  # not honoured: refused
+    with pytest.raises(ValueError, match=r"overretrieve_factor must be a number in \[1.0, 1000000.0\]"):
+        b.tree(10, 3, soar_lambda=1.5, overretrieve_factor=0.5)
     with pytest.raises(ValueError, match=r"soar_lambda must be a number in \[0.0, inf\] or None; got -1"):
         b.tree(10, 3, soar_lambda=-1.0)
     with pytest.raises(ValueError, match="quantize"):
-        b.reorder(20, quantize=True)
+        b.reorder(20, quantize="int4")
+    with pytest.raises(ValueError, match="residual_quantization=False is not supported"):
+        b.score_ah(2, residual_quantization=False)
 
 
 def test_cross_argument_rules(db):

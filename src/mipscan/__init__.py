@@ -14,7 +14,7 @@ from mipscan._mipscan import simd_level, simd_levels
 from mipscan._policy import suggest_config
 from mipscan._threads import get_num_threads
 from mipscan.brute import SearchResult, brute_force
-from mipscan.builder import ScannBuilder, builder
+from mipscan.builder import ReorderType, ScannBuilder, builder
 from mipscan.searcher import Searcher, load_searcher
 from mipscan import scann_builder, scann_ops, scann_ops_pybind
 
@@ -32,6 +32,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Filter",
+    "ReorderType",
     "ScannBuilder",
     "SearchResult",
     "Searcher",

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mipscan._schema import docids_to_arrays
-from mipscan._schema import (ARRAYS, FLOAT_ARRAYS, array_value_errors, check_stored_config,
-                             float_value_bounds, mips_width, required_arrays)
+from mipscan._schema import (ARRAY_QUANTIZE, ARRAYS, FLOAT_ARRAYS, array_value_errors,
+                             check_stored_config, docids_to_arrays, float_value_bounds,
+                             mips_width, required_arrays)
 from mipscan._validation import Bool, check_value
 
 try:
@@ -703,10 +703,16 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
     need = required_arrays(config)
     if set(entries) != need:
         stage = {a: s for a, (_, _, s) in ARRAYS.items() if s is not None}
-        why = [f"{a} is listed but config.{stage.get(a, '?')} is absent"
+
+        def choice(a):  # the stored type that decides a quantized array, if its stage is set
+            st, arg, _ = ARRAY_QUANTIZE.get(a, (None, None, None))
+            return f"config.{st}.{arg}={config[st][arg]!r}" if st in config else None
+
+        why = [f"{a} is listed but {choice(a)}" if choice(a) else
+               f"{a} is listed but config.{stage.get(a, '?')} is absent"
                for a in sorted(set(entries) - need)]
-        why += [f"{a} (needed by config.{stage[a]}) is not listed" if a in stage else f"{a} is not listed"
-                for a in sorted(need - set(entries))]
+        why += [f"{a} (needed by {choice(a) or 'config.' + stage[a]}) is not listed" if a in stage
+                else f"{a} is not listed" for a in sorted(need - set(entries))]
         raise bad("arrays", f"expected entries {sorted(need)}; got {_short(sorted(entries))}: "
                             f"{'; '.join(why)}")
 

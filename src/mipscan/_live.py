@@ -55,6 +55,9 @@ class State:
     leaves_to_search: int = 1
     configured_leaves: int = 1
     reorder_k: int | None = None
+    overretrieve: float = 2.0            # SOAR: slots kept per distinct row reordered
+    upper_to_search: int = 1             # upper_tree(): nodes whose children are scored
+    core_leaf_scores: bool = False       # leaves scored in C++ only (quantized / upper tree)
     # Static (flat) layout: the Index and its arrays; live is None.
     index: Any = None
     arrays: dict | None = None

@@ -8,12 +8,14 @@ mirror the array invariants that protect memory (``_core/bindings.cpp``, ``Index
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any, Callable
 
 import numpy as np
 
-from mipscan._validation import (DISTANCE_MEASURES, Bool, Interval, Options, check_value)
+from mipscan._validation import (DISTANCE_MEASURES, Bool, Interval, Options, Quantize,
+                                 check_value)
 from mipscan._validation import max_abs_value
 
 _NAN = float("nan")
@@ -32,6 +34,16 @@ ENCODER_ITERATIONS = 10
 #: Upper bound of k-means iteration counts: a C int in the core; more only wastes time.
 MAX_TRAINING_ITERATIONS = 1 << 20
 
+
+class ReorderType(enum.Enum):
+    """Storage type of a copy of the data (reorder rows, brute-force rows, centroids), as
+    ScaNN's ``scann_builder.ReorderType``. ScaNN's own enum is accepted too (by name)."""
+
+    FLOAT32 = 1
+    INT8 = 2
+    BFLOAT16 = 3
+
+
 # One table per stage: argument -> (rule, default). Read by the builder, the loader and
 # the generic validation test (tests/test_validation.py).
 STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -42,14 +54,18 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "min_partition_size": (Interval(int, 0, None), 50),
         "training_iterations": (Interval(int, 1, MAX_TRAINING_ITERATIONS), 12),
         "spherical": (Bool(), False),
-        "quantize_centroids": (Options((False,)), False),
+        # int8 (True, as ScaNN's FIXED_POINT_INT8 query tokenization) or bfloat16 copies
+        # of the centroids score the leaves; the float32 centroids stay for the build.
+        "quantize_centroids": (Quantize(), "float32"),
         "random_init": (Bool(), True),
         # Online incremental training (live index, mipscan._live): a leaf whose entries
         # changed by more than this share of its size since it was trained is retrained.
         "incremental_threshold": (Interval(float, 0.0, None, allow_none=True), None),
-        "avq": (Options((None, False)), None),
+        # ScaNN's AVQ eta for the partitioner (_build.avq_centroids); None / NaN: off.
+        "avq": (Interval(float, 1.0, None, allow_none=True, allow_nan=True), None),
         "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
-        "overretrieve_factor": (Options((None,)), None),
+        # Slots kept per distinct row to reorder, with SOAR (None: 2, ScaNN's default).
+        "overretrieve_factor": (Interval(float, 1.0, 1e6, allow_none=True), None),
     },
     "score_ah": {
         "dimensions_per_block": (Interval(int, 1, None), None),
@@ -61,23 +77,50 @@ STAGES: dict[str, dict[str, tuple[Any, Any]]] = {
         "min_cluster_size": (Interval(int, 0, None, allow_none=True), 100),
         "hash_type": (Options(("lut16",)), "lut16"),
         "training_iterations": (Interval(int, 1, MAX_TRAINING_ITERATIONS), 10),
+        # ScaNN 1.4 sets it itself when not given (True for dot_product with a tree);
+        # mipscan always quantizes residuals, so only None / True are honoured.
+        "residual_quantization": (Options((None, True)), None),
     },
     "autopilot": {
         "mode": (Options(("NONE", "ONLINE_INCREMENTAL")), "NONE"),
-        "quantize": (Options((False, "float32", "FLOAT32")), False),
+        "quantize": (Quantize(), "float32"),
     },
     "score_brute_force": {
-        "quantize": (Options((False, "float32")), False),
+        "quantize": (Quantize(), "float32"),
     },
     "reorder": {
         "reordering_num_neighbors": (Interval(int, 1, None), None),
-        "quantize": (Options((False, "float32")), False),
+        "quantize": (Quantize(), "float32"),
+        # ScaNN's noise shaping of the int8 reorder copy; only NaN (off) is honoured.
+        "anisotropic_quantization_threshold": (Interval(float, None, None, allow_nan=True), _NAN),
+    },
+    # ScaNN 1.4's projection stages and its second tree level: checked here; what build()
+    # cannot honour is refused there (cross_rule_errors), naming the stage.
+    "pca": {
+        "reduction_dim": (Interval(int, 1, None, allow_none=True), None),
+        "pca_significance_threshold": (Interval(float, 0.0, 1.0, allow_none=True), 0.8),
+        "pca_truncation_threshold": (Interval(float, 0.0, 1.0, allow_none=True), 0.6),
+    },
+    "truncate": {
+        "reduction_dim": (Interval(int, 1, None), None),
+    },
+    "upper_tree": {
+        "num_leaves": (Interval(int, 1, None), None),
+        "num_leaves_to_search": (Interval(int, 1, None), None),
+        "avq": (Interval(float, 0.0, None, allow_none=True, allow_nan=True), _NAN),
+        "soar_lambda": (Interval(float, 0.0, None, allow_none=True), None),
+        "overretrieve_factor": (Interval(float, 1.0, 1e6, allow_none=True), None),
+        "scoring_mode": (Quantize(), "int8"),
         "anisotropic_quantization_threshold": (Interval(float, None, None, allow_nan=True), _NAN),
     },
 }
 
+#: Arguments checked when passed but not stored in the configuration: accepted for ScaNN
+#: code, equivalent to mipscan's only behaviour (residual_quantization: True or None).
+CALL_ONLY: dict[str, tuple[str, ...]] = {"score_ah": ("residual_quantization",)}
+
 #: Arguments ScaNN derives itself; a user passing them is told so.
-INTERNAL = {"distance_measure", "projection", "upper_tree", "residual_quantization", "n_dims"}
+INTERNAL = {"distance_measure", "projection", "upper_tree", "n_dims"}
 
 #: Top-level keys of a stored configuration besides the stages.
 CONFIG_KEYS = ("n", "d", "num_neighbors", "distance_measure", "seed", "build_seconds")
@@ -99,21 +142,77 @@ ARRAYS: dict[str, tuple[Any, int, str | None]] = {
     "docid_ints": (np.int64, 1, "docids=int"),
     "docid_utf8": (np.uint8, 1, "docids=str"),
     "docid_offsets": (np.int64, 1, "docids=str"),
+    # Quantized copies (_core/reorder.h): int8 with per-dimension float32 scales, or
+    # bfloat16 as uint16 bit patterns; each instead of its float32 counterpart.
+    "reorder_int8": (np.int8, 2, "reorder"),
+    "reorder_bf16": (np.uint16, 2, "reorder"),
+    "reorder_scales": (np.float32, 1, "reorder"),
+    "reorder_row_scales": (np.float32, 1, "reorder"),
+    "slot_int8": (np.int8, 2, "score_brute_force"),
+    "slot_bf16": (np.uint16, 2, "score_brute_force"),
+    "slot_scales": (np.float32, 1, "score_brute_force"),
+    "slot_row_scales": (np.float32, 1, "score_brute_force"),
+    "centroids_int8": (np.int8, 2, "tree"),
+    "centroids_bf16": (np.uint16, 2, "tree"),
+    "centroid_scales": (np.float32, 1, "tree"),
+    "centroid_row_scales": (np.float32, 1, "tree"),
+    # upper_tree(): node centres and, per node, its children's range of leaves.
+    "upper_centroids": (np.float32, 2, "upper_tree"),
+    "upper_offsets": (np.int64, 1, "upper_tree"),
 }
 
 #: The arrays the search core reads (the docid arrays are the Python layer's).
 CORE_ARRAYS = tuple(name for name in ARRAYS if not name.startswith("docid_"))
 
+#: Arrays held only for one storage type: array -> (stage, argument, types).
+ARRAY_QUANTIZE: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "slot_rows": ("score_brute_force", "quantize", ("float32",)),
+    "reorder_rows": ("reorder", "quantize", ("float32",)),
+    "reorder_int8": ("reorder", "quantize", ("int8",)),
+    "reorder_bf16": ("reorder", "quantize", ("bfloat16",)),
+    "reorder_scales": ("reorder", "quantize", ("int8",)),
+    "reorder_row_scales": ("reorder", "quantize", ("int8",)),
+    "slot_int8": ("score_brute_force", "quantize", ("int8",)),
+    "slot_bf16": ("score_brute_force", "quantize", ("bfloat16",)),
+    "slot_scales": ("score_brute_force", "quantize", ("int8",)),
+    "slot_row_scales": ("score_brute_force", "quantize", ("int8",)),
+    "centroids_int8": ("tree", "quantize_centroids", ("int8",)),
+    "centroids_bf16": ("tree", "quantize_centroids", ("bfloat16",)),
+    "centroid_scales": ("tree", "quantize_centroids", ("int8",)),
+    "centroid_row_scales": ("tree", "quantize_centroids", ("int8",)),
+}
+
+#: Row arrays of each quantized copy: name -> (float32 counterpart, storage type, scales).
+QUANTIZED_ROWS = {
+    "reorder_int8": ("reorder_rows", "int8", "reorder_scales"),
+    "reorder_bf16": ("reorder_rows", "bfloat16", None),
+    "slot_int8": ("slot_rows", "int8", "slot_scales"),
+    "slot_bf16": ("slot_rows", "bfloat16", None),
+    "centroids_int8": ("centroids", "int8", "centroid_scales"),
+    "centroids_bf16": ("centroids", "bfloat16", None),
+}
+
+
+def quantize_type(value: Any) -> str:
+    """A stored quantize value as "float32" / "int8" / "bfloat16" (folders written before
+    quantized copies existed store False)."""
+    return Quantize().normalize(value) or "float32"
+
 
 def required_arrays(config: dict) -> set[str]:
     """The arrays an index built from ``config`` holds."""
-    def needed(stage):
+    def needed(name, stage):
         if stage is None:
             return True
         if stage.startswith("docids="):
             return config.get(DOCIDS_KEY) == stage.split("=", 1)[1]
-        return stage in config
-    return {name for name, (_, _, stage) in ARRAYS.items() if needed(stage)}
+        if stage not in config:
+            return False
+        if name in ARRAY_QUANTIZE:
+            st, arg, types = ARRAY_QUANTIZE[name]
+            return quantize_type(config[st][arg]) in types
+        return True
+    return {name for name, (_, _, stage) in ARRAYS.items() if needed(name, stage)}
 
 
 def check_stage_args(call: str, stage: str, args: tuple, kwargs: dict) -> dict:
@@ -192,6 +291,73 @@ def cross_rule_errors(config: dict, bounded_by_n: bool = True) -> list[tuple[str
     if bounded_by_n and reorder is not None and reorder["reordering_num_neighbors"] > n:
         errors.append(("reorder.reordering_num_neighbors",
                        f"must be an int in [1, n={n}]; got {reorder['reordering_num_neighbors']}"))
+    errors += _scann_surface_errors(config)
+    tree, auto = config.get("tree"), config.get("autopilot")
+    incremental = (tree is not None and tree.get("incremental_threshold") is not None) or (
+        auto is not None and auto["mode"] == "ONLINE_INCREMENTAL")
+    why = static_only(config) if incremental else None
+    if auto is not None and auto["mode"] == "ONLINE_INCREMENTAL" \
+            and quantize_type(auto["quantize"]) != "float32":
+        why = (f"autopilot(quantize={auto['quantize']!r}) keeps a quantized copy, and "
+               "ONLINE_INCREMENTAL needs float32 storage")
+    if why is not None:
+        errors.append(("stages", f"online incremental training needs an index that can take "
+                                 f"updates: {why}"))
+    return errors
+
+
+def static_only(config: dict) -> str | None:
+    """Why an index of this config cannot take updates (upsert, delete, online training),
+    or None. The live layout keeps float32 rows and one flat level of leaves, so
+    quantized copies and upper trees stay static for now."""
+    for stage, arg in (("reorder", "quantize"), ("score_brute_force", "quantize"),
+                       ("tree", "quantize_centroids")):
+        if stage in config and quantize_type(config[stage][arg]) != "float32":
+            return (f"{stage}({arg}={config[stage][arg]!r}) keeps a quantized copy, and "
+                    "updates need float32 storage (build with float32 to update)")
+    if "upper_tree" in config:
+        return "an upper_tree() index does not take updates yet (rebuild it instead)"
+    return None
+
+
+def _is_set(value) -> bool:
+    """A float argument whose 'off' value is None or NaN (JSON stores NaN as null)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _scann_surface_errors(config: dict) -> list[tuple[str, str]]:
+    """ScaNN 1.4 arguments that are accepted and checked but cannot be honoured (yet):
+    each refused by name rather than ignored."""
+    errors = []
+    tree, reorder = config.get("tree"), config.get("reorder")
+    if tree is not None and _is_set(tree.get("avq")) and config["distance_measure"] == "squared_l2":
+        errors.append(("tree.avq", f"is {tree['avq']!r}: AVQ centroids apply to inner-product "
+                                   "search (dot_product, cosine), as in ScaNN; pass avq=None"))
+    if (reorder is not None and quantize_type(reorder["quantize"]) == "int8"
+            and _is_set(reorder["anisotropic_quantization_threshold"])):
+        errors.append(("reorder.anisotropic_quantization_threshold",
+                       f"is {reorder['anisotropic_quantization_threshold']!r}: noise-shaped int8 "
+                       "reorder data is not supported by mipscan yet; pass NaN (plain per-"
+                       "dimension int8)"))
+    for stage in ("pca", "truncate"):
+        if stage in config:
+            errors.append(("stages", f"{stage}() projections are not supported by mipscan yet; "
+                                  "project the data (and queries) before builder()"))
+    upper = config.get("upper_tree")
+    if upper is not None:
+        if tree is None:
+            errors.append(("stages", "upper_tree() needs tree(), as in ScaNN"))
+        elif upper["num_leaves"] > tree["num_leaves"]:
+            errors.append(("upper_tree.num_leaves", f"must be an int in [1, tree num_leaves="
+                                                    f"{tree['num_leaves']}]; got {upper['num_leaves']}"))
+        if upper["num_leaves_to_search"] > upper["num_leaves"]:
+            errors.append(("upper_tree.num_leaves_to_search",
+                           f"must be an int in [1, num_leaves={upper['num_leaves']}]; "
+                           f"got {upper['num_leaves_to_search']}"))
+        for name in ("soar_lambda", "avq", "anisotropic_quantization_threshold"):
+            if _is_set(upper[name]):
+                errors.append((f"upper_tree.{name}", f"is {upper[name]!r}: not supported by "
+                                                     "mipscan's upper tree yet; leave it unset"))
     return errors
 
 
@@ -233,13 +399,17 @@ def check_stored_config(config: dict, bad: Callable[[str, str], Exception],
         if stage not in config:
             continue
         params = config[stage]
-        if not isinstance(params, dict) or set(params) != set(table):
-            raise bad(f"config.{stage}", f"expected keys {sorted(table)}")
-        for name, (rule, _default) in table.items():
+        stored = {name: entry for name, entry in table.items()
+                  if name not in CALL_ONLY.get(stage, ())}
+        if not isinstance(params, dict) or set(params) != set(stored):
+            raise bad(f"config.{stage}", f"expected keys {sorted(stored)}")
+        for name, (rule, _default) in stored.items():
             if name == "anisotropic_quantization_threshold" and params[name] is None:
                 continue  # JSON has no NaN: NaN is stored as null
             try:
-                check_value(call, f"config.{stage}.{name}", params[name], rule)
+                value = check_value(call, f"config.{stage}.{name}", params[name], rule)
+                if isinstance(rule, Quantize):
+                    params[name] = value  # normalised (older folders store False)
             except (TypeError, ValueError) as exc:
                 raise bad(f"config.{stage}.{name}", str(exc)) from None
     for where, message in cross_rule_errors(config, bounded_by_n=version < 2):
@@ -264,7 +434,7 @@ LUT16_GROUP = 64
 
 #: Arrays whose values are float rows of the MIPS space: (rows, width) or, for
 #: codebooks, (num_blocks, 16, dims_per_block) residual codewords.
-FLOAT_ARRAYS = ("centroids", "slot_rows", "reorder_rows", "codebooks")
+FLOAT_ARRAYS = ("centroids", "slot_rows", "reorder_rows", "codebooks", "upper_centroids")
 
 
 def float_value_bounds(name: str, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +540,75 @@ def array_value_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tupl
             return [("arrays.packed_codes.shape", f"must hold {int(want[-1])} groups of "
                                                   f"{blocks * 32} bytes (arrays.leaf_groups, "
                                                   f"arrays.codebooks); got {packed.shape[0]} bytes")]
-    return docid_errors(config, arrays)
+    if "upper_tree" in config:
+        uo, uc = arrays["upper_offsets"], arrays["upper_centroids"]
+        if uo.shape[0] < 2 or uc.shape != (uo.shape[0] - 1, width):
+            return [("arrays.upper_centroids.shape", f"must be (num_upper, {width}) with "
+                                                     f"num_upper = len(upper_offsets) - 1 >= 1; got "
+                                                     f"{uc.shape} and {uo.shape[0]} offsets")]
+        if uo[0] != 0 or uo[-1] != leaves or (np.diff(uo) <= 0).any():
+            return [("arrays.upper_offsets", f"must increase from 0 to num_leaves={leaves}; got "
+                                             f"{uo[:8].tolist()}{'...' if len(uo) > 8 else ''}")]
+    return (quantized_array_errors(config, arrays, num_slots, leaves)
+            or docid_errors(config, arrays))
+
+
+#: bfloat16 rounds to 8 significant bits: a value may land 2^-8 (relative) past its input.
+_BF16_SLACK = 1.0 + 2.0 ** -8
+_VALUE_CHUNK = 1 << 16  # rows per pass when decoding bfloat16 (bounds temporary memory)
+
+
+def quantized_array_errors(config: dict, arrays: dict[str, np.ndarray], num_slots: int,
+                           leaves: int) -> list[tuple[str, str]]:
+    """Shapes and values of the quantized copies (``QUANTIZED_ROWS``): each ``(rows,
+    width)`` like its float32 counterpart; int8 values in [-127, 127] with ``width``
+    finite scales > 0 whose ``127 * scale`` stays within the counterpart's bounds;
+    bfloat16 values finite and within those bounds (plus bfloat16's rounding)."""
+    n, d, metric = int(config["n"]), int(config["d"]), config["distance_measure"]
+    width = mips_width(d, metric)
+    for name, (counterpart, kind, scales_name) in QUANTIZED_ROWS.items():
+        if name not in arrays:
+            continue
+        a = arrays[name]
+        rows = {"reorder_rows": n, "slot_rows": num_slots, "centroids": leaves}[counterpart]
+        if a.shape != (rows, width):
+            return [(f"arrays.{name}.shape", f"must be {(rows, width)} (like {counterpart}; width "
+                                             f"{width} for config.d={d}, {metric}); got {a.shape}")]
+        low, high = float_value_bounds(counterpart, config)
+        bound = np.maximum(np.abs(low), np.abs(high))
+        if kind == "int8":
+            if a.size and int(a.min()) < -127:
+                at = tuple(int(i) for i in np.argwhere(a < -127)[0])
+                return [(f"arrays.{name}", f"value -128 at {at}; int8 codes are in [-127, 127]")]
+            sc = arrays[scales_name]
+            if sc.shape != (width,):
+                return [(f"arrays.{scales_name}.shape", f"must be ({width},) (one scale per "
+                                                        f"column of {name}); got {sc.shape}")]
+            ok = np.isfinite(sc) & (sc > 0) & (sc.astype(np.float64) * 127.0 <= bound * _VALUE_SLACK)
+            if not ok.all():
+                j = int(np.argmin(ok))
+                return [(f"arrays.{scales_name}", f"value {float(sc[j])!r} at ({j},) must be finite, "
+                                                  f"> 0 and at most {bound[j] * _VALUE_SLACK / 127:.6g} "
+                                                  "(127 * scale within the data's bounds)")]
+            row_name = scales_name.replace("_scales", "_row_scales")
+            rs = arrays[row_name]
+            if rs.shape != (rows,):
+                return [(f"arrays.{row_name}.shape", f"must be ({rows},) (one scale per row of "
+                                                     f"{name}); got {rs.shape}")]
+            ok = (rs > 0) & (rs <= 1)  # False for NaN
+            if not ok.all():
+                i = int(np.argmin(ok))
+                return [(f"arrays.{row_name}", f"value {float(rs[i])!r} at ({i},) must be in (0, 1]")]
+        else:
+            for r0 in range(0, rows, _VALUE_CHUNK):
+                x = (a[r0:r0 + _VALUE_CHUNK].astype(np.uint32) << 16).view(np.float32)
+                ok = np.isfinite(x) & (np.abs(x) <= bound * _BF16_SLACK)
+                if not ok.all():
+                    r, c = (int(i) for i in np.argwhere(~ok)[0])
+                    return [(f"arrays.{name}", f"value {float(x[r, c])!r} at ({r0 + r}, {c}) must be "
+                                               f"finite with magnitude at most "
+                                               f"{bound[c] * _BF16_SLACK:.6g}")]
+    return []
 
 
 def docid_errors(config: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, str]]:

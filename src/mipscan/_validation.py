@@ -9,6 +9,7 @@ validator and the generic tests both read those tables.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import numbers
@@ -54,6 +55,36 @@ class Options:
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
+#: Storage types of quantized copies, as ScaNN's ``ReorderType`` names them.
+QUANTIZE_TYPES = ("float32", "int8", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Quantize(Options):
+    """A storage type for a copy of the data, as ScaNN's ``ReorderType``; checked values are
+    normalised to ``"float32"``, ``"int8"`` or ``"bfloat16"``. Accepted spellings are
+    ScaNN's: a ``ReorderType`` member (mipscan's or ScaNN's own enum, by name), ``True``
+    (INT8: ScaNN's shim for when quantize was a bool), ``False`` (FLOAT32), and the names
+    as strings in any case (``"int8"``, ``"INT8"``, ``"bf16"``)."""
+
+    values: tuple = QUANTIZE_TYPES
+
+    def describe(self) -> str:
+        return ("a ReorderType (FLOAT32, INT8, BFLOAT16), True (INT8), False (FLOAT32) or "
+                "one of 'float32', 'int8', 'bfloat16'")
+
+    def normalize(self, value: Any) -> str | None:
+        if isinstance(value, (bool, np.bool_)):
+            return "int8" if value else "float32"
+        if isinstance(value, enum.Enum):
+            value = value.name
+        if isinstance(value, str):
+            v = value.lower()
+            return {"bf16": "bfloat16", "fixed8": "int8"}.get(v, v) if v in (
+                *QUANTIZE_TYPES, "bf16", "fixed8") else None
+        return None
+
+
 @dataclass(frozen=True)
 class Bool:
     def describe(self) -> str:
@@ -75,6 +106,11 @@ def check_value(call: str, name: str, value: Any, rule) -> Any:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(bad)
         return bool(value)
+    if isinstance(rule, Quantize):
+        out = rule.normalize(value)
+        if out is None:
+            raise (ValueError if isinstance(value, (str, enum.Enum)) else TypeError)(bad)
+        return out
     if isinstance(rule, Options):
         if isinstance(value, np.bool_):
             value = bool(value)

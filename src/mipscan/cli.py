@@ -57,6 +57,16 @@ TUTORIAL_INDEX = dict(num_leaves=100, num_leaves_to_search=30, training_iteratio
                       dimensions_per_block=2, reordering_num_neighbors=500)
 
 
+def tutorial_index(builder):
+    """The tutorial's stages on a ScaNN-style builder (mipscan's or ScaNN's), built."""
+    p = TUTORIAL_INDEX
+    return (builder.tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
+                         training_iterations=p["training_iterations"])
+            .score_ah(p["dimensions_per_block"])
+            .reorder(p["reordering_num_neighbors"])
+            .build())
+
+
 def mipscan_keras_layer(candidates: np.ndarray, k: int) -> SearchFn:
     """(c) mipscan.keras.ApproximateRetrieval, the Keras-RS layer ScaNN never had, called
     eagerly like keras-rs's BruteForceRetrieval, with the tutorial's ScaNN parameters."""
@@ -72,14 +82,28 @@ def mipscan_keras_layer(candidates: np.ndarray, k: int) -> SearchFn:
 def mipscan_approximate(candidates: np.ndarray, k: int) -> SearchFn:
     """(d) the same index through mipscan's ScaNN-compatible API, as the tutorial calls
     ScaNN: ``search_batched_parallel(...).indices``."""
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(candidates, k, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(candidates, k, "dot_product"))
     return lambda q: np.asarray(searcher.search_batched_parallel(q, final_num_neighbors=k).indices)
+
+
+class MethodUnavailable(Exception):
+    """A peer that is not installed here: its row says how to add it."""
+
+
+def scann_approximate(candidates: np.ndarray, k: int) -> SearchFn:
+    """(e) Google's ScaNN itself, when installed (the ``scann`` wheel, or ``scann-core``,
+    which installs the same module), built and called as the tutorial does, with the
+    same parameters as (c) and (d): the tutorial's own comparison, completed."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # scann imports TensorFlow if present
+    try:
+        from scann import scann_ops_pybind
+    except Exception as exc:  # ImportError, or a wheel that fails to load beside TensorFlow
+        raise MethodUnavailable("not installed: `pip install scann` (or scann-core) adds "
+                                f"this row ({type(exc).__name__}: {exc})") from None
+    searcher = tutorial_index(scann_ops_pybind.builder(candidates, k, "dot_product"))
+    return lambda q: np.asarray(searcher.search_batched_parallel(q, final_num_neighbors=k)[0])
 
 
 METHODS: list[tuple[str, Callable[[np.ndarray, int], SearchFn]]] = [
@@ -87,6 +111,7 @@ METHODS: list[tuple[str, Callable[[np.ndarray, int], SearchFn]]] = [
     ("mipscan brute force", mipscan_brute_force),
     ("mipscan ApproximateRetrieval (Keras layer)", mipscan_keras_layer),
     ("mipscan searcher (ScaNN API)", mipscan_approximate),
+    ("ScaNN (scann_ops_pybind), same parameters", scann_approximate),
 ]
 
 
@@ -96,13 +121,7 @@ METHODS: list[tuple[str, Callable[[np.ndarray, int], SearchFn]]] = [
 
 def mipscan_approximate_excluding(candidates: np.ndarray, k: int):
     """(d) with ``excluded=`` per query: filtered in the engine, planned by selectivity."""
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(candidates, k, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(candidates, k, "dot_product"))
     return lambda q, ex: np.asarray(searcher.search_batched_parallel(
         q, final_num_neighbors=k, excluded=ex).indices)
 
@@ -170,7 +189,12 @@ def compare(candidates: np.ndarray, query_sets: dict[str, np.ndarray], k: int,
     for method, make in METHODS:
         log(f"building {method}")
         t0 = time.perf_counter()
-        search = make(candidates, k)
+        try:
+            search = make(candidates, k)
+        except MethodUnavailable as exc:
+            rows += [{"method": method, "queries": name, "num_queries": len(q),
+                      "status": str(exc)} for name, q in query_sets.items()]
+            continue
         build_s = time.perf_counter() - t0
         for name, q in query_sets.items():
             log(f"searching {method} on {name}")
@@ -216,15 +240,19 @@ def _render(rows: list[dict], k: int, repeats: int, title: str, caption: str):
     table.add_column("queries", no_wrap=True)
     for col in ("build", "latency", "per query", f"recall@{k}"):
         table.add_column(col, justify="right", no_wrap=True)
+    notes = {}  # a method that did not run: why, once, under the table
     for r in rows:
         queries = f"{r['queries']} ({r['num_queries']})"
         if r["status"] != "ok":
-            table.add_row(r["method"], queries, r["status"])
+            notes.setdefault(r["method"], r["status"])
+            table.add_row(r["method"], queries, "—", "—", "—", "—")
             continue
         table.add_row(r["method"], queries, f"{r['build_s']:.2f} s",
                       f"{r['latency_s'] * 1e3:.1f} ms",
                       f"{r['latency_s'] / r['num_queries'] * 1e3:.2f} ms",
                       f"{r['recall']:.4f}")
+    if notes:
+        table.caption = caption + "".join(f"\n{m}: {why}" for m, why in notes.items())
     return table
 
 
@@ -353,13 +381,7 @@ def save_demo_index(folder: Path, emb, ml) -> None:
     the user embeddings and movie titles of the service's page (``mipscan serve``)."""
     from mipscan.serve import page_dir_for, save_page_data
 
-    p = TUTORIAL_INDEX
-    searcher = (mipscan.builder(emb.candidates, 10, "dot_product")
-                .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
-                      training_iterations=p["training_iterations"])
-                .score_ah(p["dimensions_per_block"])
-                .reorder(p["reordering_num_neighbors"])
-                .build())
+    searcher = tutorial_index(mipscan.builder(emb.candidates, 10, "dot_product"))
     try:
         searcher.serialize(folder)
         # Candidate i is a copy of movie-table row i % rows, and a row is a movie id.

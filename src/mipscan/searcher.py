@@ -12,7 +12,8 @@ from mipscan import _filters, _live, _mipscan
 from mipscan._build import build_arrays, to_mips_rows
 from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import check_state, read_index, write_index
-from mipscan._schema import ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width
+from mipscan._schema import (ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width,
+                             static_only)
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -73,14 +74,14 @@ class Searcher:
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
         index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-                               *(arrays.get(k) for k in _OPTIONAL), n=n)
+                               **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
         # Updates (upsert, delete, rebalance) take this lock; searches never do. They read
         # self._state once and search that snapshot (see mipscan._live).
         self._write_lock = threading.Lock()
         self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
                                   index=index, arrays=arrays,
-                                  **_search_shape(config, len(arrays["centroids"])))
+                                  **_search_shape(config, arrays))
         self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
 
     # State of the published snapshot (static names kept for the code that reads them).
@@ -301,9 +302,11 @@ class Searcher:
                                       allowed, excluded, strategy, single)
         q = self._to_mips(queries)
         if st.live is not None:
-            ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads)
-        elif st.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES:
-            ids, scores = st.index.search_batch(q, None, leaves, pre_k, final_k, threads)
+            ids, scores = st.live.search_batch(q, None, leaves, pre_k, final_k, threads,
+                                               **_knobs(st))
+        elif st.num_leaves < _BLAS_LEAF_SCORES_MIN_LEAVES or st.core_leaf_scores:
+            ids, scores = st.index.search_batch(q, None, leaves, pre_k, final_k, threads,
+                                                **_knobs(st))
         else:
             ids = np.empty((nq, final_k), np.uint32)
             scores = np.empty((nq, final_k), np.float32)
@@ -312,7 +315,7 @@ class Searcher:
                 qb = q[b:b + batch_size]
                 leaf_scores = np.ascontiguousarray(qb @ c.T, dtype=np.float32)
                 ids[b:b + len(qb)], scores[b:b + len(qb)] = st.index.search_batch(
-                    qb, leaf_scores, leaves, pre_k, final_k, threads)
+                    qb, leaf_scores, leaves, pre_k, final_k, threads, overretrieve=st.overretrieve)
         return SearchResult(self._ids_out(st, ids), self._from_mips(queries, scores))
 
     def _run_filtered(self, call, st, queries, final_k, pre_k, leaves, threads, allowed,
@@ -322,15 +325,16 @@ class Searcher:
         engine = st.live if st.live is not None else st.index
         exact = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy, engine.has_exact_rows)
         q = self._to_mips(queries)
-        if exact is not None and exact.all() and _filters.gemm_ok(r, nq):
-            store = st.row_data if st.live is not None else st.arrays["reorder_rows"]
+        # Float32 rows for the batched exact plan (a quantized copy is scored in the core).
+        store = st.row_data if st.live is not None else st.arrays.get("reorder_rows")
+        if exact is not None and exact.all() and store is not None and _filters.gemm_ok(r, nq):
             ids, scores, counts = _filters.exact_batched(st, r, q, store, final_k)
         else:
             walk_rows = exact is not None and exact.any() and not (r.lists and not r.list_excludes)
             ids, scores, counts = engine.search_batch_filtered(
                 q, None, leaves, pre_k, final_k, threads, r.allow, r.list_offsets, r.list_rows,
                 r.list_excludes, None, exact, _filters.LEAF_EXPONENT,
-                _filters.shared_rows(st, r) if walk_rows else None)
+                _filters.shared_rows(st, r) if walk_rows else None, **_knobs(st))
         cols = int(counts.max()) if nq else final_k  # one query: its count (no padding)
         ids, scores = ids[:, :cols], scores[:, :cols]
         pad = ids == np.uint32(0xFFFFFFFF)
@@ -432,6 +436,9 @@ class Searcher:
     def _update(self, call, up, vectors, dels) -> None:
         with self._write_lock:
             st = self._state
+            why = static_only(st.config)
+            if why is not None:
+                raise ValueError(f"{call}: {why}")
             up_ids = self._docid_list(call, st, up) if vectors is not None else []
             del_ids = self._docid_list(call, st, dels)
             rows_of = self._rows_of
@@ -667,13 +674,29 @@ def _compact(st) -> tuple[dict, dict, list | None]:
     return config, arrays, st.docids[keep].tolist()
 
 
-def _search_shape(config: dict, num_leaves: int) -> dict:
+def _search_shape(config: dict, arrays: dict) -> dict:
     """The per-snapshot search defaults (State fields) of an index of this config."""
-    tree, reorder = config.get("tree"), config.get("reorder")
+    tree, reorder, upper = config.get("tree"), config.get("reorder"), config.get("upper_tree")
+    num_leaves = len(arrays["centroids"])
+    factor = tree.get("overretrieve_factor") if tree else None
     return {"num_leaves": num_leaves,
             "leaves_to_search": min(tree["num_leaves_to_search"], num_leaves) if tree else 1,
             # leaves_to_search may go up to the configured num_leaves, as ScaNN accepts,
             # even when small partitions were merged at build time (min_partition_size);
             # searches clamp it to the leaves built.
             "configured_leaves": max(num_leaves, tree["num_leaves"] if tree else 1),
-            "reorder_k": reorder["reordering_num_neighbors"] if reorder else None}
+            "reorder_k": reorder["reordering_num_neighbors"] if reorder else None,
+            # SOAR: slots kept per distinct row reordered (ScaNN's overretrieve_factor).
+            "overretrieve": 2.0 if factor is None else float(min(factor, 1e6)),
+            "upper_to_search": (min(upper["num_leaves_to_search"], len(arrays["upper_offsets"]) - 1)
+                                if upper else 1),
+            # Quantized centroids and upper trees score the leaves in C++ (never by BLAS).
+            "core_leaf_scores": bool(upper) or "centroids_int8" in arrays
+                                or "centroids_bf16" in arrays}
+
+
+def _knobs(st) -> dict:
+    """The index's own search knobs for the core's search calls."""
+    if st.live is not None:
+        return {"overretrieve": st.overretrieve}
+    return {"overretrieve": st.overretrieve, "upper_to_search": st.upper_to_search}

@@ -30,6 +30,7 @@
 #include "live.h"
 #include "lut16.h"
 #include "parallel.h"
+#include "reorder.h"
 #include "search.h"
 #include "topk.h"
 
@@ -76,12 +77,39 @@ mipscan::Kernels kernels_at(const std::string& level, const char* call) {
   return k;
 }
 
+// For tests: out[i, r] = fn(queries[i], rows[r]), a quantized dot kernel (reorder.h).
+template <class T, class Fn>
+Out<float, 2> quantized_dot_table(const In<float, 2>& qs, const In<T, 2>& rows, Fn fn, const char* call) {
+  const size_t nq = qs.shape(0), m_ = rows.shape(0), d = qs.shape(1);
+  if (rows.shape(1) != d) throw std::invalid_argument(std::string(call) + ": queries and rows must have the same width");
+  auto out = new_array<float>(nq, m_);
+  for (size_t i = 0; i < nq; ++i)
+    for (size_t r = 0; r < m_; ++r) out.data()[i * m_ + r] = fn(qs.data() + i * d, rows.data() + r * d, d);
+  return out;
+}
+
+// The search knobs of a call, checked against the index (call: the message prefix).
+mipscan::SearchParams search_params(const mipscan::IndexView& v, size_t leaves_to_search,
+                                    size_t pre_reorder_k, size_t final_k, double overretrieve,
+                                    size_t upper_to_search, const char* call) {
+  auto check = [call](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string(call) + ": " + what);
+  };
+  check(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "leaves_to_search out of range");
+  check(pre_reorder_k >= 1, "pre_reorder_k must be >= 1");
+  check(overretrieve >= 1.0 && overretrieve <= 1e6, "overretrieve must be in [1, 1e6]");
+  check(v.num_upper == 0 || (upper_to_search >= 1 && upper_to_search <= v.num_upper),
+        "upper_to_search must be in [1, num_upper]");
+  return mipscan::SearchParams{leaves_to_search, pre_reorder_k, final_k, overretrieve, upper_to_search};
+}
+
 // search_batch_filtered for either layout: checks what protects memory (array shapes,
 // list offsets and rows inside the row space), then searches with the GIL released.
 // Returns (ids, scores, counts).
 nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& cache, const mipscan::Kernels& kn,
                           const In<float, 2>& queries, const std::optional<In<float, 2>>& leaf_scores,
-                          size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+                          size_t leaves_to_search, size_t pre_reorder_k, size_t final_k,
+                          double overretrieve, size_t upper_to_search, int num_threads,
                           const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
                           const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes,
                           const std::optional<In<int64_t, 1>>& eligible, const std::optional<In<uint8_t, 1>>& exact,
@@ -90,8 +118,8 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
   const size_t space = v.dead != nullptr ? v.num_rows : v.n;
   require(queries.shape(1) == v.d, "search_batch_filtered: queries have the wrong dimension");
   require(final_k >= 1 && final_k <= v.n, "search_batch_filtered: final_k must be in [1, n]");
-  require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch_filtered: leaves_to_search out of range");
-  require(pre_reorder_k >= 1, "search_batch_filtered: pre_reorder_k must be >= 1");
+  const mipscan::SearchParams p = search_params(v, leaves_to_search, pre_reorder_k, final_k, overretrieve,
+                                                upper_to_search, "search_batch_filtered");
   require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
           "search_batch_filtered: leaf_scores must be (nq, num_leaves)");
   require(!allow || allow->shape(0) * 64 >= space, "search_batch_filtered: allow must hold one bit per row");
@@ -120,7 +148,6 @@ nb::tuple filtered_search(const mipscan::IndexView& v, mipscan::ScratchCache& ca
   auto counts = new_array<uint32_t>(nq);
   {
     nb::gil_scoped_release release;
-    mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
     mipscan::FilterSpec spec;
     spec.allow = allow ? allow->data() : nullptr;
     spec.list_offsets = list_offsets ? list_offsets->data() : nullptr;
@@ -196,20 +223,19 @@ mipscan::IndexView live_view(const mipscan::LiveLeaves& lv, const In<float, 2>& 
 std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
     const mipscan::IndexView& v, mipscan::ScratchCache& scratch, const mipscan::Kernels& kn,
     const In<float, 2>& queries, const std::optional<In<float, 2>>& leaf_scores,
-    size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
-    const char* final_k_error) {
+    size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, double overretrieve,
+    size_t upper_to_search, int num_threads, const char* final_k_error) {
   const size_t nq = queries.shape(0);
   require(queries.shape(1) == v.d, "search_batch: queries have the wrong dimension");
   require(final_k >= 1 && final_k <= v.n, final_k_error);
-  require(leaves_to_search >= 1 && leaves_to_search <= v.num_leaves, "search_batch: leaves_to_search out of range");
-  require(pre_reorder_k >= 1, "search_batch: pre_reorder_k must be >= 1");
+  const mipscan::SearchParams p = search_params(v, leaves_to_search, pre_reorder_k, final_k, overretrieve,
+                                                upper_to_search, "search_batch");
   require(!leaf_scores || (leaf_scores->shape(0) == nq && leaf_scores->shape(1) == v.num_leaves),
           "search_batch: leaf_scores must be (nq, num_leaves)");
   auto ids = new_array<uint32_t>(nq, final_k);
   auto scores = new_array<float>(nq, final_k);
   {
     nb::gil_scoped_release release;
-    mipscan::SearchParams p{leaves_to_search, pre_reorder_k, final_k};
     mipscan::search_batch(v, scratch, kn, queries.data(), nq,
                           leaf_scores ? leaf_scores->data() : nullptr, p, num_threads,
                           ids.data(), scores.data());
@@ -365,6 +391,16 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
 
+  // For tests: the quantized dot products of one SIMD level (reorder.h), out[i, r] =
+  // dot(queries[i], rows[r]) with int8 rows (scales already folded into the queries) or
+  // bfloat16 rows (uint16 bit patterns).
+  m.def("dot_i8", [](In<float, 2> qs, In<int8_t, 2> rows, const std::string& level) {
+    return quantized_dot_table(qs, rows, kernels_at(level, "dot_i8").dot_i8, "dot_i8");
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
+  m.def("dot_bf16", [](In<float, 2> qs, In<uint16_t, 2> rows, const std::string& level) {
+    return quantized_dot_table(qs, rows, kernels_at(level, "dot_bf16").dot_bf16, "dot_bf16");
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
+
   m.def("cluster_sums", [](In<float, 2> x, In<int64_t, 1> labels, size_t k) {
     const size_t n = x.shape(0), d = x.shape(1);
     require(labels.shape(0) == n && k >= 1, "cluster_sums: labels must have one entry per row, k >= 1");
@@ -392,7 +428,14 @@ NB_MODULE(_mipscan, m) {
            [](Index* self, In<float, 2> centroids, In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids,
               std::optional<In<float, 3>> codebooks, std::optional<In<uint8_t, 1>> packed_codes,
               std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 2>> slot_rows,
-              std::optional<In<float, 2>> reorder_rows, std::optional<size_t> n) {
+              std::optional<In<float, 2>> reorder_rows, std::optional<In<int8_t, 2>> reorder_int8,
+              std::optional<In<uint16_t, 2>> reorder_bf16, std::optional<In<float, 1>> reorder_scales,
+              std::optional<In<int8_t, 2>> slot_int8, std::optional<In<uint16_t, 2>> slot_bf16,
+              std::optional<In<float, 1>> slot_scales, std::optional<In<int8_t, 2>> centroids_int8,
+              std::optional<In<uint16_t, 2>> centroids_bf16, std::optional<In<float, 1>> centroid_scales,
+              std::optional<In<float, 2>> upper_centroids, std::optional<In<int64_t, 1>> upper_offsets,
+              std::optional<In<float, 1>> reorder_row_scales, std::optional<In<float, 1>> slot_row_scales,
+              std::optional<In<float, 1>> centroid_row_scales, std::optional<size_t> n) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
@@ -439,7 +482,7 @@ NB_MODULE(_mipscan, m) {
                v.packed_codes = packed_codes->data();
                v.leaf_groups = g;
              } else {
-               require(slot_rows.has_value(), "Index: needs AH arrays or slot_rows");
+               require(slot_rows || slot_int8 || slot_bf16, "Index: needs AH arrays or slot rows");
              }
              if (slot_rows) {
                require(slot_rows->shape(0) == v.num_slots && slot_rows->shape(1) == v.d, "Index: slot_rows must be (slots, d)");
@@ -449,14 +492,79 @@ NB_MODULE(_mipscan, m) {
                require(reorder_rows->shape(0) == v.n && reorder_rows->shape(1) == v.d, "Index: reorder_rows must be (n, d)");
                v.reorder_rows = reorder_rows->data();
              }
+             // Quantized copies (reorder.h): each (rows, d) with the float32 rows' row count,
+             // int8 ones with d scales, at most one of float32 / int8 / bf16 per role.
+             auto rows_of = [&](const auto& a, size_t rows, const char* what) {
+               if (a) require(a->shape(0) == rows && a->shape(1) == v.d, what);
+               return a ? a->data() : nullptr;
+             };
+             auto scales_of = [&](bool need, const std::optional<In<float, 1>>& a, const char* what) {
+               require(need == a.has_value() && (!a || a->shape(0) == v.d), what);
+               return a ? a->data() : nullptr;
+             };
+             // Row scales in (0, 1] (the int8 codes stay within the per-dimension bounds).
+             auto row_scales_of = [&](bool need, const std::optional<In<float, 1>>& a, size_t rows, const char* what) {
+               require(need == a.has_value() && (!a || a->shape(0) == rows), what);
+               if (a)
+                 for (size_t i = 0; i < rows; ++i) require(a->data()[i] > 0 && a->data()[i] <= 1, what);
+               return a ? a->data() : nullptr;
+             };
+             v.reorder_i8 = rows_of(reorder_int8, v.n, "Index: reorder_int8 must be (n, d)");
+             v.reorder_bf16 = rows_of(reorder_bf16, v.n, "Index: reorder_bf16 must be (n, d)");
+             v.reorder_scales = scales_of(reorder_int8.has_value(), reorder_scales,
+                                          "Index: reorder_scales must be (d,), given with reorder_int8 only");
+             v.reorder_row_scales = row_scales_of(reorder_int8.has_value(), reorder_row_scales, v.n,
+                                                  "Index: reorder_row_scales must be (n,) in (0, 1], given with reorder_int8 only");
+             require(int(reorder_rows.has_value()) + int(reorder_int8.has_value()) + int(reorder_bf16.has_value()) <= 1,
+                     "Index: at most one kind of reorder rows");
+             v.slot_i8 = rows_of(slot_int8, v.num_slots, "Index: slot_int8 must be (slots, d)");
+             v.slot_bf16 = rows_of(slot_bf16, v.num_slots, "Index: slot_bf16 must be (slots, d)");
+             v.slot_scales = scales_of(slot_int8.has_value(), slot_scales,
+                                       "Index: slot_scales must be (d,), given with slot_int8 only");
+             v.slot_row_scales = row_scales_of(slot_int8.has_value(), slot_row_scales, v.num_slots,
+                                               "Index: slot_row_scales must be (slots,) in (0, 1], given with slot_int8 only");
+             require(int(slot_rows.has_value()) + int(slot_int8.has_value()) + int(slot_bf16.has_value()) <= 1 &&
+                         !(v.packed_codes && (slot_int8 || slot_bf16)),
+                     "Index: at most one kind of slot rows, and none with AH");
+             v.centroids_i8 = rows_of(centroids_int8, v.num_leaves, "Index: centroids_int8 must be (num_leaves, d)");
+             v.centroids_bf16 = rows_of(centroids_bf16, v.num_leaves, "Index: centroids_bf16 must be (num_leaves, d)");
+             v.centroid_scales = scales_of(centroids_int8.has_value(), centroid_scales,
+                                           "Index: centroid_scales must be (d,), given with centroids_int8 only");
+             v.centroid_row_scales = row_scales_of(centroids_int8.has_value(), centroid_row_scales, v.num_leaves,
+                                                   "Index: centroid_row_scales must be (num_leaves,) in (0, 1], given with centroids_int8 only");
+             require(!(centroids_int8 && centroids_bf16), "Index: at most one kind of quantized centroids");
+             if (upper_centroids || upper_offsets) {
+               // Upper tree: every node has at least one child; the children cover the leaves.
+               require(upper_centroids && upper_offsets, "Index: an upper tree needs upper_centroids and upper_offsets");
+               const size_t U = upper_centroids->shape(0);
+               require(U >= 1 && upper_centroids->shape(1) == v.d && upper_offsets->shape(0) == U + 1,
+                       "Index: upper_centroids must be (num_upper, d), upper_offsets num_upper + 1");
+               const int64_t* uo = upper_offsets->data();
+               require(uo[0] == 0 && uo[U] == int64_t(v.num_leaves), "Index: upper_offsets must run from 0 to num_leaves");
+               for (size_t u = 0; u < U; ++u) require(uo[u] < uo[u + 1], "Index: upper_offsets must increase");
+               v.num_upper = U;
+               v.upper_centroids = upper_centroids->data();
+               v.upper_offsets = uo;
+             }
              new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
            "codebooks"_a.noconvert().none(), "packed_codes"_a.noconvert().none(),
            "leaf_groups"_a.noconvert().none(), "slot_rows"_a.noconvert().none(),
-           "reorder_rows"_a.noconvert().none(), "n"_a.none() = nb::none(),
+           "reorder_rows"_a.noconvert().none(), "reorder_int8"_a.noconvert().none() = nb::none(),
+           "reorder_bf16"_a.noconvert().none() = nb::none(), "reorder_scales"_a.noconvert().none() = nb::none(),
+           "slot_int8"_a.noconvert().none() = nb::none(), "slot_bf16"_a.noconvert().none() = nb::none(),
+           "slot_scales"_a.noconvert().none() = nb::none(), "centroids_int8"_a.noconvert().none() = nb::none(),
+           "centroids_bf16"_a.noconvert().none() = nb::none(), "centroid_scales"_a.noconvert().none() = nb::none(),
+           "upper_centroids"_a.noconvert().none() = nb::none(), "upper_offsets"_a.noconvert().none() = nb::none(),
+           "reorder_row_scales"_a.noconvert().none() = nb::none(), "slot_row_scales"_a.noconvert().none() = nb::none(),
+           "centroid_row_scales"_a.noconvert().none() = nb::none(), "n"_a.none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
-           nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>())
+           nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
+           nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
+           nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
+           nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>(), nb::keep_alive<1, 21>(),
+           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
@@ -468,31 +576,32 @@ NB_MODULE(_mipscan, m) {
       .def("search_batch",
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
-              std::optional<std::string> level) {
+              std::optional<std::string> level, double overretrieve, size_t upper_to_search) {
              // level: run this call at another SIMD level (tests); None = the one fixed at load.
              const mipscan::Kernels kn = level ? kernels_at(*level, "search_batch") : mipscan::kernels();
              return search_view(ix.view, ix.scratch, kn, queries, leaf_scores, leaves_to_search,
-                                pre_reorder_k, final_k, num_threads,
+                                pre_reorder_k, final_k, overretrieve, upper_to_search, num_threads,
                                 "search_batch: final_k must be in [1, n]");
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none())
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "level"_a.none() = nb::none(),
+           "overretrieve"_a = 2.0, "upper_to_search"_a = 1)
       .def("search_batch_filtered",
            [](Index& ix, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
               const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
               const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
-              const std::optional<In<uint32_t, 1>>& shared_rows) {
+              const std::optional<In<uint32_t, 1>>& shared_rows, double overretrieve, size_t upper_to_search) {
              return filtered_search(ix.view, ix.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
-                                    pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
+                                    pre_reorder_k, final_k, overretrieve, upper_to_search, num_threads, allow, list_offsets, list_rows,
                                     list_excludes, eligible, exact, leaf_exponent, shared_rows);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
            "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
-           "shared_rows"_a.noconvert().none() = nb::none())
-      .def_prop_ro("has_exact_rows", [](const Index& ix) { return ix.view.reorder_rows != nullptr; });
+           "shared_rows"_a.noconvert().none() = nb::none(), "overretrieve"_a = 2.0, "upper_to_search"_a = 1)
+      .def_prop_ro("has_exact_rows", [](const Index& ix) { return ix.view.reorders(); });
 
   // Live index snapshots (live.h). n (live rows) is given by the caller, who counts them;
   // the rows of the segments and the tombstones must agree with it (Python's _live.py).
@@ -572,27 +681,28 @@ NB_MODULE(_mipscan, m) {
       })
       .def("search_batch",
            [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
-              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads) {
+              size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
+              double overretrieve) {
              return search_view(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores,
-                                leaves_to_search, pre_reorder_k, final_k, num_threads,
+                                leaves_to_search, pre_reorder_k, final_k, overretrieve, 1, num_threads,
                                 "search_batch: final_k must be in [1, live rows]");
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
-           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a)
+           "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "overretrieve"_a = 2.0)
       .def("search_batch_filtered",
            [](Live& lv, In<float, 2> queries, std::optional<In<float, 2>> leaf_scores,
               size_t leaves_to_search, size_t pre_reorder_k, size_t final_k, int num_threads,
               const std::optional<In<uint64_t, 1>>& allow, const std::optional<In<int64_t, 1>>& list_offsets,
               const std::optional<In<uint32_t, 1>>& list_rows, bool list_excludes, const std::optional<In<int64_t, 1>>& eligible,
               const std::optional<In<uint8_t, 1>>& exact, float leaf_exponent,
-              const std::optional<In<uint32_t, 1>>& shared_rows) {
+              const std::optional<In<uint32_t, 1>>& shared_rows, double overretrieve) {
              return filtered_search(lv.view, *lv.scratch, mipscan::kernels(), queries, leaf_scores, leaves_to_search,
-                                    pre_reorder_k, final_k, num_threads, allow, list_offsets, list_rows,
+                                    pre_reorder_k, final_k, overretrieve, 1, num_threads, allow, list_offsets, list_rows,
                                     list_excludes, eligible, exact, leaf_exponent, shared_rows);
            },
            "queries"_a.noconvert(), "leaf_scores"_a.noconvert().none(), "leaves_to_search"_a,
            "pre_reorder_k"_a, "final_k"_a, "num_threads"_a, "allow"_a.noconvert().none(), "list_offsets"_a.noconvert().none(), "list_rows"_a.noconvert().none(),
            "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
-           "shared_rows"_a.noconvert().none() = nb::none())
+           "shared_rows"_a.noconvert().none() = nb::none(), "overretrieve"_a = 2.0)
       .def_prop_ro("has_exact_rows", [](const Live& lv) { return lv.view.row_data != nullptr; });
 }

@@ -21,7 +21,7 @@ namespace {
 constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512};
 
 Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
-                  &argmax_shifted_scalar};
+                  &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar};
 
 #if MIPSCAN_X86
 // regs = {eax, ebx, ecx, edx} of CPUID(leaf, subleaf); false when the leaf is not supported.
@@ -142,20 +142,20 @@ const Kernels& kernels() { return g_kernels; }
 bool kernels_for(SimdLevel level, Kernels* out) {
   if (level == SimdLevel::kScalar) {
     *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
-                   &argmax_shifted_scalar};
+                   &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
   if (level == SimdLevel::kAvx2 && cpu_has_avx2()) {
     *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2,
-                   &argmax_shifted_scalar};
+                   &argmax_shifted_scalar, &dot_i8_avx2, &dot_bf16_avx2};
     return true;
   }
 #endif
 #if MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
   if (level == SimdLevel::kAvx512 && cpu_has_avx512()) {
     *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512,
-                   &argmax_shifted_avx512};
+                   &argmax_shifted_avx512, &dot_i8_avx512, &dot_bf16_avx512};
     return true;
   }
 #endif

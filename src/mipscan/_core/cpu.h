@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "lut16.h"
+#include "reorder.h"
 
 namespace mipscan {
 
@@ -30,6 +31,8 @@ struct Kernels {
   DotFn dot;
   DotsFn dots;
   ArgmaxShiftedFn argmax_shifted;
+  DotI8Fn dot_i8;      // reorder.h: float32 x int8 (scales folded into the query)
+  DotBf16Fn dot_bf16;  // reorder.h: float32 x bfloat16
 };
 
 // The kernels chosen at module load.

@@ -14,6 +14,7 @@
 #include "lut16.h"
 #include "parallel.h"
 #include "portable.h"
+#include "reorder.h"
 #include "topk.h"
 
 namespace mipscan {
@@ -47,6 +48,12 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint64_t> taken;  // completing a short result: rows already in it
   std::vector<uint64_t> allow;  // filtered search: eligible entries of a leaf, per 64-group
   std::vector<uint64_t> qbits;  // filtered search: a query's list as a bitset (kept all 0)
+  std::vector<float> qfold;     // the query times int8 scales (reorder.h)
+  std::vector<float> upper_scores;   // upper tree: node scores
+  std::vector<uint32_t> upper_pick;  // upper tree: nodes by score
+  std::vector<uint8_t> scored;       // upper tree: leaf l's score was computed
+  std::vector<float> tile;           // score_all_slots: a tile of the chunk's scores
+  std::vector<TopKBuffer> chunk_top;  // score_all_slots: each query's candidates
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -55,8 +62,12 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
            b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
-           b(allow) + b(qbits) +
-           candidates.bytes() + final_.bytes();
+           b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
+           b(tile) + b(chunk_top) + candidates.bytes() + final_.bytes() + [this] {
+             size_t t = 0;
+             for (const TopKBuffer& c : chunk_top) t += c.bytes();
+             return t;
+           }();
   }
 };
 
@@ -186,13 +197,83 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
   return out;
 }
 
-void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
-                   const float* precomputed, size_t first, Scratch& s) {
+// out[r] = q . row r of an int8 (with per-dimension and per-row scales) or bf16 array of
+// m rows: the quantized kernels of reorder.h. Leaves the folded query in s.qfold.
+void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales,
+                    const float* row_scales, size_t m, size_t d, const Kernels& kn,
+                    const float* q, Scratch& s, float* out) {
+  if (i8 != nullptr) {
+    grow(s.qfold, d);
+    fold_scales(q, scales, d, s.qfold.data());
+    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_i8(s.qfold.data(), i8 + r * d, d) * row_scales[r];
+  } else {
+    for (size_t r = 0; r < m; ++r) out[r] = kn.dot_bf16(q, bf16 + r * d, d);
+  }
+}
+
+// Scores of leaves [a, b) into s.leaf_scores (float32 or quantized centroids).
+void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, size_t a,
+                      size_t b, Scratch& s) {
+  float* sc = s.leaf_scores.data();
+  if (ix.quantized_centroids()) {
+    quantized_dots(ix.centroids_i8 ? ix.centroids_i8 + a * ix.d : nullptr,
+                   ix.centroids_bf16 ? ix.centroids_bf16 + a * ix.d : nullptr, ix.centroid_scales,
+                   ix.centroid_row_scales ? ix.centroid_row_scales + a : nullptr, b - a, ix.d, kn, q,
+                   s, sc + a);
+  } else {
+    kn.dots(q, 1, ix.centroids + a * ix.d, b - a, ix.d, sc + a);
+  }
+  for (size_t l = a; l < b; ++l) {
+    sc[l] = no_nan(sc[l]);
+    s.scored[l] = 1;
+  }
+}
+
+// Upper tree: scores the upper nodes, then the children of the best `upper` of them; the
+// other leaves get -inf (and scored[l] = 0) until widening needs them. Returns how many
+// leaves were scored.
+size_t score_upper_tree(const IndexView& ix, const Kernels& kn, const float* q, size_t upper,
+                        Scratch& s) {
+  const size_t U = ix.num_upper, L = ix.num_leaves;
+  grow(s.upper_scores, U);
+  grow(s.upper_pick, U);
+  grow_fill(s.scored, L, uint8_t{0});
+  std::fill(s.leaf_scores.begin(), s.leaf_scores.begin() + static_cast<std::ptrdiff_t>(L), -INFINITY);
+  kn.dots(q, 1, ix.upper_centroids, U, ix.d, s.upper_scores.data());
+  for (size_t u = 0; u < U; ++u) {
+    s.upper_scores[u] = no_nan(s.upper_scores[u]);
+    s.upper_pick[u] = static_cast<uint32_t>(u);
+  }
+  const float* us = s.upper_scores.data();
+  upper = std::min(std::max<size_t>(upper, 1), U);
+  std::partial_sort(s.upper_pick.begin(), s.upper_pick.begin() + static_cast<std::ptrdiff_t>(upper),
+                    s.upper_pick.begin() + static_cast<std::ptrdiff_t>(U),
+                    [us](uint32_t a, uint32_t b) { return better(us[a], a, us[b], b); });
+  size_t scored = 0;
+  for (size_t i = 0; i < upper; ++i) {
+    const uint32_t u = s.upper_pick[i];
+    const size_t a = static_cast<size_t>(ix.upper_offsets[u]), b = static_cast<size_t>(ix.upper_offsets[u + 1]);
+    score_leaf_range(ix, kn, q, a, b, s);
+    scored += b - a;
+  }
+  return scored;
+}
+
+// Returns the number of leaves to search first: `first`, or fewer when an upper tree
+// scored fewer leaves than that (the rest come by widening).
+size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
+                     const float* precomputed, size_t first, size_t upper, Scratch& s) {
   const size_t L = ix.num_leaves;
   grow(s.leaf_scores, L);
   float* sc = s.leaf_scores.data();
-  if (precomputed != nullptr) {
+  if (precomputed == nullptr && ix.num_upper > 0) {
+    first = std::min(first, score_upper_tree(ix, kn, q, upper, s));
+  } else if (precomputed != nullptr) {
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(precomputed[l]);
+  } else if (ix.quantized_centroids()) {
+    quantized_dots(ix.centroids_i8, ix.centroids_bf16, ix.centroid_scales, ix.centroid_row_scales, L,
+                   ix.d, kn, q, s, sc);
+    for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   } else {
     kn.dots(q, 1, ix.centroids, L, ix.d, sc);
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
@@ -230,10 +311,17 @@ void select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
             [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
   grow(s.leaf_order, L);
   for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
+  return first;
 }
 
 // Sorts the leaves past `first` (only needed when the searched ones held too few points).
-void sort_remaining_leaves(size_t first, Scratch& s) {
+// With an upper tree, the leaves not scored yet are scored first.
+void sort_remaining_leaves(const IndexView& ix, const Kernels& kn, const float* q,
+                           const float* precomputed, size_t first, Scratch& s) {
+  if (ix.num_upper > 0 && precomputed == nullptr) {
+    for (size_t l = 0; l < ix.num_leaves; ++l)
+      if (!s.scored[l]) score_leaf_range(ix, kn, q, l, l + 1, s);
+  }
   const float* sc = s.leaf_scores.data();
   std::sort(s.leaf_order.begin() + first, s.leaf_order.end(),
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
@@ -413,18 +501,27 @@ size_t scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Sc
 
 template <bool kF>
 size_t scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, const float* q,
-                     TopKBuffer& top, const QueryFilter& f) {
+                       TopKBuffer& top, const QueryFilter& f) {
   const int64_t a = ix.leaf_offsets[leaf], b = ix.leaf_offsets[leaf + 1];
-  size_t eligible = 0;
-  for (int64_t slot = a; slot < b; ++slot) {
-    if constexpr (kF) {
-      if (!f.ok(ix.slot_ids[slot])) continue;
-      ++eligible;
+  const size_t d = ix.d;
+  auto scan = [&](auto dot_at) {  // dot_at(slot)
+    size_t eligible = 0;
+    for (int64_t slot = a; slot < b; ++slot) {
+      if constexpr (kF) {
+        if (!f.ok(ix.slot_ids[slot])) continue;
+        ++eligible;
+      }
+      const float v = dot_at(static_cast<size_t>(slot));
+      if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
     }
-    const float v = kn.dot(q, ix.slot_rows + static_cast<size_t>(slot) * ix.d, ix.d);
-    if (v > top.threshold()) top.push(v, static_cast<uint32_t>(slot));
+    return eligible;
+  };
+  // With int8 slots, q is the query folded with their scales (search_one).
+  if (ix.slot_i8 != nullptr) {
+    return scan([&](size_t i) { return kn.dot_i8(q, ix.slot_i8 + i * d, d) * ix.slot_row_scales[i]; });
   }
-  return eligible;
+  if (ix.slot_bf16 != nullptr) return scan([&](size_t i) { return kn.dot_bf16(q, ix.slot_bf16 + i * d, d); });
+  return scan([&](size_t i) { return kn.dot(q, ix.slot_rows + i * d, d); });
 }
 
 // ---- Live index (IndexView's live fields, live.h): leaves are segments, candidates are
@@ -634,6 +731,42 @@ void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
   }
 }
 
+// Exact scores of rows against a query: from float32 rows, or from an int8 (with the
+// query folded by its scales, reorder.h) or bfloat16 copy. One of f32 / i8 / bf16 is set.
+struct RowScorer {
+  const Kernels* kn = nullptr;
+  const float* q = nullptr;  // the folded query for int8
+  size_t d = 0;
+  const float* f32 = nullptr;
+  const int8_t* i8 = nullptr;
+  const uint16_t* bf16 = nullptr;
+  const float* row_scales = nullptr;  // with i8
+
+  // For the reorder of a static index: its reorder rows, whichever type they are.
+  static RowScorer reorder(const IndexView& ix, const Kernels& kn, const float* q, Scratch& s) {
+    RowScorer r{&kn, q, ix.d, ix.reorder_rows, ix.reorder_i8, ix.reorder_bf16, ix.reorder_row_scales};
+    if (r.i8 != nullptr) r.fold(ix.reorder_scales, s);
+    return r;
+  }
+  void fold(const float* scales, Scratch& s) {
+    grow(s.qfold, d);
+    fold_scales(q, scales, d, s.qfold.data());
+    q = s.qfold.data();
+  }
+  size_t row_bytes() const { return d * (f32 != nullptr ? sizeof(float) : i8 != nullptr ? 1 : 2); }
+  const char* at(uint32_t row) const {
+    const char* base = f32 != nullptr ? reinterpret_cast<const char*>(f32)
+                       : i8 != nullptr ? reinterpret_cast<const char*>(i8)
+                                       : reinterpret_cast<const char*>(bf16);
+    return base + size_t{row} * row_bytes();
+  }
+  float operator()(uint32_t row) const {
+    if (f32 != nullptr) return kn->dot(q, f32 + size_t{row} * d, d);
+    if (i8 != nullptr) return kn->dot_i8(q, i8 + size_t{row} * d, d) * row_scales[row];
+    return kn->dot_bf16(q, bf16 + size_t{row} * d, d);
+  }
+};
+
 // A filtered query's plan for search_one<true>: its filter, its eligible row count.
 struct QueryPlan {
   QueryFilter f;
@@ -645,8 +778,9 @@ struct QueryPlan {
 template <bool kF>
 size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
                 const float* precomputed, const SearchParams& p, Scratch& s,
-                uint32_t* out_ids, float* out_scores, const QueryPlan* plan) {
-  const bool reorder = ix.reorder_rows != nullptr;
+                uint32_t* out_ids, float* out_scores, const QueryPlan* plan,
+                TopKBuffer* given = nullptr) {
+  const bool reorder = ix.reorders();
   // Rows that may be returned: all (n) or the eligible ones.
   const size_t avail = kF ? std::min(ix.n, plan->eligible) : ix.n;
   if (kF && avail == 0) return 0;
@@ -655,9 +789,12 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   // fill two slots, so 2 * cand_k slots are kept to be sure of cand_k distinct rows.
   const size_t cand_k = std::min(avail, reorder ? std::max(p.pre_reorder_k, final_k) : final_k);
   const bool spilled = ix.num_slots > ix.n;
-  const size_t keep = spilled ? std::min(ix.num_slots, 2 * cand_k) : cand_k;
+  const size_t keep =
+      spilled ? std::min(ix.num_slots, std::max(static_cast<size_t>(std::ceil(p.overretrieve * double(cand_k))),
+                                                2 * final_k))
+              : cand_k;
   const size_t L = ix.num_leaves;
-  size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);
+  size_t first = std::min(std::max<size_t>(p.leaves_to_search, 1), L);  // scored first
   const size_t need = keep;  // entries to have offered before stopping (eligible ones if kF)
   size_t seen = 0;  // entries scanned so far (eligible ones if kF): every one was offered
   QueryFilter f;
@@ -681,58 +818,69 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     return kF ? (seen >= need && eff >= eff_target) : (r + 1 >= first && seen >= need);
   };
   reserve_for(ix, keep, s);
-  select_leaves(ix, kn, q, precomputed, first, s);
-
   TopKBuffer& cand = s.candidates;
-  cand.reset(keep);
-  QuantLut ql;
-  const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
-  const bool live = ix.leaf_rows != nullptr;
-  if (ah) ql = build_lut(ix, q, s);
-  for (size_t r = 0; r < L; ++r) {
-    if (r == first) {
-      if (kF ? done(r) : seen >= need) break;
-      sort_remaining_leaves(first, s);  // fewer slots than needed so far: widen
+  if (given != nullptr) {  // scored already (score_all_slots): keep of them
+    std::swap(cand, *given);
+  } else {
+    first = select_leaves(ix, kn, q, precomputed, first, p.upper_to_search, s);
+
+    cand.reset(keep);
+    QuantLut ql;
+    const bool ah = ix.packed_codes != nullptr || (ix.leaf_codes != nullptr && ix.num_blocks > 0);
+    const bool live = ix.leaf_rows != nullptr;
+    if (ah) ql = build_lut(ix, q, s);
+    // The query the float scan scores with: folded with the int8 slot scales (reorder.h).
+    const float* q_scan = q;
+    if (!ah && ix.slot_i8 != nullptr) {
+      grow(s.qfold, ix.d);
+      fold_scales(q, ix.slot_scales, ix.d, s.qfold.data());
+      q_scan = s.qfold.data();
     }
-    const uint32_t leaf = s.leaf_order[r];
-    if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
-      const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
-      size_t e;
-      if (!ah) {
-        e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
-      } else if (ql.exact) {
-        e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
-      } else {
-        e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
+    for (size_t r = 0; r < L; ++r) {
+      if (r == first) {
+        if (kF ? done(r) : seen >= need) break;
+        sort_remaining_leaves(ix, kn, q, precomputed, first, s);  // too few so far: widen
       }
-      seen += kF ? e : ix.leaf_live[leaf];
+      const uint32_t leaf = s.leaf_order[r];
+      if (live) {  // widening counts live (and eligible) entries only: k such rows give k results
+        const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+        size_t e;
+        if (!ah) {
+          e = scan_leaf_float_live<kF>(ix, kn, leaf, q, cand, f);
+        } else if (ql.exact) {
+          e = scan_leaf_ah_exact_live<kF>(ix, leaf, base, s, cand, f);
+        } else {
+          e = scan_leaf_ah_live<kF>(ix, kn, leaf, base, ql, s, cand, f);
+        }
+        seen += kF ? e : ix.leaf_live[leaf];
+        if constexpr (kF) {
+          if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+        }
+        if (done(r)) break;
+        continue;
+      }
+      const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
+      // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
+      // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
+      // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
+      // below, push only scores above the threshold, which NaN never is.
+      const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
+      size_t e = 0;
+      if (!ah) {
+        e = scan_leaf_float<kF>(ix, kn, leaf, q_scan, cand, f);
+      } else if (ql.exact) {
+        e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
+      } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
+        scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
+      } else {
+        e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
+      }
+      seen += kF ? e : size;
       if constexpr (kF) {
-        if (ix.leaf_sizes[leaf] > 0) eff += static_cast<double>(e) / ix.leaf_sizes[leaf];
+        if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
       }
       if (done(r)) break;
-      continue;
     }
-    const size_t size = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - ix.leaf_offsets[leaf]);
-    // No NaN may reach a TopKBuffer (topk.h). The AH scans push base + sum * inv_scale
-    // unchecked: with base not NaN (inf + -inf is, hence no_nan) and inv_scale finite and
-    // >= 0 (build_lut), no score is NaN. The float and exact scans, and the final loop
-    // below, push only scores above the threshold, which NaN never is.
-    const float base = no_nan(s.leaf_scores[leaf] + ql.bias);
-    size_t e = 0;
-    if (!ah) {
-      e = scan_leaf_float<kF>(ix, kn, leaf, q, cand, f);
-    } else if (ql.exact) {
-      e = scan_leaf_ah_exact<kF>(ix, leaf, base, s, cand, f);
-    } else if (!kF && r == 0 && size > keep && ql.scale > 0) {
-      scan_first_leaf_ah(ix, kn, leaf, base, ql, s, cand);
-    } else {
-      e = scan_leaf_ah<kF>(ix, kn, leaf, base, ql, s, cand, f);
-    }
-    seen += kF ? e : size;
-    if constexpr (kF) {
-      if (size > 0) eff += static_cast<double>(e) / static_cast<double>(size);
-    }
-    if (done(r)) break;
   }
   const size_t nc = cand.finish_unsorted();
   size_t nr = nc;  // candidate rows: s.rows / s.row_scores
@@ -754,15 +902,16 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // The reorder rows are random accesses: request every row first, so that many cache
     // misses are in flight at once, then rescore. (The last byte too: a row that is not
     // line aligned may end in one more line.)
-    const size_t row_bytes = ix.d * sizeof(float);
+    const RowScorer score = RowScorer::reorder(ix, kn, q, s);
+    const size_t row_bytes = score.row_bytes();
     for (size_t i = 0; i < nr; ++i) {
-      const char* r = reinterpret_cast<const char*>(ix.reorder_rows + size_t{s.rows[i]} * ix.d);
+      const char* r = score.at(s.rows[i]);
       for (size_t off = 0; off < row_bytes; off += 64) prefetch(r + off);
       prefetch(r + row_bytes - 1);
     }
     for (size_t i = 0; i < nr; ++i) {
       const uint32_t row = s.rows[i];
-      const float v = kn.dot(q, ix.reorder_rows + static_cast<size_t>(row) * ix.d, ix.d);
+      const float v = score(row);
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else {
@@ -780,18 +929,49 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   return nf;
 }
 
-// The exact plan: every eligible row scored exactly against rows (num_rows * d, row
-// order), the best final_k kept. Eligible: with an allow list (list), the list's rows
+// score_brute_force without a tree, in float32 (a static index): every slot is scored
+// for a chunk of queries at once, tile by tile, by kn.dots, which reads each row once
+// per four queries and gives the same values as kn.dot one query at a time (so results
+// do not depend on chunking: search_one then finishes each query from its buffer).
+bool scores_all_slots(const IndexView& ix) {
+  return ix.num_leaves == 1 && ix.packed_codes == nullptr && ix.slot_rows != nullptr &&
+         ix.leaf_rows == nullptr && ix.num_slots == ix.n;
+}
+
+// Fills s.chunk_top[0, nq) with each query's best `keep` slots.
+void score_all_slots(const IndexView& ix, const Kernels& kn, const float* qs, size_t nq,
+                     size_t keep, Scratch& s) {
+  constexpr size_t kTile = 256;
+  if (s.chunk_top.size() < nq) {
+    fault::alloc();
+    s.chunk_top.resize(nq);
+  }
+  for (size_t i = 0; i < nq; ++i) s.chunk_top[i].reset(keep);
+  grow(s.tile, nq * kTile);
+  const size_t d = ix.d;
+  for (size_t r0 = 0; r0 < ix.num_slots; r0 += kTile) {
+    const size_t m = std::min(kTile, ix.num_slots - r0);
+    kn.dots(qs, nq, ix.slot_rows + r0 * d, m, d, s.tile.data());
+    for (size_t i = 0; i < nq; ++i) {
+      TopKBuffer& top = s.chunk_top[i];
+      const float* sc = s.tile.data() + i * m;
+      for (size_t r = 0; r < m; ++r) {
+        if (sc[r] > top.threshold()) top.push(sc[r], static_cast<uint32_t>(r0 + r));
+      }
+    }
+  }
+}
+
+// The exact plan: every eligible row scored exactly by `score` (rows in row order), the
+// best final_k kept. Eligible: with an allow list (list), the list's rows
 // marked in `deny` (here: the marks of its eligible rows); otherwise the rows of the row
 // space passing allow and not in deny. Dead rows never.
-size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, const float* rows,
-                    const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
+size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t* allow, const uint64_t* deny, const uint32_t* list,
                     size_t list_n, const uint32_t* shared_rows, size_t shared_n, size_t final_k,
                     Scratch& s, uint32_t* out_ids, float* out_scores) {
   if (final_k == 0) return 0;
   TopKBuffer& fin = s.final_;
   fin.reset(final_k);
-  const size_t d = ix.d;
   const uint64_t* dead = ix.dead;
   if (list != nullptr) {
     // marks: the list's eligible rows as a bitset (search_batch_filtered); each is cleared
@@ -799,18 +979,18 @@ size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, cons
     uint64_t* marks = const_cast<uint64_t*>(deny);
     constexpr size_t kAhead = 8;  // random rows: keep several cache misses in flight
     for (size_t i = 0; i < list_n; ++i) {
-      if (i + kAhead < list_n) prefetch(rows + size_t{list[i + kAhead]} * d);
+      if (i + kAhead < list_n) prefetch(score.at(list[i + kAhead]));
       const uint32_t row = list[i];
       if (!bit_set(marks, row)) continue;
       marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
-      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      const float v = score(row);
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
     for (size_t i = 0; i < shared_n; ++i) {
       const uint32_t row = shared_rows[i];
       if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
-      const float v = kn.dot(q, rows + size_t{row} * d, d);
+      const float v = score(row);
       if (v > fin.threshold()) fin.push(v, row);
     }
   } else {
@@ -823,7 +1003,7 @@ size_t search_exact(const IndexView& ix, const Kernels& kn, const float* q, cons
       while (m != 0) {
         const uint32_t row = static_cast<uint32_t>(w * 64 + ctz64(m));
         m &= m - 1;
-        const float v = kn.dot(q, rows + size_t{row} * d, d);
+        const float v = score(row);
         if (v > fin.threshold()) fin.push(v, row);
       }
     }
@@ -855,10 +1035,23 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
     for (size_t w = 1; w < parts; ++w) more.emplace_back(cache);
   }
   const size_t L = index.num_leaves;
+  const bool all_slots = scores_all_slots(index);
+  // Slots kept per query there: the candidates search_one would keep (no spilling).
+  const size_t all_keep = std::min(index.n, index.reorders() ? std::max(params.pre_reorder_k, params.final_k)
+                                                             : params.final_k);
   parallel_for_dynamic(nq, num_threads, kChunk, [&](size_t b, size_t e, int w) {
     Scratch& s = w == 0 ? first.get() : more[static_cast<size_t>(w - 1)].get();
+    if (all_slots && e - b > 1) {
+      score_all_slots(index, kn, queries + b * index.d, e - b, all_keep, s);
+      for (size_t i = b; i < e; ++i) {
+        search_one<false>(index, kn, queries + i * index.d, nullptr, params, s,
+                          out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr,
+                          &s.chunk_top[i - b]);
+      }
+      return;
+    }
     const float* chunk_scores = leaf_scores ? leaf_scores + b * L : nullptr;
-    if (chunk_scores == nullptr && e - b > 1) {
+    if (chunk_scores == nullptr && e - b > 1 && !index.quantized_centroids() && index.num_upper == 0) {
       // The chunk's centroid scores in one pass over the centroids (the same values the
       // per-query kernel gives, so results do not depend on how queries are chunked).
       grow(s.chunk_scores, (e - b) * L);
@@ -915,7 +1108,8 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
         list = spec.list_rows + spec.list_offsets[i];
         list_n = static_cast<size_t>(spec.list_offsets[i + 1] - spec.list_offsets[i]);
       }
-      const bool exact = spec.exact != nullptr && spec.exact[i] != 0 && exact_rows != nullptr;
+      const bool exact = spec.exact != nullptr && spec.exact[i] != 0 &&
+                         (exact_rows != nullptr || index.reorders());
       // The query's list as a bitset in the scratch (all zero between queries): the
       // eligible rows it names (allowed by the shared bitset and live), or every row it
       // excludes; a row named twice counts once.
@@ -938,7 +1132,9 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
       }
       size_t nf;
       if (exact) {
-        nf = search_exact(index, kn, q, exact_rows, spec.allow, bits ? s.qbits.data() : nullptr,
+        RowScorer score = RowScorer::reorder(index, kn, q, s);
+        if (exact_rows != nullptr) score = RowScorer{&kn, q, index.d, exact_rows};
+        nf = search_exact(index, score, spec.allow, bits ? s.qbits.data() : nullptr,
                           spec.list_excludes ? nullptr : list, list_n, spec.shared_rows,
                           spec.shared_count, std::min(k, eligible), s, ids, scores);
       } else {

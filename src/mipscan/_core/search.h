@@ -66,12 +66,47 @@ struct IndexView {
   const uint64_t* dead = nullptr;
   const float* row_data = nullptr;
   size_t num_rows = 0;
+  // Quantized copies (reorder.h), each instead of its float32 counterpart above (at most
+  // one of float32 / int8 / bf16 is set per role). int8 ones come with d per-dimension
+  // scales > 0 and one scale in (0, 1] per row: x[i][j] = row_scales[i] * scales[j] *
+  // c[i][j]. Reorder: n * d, row order; slots: num_slots * d, slot order; centroids:
+  // num_leaves * d, used for the leaf scores instead of `centroids` when set.
+  const int8_t* reorder_i8 = nullptr;
+  const uint16_t* reorder_bf16 = nullptr;
+  const float* reorder_scales = nullptr;
+  const float* reorder_row_scales = nullptr;
+  const int8_t* slot_i8 = nullptr;
+  const uint16_t* slot_bf16 = nullptr;
+  const float* slot_scales = nullptr;
+  const float* slot_row_scales = nullptr;
+  const int8_t* centroids_i8 = nullptr;
+  const uint16_t* centroids_bf16 = nullptr;
+  const float* centroid_scales = nullptr;
+  const float* centroid_row_scales = nullptr;
+
+  // Upper tree (ScaNN's upper_tree, present when num_upper > 0): the leaves are grouped
+  // by upper node, node u's children being leaves [upper_offsets[u], upper_offsets[u+1])
+  // (every node has at least one); a query scores the num_upper upper_centroids
+  // (num_upper * d) first and then only the children of its best upper nodes.
+  size_t num_upper = 0;
+  const float* upper_centroids = nullptr;
+  const int64_t* upper_offsets = nullptr;
+
+  bool reorders() const { return reorder_rows || reorder_i8 || reorder_bf16; }
+  bool quantized_centroids() const { return centroids_i8 || centroids_bf16; }
 };
 
 struct SearchParams {
   size_t leaves_to_search = 1;  // 1..num_leaves
   size_t pre_reorder_k = 1;     // approximate candidates kept (>= final_k when reordering)
   size_t final_k = 1;           // 1..n
+  // Spilled indexes (SOAR): candidate slots kept per distinct row to take, >= 1 (ScaNN's
+  // overretrieve_factor); at least 2 * final_k slots are kept whatever it is.
+  double overretrieve = 2.0;
+  // Upper nodes whose children are scored (1..num_upper; used when num_upper > 0). If
+  // their children are fewer than leaves_to_search, or hold too few points, the other
+  // leaves are scored and searched after them, best first.
+  size_t upper_to_search = 1;
 };
 
 // Filtered search (DESIGN.md "Filters"). A row is eligible when it is live, allowed by
@@ -156,7 +191,8 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& ke
 // Filtered search: as above, but each query's results are the best of its eligible rows
 // (FilterSpec): out_counts[i] = min(final_k, eligible[i]) results, the rest of the row
 // padded with id UINT32_MAX and score -inf. A query marked exact scores its eligible rows
-// exactly (exact_rows: num_rows * d floats in row order, required when any is marked),
+// exactly (from exact_rows, num_rows * d floats in row order, or else from the index's
+// reorder rows of any type; a query marked exact without either searches the index),
 // the others search the index with the filter in the result handling.
 void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Kernels& kernels,
                            const float* queries, size_t nq, const float* leaf_scores,
