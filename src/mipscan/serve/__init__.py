@@ -14,6 +14,9 @@ Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx sta
 - ``GET /`` the demo page, when page data sits beside the folder (``INDEX_DIR.page``,
   written by ``mipscan demo --save-index``).
 
+``mipscan serve --ray`` serves the same app from Ray Serve replicas that share one
+sharded index on Ray actors (:mod:`mipscan.serve._ray`; the ``serve`` and ``ray`` extras).
+
 This module needs only the standard library and numpy; the app (Starlette, uvicorn,
 prometheus-client: the ``serve`` extra) is imported when a server starts.
 """
