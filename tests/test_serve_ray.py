@@ -306,6 +306,18 @@ def test_a_killed_shard_is_restored_or_named(server, folders):
     assert _search(client, q) == want  # the folder is back: restarted on the next search
 
 
+def test_a_dead_owner_is_a_503_naming_the_index(server):
+    """Last of the server's tests: the owner's process killed (its shards go with it)."""
+    client, port = server
+    os.kill(ray.get(_owner(port).view.remote())["owner_pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    for path, body, headers in (("/search", {"queries": GOOD}, {}),
+                                ("/upsert", {"docids": [5], "vectors": GOOD}, AUTH)):
+        r = client.post(path, json=body, headers=headers)
+        assert r.status_code == 503 and r.json()["field"] == "index", r.text
+        assert "owner actor died" in r.json()["error"]
+
+
 # ---------------------------------------------------------------- the command line
 def test_cli_refusals_before_any_cluster(folders, tmp_path):
     p = run_cli("serve", "--ray", str(folders / "sharded"), "--host", "0.0.0.0",

@@ -68,9 +68,10 @@ VERSION = 1
 
 class ShardUnavailableError(RuntimeError):
     """A shard could not answer (its actor died and could not be started again within
-    the retries). The message names the shard and its source; ``shard`` holds its number."""
+    the retries). The message names the shard and its source; ``shard`` holds its number,
+    or None when the whole index is gone (a :class:`SharedIndex` whose owner died)."""
 
-    def __init__(self, message: str, shard: int):
+    def __init__(self, message: str, shard: int | None):
         super().__init__(message)
         self.shard = shard
 
@@ -866,6 +867,7 @@ class _Owner:
     def view(self) -> dict:
         ix = self.index
         return {"epoch": self.epoch, "actors": ix.actors(), "n": ix.n, "d": ix.d,
+                "owner_pid": os.getpid(),
                 "distance_measure": ix.distance_measure, "num_neighbors": ix.num_neighbors,
                 "plain": ix.plain, "folder": str(ix.folder), "loaded_at": self.loaded_at,
                 "shards": ix._call_all("info")}
@@ -932,16 +934,42 @@ def share(directory, *, threads_per_shard: int = 1, actor_options: dict | None =
     return owner
 
 
+def _owner_error(ray, exc: BaseException) -> BaseException | None:
+    """What an owner call's ``exc`` is raised as: the remote call's own exception
+    (KeyError, ValueError, ShardUnavailableError, ...) instead of Ray's wrapper of it, and
+    ShardUnavailableError (shard None) when the owner itself is gone; None: ``exc`` as is."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, Exception) else None
+    if isinstance(exc, ray.exceptions.RayActorError):
+        # Its shard actors went with it (an actor's actors share its fate); restarting it
+        # from the folder would drop the updates made since: say so instead.
+        return ShardUnavailableError(
+            "the index's owner actor died, and the shards with it; start the service again "
+            f"(updates since the last snapshot are lost): {_first_line(exc)}", None)
+    return None
+
+
 def _unwrap(ray, call: Callable):
-    """``call()``, raising a remote call's own exception (KeyError, ValueError,
-    ShardUnavailableError, ...) instead of Ray's wrapper of it."""
+    """``call()`` of the owner; its errors as :func:`_owner_error` says."""
     try:
         return call()
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        err = _owner_error(ray, exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+async def _unwrap_async(ray, ref):
+    """As :func:`_unwrap`, awaiting ``ref``."""
+    try:
+        return await ref
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        err = _owner_error(ray, exc)
+        if err is None:
+            raise
+        raise err from None
 
 
 class SharedIndex:
@@ -1057,11 +1085,8 @@ class SharedIndex:
             step = self._settle(view, answers, k)
             if isinstance(step, SearchResult):
                 return step
-            try:
-                self._set(await getattr(self.owner, step[0]).remote(*step[1]))
-            except self._ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                raise (cause if isinstance(cause, Exception) else exc) from None
+            self._set(await _unwrap_async(self._ray,
+                                          getattr(self.owner, step[0]).remote(*step[1])))
         raise self._gave_up(call, step)
 
     search_batched_parallel = search_batched  # the shards search with their own threads

@@ -556,7 +556,8 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
             except HTTPError as exc:
                 return _error(exc)
             except ShardUnavailableError as exc:  # never a partial answer: this one shard
-                return _error(HTTPError(503, f"shard {exc.shard}", str(exc)[:500]))
+                field = "index" if exc.shard is None else f"shard {exc.shard}"
+                return _error(HTTPError(503, field, str(exc)[:500]))
             except Exception:  # a bug, not the client's fault: logged, no details sent
                 log.exception("internal error in %s", request.url.path)
                 return _json({"error": "internal server error", "field": None}, 500)
