@@ -212,7 +212,7 @@ def test_build_from_a_ray_dataset(cluster, tmp_path):
         assert np.array_equal(index.search_batched(q).indices, want)
 
 
-def test_upsert_and_delete_are_routed_or_refused(cluster):
+def test_upsert_and_delete_are_routed_or_refused(cluster, tmp_path):
     db, q = _data(n=3000)
     with ShardedIndex.build(db, 2, 10) as index:
         new = np.ones((2, 32), np.float32) * 50
@@ -230,6 +230,14 @@ def test_upsert_and_delete_are_routed_or_refused(cluster):
             index.delete(np.array([10_000]))
         owner = shard_of([10_001], 2)[0]
         ray.kill(index.actors()[owner], no_restart=False)  # replayed on restart
+        assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
+        # Written with its updates, then killed: restarted from the folder, nothing replayed.
+        index.serialize(tmp_path / "sharded")
+        ray.kill(index.actors()[owner], no_restart=False)
+        assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
+        # A delete naming one known and one unknown docid deletes neither.
+        with pytest.raises(KeyError, match="nothing was deleted"):
+            index.delete(np.array([10_001, 10_000]))
         assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
 
 

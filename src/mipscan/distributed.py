@@ -561,7 +561,7 @@ class ShardedIndex:
         with self._write_lock:
             self._call_all("serialize", str(self.folder), None)
             with self._lock:
-                self._log = [[]]  # the folder now holds every update
+                self._log, self._updates = [[]], [0]  # the folder holds every update
 
     # -------------------------------------------------------------- actors
     def _start(self, i: int):
@@ -749,7 +749,10 @@ class ShardedIndex:
             _commit(root, self.meta, entries, generation)
             with self._lock:
                 self._sources = [("folder", str(root), e) for e in entries]
+                # The folders hold every update: a restarted shard replays none, so it
+                # must have applied none of its own (the live ones count more: fine).
                 self._log = [[] for _ in entries]
+                self._updates = [0] * len(entries)
 
     def shutdown(self) -> None:
         """Ends the shard actors."""
