@@ -341,8 +341,12 @@ class _Shard:
 
     def missing(self, docids: np.ndarray):
         """The first of ``docids`` this shard does not hold, or None."""
-        rows_of = getattr(self.searcher, "_rows_of", None) or {}
-        return next((int(i) for i in docids if int(i) not in rows_of), None)
+        # The searcher's docid -> row map once an update has made it; before that, its
+        # live docids (once per actor: the delete that follows makes the map).
+        known = getattr(self.searcher, "_rows_of", None)
+        if known is None:
+            known = set(self.searcher.docids or ())
+        return next((int(i) for i in docids if int(i) not in known), None)
 
     def delete(self, docids: np.ndarray) -> int:
         self.searcher.delete(docids)
