@@ -532,6 +532,63 @@ def check_incremental_update(args):
 
 
 @check
+def check_linked_incremental(args):
+    """In linked mode (the layer follows a keras.Variable, without candidate ids) the
+    index is updated in place too: update_candidates(the variable) and an eager call
+    after the values changed apply the difference (no build: same searcher, build count
+    unchanged), the link is kept, and recall against exact search stays that of a fresh
+    build; a change of every row rebuilds."""
+    import keras
+
+    from mipscan.keras import ApproximateRetrieval
+
+    n, d = 3000, 8
+    db, queries = _data(n, d, 200, seed=11)
+    var = keras.Variable(db, dtype="float32")
+    # A tree + AH index at this size (the default would score 3,000 candidates exactly).
+    knobs = dict(k=10, num_leaves=30, num_leaves_to_search=10, dimensions_per_block=2)
+    layer = ApproximateRetrieval(**knobs)
+    layer.candidate_embeddings = var
+    builds = []
+    build = layer._build_searcher
+    layer._build_searcher = lambda *a, **kw: builds.append(1) or build(*a, **kw)
+    layer(queries)  # the first eager call builds
+    searcher = layer.searcher
+    assert len(builds) == 1 and "tree" in searcher.config and searcher.has_docids
+
+    def exact_recall(values):
+        truth = np.argsort(-(queries @ values.T), axis=1)[:, :10]
+        return _recall(_np(layer(queries)[1]), truth)
+
+    rng = np.random.default_rng(12)
+    new = db.copy()
+    moved = rng.choice(n, 300, replace=False)
+    new[moved] = db[rng.choice(n, 300, replace=False)] + 0.1 * rng.normal(size=(300, d))
+    var.assign(new)
+    layer.update_candidates(layer.candidate_embeddings)
+    assert layer.searcher is searcher and len(builds) == 1, "update_candidates rebuilt"
+    assert layer.candidate_embeddings is var, "the link was dropped"
+    assert searcher.size() == n and sorted(searcher.docids) == list(range(n))
+    got = exact_recall(new)
+    fresh = ApproximateRetrieval(new, **knobs)
+    truth = np.argsort(-(queries @ new.T), axis=1)[:, :10]
+    want = _recall(_np(fresh(queries)[1]), truth)
+    assert got >= want - 0.03 and got > 0.85, (got, want)
+    # An eager call after the values changed again updates in place as well.
+    newer = new.copy()
+    newer[:100] = -new[:100]
+    var.assign(newer)
+    got = exact_recall(newer)
+    assert layer.searcher is searcher and len(builds) == 1, "an eager call rebuilt"
+    assert got > 0.85, got
+    var.assign(newer[::-1].copy() + 1.0)  # every row changes: rebuilt (retrained)
+    layer(queries)
+    assert layer.searcher is not searcher and len(builds) == 2
+    return (f"linked updates in place: recall@10 {got:.3f} (fresh build {want:.3f}); "
+            "a change of every row rebuilds")
+
+
+@check
 def check_tutorial_model(args):
     """The Keras-RS tutorials' pattern: the model's build() assigns the candidate tower's
     variable (`retrieval.candidate_embeddings = ...embeddings`), fit() trains it, and

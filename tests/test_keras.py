@@ -21,7 +21,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("keras_backend_checks.py")
 BACKENDS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}  # name -> module
 CHECKS = ["contract", "compiled", "config", "save_load", "load_other_backend", "errors",
-          "update_candidates", "incremental_update", "tutorial_model", "owns_data", "nan_queries", "racing_updates",
+          "update_candidates", "incremental_update", "linked_incremental", "tutorial_model", "owns_data", "nan_queries", "racing_updates",
           "tampered_assets"]
 #: The backend whose saved model the others load (check load_other_backend).
 SAVING_BACKEND = "jax"

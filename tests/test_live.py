@@ -261,28 +261,46 @@ def test_memory_returns_after_rebalance(data):
     assert s._state.live is None and s.index_bytes < 1500 * 12 * 4 * 2 + 200_000
 
 
+#: The stress test's memory bound: per live row added, its float32 vector plus this much
+#: (the index's row store at up to twice the rows, row leaves, docid, the docid -> row
+#: dict, and the test's own {docid: vector} versions) ...
+ROW_ALLOWANCE = 1024
+#: ... plus this much in all (allocator arenas of the 9 threads, the last snapshots and
+#: versions still referenced, interpreter caches).
+RSS_ALLOWANCE = 24 << 20
+
+
 def test_concurrent_searches_see_one_snapshot(data):
     """N threads search while one thread upserts, replaces and deletes; every result is
-    exact top-k over one snapshot published between the search's start and end."""
+    exact top-k over one snapshot published between the search's start and end; and the
+    process grows by no more than the data added (ROW_ALLOWANCE, RSS_ALLOWANCE)."""
     rng, db = data
     n0 = 800
     s = _exact_searcher(db[:n0], list(range(n0)), leaves=8)
-    versions = [{i: db[i] for i in range(n0)}]
+    # Versions no reader can still need (below every reader's oldest candidate) are
+    # dropped, so a long run holds a few versions, not one per update.
+    versions = {0: {i: db[i] for i in range(n0)}}
     published = [0]  # index of the newest version whose update call returned
     stop = threading.Event()
     errors = []
     # MIPSCAN_LIVE_STRESS_SECONDS=60: the issue's 8 readers and 1 updater for a minute.
     stress = float(os.environ.get("MIPSCAN_LIVE_STRESS_SECONDS", "0"))
-    steps = 12 if SANITIZED else 40
+    num_readers = 8 if stress else 4
+    oldest_read = [0] * num_readers  # per reader: the oldest version it may check against
+    steps, warm = (12, 4) if SANITIZED else (40, 8)
     deadline = time.monotonic() + stress
     q = rng.normal(size=(16, 12)).astype(np.float32)
+    memory = {}
 
     def writer():
         try:
             cur = dict(versions[0])
             nxt_id = n0
             step = 0
+            oldest = 0
             while step < steps or time.monotonic() < deadline:
+                if step == warm:  # threads, arenas and caches are up: the baseline
+                    memory["before"], memory["rows_before"] = _rss(), s.size()
                 op = step % 4
                 step += 1
                 if op in (0, 1):
@@ -296,17 +314,23 @@ def test_concurrent_searches_see_one_snapshot(data):
                     cur.update(zip(ids, vecs))
                     # Recorded before the call: a search may see it once the call
                     # publishes it, before the call returns.
-                    versions.append(cur)
+                    versions[step] = cur
                     s.upsert(ids, vecs)
                 elif op == 2:
                     dels = list(cur)[5:45]
                     cur = {k: v for k, v in cur.items() if k not in set(dels)}
-                    versions.append(cur)
+                    versions[step] = cur
                     s.delete(dels)
                 else:
-                    versions.append(cur)
+                    versions[step] = cur
                     s.rebalance()
-                published[0] = len(versions) - 1
+                published[0] = step
+                # A reader's entry only grows, and is at most the published index it
+                # read, so every version a running search may check is kept.
+                for v in range(oldest, min(oldest_read)):
+                    versions.pop(v, None)
+                oldest = max(oldest, min(oldest_read))
+            memory["versions"] = len(versions)
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
         finally:
@@ -317,12 +341,14 @@ def test_concurrent_searches_see_one_snapshot(data):
             i = t
             while not stop.is_set() or i < t + 4:
                 lo = published[0]
+                oldest_read[t] = lo
                 qi = q[i % len(q)]
                 r = s.search(qi, final_num_neighbors=10) if i % 2 else \
                     s.search_batched_parallel(qi[None, :], final_num_neighbors=10)
                 ids, sc = (r.indices, r.distances) if i % 2 else (r.indices[0], r.distances[0])
-                hi = min(published[0] + 1, len(versions) - 1)
-                if not any(_matches(ids, sc, versions[v], qi, 10) for v in range(lo, hi + 1)):
+                hi = min(published[0] + 1, max(versions))
+                if not any(_matches(ids, sc, versions[v], qi, 10) for v in range(lo, hi + 1)
+                           if v in versions):
                     errors.append(AssertionError(f"result of query {i} matches no snapshot "
                                                  f"in [{lo}, {hi}]: {list(ids)}"))
                     return
@@ -330,7 +356,7 @@ def test_concurrent_searches_see_one_snapshot(data):
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
 
-    readers = [threading.Thread(target=reader, args=(t,)) for t in range(8 if stress else 4)]
+    readers = [threading.Thread(target=reader, args=(t,)) for t in range(num_readers)]
     w = threading.Thread(target=writer)
     for th in readers:
         th.start()
@@ -340,6 +366,17 @@ def test_concurrent_searches_see_one_snapshot(data):
         th.join()
     assert not errors, errors[0]
     assert published[0] >= steps
+    if SANITIZED or not os.path.exists("/proc/self/statm"):
+        return  # sanitizers hold freed memory
+    after, rows = _rss(), s.size()
+    added = max(0, rows - memory["rows_before"])
+    bound = added * (12 * 4 + ROW_ALLOWANCE) + RSS_ALLOWANCE
+    growth = after - memory["before"]
+    print(f"stress: {published[0]} updates, {num_readers} readers, RSS {memory['before'] / 2**20:.1f}"
+          f" -> {after / 2**20:.1f} MiB, {added} rows added ({added * 48 / 2**20:.2f} MiB of"
+          f" vectors), {memory['versions']} versions held at the end")
+    assert growth <= bound, (f"RSS grew by {growth / 2**20:.1f} MiB, more than the "
+                             f"{bound / 2**20:.1f} MiB allowed for {added} rows added")
 
 
 def _rss() -> int:
@@ -381,3 +418,195 @@ def test_memory_does_not_grow_under_churn_with_searches():
     growth = rss[-1] - rss[1]
     assert growth < 32 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 4 rounds: {rss}"
     assert s.size() == n
+
+
+def test_deletes_compact_worn_leaves_keeping_codes(data):
+    """A leaf whose tombstones reach COMPACT_SHARE of its segment is rewritten without
+    them by the delete itself: the segments then hold few dead entries, and the AH scores
+    of the live entries are unchanged (codes are moved, not re-encoded): the results equal
+    those of the index before the delete with the deleted ids excluded."""
+    from mipscan import _live
+    rng, db = data
+    s = mipscan.builder(db, 10, "dot_product").tree(20, 20).score_ah(2).build(
+        docids=list(range(len(db))))
+    q = rng.normal(size=(20, 12)).astype(np.float32)
+    dels = list(range(0, len(db), 4))
+    want = s.search_batched(q, leaves_to_search=20, excluded=dels)
+    for b in range(0, len(dels), 100):
+        s.delete(dels[b:b + 100])
+    st = s._state
+    seg = st.live.leaf_sizes().astype(np.int64)
+    dead = seg - st.leaf_live
+    assert np.all(dead < np.maximum(_live.COMPACT_MIN, _live.COMPACT_SHARE * seg)), dead
+    assert seg.sum() < 1.12 * s.size()
+    got = s.search_batched(q, leaves_to_search=20)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.distances, want.distances)
+
+
+def test_start_empty_online_incremental_grows_and_shrinks():
+    """As ScaNN's autopilot(ONLINE_INCREMENTAL): an index built on no data with
+    docids=[] has size 0 and answers (nq, 0); upserts make it brute force, then tree + AH
+    + reorder past the brute-force size; deleting everything and upserting again works."""
+    from mipscan._policy import BRUTE_FORCE_BELOW
+    rng = np.random.default_rng(21)
+    big = rng.normal(size=(BRUTE_FORCE_BELOW + 1000, 8)).astype(np.float32)
+    mode = scann_builder.IncrementalMode.ONLINE_INCREMENTAL
+    s = mipscan.builder(np.zeros((0, 8), np.float32), 10, "dot_product").autopilot(
+        mode=mode).build(docids=[])
+    assert s.size() == 0 and s.docids == [] and s.config().startswith("method: brute force")
+    r = s.search_batched(big[:3])
+    assert r.indices.shape == (3, 0) and r.distances.shape == (3, 0)
+    assert s.search(big[0]).indices.shape == (0,)
+    assert s.search_batched(np.zeros((0, 8), np.float32)).indices.shape == (0, 0)
+    assert "n=0" in repr(s) and s.index_bytes == 0
+    s.upsert([0, 1], big[:2])
+    assert s.size() == 2 and s.search(big[1]).indices.shape == (2,)
+    for b in range(2, len(big), 4096):
+        e = min(b + 4096, len(big))
+        s.upsert(list(range(b, e)), big[b:e])
+    assert s.config().startswith("method: partitioning + asymmetric hashing + reorder")
+    assert s.config() == mipscan.builder(big, 10, "dot_product").autopilot(mode=mode).create_config()
+    q = big[:50] + 0.01
+    truth = np.argsort(-(q @ big.T), axis=1)[:, :10]
+    found = s.search_batched(q).indices
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) > 0.9
+    s.delete(list(range(len(big))))
+    assert s.size() == 0 and s.search_batched(q).indices.shape == (50, 0)
+    s.upsert([7, 8], big[7:9])
+    assert s.config().startswith("method: brute force")
+    assert sorted(s.search(big[7]).indices) == [7, 8]
+
+
+@pytest.mark.parametrize("metric", ["dot_product", "cosine", "squared_l2"])
+def test_start_empty_brute_force_takes_the_kind_of_the_first_docids(metric, tmp_path):
+    s = mipscan.builder(np.zeros((0, 4), np.float64), 3, metric).score_brute_force().build(
+        docids=[])
+    assert s.size() == 0
+    with pytest.raises(ValueError, match="no live datapoints"):
+        s.serialize(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(ValueError, match="no live datapoints"):
+        import pickle
+        pickle.dumps(s)
+    eye = np.eye(4, dtype=np.float32)
+    s.upsert(["a", "b"], eye[:2])
+    r = s.search(eye[1])
+    assert list(r.indices) == ["b", "a"]
+    with pytest.raises(TypeError, match="docids must be str"):
+        s.upsert([3], eye[:1])
+    s.serialize(tmp_path / "two")
+    loaded = mipscan.load_searcher(tmp_path / "two")
+    assert loaded.size() == 2 and list(loaded.search(eye[1]).indices) == ["b", "a"]
+
+
+@pytest.mark.parametrize("stages, docids, needle", [
+    (lambda b: b.tree(4, 2).score_brute_force(), [], "tree() cannot be built without data"),
+    (lambda b: b.score_ah(2), [], "score_ah() cannot be built without data"),
+    (lambda b: b.score_brute_force().reorder(5), [], "reorder() cannot be built without data"),
+    (lambda b: b.score_brute_force(quantize=True), [], "quantized copy"),
+    (lambda b: b.autopilot(), [], "needs mode=IncrementalMode.ONLINE_INCREMENTAL"),
+    (lambda b: b.score_brute_force(), None, "got docids=None"),
+    (lambda b: b.score_brute_force(), ["x"], "got docids=1 entries"),
+])
+def test_every_other_empty_build_names_db(stages, docids, needle):
+    b = stages(mipscan.builder(np.zeros((0, 4), np.float32), 3, "dot_product"))
+    with pytest.raises(ValueError) as info:
+        b.build(docids=docids)
+    assert "build(): db is empty (shape (0, 4))" in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("db, exc, needle", [
+    (np.zeros((0, 0), np.float32), ValueError, "db must not be empty"),
+    (np.zeros((3, 0), np.float32), ValueError, "db must not be empty"),
+    (np.zeros((0,), np.float32), ValueError, "db must be 2-D"),
+    (np.zeros((0, 4), np.int32), TypeError, "db must have a float dtype"),
+])
+def test_empty_db_of_no_dimensions_or_no_float_is_refused(db, exc, needle):
+    with pytest.raises(exc, match=needle):
+        mipscan.builder(db, 1, "dot_product")
+
+
+def test_empty_batches_and_edge_updates(data):
+    """Empty batches change nothing; upsert without vectors, a bad batch into an empty
+    index, and ids or strategies checked on an empty index raise by name."""
+    rng, db = data
+    s = _exact_searcher(db[:100], [f"d{i}" for i in range(100)], leaves=4)
+    q = db[:5]
+    before = s.search_batched(q)
+    st = s._state
+    s.upsert([], np.zeros((0, 12), np.float32))
+    s.upsert([], [])
+    s.delete([])
+    s.update([], np.zeros((0, 12), np.float32), delete=[])
+    assert s._state is st  # nothing published
+    with pytest.raises(TypeError, match="upsert\\(\\): vectors must be a float array"):
+        s.upsert(["x"], None)
+    with pytest.raises(ValueError, match="got 0 docids but 1 vectors"):
+        s.upsert([], db[:1])
+    with pytest.raises(ValueError, match="both upserted and deleted"):
+        s.update(["d1"], db[:1], delete=["d1"])
+    assert s._state is st
+    np.testing.assert_array_equal(s.search_batched(q).indices, before.indices)
+
+    e = mipscan.builder(np.zeros((0, 12), np.float32), 5, "dot_product").score_brute_force() \
+        .build(docids=[])
+    bad = db[:2].copy()
+    bad[1, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        e.upsert(["a", "b"], bad)
+    assert e.size() == 0 and e._state.docid_kind is None  # the kind is still open
+    with pytest.raises(ValueError, match="allowed holds 'x', which is not in the index"):
+        e.search(db[0], allowed=["x"])
+    with pytest.raises(ValueError, match="filter_strategy"):
+        e.search(db[0], filter_strategy="fast")
+    assert e.search(db[0], allowed=[]).indices.shape == (0,)
+    e.upsert([5, 6], db[5:7])
+    assert sorted(e.search(db[5]).indices) == [5, 6]
+
+
+def test_racing_updaters_and_readers_keep_every_update(data):
+    """Two threads upsert disjoint docids and one deletes, while searches run: the
+    updates serialize (none is lost) and the final index answers exactly."""
+    rng, db = data
+    s = _exact_searcher(db[:1000], list(range(1000)), leaves=10)
+    errors = []
+    stop = threading.Event()
+
+    def upserter(lo):
+        try:
+            for b in range(lo, lo + 1000, 50):
+                s.upsert(list(range(b, b + 50)), db[b % 3000: b % 3000 + 50] * 0.5)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def deleter():
+        try:
+            for b in range(0, 500, 25):
+                s.delete(list(range(b, b + 25)))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            r = s.search_batched(db[:8], final_num_neighbors=10)
+            if r.indices.shape != (8, 10):
+                errors.append(AssertionError(r.indices.shape))
+
+    threads = [threading.Thread(target=upserter, args=(lo,)) for lo in (1000, 2000)]
+    threads += [threading.Thread(target=deleter)]
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for th in readers + threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stop.set()
+    for th in readers:
+        th.join()
+    assert not errors, errors[0]
+    want = {i: db[i] for i in range(500, 1000)}
+    want.update({i: db[i % 3000] * 0.5 for i in range(1000, 3000)})
+    assert s.size() == len(want) and sorted(s.docids) == sorted(want)
+    for qi in db[:5]:
+        r = s.search(qi)
+        assert _matches(r.indices, r.distances, want, qi, 10)

@@ -107,7 +107,7 @@ def test_cross_argument_rules(db):
 
 
 @pytest.mark.parametrize("bad,exc,word", [
-    (np.zeros((0, D), np.float32), ValueError, "empty"),
+    (np.zeros((0, 0), np.float32), ValueError, "empty"),
     (np.ones((5, D), np.int64), TypeError, "float dtype"),
     (np.array([[object()] * D]), TypeError, "float dtype"),
     (np.ones(D, np.float32), ValueError, "2-D"),
@@ -119,6 +119,14 @@ def test_builder_rejects_bad_databases(bad, exc, word):
     with pytest.raises(exc, match=word) as info:
         mipscan.builder(bad, 1, "dot_product")
     assert "builder(): db" in str(info.value)
+
+
+def test_empty_database_builds_only_a_live_index_that_starts_empty():
+    # builder() takes (0, d): a live index may start empty (tests/test_live.py); any
+    # other build of it names db.
+    b = mipscan.builder(np.zeros((0, D), np.float32), 10, "dot_product").score_ah(2)
+    with pytest.raises(ValueError, match=r"build\(\): db is empty \(shape \(0, 8\)\)"):
+        b.build()
 
 
 def test_builder_scalar_arguments(db):

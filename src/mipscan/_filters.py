@@ -160,6 +160,8 @@ def _as_id_array(call, name, ids, st) -> np.ndarray:
         if a.ndim == 0:
             raise TypeError(f"{call}: {name} must be a list or array of ids; got {type(ids).__name__}")
         raise ValueError(f"{call}: {name} must be one list of ids; got shape {a.shape}")
+    if st.docid_kind is None and st.docids is not None and a.size:  # started empty, still is
+        raise ValueError(f"{call}: {name} holds {a.tolist()[0]!r}, which is not in the index (it is empty)")
     if st.docid_kind == "str":
         if a.size and a.dtype.kind not in "UO":
             raise TypeError(f"{call}: {name} must hold string docids like the index's; got {a.dtype}")

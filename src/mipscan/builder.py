@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from mipscan._build import build_arrays
 from mipscan._policy import suggest_config
 from mipscan._schema import (CALL_ONLY, STAGES, ReorderType, check_stage_args,
-                             cross_rule_errors)
+                             cross_rule_errors, static_only)
 from mipscan._threads import get_num_threads
 from mipscan._validation import (MAX_THREADS, Bool, as_float_array, check_distance_measure,
                                  check_int, check_value)
@@ -41,9 +43,14 @@ class ScannBuilder:
 
     def __init__(self, db, num_neighbors: int, distance_measure: str):
         call = "builder()"
-        self.db = as_float_array(call, "db", db, 2)
+        self.db = _empty_db(db)
+        if self.db is None:
+            self.db = as_float_array(call, "db", db, 2)
         n = self.db.shape[0]
-        self.num_neighbors = check_int(call, "num_neighbors", num_neighbors, 1, n, high_name="n")
+        # An empty db (a live index that starts empty) bounds no k: searches return
+        # min(k, live items).
+        self.num_neighbors = check_int(call, "num_neighbors", num_neighbors, 1, n or None,
+                                       high_name="n")
         self.distance_measure = check_distance_measure(call, distance_measure)
         self.params: dict[str, dict] = {}
         self.training_threads = 0
@@ -159,7 +166,8 @@ class ScannBuilder:
         quantize = getattr(quantize, "name", quantize)
         self._set("autopilot", (mode, quantize), {})
         n, d = self.db.shape
-        for stage, kwargs in suggest_config(n, d, self.num_neighbors,
+        n = max(n, 1)  # an empty start is brute force, as any small one
+        for stage, kwargs in suggest_config(n, d, min(self.num_neighbors, n),
                                             self.distance_measure).items():
             if stage in ("reorder", "score_brute_force"):  # the exact scores' copy
                 kwargs = {**kwargs, "quantize": self.params["autopilot"]["quantize"]}
@@ -212,13 +220,53 @@ class ScannBuilder:
                 changed since ``builder()`` to hold NaN/inf.
         """
         copy = check_value("build()", "copy", copy, Bool())
+        if len(self.db) == 0:
+            self._check_empty_start(docids)
         config = self.create_config()
         # Checked again: the caller may have changed db since builder() checked it.
-        db = as_float_array("build()", "db", self.db, 2)
+        db = self.db if len(self.db) == 0 else as_float_array("build()", "db", self.db, 2)
         t0 = time.perf_counter()
         arrays = build_arrays(db, config, self.training_threads or get_num_threads(), copy=copy)
         config["build_seconds"] = time.perf_counter() - t0
         return Searcher(config, arrays, docids=docids)
+
+    def _check_empty_start(self, docids) -> None:
+        """An empty db builds only a live index that starts empty (ScaNN's
+        autopilot(ONLINE_INCREMENTAL) may): build(docids=[]) with autopilot(mode=
+        ONLINE_INCREMENTAL) or a float32 score_brute_force() alone. Everything else needs
+        data to train on (tree, AH) or to bound (reorder)."""
+        stages = set(self.params)
+        auto = self.params.get("autopilot")
+        live_auto = auto is not None and auto["mode"] == "ONLINE_INCREMENTAL"
+        why = None
+        if docids is None or (hasattr(docids, "__len__") and len(docids) != 0):
+            why = ("build(docids=[]) makes a live index that starts empty; got "
+                   f"docids={'None' if docids is None else f'{len(docids)} entries'}")
+        elif live_auto:
+            why = None
+        elif auto is not None:
+            why = "autopilot() needs mode=IncrementalMode.ONLINE_INCREMENTAL to start empty"
+        elif stages != {"score_brute_force"}:
+            extra = sorted(stages - {"score_brute_force"})
+            why = (f"{', '.join(s + '()' for s in extra)} cannot be built without data"
+                   if extra else "score_brute_force() must be configured")
+        else:
+            why = static_only(self.params)
+        if why is not None:
+            raise ValueError(f"build(): db is empty (shape {self.db.shape}); only a live index "
+                             "may start empty: build(docids=[]) with autopilot(mode="
+                             "IncrementalMode.ONLINE_INCREMENTAL) or score_brute_force() as the "
+                             f"only stage ({why})")
+
+
+def _empty_db(db):
+    """A float32 (0, d) array for an empty float array of d >= 1 columns, else None (the
+    builder then checks db as any other array, and refuses it if empty)."""
+    shape, dtype = getattr(db, "shape", None), getattr(db, "dtype", None)
+    if shape is None or len(shape) != 2 or shape[0] != 0 or shape[1] < 1 \
+            or getattr(dtype, "kind", None) != "f":
+        return None
+    return np.zeros((0, int(shape[1])), np.float32)
 
 
 def builder(db, num_neighbors: int, distance_measure: str) -> ScannBuilder:
@@ -226,7 +274,13 @@ def builder(db, num_neighbors: int, distance_measure: str) -> ScannBuilder:
 
     Args:
         db: (n, d) float array (float64/float16 and non-contiguous input are converted).
-        num_neighbors: default number of neighbours returned, an int in [1, n].
+            An empty (0, d) float array starts a live index that is empty: only
+            ``build(docids=[])`` with ``autopilot(mode=IncrementalMode.ONLINE_INCREMENTAL)``
+            or a float32 ``score_brute_force()`` alone builds it (searches then return
+            (nq, 0) results until upserts add points); any other build of it raises
+            ValueError naming db.
+        num_neighbors: default number of neighbours returned, an int in [1, n] (any int
+            >= 1 for an empty db).
         distance_measure: ``"dot_product"``, ``"squared_l2"`` or ``"cosine"``.
 
     Raises:

@@ -240,13 +240,16 @@ class _Snapshot:
     ``searcher`` is None only in linked mode before the first (eager) build;
     ``embeddings`` are the (n, d) float32 values the searcher was built from (read-only,
     owned) or None when a ``searcher=`` came without them; ``ids`` the (n,) int32 ids
-    (read-only, owned) or None; ``linked`` the ``keras.Variable`` the layer follows."""
+    (read-only, owned) or None; ``linked`` the ``keras.Variable`` the layer follows;
+    ``updatable``: the searcher's docids are the ids (the row numbers when ids is None),
+    so ``update_candidates`` may apply a difference to it in place."""
 
     searcher: Any
     dim: int
     embeddings: np.ndarray | None
     ids: np.ndarray | None
     linked: Any = None
+    updatable: bool = False
 
 
 @keras.saving.register_keras_serializable(package="mipscan")
@@ -281,7 +284,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     Other differences: otherwise ``candidate_embeddings`` and ``candidate_ids`` are
     read-only tensors, not ``keras.Variable``s (change them with ``update_candidates``,
-    which rebuilds the index), and ``update_candidates`` may add ids to candidates that
+    which updates or rebuilds the index), and ``update_candidates`` may add ids to candidates that
     had none. The search runs on the host, outside autodiff: the outputs carry no
     gradient (a retrieval layer serves; training uses the exact scores), and query
     tensors that require grad are detached.
@@ -477,13 +480,21 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
 
     # ------------------------------------------------------------------ candidates
     def update_candidates(self, candidate_embeddings: Any, candidate_ids: Any = None) -> None:
-        """Replaces the candidates (and optionally their IDs) and rebuilds the index.
+        """Replaces the candidates (and optionally their IDs) and updates the index.
 
         As in `BruteForceRetrieval`, passing no `candidate_ids` keeps the previous IDs
         (which must then match the new number of candidates). The layer copies both:
         later changes to the arrays passed do not reach it. Passing the `keras.Variable`
-        the layer is linked to rebuilds the index from its current values and keeps the
-        link; any other value unlinks the layer.
+        the layer is linked to indexes its current values and keeps the link; any other
+        value unlinks the layer.
+
+        When the new ids overlap the current ones (row numbers for a layer without ids,
+        as a linked layer usually is) and some candidate is unchanged, the difference is
+        applied to the same index in one atomic ``Searcher.update`` (new and changed
+        candidates upserted, dropped ones deleted), in linked mode too (also when an
+        eager call finds the variable's values changed); otherwise the index is rebuilt.
+        Changed candidates are encoded against the existing tree: after large drift,
+        ``searcher.rebalance()`` retrains it.
 
         Args:
             candidate_embeddings: (n, d) candidate embeddings.
@@ -503,40 +514,52 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             candidate_embeddings = _to_numpy("candidate_embeddings", linked.value)
         ids = None if candidate_ids is None else _ids_array(candidate_ids)
         emb, ids = self._checked_candidates(_embeddings_array(candidate_embeddings), ids)
-        if linked is None and self._update_in_place(state, emb, ids):
+        if self._update_in_place(state, emb, ids, linked):
             return
         searcher = self._build_searcher(emb, ids)
-        self._publish(_Snapshot(searcher, emb.shape[1], emb, ids, linked=linked))
+        self._publish(_Snapshot(searcher, emb.shape[1], emb, ids, linked=linked,
+                                updatable=searcher.has_docids))
 
     def _update_in_place(self, state: _Snapshot | None, emb: np.ndarray,
-                         ids: np.ndarray | None) -> bool:
-        """When the new candidate ids overlap the current ones, applies the difference to
-        the current index (one atomic ``Searcher.update``: upsert the new and changed
+                         ids: np.ndarray | None, linked: Any) -> bool:
+        """When the new candidate ids overlap the current ones (row numbers for a layer
+        without ids, as when it follows a linked variable), applies the difference to the
+        current index (one atomic ``Searcher.update``: upsert the new and changed
         candidates, delete the dropped ones) instead of rebuilding, and publishes the new
-        snapshot. False (nothing done) when it does not apply: no ids, ids not unique, no
-        overlap, another dimension, a searcher without docids, or a candidate count for
-        which the layer would build another kind of index (brute force vs tree)."""
-        if (state is None or state.searcher is None or state.linked is not None or ids is None
-                or state.ids is None or state.embeddings is None
-                or state.embeddings.shape[1] != emb.shape[1]
-                or not getattr(state.searcher, "has_docids", False)):
+        snapshot (following ``linked``, or None). False (nothing done) when it does not
+        apply: ids given where there were none (or the reverse), ids not unique, no
+        overlap, no candidate left unchanged (a rebuild then costs no more and retrains
+        the tree), another dimension, a searcher whose docids are not the ids, or a
+        candidate count for which the layer would build another kind of index (brute
+        force vs tree)."""
+        if (state is None or not state.updatable or state.embeddings is None
+                or state.embeddings.shape[1] != emb.shape[1] or (ids is None) != (state.ids is None)):
             return False
-        if len(np.unique(ids)) != len(ids):
+        old = np.arange(len(state.embeddings)) if state.ids is None else state.ids
+        new = np.arange(len(emb)) if ids is None else ids
+        if len(np.unique(new)) != len(new):
             return False
-        old_pos = {int(v): i for i, v in enumerate(state.ids.tolist())}
-        new_ids = ids.tolist()
-        if not any(v in old_pos for v in new_ids):
+        old_pos = {int(v): i for i, v in enumerate(old.tolist())}
+        new_ids = new.tolist()
+        at = np.array([old_pos.get(v, -1) for v in new_ids], np.int64)
+        kept = at >= 0
+        if not kept.any():
             return False
         kinds = {"tree", "score_ah", "score_brute_force", "reorder"}
         current = set(state.searcher.config) & kinds
         if set(self.index_config(*emb.shape)) & kinds != current:
             return False
-        new_set = set(new_ids)
-        dropped = [v for v in old_pos if v not in new_set]
-        changed = [i for i, v in enumerate(new_ids)
-                   if v not in old_pos or not np.array_equal(state.embeddings[old_pos[v]], emb[i])]
-        state.searcher.update([new_ids[i] for i in changed], emb[changed], delete=dropped)
-        self._publish(_Snapshot(state.searcher, emb.shape[1], emb, ids))
+        changed = ~kept
+        changed[kept] = np.any(state.embeddings[at[kept]] != emb[kept], axis=1)
+        if changed.all():
+            return False
+        gone = np.ones(len(old), bool)
+        gone[at[kept]] = False
+        changed = np.flatnonzero(changed)
+        state.searcher.update([new_ids[i] for i in changed], emb[changed],
+                              delete=old[gone].tolist())
+        self._publish(_Snapshot(state.searcher, emb.shape[1], emb, ids, linked=linked,
+                                updatable=True))
         return True
 
     def _checked_candidates(self, emb: np.ndarray, ids: np.ndarray | None):
@@ -609,7 +632,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         b = mipscan.builder(emb, min(self.k, n), self.distance_measure).set_seed(self.seed)
         for stage, kwargs in self.index_config(n, d).items():
             b = getattr(b, stage)(**kwargs)
-        docids = None
+        docids = list(range(n)) if ids is None else None  # rows: updatable in place
         if ids is not None and len(np.unique(ids)) == len(ids):
             docids = ids.tolist()
         return b.build(copy=False, docids=docids)
@@ -643,7 +666,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 f"The number of candidates provided ({n}) is less than the number of "
                 f"candidates to retrieve (k={self.k})."
             )
-        self._publish(_Snapshot(searcher, d, emb, ids))
+        self._publish(_Snapshot(searcher, d, emb, ids, updatable=_docids_are(searcher, ids, emb)))
 
     # ------------------------------------------------------------------ calling
     def _ids_dtype(self) -> str:
@@ -733,7 +756,11 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 and np.array_equal(state.embeddings, values):
             return state
         emb, ids = self._checked_candidates(values, state.ids)
-        new = _Snapshot(self._build_searcher(emb, ids), emb.shape[1], emb, ids, linked=state.linked)
+        if self._update_in_place(state, emb, ids, state.linked):
+            return self._state
+        searcher = self._build_searcher(emb, ids)
+        new = _Snapshot(searcher, emb.shape[1], emb, ids, linked=state.linked,
+                        updatable=searcher.has_docids)
         self._publish(new)
         return new
 
@@ -962,9 +989,24 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 raise ValueError(f"{_SEARCHER_DIR}/: the saved index holds "
                                  f"{(searcher.size(), searcher.d)} candidates, but the linked "
                                  f"variable `candidate_embeddings` has shape {shape}")
-            self._publish(_Snapshot(searcher, int(searcher.d), emb, ids, linked=state.linked))
+            self._publish(_Snapshot(searcher, int(searcher.d), emb, ids, linked=state.linked,
+                                    updatable=_docids_are(searcher, ids, emb)))
             return
-        self._publish(_Snapshot(searcher, int(searcher.d), emb, ids))
+        self._publish(_Snapshot(searcher, int(searcher.d), emb, ids,
+                                updatable=_docids_are(searcher, ids, emb)))
+
+
+def _docids_are(searcher: Any, ids: np.ndarray | None, emb: np.ndarray | None) -> bool:
+    """Whether a searcher the layer did not build itself (passed in, or loaded) has the
+    layer's ids as docids (the row numbers when ids is None): then update_candidates may
+    update it in place. One pass over the docids."""
+    if emb is None or not getattr(searcher, "has_docids", False):
+        return False
+    want = np.arange(len(emb)) if ids is None else ids
+    got = searcher.docids
+    if len(got) != len(want) or not all(isinstance(v, (int, np.integer)) for v in got[:1]):
+        return False
+    return bool(np.array_equal(np.sort(np.asarray(got, np.int64)), np.sort(want.astype(np.int64))))
 
 
 def _save_npy(dir_path: str, name: str, arr: np.ndarray) -> dict:

@@ -73,8 +73,11 @@ class Searcher:
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
-        index = _mipscan.Index(arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-                               **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
+        # An empty index (a live index that starts empty: builder._check_empty_start)
+        # has no static layout; it is live from the start.
+        index = None if n == 0 else _mipscan.Index(
+            arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
+            **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
         # Updates (upsert, delete, rebalance) take this lock; searches never do. They read
         # self._state once and search that snapshot (see mipscan._live).
@@ -82,7 +85,13 @@ class Searcher:
         self._state = _live.State(config=config, n_live=n, docids=store, docid_kind=kind,
                                   index=index, arrays=arrays,
                                   **_search_shape(config, arrays))
-        self._rows_of = None if store is None else {v: i for i, v in enumerate(store.tolist())}
+        if n == 0:
+            if store is None:
+                raise ValueError("Searcher(): an empty index must have docids (build(docids=[]))")
+            self._state = _live.to_live(self._state, self.num_threads)
+        # docid -> row, the writer's: made by the first update (an index that is never
+        # updated, such as the Keras layer's, never pays for it).
+        self._rows_of = None
 
     # State of the published snapshot (static names kept for the code that reads them).
     @property
@@ -124,12 +133,14 @@ class Searcher:
         st = self._state
         if st.arrays is not None:
             return st.arrays
-        return _compact(st)[1]
+        return _compact(st, "_arrays")[1]
 
     # ---------------------------------------------------------------- properties
     @property
     def index_bytes(self) -> int:
         """Bytes of all index arrays (what serialize() writes, less the JSON)."""
+        if self._state.n_live == 0:
+            return 0  # nothing to store (serialize() refuses an empty index)
         return int(sum(a.nbytes for a in self._arrays.values()))
 
     def __repr__(self) -> str:
@@ -149,7 +160,7 @@ class Searcher:
 
     def __getstate__(self) -> dict:
         # Plain arrays (a memory-mapped file's pages are read into the pickle).
-        config, arrays, docids = _compact(self._state)
+        config, arrays, docids = _compact(self._state, "pickle")
         return {"config": dict(config), "num_threads": self.num_threads,
                 "arrays": {k: np.asarray(v) for k, v in arrays.items()}, "docids": docids}
 
@@ -291,12 +302,14 @@ class Searcher:
         leaves = st.leaves_to_search if leaves is None else min(st.num_leaves, check_int(
             call, "leaves_to_search", leaves, 1, st.configured_leaves, high_name="num_leaves"))
         nq = len(queries)
-        if final_k == 0:
-            return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
-                                np.zeros((nq, 0), np.float32))
         if strategy not in _filters.STRATEGIES:
             raise ValueError(f"{call}: filter_strategy must be one of {list(_filters.STRATEGIES)}; "
                              f"got {strategy!r}")
+        if final_k == 0:  # an empty index: (nq, 0), after the checks of the ids
+            if allowed is not None or excluded is not None:
+                _filters.resolve(call, st, nq, allowed, excluded, single)
+            return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
+                                np.zeros((nq, 0), np.float32))
         if allowed is not None or excluded is not None:
             return self._run_filtered(call, st, queries, final_k, pre_k, leaves, threads,
                                       allowed, excluded, strategy, single)
@@ -374,7 +387,7 @@ class Searcher:
         listed files; anything else is refused with ValueError and left untouched. A
         symlink is followed: the folder it names is replaced and the link stays.
         """
-        config, arrays, docids = _compact(self._state)
+        config, arrays, docids = _compact(self._state, "serialize()")
         write_index(directory, dict(config), arrays, docids=docids)
 
     # ---------------------------------------------------------------- live index
@@ -410,11 +423,15 @@ class Searcher:
         """
         call = "upsert()"
         check_int(call, "batch_size", batch_size, 1, None)
+        if vectors is None:
+            raise TypeError(f"{call}: vectors must be a float array (one row per docid); got None")
         self._update(call, docids, vectors, [])
 
     def delete(self, docids) -> None:
         """Deletes datapoints by docid (one or a list), as ScaNN's ``delete``. Their
-        slots are tombstoned (skipped by searches) and reclaimed by :meth:`rebalance`.
+        slots are tombstoned (skipped by searches); a leaf whose tombstones reach 5%
+        of its entries is compacted by the same call (``mipscan._live.COMPACT_SHARE``),
+        and :meth:`rebalance` reclaims everything, rows included.
 
         Raises:
             KeyError: a docid not in the index (named; nothing is deleted).
@@ -441,6 +458,8 @@ class Searcher:
                 raise ValueError(f"{call}: {why}")
             up_ids = self._docid_list(call, st, up) if vectors is not None else []
             del_ids = self._docid_list(call, st, dels)
+            if self._rows_of is None:
+                self._reindex(st)
             rows_of = self._rows_of
             for docid in del_ids:
                 if docid not in rows_of:
@@ -468,6 +487,9 @@ class Searcher:
                 return
             if st.live is None:
                 st = _live.to_live(st, self.num_threads)
+            if st.docid_kind is None and up_ids:  # started empty: the first docids set the kind
+                kind = "str" if isinstance(up_ids[0], str) else "int"
+                st = replace(st, docid_kind=kind, docids=np.zeros(0, np.int64 if kind == "int" else object))
             replaced = np.array([rows_of[i] for i in up_ids if i in rows_of], np.int64)
             deleted = np.array([rows_of[i] for i in del_ids], np.int64)
             base = st.num_rows
@@ -513,7 +535,7 @@ class Searcher:
         if isinstance(docids, (str, int, np.integer)) and not isinstance(docids, bool):
             docids = [docids]
         kind, ids = _docid_values(call, docids)
-        if ids and kind != st.docid_kind:
+        if ids and st.docid_kind is not None and kind != st.docid_kind:
             raise TypeError(f"{call}: docids must be {st.docid_kind} like the index's; got "
                             f"{type(ids[0]).__name__} {ids[0]!r}")
         seen = set()
@@ -622,22 +644,24 @@ def _docid_store(call: str, docids, n: int) -> tuple[str, np.ndarray]:
         seen = set()
         dup = next(v for v in ids if v in seen or seen.add(v))
         raise ValueError(f"{call}: docids must be unique; {dup!r} is repeated")
-    if kind == "int":
+    if kind == "int" or n == 0:  # an empty index's kind is set by its first upsert
         return kind, np.array(ids, np.int64)
     store = np.empty(n, object)
     store[:] = ids
     return kind, store
 
 
-def _compact(st) -> tuple[dict, dict, list | None]:
+def _compact(st, call: str) -> tuple[dict, dict, list | None]:
     """(config, flat arrays, docids) of a state: a static state as it is; a live one
-    compacted (tombstones dropped, rows renumbered densely in row order, codes kept)."""
+    compacted (tombstones dropped, rows renumbered densely in row order, codes kept).
+    An empty index has no flat layout (ValueError naming ``call``)."""
+    if st.n_live == 0:
+        raise ValueError(f"{call}: the index holds no live datapoints (built empty, or all "
+                         "deleted); an empty index cannot be stored: upsert at least one "
+                         "datapoint first")
     if st.live is None:
         docids = None if st.docids is None else st.docids[:st.n_live].tolist()
         return st.config, st.arrays, docids
-    if st.n_live == 0:
-        raise ValueError("serialize(): the index holds no live datapoints; an empty index "
-                         "cannot be stored")
     keep = _live.live_rows(st)
     new_of = np.full(st.num_rows, -1, np.int64)
     new_of[keep] = np.arange(len(keep))

@@ -669,6 +669,12 @@ NB_MODULE(_mipscan, m) {
            nb::keep_alive<0, 7>())
       .def_prop_ro("n", [](const Live& lv) { return lv.view.n; })
       .def_prop_ro("num_leaves", [](const Live& lv) { return lv.view.num_leaves; })
+      // Entries per leaf segment, tombstoned ones included (uint32, a copy).
+      .def("leaf_sizes", [](const Live& lv) {
+        auto out = new_array<uint32_t>(lv.view.num_leaves);
+        std::copy(lv.view.leaf_sizes, lv.view.leaf_sizes + lv.view.num_leaves, out.data());
+        return out;
+      })
       // Leaf l's entries: (rows, packed codes), copies.
       .def("leaf", [](const Live& lv, size_t l) {
         require(l < lv.view.num_leaves, "Live.leaf: leaf out of range");
