@@ -133,21 +133,37 @@ def test_sharded_tree_ah_recall_matches_a_single_index(cluster, shared_data_dir)
 
 
 # ---------------------------------------------------------------- faults
+def _kill(actor, timeout: float = 60) -> None:
+    """Kills a shard actor and waits until it is dead: ray.kill only sends the request,
+    and a call that gets there first is still answered by the old actor."""
+    from ray.exceptions import RayActorError
+
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.info.remote(), timeout=timeout)
+        except RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{actor} still answers {timeout} s after ray.kill")
+
+
 def test_a_killed_shard_is_restored_and_the_next_query_is_correct(cluster, tmp_path):
     db, q = _data(n=8000)
     want = mipscan.brute_force(db, q, 10).indices.astype(np.int64)
     # From the object store (built in memory), then from folders (after serialize).
     with ShardedIndex.build(db, 2, 10) as index:
         before = index.actors()[1]
-        ray.kill(before, no_restart=False)
+        _kill(before)
         assert np.array_equal(index.search_batched(q).indices, want)
         assert index.actors()[1] is not before
         index.serialize(tmp_path / "sharded")
-        ray.kill(index.actors()[0], no_restart=False)
+        _kill(index.actors()[0])
         assert np.array_equal(index.search_batched(q).indices, want)
     with ShardedIndex.load(tmp_path / "sharded") as index:
         for actor in index.actors():  # every shard at once
-            ray.kill(actor, no_restart=False)
+            _kill(actor)
         assert np.array_equal(index.search_batched(q).indices, want)
 
 
@@ -160,7 +176,7 @@ def test_a_shard_that_cannot_come_back_raises_naming_it(cluster, tmp_path):
         manifest = json.loads((root / distributed.MANIFEST).read_text())
         folder = root / manifest["shards"][1]["folder"]
         (folder / "mipscan.json").write_text("{}")  # the restart's source is damaged
-        ray.kill(index.actors()[1], no_restart=False)
+        _kill(index.actors()[1])
         with pytest.raises(ShardUnavailableError, match="shard 1 of 2 .*could not be started again") as info:
             index.search_batched(q)
         assert info.value.shard == 1
@@ -229,11 +245,11 @@ def test_upsert_and_delete_are_routed_or_refused(cluster, tmp_path):
         with pytest.raises(KeyError):
             index.delete(np.array([10_000]))
         owner = shard_of([10_001], 2)[0]
-        ray.kill(index.actors()[owner], no_restart=False)  # replayed on restart
+        _kill(index.actors()[owner])  # replayed on restart
         assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
         # Written with its updates, then killed: restarted from the folder, nothing replayed.
         index.serialize(tmp_path / "sharded")
-        ray.kill(index.actors()[owner], no_restart=False)
+        _kill(index.actors()[owner])
         assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
         # A delete naming one known and one unknown docid deletes neither.
         with pytest.raises(KeyError, match="nothing was deleted"):
