@@ -12,6 +12,11 @@ default, ``--client httpx`` for httpx.AsyncClient; the updater always uses httpx
   in-process ``search_batched_parallel`` throughput on the same queries and threads;
 - the server's RSS before and after (from /proc of the server's pid).
 
+With ``--ray``, the server is ``mipscan serve --ray`` on the same folder (one shard; a new
+local Ray cluster that the server starts, ``--replicas`` Serve replicas): the same runs
+through Ray Serve's proxy, replicas and shard actor. RSS and CPU are then those of the
+server's whole process tree (the Ray processes are its descendants).
+
 Every loop stops at its deadline and after at most ``--max-requests`` requests; the server
 is stopped at the end. Traffic goes to 127.0.0.1 only.
 
@@ -40,22 +45,47 @@ TUTORIAL = dict(num_leaves=100, num_leaves_to_search=30, training_iterations=12,
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``--ray`` server's Ray processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    """RSS of ``pid`` and its descendants, MB."""
+    total = None
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0) + int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    """CPU seconds of ``pid`` and its descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def measured(run, server_pid: int) -> dict:
@@ -96,22 +126,27 @@ def build_index(train: np.ndarray, folder: Path):
     return s
 
 
-def start_server(folder: Path, token_file: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ)
+def start_server(folder: Path, token_file: Path, threads: int | None,
+                 ray_replicas: int | None = None) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "mipscan.cli", "serve", str(folder), "--port", "0",
            "--token-file", str(token_file)]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    if ray_replicas:
+        cmd += ["--ray", "--replicas", str(ray_replicas)]
+    # stderr to a file: Ray logs there, and an unread pipe would fill and stall the server.
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     box: list[str] = []
     reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
     reader.start()
-    reader.join(120)
+    reader.join(300)
     if not box or " on http://" not in box[0]:
         proc.kill()
-        raise SystemExit(f"the server did not start: {proc.stderr.read()[-2000:]}")
+        err.seek(0)
+        raise SystemExit(f"the server did not start: {err.read()[-2000:]}")
     url = box[0].split(" on ")[1].split()[0].rstrip("/")
     return proc, url
 
@@ -263,7 +298,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-updater", action="store_true", help="skip the runs with an updater")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="raw asyncio keep-alive connections (default) or httpx.AsyncClient")
-    ap.add_argument("--out", type=Path, default=None, help="folder for load_serve.json")
+    ap.add_argument("--ray", action="store_true",
+                    help="serve with `mipscan serve --ray` (Ray Serve) instead")
+    ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of --ray")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for load_serve.json (load_serve_ray.json with --ray)")
     args = ap.parse_args(argv)
 
     from benchmarks import datasets
@@ -295,8 +334,10 @@ def main(argv=None) -> int:
     print(f"in-process search_batched_parallel ({args.batch} a call, {searcher.num_threads} "
           f"threads): {base_qps:,.0f} queries/s", flush=True)
 
-    proc, url = start_server(folder, token_file, args.threads)
-    results: dict = {"dataset": ds.name, "n": int(ds.train.shape[0]), "d": int(ds.train.shape[1]),
+    proc, url = start_server(folder, token_file, args.threads,
+                             args.replicas if args.ray else None)
+    results: dict = {"server": f"mipscan serve --ray --replicas {args.replicas}" if args.ray
+                     else "mipscan serve", "dataset": ds.name, "n": int(ds.train.shape[0]), "d": int(ds.train.shape[1]),
                      "index": TUTORIAL, "seconds_per_run": args.seconds, "url": url,
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "simd": mipscan.simd_level(), "load_avg": os.getloadavg()},
@@ -355,7 +396,7 @@ def main(argv=None) -> int:
     finally:
         proc.send_signal(2)
         try:
-            proc.wait(30)
+            proc.wait(90 if args.ray else 30)
         except subprocess.TimeoutExpired:
             proc.kill()
     print(f"server RSS: {results.get('rss_mb_start'):.0f} MB at start, "
@@ -365,8 +406,9 @@ def main(argv=None) -> int:
     print(f"errors: {errors}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "load_serve.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out / 'load_serve.json'}")
+        name = "load_serve_ray.json" if args.ray else "load_serve.json"
+        (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out / name}")
     return 1 if errors else 0
 
 

@@ -34,3 +34,14 @@ def running(app, timeout: float = 20.0):
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+def request_kwargs(body, headers) -> dict:
+    """httpx keyword arguments of a bad-request table row: bytes sent as they are, anything
+    else (but None) as JSON."""
+    kwargs = {"headers": dict(headers or {})}
+    if isinstance(body, bytes):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+    return kwargs

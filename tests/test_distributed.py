@@ -9,14 +9,10 @@ their PYTHONPATH (src/ in a checkout, site-packages in CI's venv).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +21,10 @@ import mipscan
 from mipscan import distributed
 from mipscan.distributed import ShardedIndex, ShardUnavailableError, batch_search, shard_of
 
+from _ray_util import PACKAGE_ROOT, ray_env, ray_head
+
 ray = pytest.importorskip("ray")  # the test extra brings it; CI never skips
 
-PACKAGE_ROOT = str(Path(mipscan.__file__).resolve().parents[1])
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": PACKAGE_ROOT}}
 
 
@@ -136,21 +133,37 @@ def test_sharded_tree_ah_recall_matches_a_single_index(cluster, shared_data_dir)
 
 
 # ---------------------------------------------------------------- faults
+def _kill(actor, timeout: float = 60) -> None:
+    """Kills a shard actor and waits until it is dead: ray.kill only sends the request,
+    and a call that gets there first is still answered by the old actor."""
+    from ray.exceptions import RayActorError
+
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.info.remote(), timeout=timeout)
+        except RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{actor} still answers {timeout} s after ray.kill")
+
+
 def test_a_killed_shard_is_restored_and_the_next_query_is_correct(cluster, tmp_path):
     db, q = _data(n=8000)
     want = mipscan.brute_force(db, q, 10).indices.astype(np.int64)
     # From the object store (built in memory), then from folders (after serialize).
     with ShardedIndex.build(db, 2, 10) as index:
         before = index.actors()[1]
-        ray.kill(before, no_restart=False)
+        _kill(before)
         assert np.array_equal(index.search_batched(q).indices, want)
         assert index.actors()[1] is not before
         index.serialize(tmp_path / "sharded")
-        ray.kill(index.actors()[0], no_restart=False)
+        _kill(index.actors()[0])
         assert np.array_equal(index.search_batched(q).indices, want)
     with ShardedIndex.load(tmp_path / "sharded") as index:
         for actor in index.actors():  # every shard at once
-            ray.kill(actor, no_restart=False)
+            _kill(actor)
         assert np.array_equal(index.search_batched(q).indices, want)
 
 
@@ -163,7 +176,7 @@ def test_a_shard_that_cannot_come_back_raises_naming_it(cluster, tmp_path):
         manifest = json.loads((root / distributed.MANIFEST).read_text())
         folder = root / manifest["shards"][1]["folder"]
         (folder / "mipscan.json").write_text("{}")  # the restart's source is damaged
-        ray.kill(index.actors()[1], no_restart=False)
+        _kill(index.actors()[1])
         with pytest.raises(ShardUnavailableError, match="shard 1 of 2 .*could not be started again") as info:
             index.search_batched(q)
         assert info.value.shard == 1
@@ -215,7 +228,7 @@ def test_build_from_a_ray_dataset(cluster, tmp_path):
         assert np.array_equal(index.search_batched(q).indices, want)
 
 
-def test_upsert_and_delete_are_routed_or_refused(cluster):
+def test_upsert_and_delete_are_routed_or_refused(cluster, tmp_path):
     db, q = _data(n=3000)
     with ShardedIndex.build(db, 2, 10) as index:
         new = np.ones((2, 32), np.float32) * 50
@@ -232,7 +245,15 @@ def test_upsert_and_delete_are_routed_or_refused(cluster):
         with pytest.raises(KeyError):
             index.delete(np.array([10_000]))
         owner = shard_of([10_001], 2)[0]
-        ray.kill(index.actors()[owner], no_restart=False)  # replayed on restart
+        _kill(index.actors()[owner])  # replayed on restart
+        assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
+        # Written with its updates, then killed: restarted from the folder, nothing replayed.
+        index.serialize(tmp_path / "sharded")
+        _kill(index.actors()[owner])
+        assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
+        # A delete naming one known and one unknown docid deletes neither.
+        with pytest.raises(KeyError, match="nothing was deleted"):
+            index.delete(np.array([10_001, 10_000]))
         assert index.search(np.ones(32, np.float32), final_num_neighbors=1).indices[0] == 10_001
 
 
@@ -278,16 +299,6 @@ def test_batch_search_over_a_sharded_folder_equals_the_actors(cluster, tmp_path)
 
 
 # ---------------------------------------------------------------- a separate cluster
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
     db, q = _data(n=5000, nq=20)
     root = tmp_path / "sharded"
@@ -296,39 +307,24 @@ def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
     np.save(tmp_path / "q.npy", q)
     np.save(tmp_path / "want.npy", want.indices)
 
-    port, agent, grpc, metrics, runtime_env, client, node, objm = _free_ports(8)
-    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    # `ray start --block` in its own session: ending it (by its pid and process group)
-    # stops this head only. `ray stop` would stop every Ray on the machine.
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--ray-client-server-port={client}", f"--node-manager-port={node}",
-         f"--object-manager-port={objm}", "--object-store-memory=200000000",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    driver = textwrap.dedent(f"""
-        import numpy as np, ray
-        from mipscan.distributed import ShardedIndex
-        ray.init(address="127.0.0.1:{port}", logging_level="WARNING", log_to_driver=False)
-        assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
-        q = np.load({str(tmp_path / 'q.npy')!r})
-        with ShardedIndex.load({str(root)!r}) as index:
-            ids = index.search_batched(q).indices
-        assert np.array_equal(ids, np.load({str(tmp_path / 'want.npy')!r}))
-        print("DRIVER OK", ray.get_runtime_context().get_node_id() is not None)
-        ray.shutdown()
-    """)
-    try:
+    with ray_head(num_cpus=1) as (address, head):
+        driver = textwrap.dedent(f"""
+            import numpy as np, ray
+            from mipscan.distributed import ShardedIndex
+            ray.init(address={address!r}, logging_level="WARNING", log_to_driver=False)
+            assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
+            q = np.load({str(tmp_path / 'q.npy')!r})
+            with ShardedIndex.load({str(root)!r}) as index:
+                ids = index.search_batched(q).indices
+            assert np.array_equal(ids, np.load({str(tmp_path / 'want.npy')!r}))
+            print("DRIVER OK", ray.get_runtime_context().get_node_id() is not None)
+            ray.shutdown()
+        """)
         deadline = time.monotonic() + 60
         out = None
         while time.monotonic() < deadline:  # the head takes a few seconds to come up
-            out = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True,
-                                 text=True, timeout=120)
+            out = subprocess.run([sys.executable, "-c", driver], env=ray_env(),
+                                 capture_output=True, text=True, timeout=120)
             if out.returncode == 0 or "DRIVER OK" in out.stdout:
                 break
             if head.poll() is not None:
@@ -338,15 +334,3 @@ def test_a_separate_driver_joins_a_ray_start_head_cluster(cluster, tmp_path):
             time.sleep(2)
         assert out is not None and "DRIVER OK" in out.stdout, (out.stdout[-2000:],
                                                                out.stderr[-4000:])
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait(timeout=10)
-        try:  # anything of that head still alive in its process group
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

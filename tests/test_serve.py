@@ -22,7 +22,7 @@ import mipscan
 from mipscan.serve import ServeError, is_loopback, read_token, serve
 from mipscan.serve._app import Limits, create_app
 
-from _serve_util import running
+from _serve_util import request_kwargs, running
 
 # The folder holding the mipscan this test imports (the checkout's src/ in a developer's
 # tree, site-packages where the package is installed, as in CI): subprocesses get it first.
@@ -183,11 +183,7 @@ def test_bad_request_table_is_long_enough():
                          ids=[b[0] for b in BAD])
 def test_bad_request(server, kind, method, path, body, headers, status, field):
     client, _ = server
-    kwargs = {"headers": dict(headers or {})}
-    if isinstance(body, bytes):
-        kwargs["content"] = body
-    elif body is not None:
-        kwargs["json"] = body
+    kwargs = request_kwargs(body, headers)
     if kind == "bad Content-Length":
         r = _raw(client, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n"
                  b"Content-Type: application/json\r\n\r\n{}")

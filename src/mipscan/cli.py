@@ -455,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
         "INDEX_DIR.page exists. Write endpoints need 'Authorization: Bearer TOKEN' "
         "(MIPSCAN_SERVE_TOKEN or --token-file); without a token they are disabled, and a "
         "non-loopback --host is refused unless --read-only. Needs the serve extra: "
-        'pip install "mipscan[serve]".')
+        'pip install "mipscan[serve]". With --ray: the same API as a Ray Serve deployment '
+        "whose replicas share one sharded index (INDEX_DIR: a folder written by "
+        "ShardedIndex.serialize, or a plain index folder as one shard); needs "
+        'pip install "mipscan[serve,ray]".')
     s.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="the index folder")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=_int_at_least(0), default=8080,
@@ -469,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disable the write endpoints (upsert, delete, snapshot, reload)")
     s.add_argument("--max-body-bytes", type=_int_at_least(1), default=16 << 20, metavar="B",
                    help="largest request body (default: 16 MiB)")
+    s.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment over a sharded index on Ray actors "
+                   "(--threads: engine threads per shard, default 1)")
+    s.add_argument("--replicas", type=_int_at_least(1), default=2, metavar="N",
+                   help="with --ray: Serve replicas (default: 2)")
+    s.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --ray: the Ray cluster (default: $RAY_ADDRESS, else a new "
+                   "local cluster)")
     return parser
 
 
@@ -491,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             return _serve_command(argparse.Namespace(
                 index_dir=saved, host="127.0.0.1", port=args.port, token_file=None,
-                threads=None, read_only=False, max_body_bytes=16 << 20), "mipscan demo")
+                threads=None, read_only=False, max_body_bytes=16 << 20, ray=False,
+                replicas=2, address=None), "mipscan demo")
     except MissingExtraError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -511,7 +523,8 @@ def _serve_command(args: argparse.Namespace, what: str = "mipscan serve") -> int
     try:
         serve(args.index_dir, host=args.host, port=args.port, token_file=args.token_file,
               threads=args.threads, read_only=args.read_only,
-              max_body_bytes=args.max_body_bytes)
+              max_body_bytes=args.max_body_bytes, ray=args.ray, replicas=args.replicas,
+              address=args.address)
     except MissingExtraError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -57,8 +57,8 @@ import mipscan
 from mipscan import SearchResult
 from mipscan.recsys._extras import MissingExtraError
 
-__all__ = ["MissingExtraError", "ShardUnavailableError", "ShardedIndex", "batch_search",
-           "shard_of", "MANIFEST"]
+__all__ = ["MissingExtraError", "SharedIndex", "ShardUnavailableError", "ShardedIndex",
+           "batch_search", "share", "shard_of", "MANIFEST"]
 
 RAY_INSTALL = 'pip install "mipscan[ray]"'
 MANIFEST = "mipscan-shards.json"
@@ -68,11 +68,15 @@ VERSION = 1
 
 class ShardUnavailableError(RuntimeError):
     """A shard could not answer (its actor died and could not be started again within
-    the retries). The message names the shard and its source; ``shard`` holds its number."""
+    the retries). The message names the shard and its source; ``shard`` holds its number,
+    or None when the whole index is gone (a :class:`SharedIndex` whose owner died)."""
 
-    def __init__(self, message: str, shard: int):
+    def __init__(self, message: str, shard: int | None):
         super().__init__(message)
         self.shard = shard
+
+    def __reduce__(self):  # raised in an actor, re-raised in its caller
+        return (type(self), (str(self), self.shard))
 
 
 def _ray(what: str):
@@ -147,6 +151,16 @@ def _check_k(call: str, name: str, value, low: int, high: int | None) -> int:
         allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{call}: {name} must be an int in {allowed}; got {value}")
     return int(value)
+
+
+def _check_search(call: str, k, pre_k, leaves, default_k: int, n: int) -> tuple:
+    """(k, pre_k, leaves) of a search of an index of ``n`` points, checked."""
+    k = default_k if k is None else _check_k(call, "final_num_neighbors", k, 1, n)
+    if pre_k is not None:
+        pre_k = _check_k(call, "pre_reorder_num_neighbors", pre_k, 1, n)
+    if leaves is not None:
+        leaves = _check_k(call, "leaves_to_search", leaves, 1, None)
+    return k, pre_k, leaves
 
 
 # ---------------------------------------------------------------- files
@@ -292,13 +306,24 @@ class _Shard:
             self.searcher, self.docids = source
         self.searcher.set_num_threads(num_threads)
         self.updates = 0
+        self.retired = False
         self.pid = os.getpid()
 
     def info(self) -> dict:
-        return {"shard": self.shard, "n": int(self.searcher.size()), "pid": self.pid,
-                "updates": self.updates, "d": self.searcher.d}
+        s = self.searcher
+        return {"shard": self.shard, "n": int(s.size()), "pid": self.pid,
+                "updates": self.updates, "d": s.d, "num_leaves": int(s.num_leaves),
+                "max_leaves_to_search": int(s.max_leaves_to_search),
+                "num_threads": int(s.num_threads), "index_bytes": int(s.index_bytes)}
+
+    def retire(self) -> None:
+        """Called when a reload replaced this shard: every later search answers None, so a
+        caller still holding this actor searches the new index instead."""
+        self.retired = True
 
     def search(self, queries: np.ndarray, k: int, pre_k: int | None, leaves: int | None):
+        if self.retired:
+            return None
         n = int(self.searcher.size())
         k = min(k, n)
         pre_k = None if pre_k is None else min(pre_k, n)
@@ -307,19 +332,31 @@ class _Shard:
             leaves_to_search=leaves)
         ids = np.asarray(ids)
         ids = self.docids[ids] if self.docids is not None else ids.astype(np.int64)
-        return np.asarray(ids, np.int64), np.asarray(scores, np.float32), self.updates
+        return np.asarray(ids, np.int64), np.asarray(scores, np.float32), self.updates, n
 
     def upsert(self, docids: np.ndarray, vectors: np.ndarray) -> int:
         self.searcher.upsert(docids, vectors)
         self.updates += 1
         return self.updates
 
+    def missing(self, docids: np.ndarray):
+        """The first of ``docids`` this shard does not hold, or None."""
+        # The searcher's docid -> row map once an update has made it; before that, its
+        # live docids (once per actor: the delete that follows makes the map).
+        known = getattr(self.searcher, "_rows_of", None)
+        if known is None:
+            known = set(self.searcher.docids or ())
+        return next((int(i) for i in docids if int(i) not in known), None)
+
     def delete(self, docids: np.ndarray) -> int:
         self.searcher.delete(docids)
         self.updates += 1
         return self.updates
 
-    def serialize(self, root: str, generation: str) -> dict:
+    def serialize(self, root: str, generation: str | None) -> dict:
+        if generation is None:  # a plain index folder (ShardedIndex.open of one): in place
+            self.searcher.serialize(Path(root))
+            return {}
         return _write_shard(self.searcher, self.docids, Path(root), self.shard, generation)
 
 
@@ -354,6 +391,9 @@ class ShardedIndex:
         self._log: list[list] = [[] for _ in sources]  # updates since each source was made
         self._updates = [0] * self.num_shards
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one update at a time: the log is their order
+        self.folder: Path | None = None      # set by open(): where snapshot() writes
+        self.plain = False                   # open() of a plain index folder: one shard
         options = {"num_cpus": 0, "scheduling_strategy": "SPREAD", "max_restarts": 0}
         options.update(actor_options or {})
         self._actor_options = options
@@ -486,6 +526,47 @@ class ShardedIndex:
         return cls(manifest["meta"], [("folder", str(root), e) for e in manifest["shards"]],
                    threads_per_shard=threads_per_shard, actor_options=actor_options)
 
+    @classmethod
+    def open(cls, directory, *, threads_per_shard: int = 1,
+             actor_options: dict | None = None) -> "ShardedIndex":
+        """:meth:`load` of a sharded folder, or one shard (one actor) of a plain index
+        folder written by :meth:`mipscan.Searcher.serialize`; either way :meth:`snapshot`
+        writes the index back into ``directory``. Raises ValueError naming the folder when
+        it is neither (or damaged)."""
+        _ray("ShardedIndex.open()")
+        root = Path(os.fspath(directory)).resolve()
+        if (root / MANIFEST).exists():
+            index = cls.load(root, threads_per_shard=threads_per_shard,
+                             actor_options=actor_options)
+        else:
+            if not (root / "mipscan.json").is_file():
+                raise ValueError(f"ShardedIndex.open(): {str(root)!r} is not a mipscan index "
+                                 f"folder (no mipscan.json or {MANIFEST})")
+            searcher = mipscan.load_searcher(root, mmap=True, verify=True)
+            meta = {"d": int(searcher.d), "distance_measure": searcher.distance_measure,
+                    "num_neighbors": int(searcher.num_neighbors)}
+            entry = {"folder": root.name, "n": int(searcher.size()), "docids": None}
+            del searcher
+            index = cls(meta, [("folder", str(root.parent), entry)],
+                        threads_per_shard=threads_per_shard, actor_options=actor_options)
+            index.plain = True
+        index.folder = root
+        return index
+
+    def snapshot(self) -> None:
+        """Writes the index, with its updates, back into the folder :meth:`open` read
+        (atomically, as :meth:`serialize` and :meth:`mipscan.Searcher.serialize` do)."""
+        if self.folder is None:
+            raise ValueError("ShardedIndex.snapshot(): this index was not made by open(); "
+                             "use serialize(directory)")
+        if not self.plain:
+            self.serialize(self.folder)
+            return
+        with self._write_lock:
+            self._call_all("serialize", str(self.folder), None)
+            with self._lock:
+                self._log, self._updates = [[]], [0]  # the folder holds every update
+
     # -------------------------------------------------------------- actors
     def _start(self, i: int):
         """A new actor for shard ``i`` from its source (the caller holds the lock or is
@@ -512,6 +593,16 @@ class ShardedIndex:
             for method, args in self._log[i]:
                 self._ray.get(getattr(actor, method).remote(*args))
             self._actors[i] = actor
+
+    def _restart_or_raise(self, i: int, dead) -> None:
+        """:meth:`_restart`, or ShardUnavailableError naming the shard and its source."""
+        try:
+            self._restart(i, dead)
+        except Exception as exc:  # noqa: BLE001 (reported with the shard)
+            raise ShardUnavailableError(
+                f"ShardedIndex: shard {i} of {self.num_shards} died and could not be "
+                f"started again from {self._source_name(i)}: "
+                f"{type(exc).__name__}: {_first_line(exc)}", i) from exc
 
     def _source_name(self, i: int) -> str:
         source = self._sources[i]
@@ -545,14 +636,7 @@ class ShardedIndex:
                         f"ShardedIndex: shard {i} of {self.num_shards} ({self._source_name(i)}) "
                         f"did not answer {method}() after {self.retries} restarts: "
                         f"{type(exc).__name__}: {_first_line(exc)}", i) from exc
-                try:
-                    self._restart(i, actors[i])
-                except Exception as restart_exc:  # noqa: BLE001 (reported with the shard)
-                    raise ShardUnavailableError(
-                        f"ShardedIndex: shard {i} of {self.num_shards} died and could not be "
-                        f"started again from {self._source_name(i)}: "
-                        f"{type(restart_exc).__name__}: {_first_line(restart_exc)}", i
-                    ) from restart_exc
+                self._restart_or_raise(i, actors[i])
             time.sleep(self.retry_wait * (attempt - 1))
             calls = {i: calls[i] for i in failed}
         return [results[i] for i in sorted(results)]
@@ -588,19 +672,19 @@ class ShardedIndex:
 
     def _search(self, call: str, q: np.ndarray):
         def run(k, pre_k, leaves):
-            k = self.num_neighbors if k is None else _check_k(call, "final_num_neighbors", k,
-                                                              1, self.n)
-            if pre_k is not None:
-                pre_k = _check_k(call, "pre_reorder_num_neighbors", pre_k, 1, self.n)
-            if leaves is not None:
-                leaves = _check_k(call, "leaves_to_search", leaves, 1, None)
+            k, pre_k, leaves = _check_search(call, k, pre_k, leaves, self.num_neighbors,
+                                             self.n)
             q_ref = self._ray.put(q) if q.nbytes > 100_000 else q
+            # The updates finished before the search was sent: a shard must have applied
+            # at least those (it may have applied one that is finishing concurrently).
+            expected = list(self._updates)
             answers = self._call_all("search", q_ref, k, pre_k, leaves)
-            for i, (_, _, updates) in enumerate(answers):
-                if updates != self._updates[i]:
+            for i, answer in enumerate(answers):
+                if answer is None or answer[2] < expected[i]:
                     raise ShardUnavailableError(
-                        f"{call}: shard {i} answered with {updates} updates applied, "
-                        f"expected {self._updates[i]}", i)
+                        f"{call}: shard {i} answered with "
+                        f"{'its index retired' if answer is None else f'{answer[2]} updates'}"
+                        f" applied, expected {expected[i]}", i)
             return merge([(a[0], a[1]) for a in answers], k, self.distance_measure)
         return run
 
@@ -632,11 +716,17 @@ class ShardedIndex:
 
     def _update(self, method: str, calls: dict) -> None:
         # The log replays these, in order, on a shard that restarts from its source.
-        self._call_all(method, shards=calls)
-        for i, args in calls.items():
-            self._log[i].append((method, args))
-            self._updates[i] += 1
-        self.n = int(sum(r["n"] for r in self._call_all("info")))
+        with self._write_lock:
+            if method == "delete":  # all or nothing: an unknown docid deletes none
+                for i, missing in zip(calls, self._call_all("missing", shards=calls)):
+                    if missing is not None:
+                        raise KeyError(f"ShardedIndex.delete(): docid {missing} is not in "
+                                       f"the index (shard {i}); nothing was deleted")
+            self._call_all(method, shards=calls)
+            for i, args in calls.items():
+                self._log[i].append((method, args))
+                self._updates[i] += 1
+            self.n = int(sum(r["n"] for r in self._call_all("info")))
 
     def upsert(self, docids, vectors) -> None:
         """Inserts or replaces ``vectors`` (m, d) under ``docids`` (m,), each on its owning
@@ -658,11 +748,15 @@ class ShardedIndex:
         call = "ShardedIndex.serialize()"
         root = _prepare_root(call, directory)
         generation = _new_generation()
-        entries = self._call_all("serialize", str(root), generation)
-        _commit(root, self.meta, entries, generation)
-        with self._lock:
-            self._sources = [("folder", str(root), e) for e in entries]
-            self._log = [[] for _ in entries]
+        with self._write_lock:  # no update between the shards' files and the log reset
+            entries = self._call_all("serialize", str(root), generation)
+            _commit(root, self.meta, entries, generation)
+            with self._lock:
+                self._sources = [("folder", str(root), e) for e in entries]
+                # The folders hold every update: a restarted shard replays none, so it
+                # must have applied none of its own (the live ones count more: fine).
+                self._log = [[] for _ in entries]
+                self._updates = [0] * len(entries)
 
     def shutdown(self) -> None:
         """Ends the shard actors."""
@@ -678,7 +772,7 @@ class ShardedIndex:
         # the lock and the ray module do not. A copy (in a task, a Serve replica) searches
         # the same actors; a shard it restarts is its own replacement.
         state = dict(self.__dict__)
-        for name in ("_lock", "_ray", "_actor_class"):
+        for name in ("_lock", "_write_lock", "_ray", "_actor_class"):
             state.pop(name, None)
         return state
 
@@ -686,6 +780,7 @@ class ShardedIndex:
         self.__dict__.update(state)
         self._ray = _ray("ShardedIndex")
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._actor_class = self._ray.remote(_Shard)
 
     def __enter__(self) -> "ShardedIndex":
@@ -760,6 +855,286 @@ def _commit(root: Path, meta: dict, entries: list[dict], generation: str) -> Non
                     path.rmdir()
                 elif path.is_file():
                     path.unlink()
+
+
+# ---------------------------------------------------------------- one index, many processes
+class _Owner:
+    """Ray actor: the one owner of a ShardedIndex that several processes share (the Ray
+    Serve replicas of ``mipscan serve --ray``). Those search its shard actors directly
+    (:class:`SharedIndex`); updates, snapshots, reloads and shard restarts come here and
+    run one at a time (an actor runs one call at a time), so the update log that a
+    restarted shard replays is complete and in order, and a shard is restarted once."""
+
+    def __init__(self, directory: str, threads_per_shard: int, actor_options: dict | None):
+        self.options = {"threads_per_shard": threads_per_shard, "actor_options": actor_options}
+        self.index = ShardedIndex.open(directory, **self.options)
+        self.epoch = 1  # + 1 per reload: the shard actors that answer
+        self.loaded_at = time.time()
+
+    def view(self) -> dict:
+        ix = self.index
+        return {"epoch": self.epoch, "actors": ix.actors(), "n": ix.n, "d": ix.d,
+                "owner_pid": os.getpid(),
+                "distance_measure": ix.distance_measure, "num_neighbors": ix.num_neighbors,
+                "plain": ix.plain, "folder": str(ix.folder), "loaded_at": self.loaded_at,
+                "shards": ix._call_all("info")}
+
+    def restore(self, epoch: int, shard: int, actor_id: str) -> dict:
+        """Restarts ``shard`` if ``actor_id`` still serves it (a caller saw it fail);
+        returns the current view. Raises ShardUnavailableError naming the shard."""
+        actor = self.index.actors()[shard]
+        if epoch == self.epoch and actor._actor_id.hex() == actor_id:
+            self.index._restart_or_raise(shard, actor)
+        return self.view()
+
+    def upsert(self, docids, vectors) -> int:
+        self.index.upsert(docids, vectors)
+        return self.index.n
+
+    def delete(self, docids) -> int:
+        self.index.delete(docids)
+        return self.index.n
+
+    def snapshot(self) -> int:
+        self.index.snapshot()
+        return self.index.n
+
+    def reload(self) -> dict:
+        """Starts the shards of the folder aside (a damaged folder raises ValueError and
+        the current shards keep serving), switches to them, retires the old ones (a caller
+        still holding one is answered None and fetches the new view), then ends them."""
+        new = ShardedIndex.open(self.index.folder, **self.options)
+        old, self.index = self.index, new
+        self.epoch += 1
+        self.loaded_at = time.time()
+        ray = old._ray
+        for ref in [actor.retire.remote() for actor in old.actors()]:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 (a dead old shard needs no retiring)
+                pass
+        old.shutdown()
+        return self.view()
+
+    def shutdown(self) -> None:
+        self.index.shutdown()
+
+
+def share(directory, *, threads_per_shard: int = 1, actor_options: dict | None = None,
+          name: str | None = None):
+    """Starts the owner actor of the index in ``directory`` (a sharded folder, or a plain
+    index folder as one shard; see :meth:`ShardedIndex.open`) and returns its handle, for
+    :class:`SharedIndex` in any process of the cluster. Raises ValueError for a folder that
+    is not a valid index. With ``name``, the actor is
+    ``ray.get_actor(name, namespace="mipscan")``. End it with ``SharedIndex(owner).close()``."""
+    ray = _ray("share()")
+    options = {"num_cpus": 0, "max_restarts": 0}
+    if name is not None:
+        options.update(name=name, namespace="mipscan")
+    owner = ray.remote(_Owner).options(**options).remote(
+        str(Path(os.fspath(directory)).resolve()), threads_per_shard, actor_options)
+    try:
+        _unwrap(ray, lambda: ray.get(owner.view.remote()))
+    except BaseException:
+        ray.kill(owner, no_restart=True)
+        raise
+    return owner
+
+
+def _owner_error(ray, exc: BaseException) -> BaseException | None:
+    """What an owner call's ``exc`` is raised as: the remote call's own exception
+    (KeyError, ValueError, ShardUnavailableError, ...) instead of Ray's wrapper of it, and
+    ShardUnavailableError (shard None) when the owner itself is gone; None: ``exc`` as is."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, Exception) else None
+    if isinstance(exc, ray.exceptions.RayActorError):
+        # Its shard actors went with it (an actor's actors share its fate); restarting it
+        # from the folder would drop the updates made since: say so instead.
+        return ShardUnavailableError(
+            "the index's owner actor died, and the shards with it; start the service again "
+            f"(updates since the last snapshot are lost): {_first_line(exc)}", None)
+    return None
+
+
+def _unwrap(ray, call: Callable):
+    """``call()`` of the owner; its errors as :func:`_owner_error` says."""
+    try:
+        return call()
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        err = _owner_error(ray, exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+async def _unwrap_async(ray, ref):
+    """As :func:`_unwrap`, awaiting ``ref``."""
+    try:
+        return await ref
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        err = _owner_error(ray, exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+class SharedIndex:
+    """A handle of the ShardedIndex owned by :func:`share`'s actor, for any process of the
+    cluster (it pickles as the owner's handle). Searches go straight to the shard actors
+    and are merged here; updates, snapshots and reloads go through the owner, so every
+    handle sees them at once: a search sent after an update returned includes it.
+
+    A search never mixes two indexes or returns a partial result: when a shard fails, the
+    owner restarts it (once, whoever noticed) and the whole search is sent again; when a
+    reload retired the shards, the search is sent to the new ones; after ``retries``
+    attempts it raises :class:`ShardUnavailableError` naming the shard.
+    """
+
+    def __init__(self, owner, retries: int = 3):
+        self._ray = _ray("SharedIndex")
+        self.owner, self.retries = owner, retries
+        self._set(self._call("view"))
+
+    def __reduce__(self):
+        return (SharedIndex, (self.owner, self.retries))
+
+    def _call(self, method: str, *args):
+        return _unwrap(self._ray, lambda: self._ray.get(getattr(self.owner, method).remote(*args)))
+
+    def _set(self, view: dict) -> None:
+        if view["epoch"] < getattr(self, "_view", view)["epoch"]:
+            return  # fetched before a reload that another thread has already seen
+        self._view = view  # one assignment: a search reads the view once
+        self.n = int(view["n"])
+        self.shard_sizes = [int(s["n"]) for s in view["shards"]]
+
+    # Read from the current view (a reload may change them).
+    d = property(lambda self: int(self._view["d"]))
+    distance_measure = property(lambda self: self._view["distance_measure"])
+    num_neighbors = property(lambda self: int(self._view["num_neighbors"]))
+    num_shards = property(lambda self: len(self._view["actors"]))
+    generation = property(lambda self: int(self._view["epoch"]))
+    shards = property(lambda self: list(self._view["shards"]))
+    num_leaves = property(lambda self: max(s["num_leaves"] for s in self._view["shards"]))
+    max_leaves_to_search = property(
+        lambda self: min(s["max_leaves_to_search"] for s in self._view["shards"]))
+
+    def size(self) -> int:
+        """Datapoints over all shards, as of this handle's last search or update."""
+        return self.n
+
+    def _prepare(self, call: str, queries, k, pre_k, leaves) -> tuple:
+        q = _check_queries(call, queries, self.d, 2)
+        k, pre_k, leaves = _check_search(call, k, pre_k, leaves, self.num_neighbors, self.n)
+        return (self._ray.put(q) if q.nbytes > 100_000 else q), k, pre_k, leaves
+
+    def _settle(self, view: dict, answers: list, k: int):
+        """The merged result of one round of shard answers (results or exceptions, by
+        shard), or the owner call ``(method, args)`` that gets the view to retry on."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for i, a in enumerate(answers):
+            if isinstance(a, (RayActorError, ActorUnavailableError)):
+                # The owner restarts it (or raises naming it).
+                return "restore", (view["epoch"], i, view["actors"][i]._actor_id.hex())
+            if isinstance(a, BaseException):
+                raise a
+        if any(a is None for a in answers):  # retired by a reload
+            return "view", ()
+        self.shard_sizes = [int(a[3]) for a in answers]
+        self.n = int(sum(self.shard_sizes))
+        return merge([(a[0], a[1]) for a in answers], k, view["distance_measure"])
+
+    def _gave_up(self, call: str, step) -> ShardUnavailableError:
+        shard = step[1][1] if step[0] == "restore" else 0
+        return ShardUnavailableError(f"{call}: shard {shard} did not answer after "
+                                     f"{self.retries} restarts", shard)
+
+    def search_batched(self, queries, final_num_neighbors: int | None = None,
+                       pre_reorder_num_neighbors: int | None = None,
+                       leaves_to_search: int | None = None) -> SearchResult:
+        """As :meth:`ShardedIndex.search_batched`."""
+        call = "SharedIndex.search_batched()"
+        ray = self._ray
+        q_ref, k, pre_k, leaves = self._prepare(call, queries, final_num_neighbors,
+                                                pre_reorder_num_neighbors, leaves_to_search)
+        for _ in range(self.retries + 1):
+            view = self._view
+            refs = [actor.search.remote(q_ref, k, pre_k, leaves) for actor in view["actors"]]
+            answers = []
+            for ref in refs:
+                try:
+                    answers.append(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001 (sorted out by _settle)
+                    answers.append(exc)
+            step = self._settle(view, answers, k)
+            if isinstance(step, SearchResult):
+                return step
+            self._set(self._call(step[0], *step[1]))
+        raise self._gave_up(call, step)
+
+    async def search_batched_async(self, queries, final_num_neighbors: int | None = None,
+                                   pre_reorder_num_neighbors: int | None = None,
+                                   leaves_to_search: int | None = None) -> SearchResult:
+        """:meth:`search_batched` on the caller's event loop (it awaits the shards'
+        answers instead of blocking a thread): what the Ray Serve replicas use."""
+        import asyncio
+
+        call = "SharedIndex.search_batched()"
+        q_ref, k, pre_k, leaves = self._prepare(call, queries, final_num_neighbors,
+                                                pre_reorder_num_neighbors, leaves_to_search)
+        for _ in range(self.retries + 1):
+            view = self._view
+            answers = await asyncio.gather(
+                *[actor.search.remote(q_ref, k, pre_k, leaves) for actor in view["actors"]],
+                return_exceptions=True)
+            step = self._settle(view, answers, k)
+            if isinstance(step, SearchResult):
+                return step
+            self._set(await _unwrap_async(self._ray,
+                                          getattr(self.owner, step[0]).remote(*step[1])))
+        raise self._gave_up(call, step)
+
+    search_batched_parallel = search_batched  # the shards search with their own threads
+
+    def search(self, q, final_num_neighbors: int | None = None,
+               pre_reorder_num_neighbors: int | None = None,
+               leaves_to_search: int | None = None) -> SearchResult:
+        """One query (d,): SearchResult of (k,) arrays."""
+        q = _check_queries("SharedIndex.search()", q, self.d, 1)
+        ids, scores = self.search_batched(q[None, :], final_num_neighbors,
+                                          pre_reorder_num_neighbors, leaves_to_search)
+        return SearchResult(ids[0], scores[0])
+
+    def upsert(self, docids, vectors) -> None:
+        """As :meth:`ShardedIndex.upsert`, through the owner."""
+        self.n = self._call("upsert", docids, vectors)
+
+    def delete(self, docids) -> None:
+        """As :meth:`ShardedIndex.delete` (all or nothing), through the owner."""
+        self.n = self._call("delete", docids)
+
+    def snapshot(self) -> None:
+        """As :meth:`ShardedIndex.snapshot`, through the owner."""
+        self.n = self._call("snapshot")
+
+    def reload(self) -> None:
+        """Restarts the shards from the folder, atomically for every handle (see
+        ``_Owner.reload``). Raises ValueError for a damaged folder (the old shards keep
+        serving)."""
+        self._set(self._call("reload"))
+
+    def refresh(self) -> None:
+        """Fetches the owner's current view (size, shards) now."""
+        self._set(self._call("view"))
+
+    def close(self) -> None:
+        """Ends the shard actors and the owner."""
+        try:
+            self._call("shutdown")
+        finally:
+            self._ray.kill(self.owner, no_restart=True)
 
 
 # ---------------------------------------------------------------- batch retrieval

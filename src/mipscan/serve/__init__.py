@@ -14,6 +14,9 @@ Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx sta
 - ``GET /`` the demo page, when page data sits beside the folder (``INDEX_DIR.page``,
   written by ``mipscan demo --save-index``).
 
+``mipscan serve --ray`` serves the same app from Ray Serve replicas that share one
+sharded index on Ray actors (:mod:`mipscan.serve._ray`; the ``serve`` and ``ray`` extras).
+
 This module needs only the standard library and numpy; the app (Starlette, uvicorn,
 prometheus-client: the ``serve`` extra) is imported when a server starts.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 SERVE_INSTALL = 'pip install "mipscan[serve]"'
+RAY_SERVE_INSTALL = 'pip install "mipscan[serve,ray]"'
 TOKEN_ENV = "MIPSCAN_SERVE_TOKEN"
 #: Shortest token accepted: a guessable token is no access control.
 MIN_TOKEN_CHARS = 16
@@ -47,16 +51,27 @@ class ServeError(Exception):
 def require_serve(what: str = "mipscan serve") -> None:
     """Raises :class:`mipscan.recsys._extras.MissingExtraError` naming the ``serve`` extra
     when one of its modules is missing (without importing any)."""
+    _require(_MODULES, f"{what} needs the serve extra", SERVE_INSTALL)
+
+
+def require_ray_serve(what: str = "mipscan serve --ray") -> None:
+    """As :func:`require_serve`, and Ray Serve (the ``ray`` extra's ``ray[serve]``)."""
+    require_serve(what)
+    # Ray Serve imports fastapi.
+    _require(("ray", "ray.serve", "fastapi"), f"{what} needs Ray Serve", RAY_SERVE_INSTALL)
+
+
+def _require(modules, needs: str, install: str) -> None:
     from mipscan.recsys._extras import MissingExtraError
 
-    for module in _MODULES:
+    for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise MissingExtraError(f"{what} needs the serve extra (no module named "
-                                    f"{module!r}): {SERVE_INSTALL}", name=module)
+            raise MissingExtraError(f"{needs} (no module named {module!r}): {install}",
+                                    name=module)
 
 
 def is_loopback(host: str) -> bool:
@@ -156,15 +171,22 @@ def read_page_data(folder) -> tuple[np.ndarray, dict]:
 
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
           threads: int | None = None, read_only: bool = False, page_dir=None,
-          max_body_bytes: int | None = None, log=print) -> None:
-    """Loads ``index_dir`` and serves it until interrupted (``mipscan serve``).
+          max_body_bytes: int | None = None, log=print, ray: bool = False,
+          replicas: int = 2, address: str | None = None) -> None:
+    """Loads ``index_dir`` and serves it until interrupted (``mipscan serve``). With
+    ``ray``, as a Ray Serve deployment of ``replicas`` replicas sharing one sharded index
+    (``index_dir`` a sharded folder or a plain index folder; ``threads`` = engine threads
+    per shard; see :mod:`mipscan.serve._ray`) on the cluster at ``address``.
 
     Raises:
         ServeError: no token for write endpoints on a non-loopback address, a bad token
             file, a folder that is not a valid index, or an address in use.
-        MissingExtraError: the serve extra is not installed.
+        MissingExtraError: the serve extra (or, with ``ray``, Ray Serve) is not installed.
     """
-    require_serve()
+    if ray:
+        require_ray_serve()
+    else:
+        require_serve()
     token = read_token(token_file)
     loopback = is_loopback(host)
     if read_only:
@@ -177,12 +199,21 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     if page_dir is None and page_dir_for(index_dir).is_dir():
         page_dir = page_dir_for(index_dir)
 
+    from mipscan.serve._app import Limits
+
+    limits = Limits() if max_body_bytes is None else Limits(max_body_bytes=max_body_bytes)
+    if ray:
+        from mipscan.serve._ray import serve_ray
+
+        return serve_ray(index_dir, host=host, port=port, token=token, loopback=loopback,
+                         limits=limits, page_dir=page_dir, replicas=replicas, address=address,
+                         threads_per_shard=threads or 1, log=log)
+
     import uvicorn
 
     import mipscan
-    from mipscan.serve._app import Limits, create_app
+    from mipscan.serve._app import create_app
 
-    limits = Limits() if max_body_bytes is None else Limits(max_body_bytes=max_body_bytes)
     try:
         searcher = mipscan.load_searcher(index_dir, mmap=True, verify=True)
         app = create_app(index_dir, token=token, limits=limits, threads=threads,
@@ -202,7 +233,7 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
-    s = app.state.live.searcher
+    s = app.state.live.backend.reader()
     log(f"mipscan serve: {s.size():,} datapoints x {s.d} from {index_dir} on "
         f"http://{shown}:{bound}/ (writes {'enabled' if token else 'disabled'}"
         f"{', page /' if page_dir is not None else ''}); Ctrl-C stops")
@@ -226,5 +257,5 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
 
 
 __all__ = ["MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV", "is_loopback",
-           "page_dir_for", "read_page_data", "read_token", "require_serve", "save_page_data",
-           "serve"]
+           "page_dir_for", "read_page_data", "read_token", "require_ray_serve", "require_serve",
+           "save_page_data", "serve"]

@@ -39,10 +39,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import mipscan
+from mipscan.distributed import ShardUnavailableError
 
 log = logging.getLogger("mipscan.serve")
 
-__all__ = ["HTTPError", "Limits", "create_app"]
+__all__ = ["HTTPError", "Limits", "SearcherBackend", "create_app"]
 
 #: Bodies at or above this size are parsed on a worker thread, not on the event loop.
 _THREADED_JSON_BYTES = 64 << 10
@@ -260,26 +261,78 @@ def _rss_bytes() -> int | None:
         return None
 
 
-class _State:
-    def __init__(self, index_dir: Path, searcher, threads: int | None):
-        self.index_dir = index_dir
+class SearcherBackend:
+    """The index behind the endpoints: one searcher in this process, loaded from
+    ``index_dir``. Another backend (``mipscan.serve._ray``: a sharded index on Ray actors)
+    offers the same names; the handlers parse and check requests and call only these:
+
+    - ``reader()``: the searcher-like object a request uses to its end (``d``, ``size()``,
+      ``num_neighbors``, ``num_leaves``, ``max_leaves_to_search``, ``search_batched``,
+      ``search_batched_parallel``);
+    - ``size()``, ``generation`` (1 + reloads), ``loaded_at``, ``name``, ``describe()``
+      (the index's part of ``/stats``), ``writes()`` (which updates it has);
+    - blocking, run off the event loop under the app's write lock, each returning the new
+      size: ``upsert(docids, vectors)``, ``delete(docids)``, ``snapshot()``, ``reload()``
+      (ValueError/OSError: the folder was refused and the old index keeps serving).
+    """
+
+    def __init__(self, index_dir, searcher=None, threads: int | None = None):
+        self.index_dir = Path(index_dir)
+        self.name = self.index_dir.name
         self.threads = threads
+        if searcher is None:
+            searcher = mipscan.load_searcher(self.index_dir, mmap=True, verify=True)
         self.searcher = self._prepare(searcher)
         self.generation = 1
         self.loaded_at = time.time()
-        self.started = time.monotonic()
 
     def _prepare(self, searcher):
         if self.threads is not None:
             searcher.set_num_threads(self.threads)
         return searcher
 
-    def swap(self, searcher) -> None:
+    def reader(self):
+        return self.searcher
+
+    def size(self) -> int:
+        return self.searcher.size()
+
+    def describe(self) -> dict:
+        s = self.searcher
+        return {"size": s.size(), "d": s.d, "distance_measure": s.distance_measure,
+                "num_leaves": s.num_leaves, "num_threads": s.num_threads,
+                "index_bytes": getattr(s, "index_bytes", None), "config": _config(s)}
+
+    def writes(self) -> dict:
+        return {"upsert": hasattr(self.searcher, "upsert"),
+                "delete": hasattr(self.searcher, "delete")}
+
+    def upsert(self, docids: list, vectors: np.ndarray) -> int:
+        self.searcher.upsert(docids, vectors)
+        return self.searcher.size()
+
+    def delete(self, docids: list) -> int:
+        self.searcher.delete(docids)
+        return self.searcher.size()
+
+    def snapshot(self) -> int:
+        self.searcher.serialize(self.index_dir)
+        return self.searcher.size()
+
+    def reload(self) -> int:
+        new = self._prepare(mipscan.load_searcher(self.index_dir, mmap=True, verify=True))
         # One rebinding of one attribute: requests that already read the old reference
         # keep it (and its arrays) alive until they finish.
-        self.searcher = self._prepare(searcher)
+        self.searcher = new
         self.generation += 1
         self.loaded_at = time.time()
+        return new.size()
+
+
+class _State:
+    def __init__(self, backend):
+        self.backend = backend
+        self.started = time.monotonic()
 
 
 class _Metrics:
@@ -314,9 +367,9 @@ class _Metrics:
     def gauges(self, state: "_State") -> None:
         r = self.registry
         Gauge("mipscan_index_size", "datapoints in the serving index",
-              registry=r).set_function(lambda: state.searcher.size())
+              registry=r).set_function(lambda: state.backend.size())
         Gauge("mipscan_index_generation", "1 + successful reloads",
-              registry=r).set_function(lambda: state.generation)
+              registry=r).set_function(lambda: state.backend.generation)
         Gauge("mipscan_uptime_seconds", "seconds since the server started",
               registry=r).set_function(lambda: time.monotonic() - state.started)
 
@@ -450,9 +503,10 @@ class _Coalescer:
 
 
 # ---------------------------------------------------------------- the app
-def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits(),
+def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Limits(),
                threads: int | None = None, page_dir=None, searcher=None,
-               loopback_only: bool = True, workers: int | None = None):
+               loopback_only: bool = True, workers: int | None = None, backend=None,
+               token_sha256: bytes | None = None):
     """The service over the index in ``index_dir`` (loaded with ``mmap=True``, verified).
 
     Args:
@@ -460,7 +514,8 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             No endpoint takes a path from the client.
         token: the bearer token of the write endpoints (``/upsert``, ``/delete``,
             ``/snapshot``, ``/reload``); ``None`` disables them (403). Compared in
-            constant time.
+            constant time. ``token_sha256``: its SHA-256 digest instead (what the Ray
+            deployment is given, so the token itself is not stored in the cluster).
         limits: body size and batch bounds (:class:`Limits`).
         threads: engine threads of each loaded searcher (default: the searcher's own).
         page_dir: the demo page's data (see :func:`mipscan.serve.save_page_data`), or None.
@@ -469,14 +524,15 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             localhost, ::1), against DNS rebinding; pass False when serving other hosts.
         workers: threads that run requests' searches and writes (default: 4 per CPU,
             at most 32).
+        backend: the index behind the endpoints instead of ``index_dir`` (see
+            :class:`SearcherBackend`; ``mipscan serve --ray`` passes a sharded one).
 
     Raises:
         ValueError: the folder is not a valid index, or the page data is damaged.
     """
-    index_dir = Path(index_dir)
-    if searcher is None:
-        searcher = mipscan.load_searcher(index_dir, mmap=True, verify=True)
-    state = _State(index_dir, searcher, threads)
+    if backend is None:
+        backend = SearcherBackend(index_dir, searcher, threads)
+    state = _State(backend)
     metrics = _Metrics(state)
     page = _Page(Path(page_dir)) if page_dir is not None else None
     write_lock = asyncio.Lock()
@@ -490,7 +546,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     coalescer = _Coalescer(off_loop, max_inflight=os.cpu_count() or 1)
-    token_digest = hashlib.sha256(token.encode()).digest() if token else None
+    token_digest = hashlib.sha256(token.encode()).digest() if token else token_sha256
 
     def endpoint(fn):
         @functools.wraps(fn)
@@ -499,6 +555,9 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                 return await fn(request)
             except HTTPError as exc:
                 return _error(exc)
+            except ShardUnavailableError as exc:  # never a partial answer: this one shard
+                field = "index" if exc.shard is None else f"shard {exc.shard}"
+                return _error(HTTPError(503, field, str(exc)[:500]))
             except Exception:  # a bug, not the client's fault: logged, no details sent
                 log.exception("internal error in %s", request.url.path)
                 return _json({"error": "internal server error", "field": None}, 500)
@@ -579,7 +638,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
     @endpoint
     async def search(request: Request) -> Response:
         body = _check_fields(await body_of(request), _SEARCH_FIELDS, ("queries",), "/search")
-        s = state.searcher  # this request's index, whatever /reload does meanwhile
+        s = state.backend.reader()  # this request's index, whatever /reload does meanwhile
         size = s.size()
         q = _vectors(body["queries"], "queries", s.d, limits.max_queries)
         k_high = min(size, limits.max_k)
@@ -595,8 +654,12 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         for name in ("allowed", "excluded"):
             if body.get(name) is not None:
                 kwargs[name] = _filter(body, name, len(q), s)
+        filtered = "allowed" in kwargs or "excluded" in kwargs
+        search_async = getattr(s, "search_batched_async", None)  # a sharded index on Ray
         try:
-            if len(q) == 1 and "allowed" not in kwargs and "excluded" not in kwargs:
+            if search_async is not None and not filtered:
+                ids, scores = await search_async(q, **kwargs)
+            elif len(q) == 1 and not filtered:
                 ids, scores = await coalescer.search(s, q[0], kwargs)
             elif len(q) >= _PARALLEL_MIN_QUERIES:
                 ids, scores = await off_loop(
@@ -613,23 +676,20 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
 
     @endpoint
     async def healthz(request: Request) -> Response:
-        s = state.searcher
-        return _json({"status": "ok", "size": s.size(), "generation": state.generation})
+        b = state.backend
+        return _json({"status": "ok", "size": b.size(), "generation": b.generation})
 
     @endpoint
     async def stats(request: Request) -> Response:
-        s = state.searcher
+        b = state.backend
         return _json({
-            "size": s.size(), "d": s.d, "distance_measure": s.distance_measure,
-            "num_leaves": s.num_leaves, "num_threads": s.num_threads,
-            "index_bytes": getattr(s, "index_bytes", None), "config": _config(s),
+            **b.describe(),
             "simd_level": mipscan.simd_level(), "mipscan_version": mipscan.__version__,
-            "uptime_s": time.monotonic() - state.started, "generation": state.generation,
-            "loaded_at": state.loaded_at, "rss_bytes": _rss_bytes(),
-            "index": state.index_dir.name, "page": page is not None,
-            "writes": {"enabled": token_digest is not None,
-                       "upsert": hasattr(s, "upsert"), "delete": hasattr(s, "delete")},
-            "filters": _accepts(s.search_batched, "allowed"),
+            "uptime_s": time.monotonic() - state.started, "generation": b.generation,
+            "loaded_at": b.loaded_at, "rss_bytes": _rss_bytes(),
+            "index": b.name, "page": page is not None,
+            "writes": {"enabled": token_digest is not None, **b.writes()},
+            "filters": _accepts(b.reader().search_batched, "allowed"),
             "limits": limits.__dict__,
         })
 
@@ -648,68 +708,66 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         body = _check_fields(await body_of(request), ("docids", "vectors"),
                              ("docids", "vectors"), "/upsert")
         async with write_lock:
-            s = state.searcher
+            b = state.backend
             docids = _docids(body["docids"], "docids", limits)
-            vectors = _vectors(body["vectors"], "vectors", s.d, limits.max_batch)
+            vectors = _vectors(body["vectors"], "vectors", b.reader().d, limits.max_batch)
             if len(vectors) != len(docids):
                 raise HTTPError(422, "vectors", f"vectors holds {len(vectors)} rows for "
                                 f"{len(docids)} docids")
-            if not hasattr(s, "upsert"):
+            if not b.writes()["upsert"]:
                 raise _unsupported("/upsert")
             try:
-                await off_loop(s.upsert, docids, vectors)
+                size = await off_loop(b.upsert, docids, vectors)
             except (ValueError, TypeError) as exc:
                 raise HTTPError(422, "docids", str(exc)[:300]) from None
-            return _json({"upserted": len(docids), "size": s.size()})
+            return _json({"upserted": len(docids), "size": size})
 
     @endpoint
     async def delete(request: Request) -> Response:
         authorize(request)
         body = _check_fields(await body_of(request), ("docids",), ("docids",), "/delete")
         async with write_lock:
-            s = state.searcher
+            b = state.backend
             docids = _docids(body["docids"], "docids", limits)
-            if not hasattr(s, "delete"):
+            if not b.writes()["delete"]:
                 raise _unsupported("/delete")
             try:
-                await off_loop(s.delete, docids)
+                size = await off_loop(b.delete, docids)
             except KeyError as exc:  # nothing was deleted (issue 13's contract)
-                raise HTTPError(404, "docids", f"unknown docid {_key(exc)}; nothing was "
-                                "deleted") from None
+                said = _key(exc)
+                raise HTTPError(404, "docids", said if "nothing was deleted" in said else
+                                f"unknown docid {said}; nothing was deleted") from None
             except (ValueError, TypeError) as exc:
                 raise HTTPError(422, "docids", str(exc)[:300]) from None
-            return _json({"deleted": len(docids), "size": s.size()})
+            return _json({"deleted": len(docids), "size": size})
 
     @endpoint
     async def snapshot(request: Request) -> Response:
         authorize(request)
         _check_fields(await body_of(request, empty_ok=True), (), (), "/snapshot")
         async with write_lock:
-            s = state.searcher
+            b = state.backend
             try:
-                await off_loop(s.serialize, state.index_dir)
+                size = await off_loop(b.snapshot)
             except (ValueError, OSError) as exc:
                 raise HTTPError(409, "index", f"cannot write the index folder: "
                                 f"{str(exc)[:300]}") from None
-            return _json({"snapshot": "written", "size": s.size(),
-                          "generation": state.generation})
+            return _json({"snapshot": "written", "size": size, "generation": b.generation})
 
     @endpoint
     async def reload(request: Request) -> Response:
         authorize(request)
         _check_fields(await body_of(request, empty_ok=True), (), (), "/reload")
         async with write_lock:
-            load = functools.partial(mipscan.load_searcher, state.index_dir, mmap=True,
-                                     verify=True)
+            b = state.backend
             try:
-                new = await off_loop(load)
+                size = await off_loop(b.reload)
             except (ValueError, OSError) as exc:
                 metrics.reloads.labels("refused").inc()
                 raise HTTPError(409, "index", "the index folder was refused; the previous "
                                 f"index keeps serving: {str(exc)[:400]}") from None
-            state.swap(new)
             metrics.reloads.labels("ok").inc()
-            return _json({"reloaded": True, "size": new.size(), "generation": state.generation})
+            return _json({"reloaded": True, "size": size, "generation": b.generation})
 
     # ---------------------------------------------------------------- the page
     def _need_page() -> _Page:
@@ -755,7 +813,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         user, k = values["user"], values["k"]
         if user not in p.known_users:
             raise HTTPError(404, "user", f"unknown user {user}")
-        s = state.searcher
+        s = state.backend.reader()
         if p.users.shape[1] != s.d:
             raise HTTPError(409, "page", f"the page's user embeddings have "
                             f"{p.users.shape[1]} features, but the index expects {s.d}")
