@@ -71,6 +71,7 @@ def measured(run, server_pid: int) -> dict:
     if b0 is not None and b1 is not None:
         out["others_cores"] = max(0.0, (b1 - b0) - (o1 - o0) - (s1 - s0)) / (t1 - t0)
     out["server_cpu_cores"] = (s1 - s0) / (t1 - t0)
+    out["client_cpu_cores"] = (o1 - o0) / (t1 - t0)
     return out
 
 

@@ -15,7 +15,7 @@ Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx sta
   written by ``mipscan demo --save-index``).
 
 This module needs only the standard library and numpy; the app (Starlette, uvicorn,
-prometheus-client: the ``serve`` extra) is imported when a server starts.
+prometheus-client, orjson: the ``serve`` extra) is imported when a server starts.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TOKEN_ENV = "MIPSCAN_SERVE_TOKEN"
 #: Shortest token accepted: a guessable token is no access control.
 MIN_TOKEN_CHARS = 16
 PAGE_FORMAT = "mipscan-page"
-_MODULES = ("starlette", "uvicorn", "prometheus_client", "anyio")
+_MODULES = ("starlette", "uvicorn", "prometheus_client", "anyio", "orjson")
 _MAX_TITLES_BYTES = 64 << 20
 
 

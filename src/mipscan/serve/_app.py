@@ -30,6 +30,7 @@ from typing import Any
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
+import orjson
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 from starlette.applications import Starlette
@@ -81,14 +82,6 @@ def _reject_constant(name: str):
                     "(NaN and infinities are refused)")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise HTTPError(400, "body", f"malformed JSON: the number {text[:40]} overflows "
-                        "a double")
-    return value
-
-
 def _no_duplicate_keys(pairs: list) -> dict:
     obj = {}
     for key, value in pairs:
@@ -99,10 +92,12 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity (Python's json accepts them), no number that
-    overflows a double, no repeated key."""
+    """Strict JSON: no NaN/Infinity (Python's json accepts them), no repeated key. A
+    number that overflows a double parses as an infinity, which every field refuses
+    (vectors must be finite float32; the other numbers are integers): checked there, and
+    not here, where a Python call per number cost a tenth of a single query's time."""
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float,
+        return json.loads(body, parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicate_keys)
     except HTTPError:
         raise
@@ -118,6 +113,18 @@ def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Respo
 
 def _error(exc: HTTPError) -> Response:
     return _json({"error": exc.message, "field": exc.field}, exc.status, exc.headers)
+
+
+def _results(ids, scores) -> Response:
+    """A search's ``{"ids", "scores"}``, encoded by orjson straight from the arrays (a
+    tenth of the stdlib's time); string docids go through lists. The -inf (+inf) score
+    of a filtered query's padding (id -1 or "") becomes null: JSON has no infinities."""
+    try:
+        body = orjson.dumps({"ids": ids, "scores": scores}, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # a numpy dtype orjson does not serialize (str docids)
+        body = orjson.dumps({"ids": _rows(ids), "scores": _rows(scores)},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json")
 
 
 def _rows(x) -> list:
@@ -327,10 +334,15 @@ _ENDPOINTS = ("/search", "/upsert", "/delete", "/snapshot", "/reload", "/healthz
 
 
 class _Observe:
-    """Outermost ASGI layer: Host check, request counts, latency, errors."""
+    """Outermost ASGI layer: Host check, request counts, latency, errors. ``direct`` maps
+    a (method, path) to its endpoint, called here without Starlette's router and
+    middleware: for POST /search they cost a tenth of a single query's server time, and
+    the endpoint turns every error into its response itself."""
 
-    def __init__(self, app, metrics: _Metrics, hosts: frozenset[str] | None):
+    def __init__(self, app, metrics: _Metrics, hosts: frozenset[str] | None,
+                 direct: dict | None = None):
         self.app, self.metrics, self.hosts = app, metrics, hosts
+        self.direct = direct or {}
         self.state = app.state  # .live (the _State), .metrics
 
     async def __call__(self, scope, receive, send):
@@ -355,7 +367,12 @@ class _Observe:
                                        "addressed to the loopback interface"))(
                     scope, receive, observed_send)
                 return
-            await self.app(scope, receive, observed_send)
+            endpoint_fn = self.direct.get((scope["method"], path))
+            if endpoint_fn is not None:
+                response = await endpoint_fn(Request(scope, receive))
+                await response(scope, receive, observed_send)
+            else:
+                await self.app(scope, receive, observed_send)
         finally:
             self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - t0)
 
@@ -557,7 +574,12 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                             f"({name!r} is not supported)")
         if not isinstance(value, list):
             raise HTTPError(422, name, f"{name} must be a list of ids, or one list per query")
-        if value and all(isinstance(v, list) for v in value):
+        if any(isinstance(v, list) for v in value):  # one list per query
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, list)), None)
+            if bad is not None:
+                raise HTTPError(422, f"{name}[{bad}]", f"{name}[{bad}] must be a list of ids "
+                                f"like {name}[0] (one list per query); got "
+                                f"{_type_name(value[bad])}")
             if len(value) != nq:
                 raise HTTPError(422, name, f"{name} has {len(value)} lists for {nq} queries")
             if sum(len(v) for v in value) > limits.max_filter_ids:
@@ -607,9 +629,14 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             raise HTTPError(422, "allowed" if "allowed" in kwargs else "excluded",
                             f"unknown id {_key(exc)}") from None
         except (ValueError, TypeError) as exc:  # checks of the searcher we did not repeat
-            raise HTTPError(422, "queries", str(exc)[:300]) from None
+            # The searcher's message names the argument: an id that is no row or docid
+            # of the index is the filter's fault, not the queries'.
+            msg = str(exc)
+            field = next((n for n in ("allowed", "excluded") if n in kwargs and f" {n} " in
+                          f" {msg} "), "queries")
+            raise HTTPError(422, field, msg[:300]) from None
         metrics.queries.inc(len(q))
-        return _json({"ids": _rows(ids), "scores": _rows(scores)})
+        return _results(ids, scores)
 
     @endpoint
     async def healthz(request: Request) -> Response:
@@ -807,7 +834,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
     app.state.live = state
     app.state.metrics = metrics
     hosts = frozenset({"127.0.0.1", "localhost", "::1"}) if loopback_only else None
-    return _Observe(app, metrics, hosts)
+    return _Observe(app, metrics, hosts, direct={("POST", "/search"): search})
 
 
 _SEARCH_FIELDS = ("queries", "k", "leaves_to_search", "pre_reorder_num_neighbors", "allowed",
