@@ -98,16 +98,21 @@ def page_dir_for(index_dir) -> Path:
     return index_dir.with_name(index_dir.name + ".page")
 
 
-def save_page_data(folder, users: np.ndarray, user_ids, titles, title_period: int) -> None:
+def save_page_data(folder, users: np.ndarray, user_ids, titles, title_period: int,
+                   rated=None) -> None:
     """Writes the demo page's data into ``folder``: ``users.npy`` (float32, row = user
     id) and ``page.json`` (the user ids offered, and ``titles``: the title of item ``i``
-    is ``titles[i % title_period]``, or null). Each file is replaced atomically."""
+    is ``titles[i % title_period]``, or null). ``rated``, when given, holds one list per
+    user id of the items that user rated, as ``i % title_period``: the page's "exclude
+    what they rated" excludes every item ``i`` whose ``i % title_period`` is in it. Each
+    file is replaced atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     users = np.ascontiguousarray(users, dtype=np.float32)
     meta = {"format": PAGE_FORMAT, "version": 1, "user_ids": [int(u) for u in user_ids],
             "title_period": int(title_period),
-            "titles": [None if t is None else str(t) for t in titles]}
+            "titles": [None if t is None else str(t) for t in titles],
+            "rated": None if rated is None else [sorted({int(i) for i in r}) for r in rated]}
     for name, write in (("users.npy", lambda f: np.save(f, users, allow_pickle=False)),
                         ("page.json", lambda f: f.write(json.dumps(meta).encode()))):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
@@ -151,6 +156,15 @@ def read_page_data(folder) -> tuple[np.ndarray, dict]:
     if meta["title_period"] > len(meta["titles"]):
         raise ValueError(f"page data {mpath}: title_period {meta['title_period']} > "
                          f"{len(meta['titles'])} titles")
+    rated = meta.get("rated")
+    if rated is not None:
+        period = meta["title_period"]
+        ok = (isinstance(rated, list) and len(rated) == len(meta["user_ids"]) and period > 0
+              and all(isinstance(r, list) and all(type(i) is int and 0 <= i < period
+                                                  for i in r) for r in rated))
+        if not ok:
+            raise ValueError(f"page data {mpath}: rated must hold one list per user id of "
+                             f"integers in [0, title_period={period})")
     return users, meta
 
 

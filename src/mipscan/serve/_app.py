@@ -402,6 +402,16 @@ class _Page:
         self.titles = meta["titles"]
         self.period = meta["title_period"]
         self.known_users = frozenset(self.user_ids)
+        rated = meta.get("rated")
+        self.rated = (None if rated is None else
+                      {u: np.asarray(r, dtype=np.int64) for u, r in zip(self.user_ids, rated)})
+
+    def excluded(self, user: int, size: int) -> np.ndarray:
+        """Every item id below ``size`` whose ``id % period`` the user rated (all the
+        copies of each rated movie), ascending."""
+        ids = (self.rated[user][None, :]
+               + np.arange(0, size, self.period, dtype=np.int64)[:, None]).ravel()
+        return np.sort(ids[ids < size])
 
     def title(self, item) -> str:
         if type(item) is int and self.period:
@@ -760,18 +770,18 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
     @endpoint
     async def page_users(request: Request) -> Response:
         p = _need_page()
-        return _json({"users": p.user_ids})
+        return _json({"users": p.user_ids, "rated": p.rated is not None})
 
     @endpoint
     async def page_recommend(request: Request) -> Response:
         p = _need_page()
         params = request.query_params
-        unknown = [key for key in params if key not in ("user", "k")]
+        unknown = [key for key in params if key not in ("user", "k", "exclude_rated")]
         if unknown:
             raise HTTPError(422, unknown[0], f"unknown parameter {unknown[0][:60]!r}; "
-                            "takes user, k")
+                            "takes user, k, exclude_rated")
         values = {}
-        for key, default in (("user", None), ("k", "10")):
+        for key, default in (("user", None), ("k", "10"), ("exclude_rated", "0")):
             text = params.get(key, default)
             if text is None:
                 raise HTTPError(422, key, f"missing parameter {key!r}")
@@ -779,9 +789,14 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                 raise HTTPError(422, key, f"{key} must be a non-negative integer; "
                                 f"got {text[:40]!r}")
             values[key] = int(text)
-        user, k = values["user"], values["k"]
+        user, k, exclude = values["user"], values["k"], values["exclude_rated"]
         if user not in p.known_users:
             raise HTTPError(404, "user", f"unknown user {user}")
+        if exclude not in (0, 1):
+            raise HTTPError(422, "exclude_rated", f"exclude_rated must be 0 or 1; got {exclude}")
+        if exclude and p.rated is None:
+            raise HTTPError(409, "exclude_rated", "the page data has no rated lists (save "
+                            "it again with `mipscan demo --save-index DIR`)")
         s = state.searcher
         if p.users.shape[1] != s.d:
             raise HTTPError(409, "page", f"the page's user embeddings have "
@@ -789,23 +804,30 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         if not 1 <= k <= min(100, s.size()):
             raise HTTPError(422, "k", f"k must be in [1, {min(100, s.size())}]; got {k}")
         q = np.ascontiguousarray(p.users[user][None, :], dtype=np.float32)
+        filters = {"excluded": p.excluded(user, s.size())} if exclude else {}
 
         def both():
-            approx = s.search_batched(q, final_num_neighbors=k)
+            approx = s.search_batched(q, final_num_neighbors=k, **filters)
             # Every leaf and every datapoint rescored exactly: the exact top-k wherever the
             # index keeps float32 rows (reorder or brute-force scoring).
             exact = s.search_batched(q, final_num_neighbors=k, leaves_to_search=s.num_leaves,
-                                     pre_reorder_num_neighbors=s.size())
+                                     pre_reorder_num_neighbors=s.size(), **filters)
             return approx, exact
 
-        approx, exact = await off_loop(both)
+        try:
+            approx, exact = await off_loop(both)
+        except (KeyError, ValueError) as exc:  # a rated id the live index no longer has
+            raise HTTPError(409, "exclude_rated", f"cannot exclude the rated items: "
+                            f"{str(exc)[:200]}") from None
 
         def items(result):
             ids, scores = _rows(result[0])[0], _rows(result[1])[0]
-            return [{"id": i, "title": p.title(i), "score": sc} for i, sc in zip(ids, scores)]
+            # Padding (id -1, score -inf) where fewer than k items remain is left out.
+            return [{"id": i, "title": p.title(i), "score": sc} for i, sc in zip(ids, scores)
+                    if i != -1]
 
-        return _json({"user": user, "k": k, "approximate": items(approx),
-                      "exact": items(exact)})
+        return _json({"user": user, "k": k, "exclude_rated": bool(exclude),
+                      "approximate": items(approx), "exact": items(exact)})
 
     routes = [
         Route("/search", search, methods=["POST"]),
