@@ -3,8 +3,9 @@
 Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx status):
 
 - ``POST /search`` ``{"queries": [[...], ...], "k": 10, "leaves_to_search"?,
-  "pre_reorder_num_neighbors"?}`` -> ``{"ids": [[...]], "scores": [[...]]}`` (docids where
-  the index has them);
+  "pre_reorder_num_neighbors"?, "allowed"?, "excluded"?}`` -> ``{"ids": [[...]],
+  "scores": [[...]]}`` (docids where the index has them; a filtered query with fewer
+  eligible ids than columns is padded with id -1 and score null);
 - ``POST /upsert`` ``{"docids": [...], "vectors": [[...]]}``, ``POST /delete``
   ``{"docids": [...]}`` (501 until the searcher has ``upsert``/``delete``),
   ``POST /snapshot`` (serialize the live index into the folder, atomically),
@@ -12,7 +13,8 @@ Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx sta
   old index keeps serving): these four need ``Authorization: Bearer <token>``;
 - ``GET /healthz``, ``GET /stats``, ``GET /metrics`` (Prometheus);
 - ``GET /`` the demo page, when page data sits beside the folder (``INDEX_DIR.page``,
-  written by ``mipscan demo --save-index``).
+  written by ``mipscan demo --save-index``), and its ``GET /page/users`` and
+  ``GET /page/recommend?user=U&k=10&exclude_rated=0|1``.
 
 This module needs only the standard library and numpy; the app (Starlette, uvicorn,
 prometheus-client, orjson: the ``serve`` extra) is imported when a server starts.

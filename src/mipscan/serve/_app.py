@@ -35,13 +35,18 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                Histogram, generate_latest)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import mipscan
 
 log = logging.getLogger("mipscan.serve")
+
+try:
+    _timeout = asyncio.timeout  # Python 3.11+
+except AttributeError:  # 3.10: anyio's, which raises TimeoutError too
+    from anyio import fail_after as _timeout
 
 __all__ = ["HTTPError", "Limits", "create_app"]
 
@@ -66,7 +71,8 @@ class HTTPError(Exception):
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for. Bodies above ``max_body_bytes`` get 413 before they
-    are read in full; the others get 422 naming the field."""
+    are read in full, bodies slower than ``body_seconds`` 408; the others get 422 naming
+    the field."""
 
     max_body_bytes: int = 16 << 20
     max_queries: int = 4096       # query rows per /search
@@ -74,6 +80,7 @@ class Limits:
     max_batch: int = 10_000       # docids per /upsert or /delete
     max_docid_chars: int = 256    # length of a string docid
     max_filter_ids: int = 1_000_000  # ids in allowed/excluded, all queries together
+    body_seconds: float = 10.0    # to receive a body, from the end of the headers (408)
 
 
 # ---------------------------------------------------------------- JSON in, JSON out
@@ -112,7 +119,16 @@ def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Respo
 
 
 def _error(exc: HTTPError) -> Response:
-    return _json({"error": exc.message, "field": exc.field}, exc.status, exc.headers)
+    # The field and message may quote the client's text, lone surrogates included (a key
+    # "\ud800"), which UTF-8 cannot encode: escaped, so the error never becomes a 500.
+    return _json({"error": _printable(exc.message), "field": _printable(exc.field)},
+                 exc.status, exc.headers)
+
+
+def _printable(text):
+    if isinstance(text, str) and not _utf8(text):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _results(ids, scores) -> Response:
@@ -202,6 +218,14 @@ def _vectors(value: Any, name: str, d: int, max_rows: int) -> np.ndarray:
     return np.ascontiguousarray(arr32)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _docids(value: Any, name: str, limits: Limits) -> list:
     """A non-empty list of distinct docids, all integers >= 0 or all non-empty strings."""
     if not isinstance(value, list):
@@ -223,6 +247,10 @@ def _docids(value: Any, name: str, limits: Limits) -> list:
         if kind is str and not 1 <= len(v) <= limits.max_docid_chars:
             raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] must be 1 to "
                             f"{limits.max_docid_chars} characters; got {len(v)}")
+        if kind is str and not _utf8(v):  # a lone surrogate (JSON's "\ud800") could
+            # be stored, then never be sent back in a search's answer
+            raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] is not valid Unicode "
+                            "(a lone surrogate)")
     if len(set(value)) != len(value):
         seen = set()
         for i, v in enumerate(value):
@@ -540,13 +568,27 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             if int(length) > limits.max_body_bytes:
                 raise HTTPError(413, "body", f"the body of {int(length)} bytes exceeds the "
                                 f"limit of {limits.max_body_bytes} bytes")
+        if request.scope["query_string"]:  # nothing is read from a POST's URL: say so
+            name = next(iter(request.query_params), "query")
+            raise HTTPError(422, name, f"{request.url.path} takes no URL parameters; got "
+                            f"{name[:60]!r}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise HTTPError(413, "body", f"the body exceeds the limit of "
-                                f"{limits.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            # A client that stops sending mid-body (slowloris) is answered and dropped,
+            # instead of holding its connection and request open for ever.
+            async with _timeout(limits.body_seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limits.max_body_bytes:
+                        raise HTTPError(413, "body", f"the body exceeds the limit of "
+                                        f"{limits.max_body_bytes} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPError(408, "body", f"the body did not arrive within "
+                            f"{limits.body_seconds:g} s ({size} bytes came)",
+                            headers={"Connection": "close"}) from None
+        except ClientDisconnect:  # nobody reads the answer; 400, not a 500, in the metrics
+            raise HTTPError(400, "body", "the client closed the connection mid-body") from None
         raw = b"".join(chunks)
         if not raw.strip():
             if empty_ok:
@@ -605,6 +647,9 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             if type(v) not in (int, str):
                 raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] must be an id (an integer "
                                 f"or a string); got {_type_name(v)}")
+            if type(v) is str and not _utf8(v):
+                raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] is not valid Unicode (a "
+                                "lone surrogate)")
         return value
 
     # ---------------------------------------------------------------- read endpoints
