@@ -302,6 +302,31 @@ def test_abandoned_and_oversized_streams_are_no_server_error(server):
     assert 'status="500"' not in client.get("/metrics").text
 
 
+PARSE_SAME = [b'{"queries": [[0.5, -1e-7, 3]], "k": 10}', b'{"docids": ["docids", "k"], "k": 1}',
+              b'{"a": 18446744073709551616}', b'{"a": 123456789012345678901234567890}',
+              b'{"a": "\\u00e9t\xc3\xa9", "b": [1.5e308]}', b'[{"a": 1}, {"a": 2}]',
+              b'{"a": {"b": 1}, "c": 2}', b'{"\\u0061": 1, "b": 2}', b'  {"a": []}  ',
+              b'\xef\xbb\xbf{"a": 1}']
+PARSE_REFUSED = [b'{"a": 1, "a": 2}', b'{"a": 1,"a" :2}', b'{"a": 1, "\\u0061": 2}',
+                 b'{"a": {"b": 1, "b": 2}}', b'{"a": NaN}', b'{"a": -Infinity}',
+                 b'{"a": 1} x', b'{"a": "\xff"}']
+
+
+@pytest.mark.parametrize("body", PARSE_SAME + PARSE_REFUSED)
+def test_parse_json_equals_the_strict_standard_library(body):
+    """parse_json's orjson path gives what the strict stdlib parse gives: the same value
+    (integers beyond 64 bits stay integers), or a 400 naming the body."""
+    from mipscan.serve._app import HTTPError, parse_json
+
+    if body in PARSE_SAME:
+        assert parse_json(body) == json.loads(body)
+        assert type(parse_json(body)) is type(json.loads(body))
+    else:
+        with pytest.raises(HTTPError) as err:
+            parse_json(body)
+        assert err.value.status == 400 and err.value.field == "body"
+
+
 def test_json_error_bodies_never_5xx_on_fuzzed_input(server):
     """Random mutations of a valid body: always a 200 or a 4xx with a JSON error."""
     client, _ = server

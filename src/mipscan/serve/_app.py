@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -102,7 +103,20 @@ def parse_json(body: bytes) -> Any:
     """Strict JSON: no NaN/Infinity (Python's json accepts them), no repeated key. A
     number that overflows a double parses as an infinity, which every field refuses
     (vectors must be finite float32; the other numbers are integers): checked there, and
-    not here, where a Python call per number cost a tenth of a single query's time."""
+    not here, where a Python call per number cost a tenth of a single query's time.
+
+    The common body (one object, no escapes, no integer of 20 digits or more) is parsed
+    by orjson, in a quarter of the time; any other, or one orjson refuses, by the
+    standard library with the checks above, whose errors name the fault. orjson agrees on
+    such a body: it refuses NaN and infinities too, and a repeated key, which orjson
+    would let through, shows as a key that is not quoted exactly once."""
+    if body.count(b"{") == 1 and b"\\" not in body and not _LONG_DIGITS.search(body):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict and all(body.count(b'"%s"' % k.encode()) == 1 for k in obj):
+            return obj
     try:
         return json.loads(body, parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicate_keys)
@@ -112,6 +126,9 @@ def parse_json(body: bytes) -> Any:
         raise HTTPError(400, "body", "malformed JSON: nested too deeply") from None
     except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digits
         raise HTTPError(400, "body", f"malformed JSON: {str(exc)[:200]}") from None
+
+
+_LONG_DIGITS = re.compile(rb"\d{20}")  # an integer orjson would turn into a float
 
 
 def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
