@@ -494,6 +494,36 @@ def test_write_path_with_a_live_searcher_double(index_dir):
         assert stats["writes"] == {"enabled": True, "upsert": True, "delete": True}
 
 
+class ThreadRecordingDouble(LiveDouble):
+    """Records the thread that checks each /search body (search_args calls size())."""
+
+    def __init__(self, d: int):
+        super().__init__(d)
+        self.threads: list[str] = []
+
+    def size(self) -> int:
+        self.threads.append(threading.current_thread().name)
+        return super().size()
+
+
+def test_large_search_bodies_are_checked_off_the_event_loop(index_dir):
+    """A body of 64 KiB or more is parsed and checked on a worker thread (a million filter
+    ids took the event loop for hundreds of milliseconds, stalling every client); a small
+    one on the loop, where a thread hop would cost more than the check."""
+    live = ThreadRecordingDouble(D)
+    live.upsert(list(range(50)), queries(50, seed=22))
+    app = create_app(index_dir, token=TOKEN, searcher=live)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/search", json={"queries": GOOD, "k": 3})
+        assert r.status_code == 200 and len(r.json()["ids"][0]) == 3
+        r = c.post("/search", json={"queries": GOOD * 1000, "k": 3})  # 80 KB
+        assert r.status_code == 200 and len(r.json()["ids"]) == 1000
+        r = c.post("/search", json={"queries": GOOD * 1000 + [["x"] * D]})
+        assert r.status_code == 422 and r.json()["field"] == "queries[1000]", r.text
+    assert live.threads[0] == "test-uvicorn"  # the loop's thread (tests/_serve_util.py)
+    assert all(t.startswith("mipscan-serve") for t in live.threads[1:3]), live.threads
+
+
 # ---------------------------------------------------------------- snapshot and reload
 def test_snapshot_rewrites_the_folder(tmp_path):
     folder = tmp_path / "index"

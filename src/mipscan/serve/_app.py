@@ -576,7 +576,7 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
                 return _json({"error": "internal server error", "field": None}, 500)
         return run
 
-    async def body_of(request: Request, empty_ok: bool = False) -> Any:
+    async def body_of(request: Request, empty_ok: bool = False, then=lambda x: x) -> Any:
         ctype = request.headers.get("content-type")
         length = request.headers.get("content-length")
         if length is not None:
@@ -609,16 +609,16 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
         raw = b"".join(chunks)
         if not raw.strip():
             if empty_ok:
-                return {}
+                return then({})
             raise HTTPError(400, "body", "the request needs a JSON body")
         # Only JSON: a form or text/plain POST from another site's page (no CORS
         # preflight) must not reach a handler.
         if ctype is None or ctype.split(";")[0].strip().lower() != "application/json":
             raise HTTPError(415, "Content-Type", "send the body as Content-Type: "
                             f"application/json; got {(ctype or 'none')[:60]!r}")
-        if size >= _THREADED_JSON_BYTES:
-            return await off_loop(parse_json, raw)
-        return parse_json(raw)
+        if size >= _THREADED_JSON_BYTES:  # with ``then``: its checks of a large body too
+            return await off_loop(lambda: then(parse_json(raw)))
+        return then(parse_json(raw))
 
     def authorize(request: Request) -> None:
         if token_digest is None:
@@ -672,23 +672,10 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
     # ---------------------------------------------------------------- read endpoints
     @endpoint
     async def search(request: Request) -> Response:
-        body = _check_fields(await body_of(request), _SEARCH_FIELDS, ("queries",), "/search")
         s = state.searcher  # this request's index, whatever /reload does meanwhile
-        size = s.size()
-        q = _vectors(body["queries"], "queries", s.d, limits.max_queries)
-        k_high = min(size, limits.max_k)
-        kwargs = {
-            "final_num_neighbors": _int_field(body, "k", 1, k_high,
-                                              "index size" if size <= limits.max_k else "max_k",
-                                              default=min(s.num_neighbors, k_high)),
-            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.max_leaves_to_search,
-                                           "num_leaves"),
-            "pre_reorder_num_neighbors": _int_field(body, "pre_reorder_num_neighbors", 1,
-                                                    size, "index size"),
-        }
-        for name in ("allowed", "excluded"):
-            if body.get(name) is not None:
-                kwargs[name] = _filter(body, name, len(q), s)
+        # A large body is checked on the parsing thread: thousands of queries or a million
+        # filter ids took the event loop for tens to hundreds of milliseconds.
+        q, kwargs = await body_of(request, then=functools.partial(search_args, s))
         try:
             if len(q) == 1 and "allowed" not in kwargs and "excluded" not in kwargs:
                 ids, scores = await coalescer.search(s, q[0], kwargs)
@@ -709,6 +696,26 @@ def create_app(index_dir, *, token: str | None = None, limits: Limits = Limits()
             raise HTTPError(422, field, msg[:300]) from None
         metrics.queries.inc(len(q))
         return _results(ids, scores)
+
+    def search_args(s, body) -> tuple[np.ndarray, dict]:
+        """The checked queries and search_batched's arguments of a /search body."""
+        body = _check_fields(body, _SEARCH_FIELDS, ("queries",), "/search")
+        size = s.size()
+        q = _vectors(body["queries"], "queries", s.d, limits.max_queries)
+        k_high = min(size, limits.max_k)
+        kwargs = {
+            "final_num_neighbors": _int_field(body, "k", 1, k_high,
+                                              "index size" if size <= limits.max_k else "max_k",
+                                              default=min(s.num_neighbors, k_high)),
+            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.max_leaves_to_search,
+                                           "num_leaves"),
+            "pre_reorder_num_neighbors": _int_field(body, "pre_reorder_num_neighbors", 1,
+                                                    size, "index size"),
+        }
+        for name in ("allowed", "excluded"):
+            if body.get(name) is not None:
+                kwargs[name] = _filter(body, name, len(q), s)
+        return q, kwargs
 
     @endpoint
     async def healthz(request: Request) -> Response:
