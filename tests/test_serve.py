@@ -327,6 +327,34 @@ def test_parse_json_equals_the_strict_standard_library(body):
         assert err.value.status == 400 and err.value.field == "body"
 
 
+def test_slow_headers_are_cut_off(index_dir):
+    """The server's protocol (``mipscan serve`` uses it) closes a connection whose request
+    headers did not all arrive within the deadline, silent or trickling (slowloris), while
+    a normal client on the same server is answered."""
+    import socket
+    import time
+
+    from mipscan.serve import header_deadline_protocol
+
+    protocol = header_deadline_protocol(0.5)
+    assert protocol is not None  # httptools is in the serve extra
+    with running(create_app(index_dir), http=protocol) as url:
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        for first in (b"", b"POST /search HTTP/1.1\r\nHost: 127"):
+            with socket.create_connection((host, port), timeout=10) as s:
+                t0 = time.monotonic()
+                s.sendall(first)
+                if first:
+                    time.sleep(0.3)
+                    s.sendall(b".0.0.1\r\nContent-")  # still trickling
+                assert s.recv(100) == b""  # closed by the server, no answer
+                assert time.monotonic() - t0 < 5
+        with httpx.Client(base_url=url) as c:  # keep-alive: each request gets its deadline
+            for _ in range(3):
+                assert c.post("/search", json={"queries": GOOD}).status_code == 200
+                time.sleep(0.3)
+
+
 def test_json_error_bodies_never_5xx_on_fuzzed_input(server):
     """Random mutations of a valid body: always a 200 or a 4xx with a JSON error."""
     client, _ = server

@@ -42,6 +42,57 @@ _MODULES = ("starlette", "uvicorn", "prometheus_client", "anyio", "orjson")
 _MAX_TITLES_BYTES = 64 << 20
 
 
+#: Seconds a client has to send a request's headers, from the connection's opening (for
+#: its first request) or from the request's first byte (for the next ones).
+HEADER_SECONDS = 10.0
+
+
+def header_deadline_protocol(seconds: float = HEADER_SECONDS):
+    """uvicorn's httptools protocol plus a deadline for each request's headers, after
+    which the connection is closed: uvicorn has none, so a client that sends its headers
+    a byte at a time (slowloris) held a connection for ever. None when httptools is not
+    installed (uvicorn then uses h11, without the deadline)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
 class ServeError(Exception):
     """The server cannot start: the message says why (exit status 2)."""
 
@@ -229,7 +280,8 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     gc.freeze()  # the loaded modules and index objects: out of every later collection
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                             timeout_keep_alive=5, lifespan="off", proxy_headers=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            http=header_deadline_protocol() or "auto")
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
@@ -241,6 +293,6 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
         gc.collect()
 
 
-__all__ = ["MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV", "is_loopback",
-           "page_dir_for", "read_page_data", "read_token", "require_serve", "save_page_data",
+__all__ = ["HEADER_SECONDS", "MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV",
+           "header_deadline_protocol", "is_loopback", "page_dir_for", "read_page_data", "read_token", "require_serve", "save_page_data",
            "serve"]
