@@ -4,8 +4,9 @@ One reference, ``_State.searcher``, names the index that answers. A request read
 once and keeps that searcher to the end, so ``/reload`` (which loads the folder aside and
 then rebinds the reference) never fails or mixes an in-flight search: it finishes on the
 index it started on. Write endpoints take one asyncio lock, so updates, snapshots and
-reloads never interleave. Searches, JSON of large bodies, loads and writes run on worker
-threads (one pool per app), never on the event loop.
+reloads never interleave. Searches, the parsing and checks of large bodies, loads and
+writes run on worker threads (one pool per app), never on the event loop. POST /search
+goes straight from the outer ASGI layer to its endpoint (see :class:`_Observe`).
 
 Every request a client can get wrong is answered with a 4xx JSON body
 ``{"error": message, "field": name}``; see :func:`create_app` for the rules.
