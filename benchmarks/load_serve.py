@@ -85,7 +85,7 @@ def best_round(rounds: list[dict]) -> dict:
     """The round with the lowest p99 (the VM's speed drifts; as benchmarks/run.py keeps
     each point's best round); all rounds stay in ``rounds``."""
     best = dict(min(rounds, key=lambda r: r.get("p99_ms", float("inf"))))
-    best["rounds"] = [{k: r.get(k) for k in ("qps", "p50_ms", "p95_ms", "p99_ms", "errors",
+    best["rounds"] = [{k: r.get(k) for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "errors",
                                              "others_cores", "load_avg")} for r in rounds]
     best["rss_mb_before"] = rounds[0].get("rss_mb_before")
     best["rss_mb_after"] = rounds[-1].get("rss_mb_after")
