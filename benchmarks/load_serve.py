@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -371,6 +372,8 @@ def main(argv=None) -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)  # the index (39 MB for seed) and token
     print(f"server RSS: {results.get('rss_mb_start'):.0f} MB at start, "
           f"{results.get('rss_mb_before'):.0f} MB after warm-up, "
           f"{results.get('rss_mb_after'):.0f} MB at the end")
