@@ -6,11 +6,15 @@ token), and drives it with asyncio clients (keep-alive connections over asyncio 
 default, ``--client httpx`` for httpx.AsyncClient; the updater always uses httpx):
 
 - single-query ``/search`` at each concurrency (default 1, 8, 64) for ``--seconds`` each,
-  without and (when the server's searcher supports upsert) with an updater posting
-  ``/upsert`` batches meanwhile: QPS, p50/p95/p99 latency, errors (must be 0);
+  without and with an updater posting ``/upsert`` batches meanwhile (64 vectors every
+  50 ms: replacements of existing docids and new ones; the index is built with docids,
+  which updates need): QPS, p50/p95/p99 latency, errors (must be 0), the server's RSS
+  before and after each run;
 - batched ``/search`` (``--batch`` queries per request, concurrency 1 and 2) against the
   in-process ``search_batched_parallel`` throughput on the same queries and threads;
-- the server's RSS before and after (from /proc of the server's pid).
+- the server's RSS before and after (from /proc of the server's pid);
+- a Markdown table of all runs (dated, with the load average), printed and written to
+  ``--out`` as ``load_serve.md`` beside ``load_serve.json``.
 
 With ``--ray``, the server is ``mipscan serve --ray`` on the same folder (one shard; a new
 local Ray cluster that the server starts, ``--replicas`` Serve replicas): the same runs
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +98,7 @@ def measured(run, server_pid: int) -> dict:
     client and the server kept busy meanwhile (from /proc/stat; the machine is shared)."""
     from benchmarks.common import _busy_seconds, _own_cpu_seconds
 
+    rss0 = rss_mb(server_pid)
     b0, o0, s0, t0 = _busy_seconds(), _own_cpu_seconds(), proc_cpu_seconds(server_pid), \
         time.perf_counter()
     out = run()
@@ -101,6 +107,8 @@ def measured(run, server_pid: int) -> dict:
     if b0 is not None and b1 is not None:
         out["others_cores"] = max(0.0, (b1 - b0) - (o1 - o0) - (s1 - s0)) / (t1 - t0)
     out["server_cpu_cores"] = (s1 - s0) / (t1 - t0)
+    out["client_cpu_cores"] = (o1 - o0) / (t1 - t0)
+    out.update(rss_mb_before=rss0, rss_mb_after=rss_mb(server_pid), load_avg=os.getloadavg())
     return out
 
 
@@ -108,20 +116,25 @@ def best_round(rounds: list[dict]) -> dict:
     """The round with the lowest p99 (the VM's speed drifts; as benchmarks/run.py keeps
     each point's best round); all rounds stay in ``rounds``."""
     best = dict(min(rounds, key=lambda r: r.get("p99_ms", float("inf"))))
-    best["rounds"] = [{k: r.get(k) for k in ("qps", "p50_ms", "p95_ms", "p99_ms", "errors",
-                                             "others_cores")} for r in rounds]
+    best["rounds"] = [{k: r.get(k) for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "errors",
+                                             "others_cores", "load_avg")} for r in rounds]
+    best["rss_mb_before"] = rounds[0].get("rss_mb_before")
+    best["rss_mb_after"] = rounds[-1].get("rss_mb_after")
     best["errors"] = sum(r["errors"] for r in rounds)  # every round's errors count
     return best
 
 
 def build_index(train: np.ndarray, folder: Path):
+    """The tutorial's index, with docids 0..n-1 (the row numbers: the same answers) so that
+    the live index takes ``/upsert``."""
     import mipscan
 
     p = TUTORIAL
     s = (mipscan.builder(train, 10, "dot_product")
          .tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["num_leaves_to_search"],
                training_iterations=p["training_iterations"])
-         .score_ah(p["dimensions_per_block"]).reorder(p["reordering_num_neighbors"]).build())
+         .score_ah(p["dimensions_per_block"]).reorder(p["reordering_num_neighbors"])
+         .build(docids=np.arange(len(train), dtype=np.int64)))
     s.serialize(folder)
     return s
 
@@ -233,15 +246,15 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
 
         async def update_loop():
             rng = np.random.default_rng(1)
-            next_id = updater["first_docid"]
             auth = {**headers, "Authorization": f"Bearer {updater['token']}"}
             while time.perf_counter() < deadline:
                 n = updater["batch"]
                 vecs = updater["rows"][rng.integers(len(updater["rows"]), size=n)]
                 vecs = vecs * rng.random(vecs.shape, dtype=np.float32)
-                body = json.dumps({"docids": list(range(next_id, next_id + n)),
+                # Half replace existing docids, half are new ones (ids above the index's).
+                docids = rng.choice(updater["docid_range"], size=n, replace=False)
+                body = json.dumps({"docids": docids.tolist(),
                                    "vectors": vecs.tolist()}).encode()
-                next_id += n
                 r = await client.post("/upsert", content=body, headers=auth)
                 updates["requests"] += 1
                 if r.status_code == 200:
@@ -358,8 +371,9 @@ def main(argv=None) -> int:
                     results["runs"].append({"kind": "single", "concurrency": c, "updater": True,
                                             "skipped": "no upsert in this mipscan (501)"})
                     continue
-                updater = ({"token": token, "batch": 64, "interval": 0.05, "first_docid": 10**9,
-                            "rows": ds.train[:10_000]} if upd else None)
+                n = ds.train.shape[0]
+                updater = ({"token": token, "batch": 64, "interval": 0.05,
+                            "docid_range": 2 * n, "rows": ds.train[:10_000]} if upd else None)
                 rounds = []
                 for _ in range(args.rounds):
                     wait_for_quiet(args.quiet_wait)
@@ -399,17 +413,54 @@ def main(argv=None) -> int:
             proc.wait(90 if args.ray else 30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)  # the index (39 MB for seed) and token
     print(f"server RSS: {results.get('rss_mb_start'):.0f} MB at start, "
           f"{results.get('rss_mb_before'):.0f} MB after warm-up, "
           f"{results.get('rss_mb_after'):.0f} MB at the end")
     errors = sum(r.get("errors", 0) for r in results["runs"])
     print(f"errors: {errors}")
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    table = markdown(results)
+    print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "load_serve_ray.json" if args.ray else "load_serve.json"
-        (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out / name}")
+        stem = "load_serve_ray" if args.ray else "load_serve"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(table)
+        print(f"wrote {args.out / stem}.json and {stem}.md")
     return 1 if errors else 0
+
+
+def markdown(results: dict) -> str:
+    """All runs as one Markdown table, headed by the date, the dataset and the load."""
+    la = results["machine"]["load_avg"]
+    lines = [f"{results['finished']}, {results['dataset']} ({results['n']:,} x {results['d']}), "
+             f"{results['seconds_per_run']:.0f} s a run, load average {la[0]:.1f} at the start; "
+             "'others': cores that other processes kept busy meanwhile.", "",
+             "| /search | clients | updater | queries/s | p50 ms | p95 ms | p99 ms | errors | "
+             "server RSS MB before → after | load avg (1 min) | others' cores |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in results["runs"]:
+        if r.get("skipped"):
+            continue
+        kind = "1 query a request" if r["kind"] == "single" else r["kind"].replace(
+            "batched ", "") + " queries a request"
+        upd = r.get("updates")
+        upd_text = (f"{upd['requests']} upserts, {upd['vectors']:,} vectors" if upd else "no")
+        if "vs_in_process" in r:
+            upd_text = f"no ({r['vs_in_process']:.0%} of in-process)"
+        lines.append(
+            f"| {kind} | {r['concurrency']} | {upd_text} | {r['qps']:,.0f} | "
+            f"{r.get('p50_ms', float('nan')):.2f} | {r.get('p95_ms', float('nan')):.2f} | "
+            f"{r.get('p99_ms', float('nan')):.2f} | {r['errors']} | "
+            f"{r.get('rss_mb_before') or 0:.0f} → {r.get('rss_mb_after') or 0:.0f} | "
+            f"{(r.get('load_avg') or [float('nan')])[0]:.1f} | {r.get('others_cores', 0):.2f} |")
+    lines.append("")
+    lines.append(f"Server RSS: {results.get('rss_mb_start') or 0:.0f} MB at start, "
+                 f"{results.get('rss_mb_before') or 0:.0f} MB after the warm-up, "
+                 f"{results.get('rss_mb_after') or 0:.0f} MB at the end.")
+    return "\n".join(lines) + "\n"
 
 
 def _print(r: dict) -> None:

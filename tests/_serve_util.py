@@ -11,15 +11,15 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def running(app, timeout: float = 20.0):
-    """Serves ``app`` on 127.0.0.1 until the block ends; yields the base URL."""
+def running(app, timeout: float = 20.0, **config):
+    """Serves ``app`` on 127.0.0.1 until the block ends; yields the base URL. ``config``:
+    more ``uvicorn.Config`` arguments."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           lifespan="off", timeout_keep_alive=5, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="test-uvicorn")
     thread.start()

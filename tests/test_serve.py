@@ -53,7 +53,8 @@ def index_dir(tmp_path_factory) -> Path:
 def server(index_dir):
     """One server for the read-only and bad-request tests (its index is never changed)."""
     app = create_app(index_dir, token=TOKEN, limits=Limits(max_body_bytes=1 << 20,
-                                                           max_queries=64, max_batch=100))
+                                                           max_queries=64, max_batch=100,
+                                                           body_seconds=1.0))
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client, app
 
@@ -112,7 +113,7 @@ BAD = [
      400, "body"),
     ("Infinity literal", "POST", "/search", b'{"queries": [[Infinity]]}', J, 400, "body"),
     ("number overflowing a double", "POST", "/search",
-     b'{"queries": [[1e999' + b', 0' * (D - 1) + b']]}', J, 400, "body"),
+     b'{"queries": [[1e999' + b', 0' * (D - 1) + b']]}', J, 422, "queries[0]"),
     ("repeated key", "POST", "/search", b'{"k": 1, "k": 2, "queries": [[1]]}', J, 400, "body"),
     ("nested too deeply", "POST", "/search", b"[" * 100_000 + b"]" * 100_000, J, 400, "body"),
     ("empty body", "POST", "/search", b"", J, 400, "body"),
@@ -172,6 +173,43 @@ BAD = [
     ("delete too many docids", "POST", "/delete", {"docids": list(range(101))}, AUTH, 422,
      "docids"),
     ("page without page data", "GET", "/page/users", None, None, 404, "page"),
+    ("excluded id not in the index", "POST", "/search", {"queries": GOOD, "excluded": [3000]},
+     None, 422, "excluded"),
+    ("allowed id negative", "POST", "/search", {"queries": GOOD, "allowed": [-1]}, None, 422,
+     "allowed"),
+    ("allowed a string id on an index without docids", "POST", "/search",
+     {"queries": GOOD, "allowed": ["a"]}, None, 422, "allowed"),
+    ("allowed id beyond int64", "POST", "/search", {"queries": GOOD, "allowed": [2**70]}, None,
+     422, "allowed"),
+    ("per-query filter lists mixed with ids", "POST", "/search",
+     {"queries": GOOD * 2, "allowed": [[1], 2]}, None, 422, "allowed[1]"),
+    ("a filter list per query, wrong count", "POST", "/search",
+     {"queries": GOOD, "excluded": [[1], [2]]}, None, 422, "excluded"),
+    ("filter an object", "POST", "/search", {"queries": GOOD, "allowed": {"1": 1}}, None, 422,
+     "allowed"),
+    ("k beyond int64", "POST", "/search", {"queries": GOOD, "k": 10**30}, None, 422, "k"),
+    ("integer of 5,000 digits", "POST", "/search",
+     b'{"queries": [[' + b"1" * 5000 + b"]]}", J, 400, "body"),
+    ("queries nested 500 deep", "POST", "/search",
+     b'{"queries": ' + b"[" * 500 + b"]" * 500 + b"}", J, 422, "queries[0]"),
+    ("a URL parameter on /reload", "POST", "/reload?path=/etc", None, AUTH, 422, "path"),
+    ("a URL parameter on /search", "POST", "/search?k=5", {"queries": GOOD}, None, 422, "k"),
+    ("form Content-Type (cross-site POST)", "POST", "/search",
+     json.dumps({"queries": GOOD}).encode(),
+     {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+    ("Content-Type application/jsonx", "POST", "/search", json.dumps({"queries": GOOD}).encode(),
+     {"Content-Type": "application/jsonx"}, 415, "Content-Type"),
+    ("encoded dot-dot path", "GET", "/%2e%2e/%2e%2e/etc/passwd", None, None, 404, "path"),
+    ("lone surrogate as a key", "POST", "/search",
+     b'{"\\ud800": 1, "queries": [[0' + b', 0' * (D - 1) + b']]}', J, 422, "\\ud800"),
+    ("lone surrogate in a filter id", "POST", "/search",
+     json.dumps({"queries": GOOD, "allowed": ["\ud800"]}).encode(), J, 422, "allowed[0]"),
+    ("lone surrogate as a docid", "POST", "/upsert",
+     json.dumps({"docids": ["\ud800"], "vectors": GOOD}).encode(), {**J, **AUTH}, 422,
+     "docids[0]"),
+    ("PUT on a write endpoint", "PUT", "/upsert", {"docids": [1], "vectors": GOOD}, AUTH, 405,
+     "method"),
+    ("body stalls midway (slowloris)", "POST", "/search", None, None, 408, "body"),
 ]
 
 
@@ -184,6 +222,16 @@ def test_bad_request_table_is_long_enough():
 def test_bad_request(server, kind, method, path, body, headers, status, field):
     client, _ = server
     kwargs = request_kwargs(body, headers)
+    if kind == "body stalls midway (slowloris)":
+        # 40 of the 200 bytes announced, then nothing: answered within body_seconds (1 s
+        # here), connection closed, instead of a request left open for ever.
+        r = _raw(client, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 200"
+                 b"\r\nContent-Type: application/json\r\n\r\n" + b'{"queries": [[0.1' * 2)
+        head, _, body = r.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), r[:300]
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["field"] == "body"
+        return
     if kind == "bad Content-Length":
         r = _raw(client, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n"
                  b"Content-Type: application/json\r\n\r\n{}")
@@ -205,7 +253,102 @@ def _raw(client: httpx.Client, request: bytes) -> bytes:
     host, port = client.base_url.host, client.base_url.port
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(request)
-        return s.recv(65536)
+        data = b""
+        while b"\r\n\r\n" not in data or not _complete(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+def test_abandoned_and_oversized_streams_are_no_server_error(server):
+    """A client that closes mid-body, and a chunked body (no Content-Length) that grows past
+    the limit: a 400 and a 413 in the metrics, never a 500."""
+    import socket
+    import time
+
+    client, _ = server
+    host, port = client.base_url.host, client.base_url.port
+    key = 'mipscan_request_errors_total{endpoint="/search",status="400"} '
+
+    def count_400() -> float:
+        text = client.get("/metrics").text
+        return float(text.split(key)[1].split()[0]) if key in text else 0.0
+
+    before = count_400()
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n"
+                  b"Content-Type: application/json\r\n\r\n{\"queries\": [[0.1")
+    r = client.post("/search", headers=J, content=(b"[0.0," * 4096 for _ in range(100)))
+    assert r.status_code == 413 and r.json()["field"] == "body", r.text
+    for _ in range(50):  # the abandoned request ends when the server sees the close
+        if count_400() == before + 1:
+            break
+        time.sleep(0.1)
+    assert count_400() == before + 1
+    assert 'status="500"' not in client.get("/metrics").text
+
+
+PARSE_SAME = [b'{"queries": [[0.5, -1e-7, 3]], "k": 10}', b'{"docids": ["docids", "k"], "k": 1}',
+              b'{"a": 18446744073709551616}', b'{"a": 123456789012345678901234567890}',
+              b'{"a": "\\u00e9t\xc3\xa9", "b": [1.5e308]}', b'[{"a": 1}, {"a": 2}]',
+              b'{"a": {"b": 1}, "c": 2}', b'{"\\u0061": 1, "b": 2}', b'  {"a": []}  ',
+              b'\xef\xbb\xbf{"a": 1}']
+PARSE_REFUSED = [b'{"a": 1, "a": 2}', b'{"a": 1,"a" :2}', b'{"a": 1, "\\u0061": 2}',
+                 b'{"a": {"b": 1, "b": 2}}', b'{"a": NaN}', b'{"a": -Infinity}',
+                 b'{"a": 1} x', b'{"a": "\xff"}']
+
+
+@pytest.mark.parametrize("body", PARSE_SAME + PARSE_REFUSED)
+def test_parse_json_equals_the_strict_standard_library(body):
+    """parse_json's orjson path gives what the strict stdlib parse gives: the same value
+    (integers beyond 64 bits stay integers), or a 400 naming the body."""
+    from mipscan.serve._app import HTTPError, parse_json
+
+    if body in PARSE_SAME:
+        assert parse_json(body) == json.loads(body)
+        assert type(parse_json(body)) is type(json.loads(body))
+    else:
+        with pytest.raises(HTTPError) as err:
+            parse_json(body)
+        assert err.value.status == 400 and err.value.field == "body"
+
+
+def test_slow_headers_are_cut_off(index_dir):
+    """The server's protocol (``mipscan serve`` uses it) closes a connection whose request
+    headers did not all arrive within the deadline, silent or trickling (slowloris), while
+    a normal client on the same server is answered."""
+    import socket
+    import time
+
+    from mipscan.serve import header_deadline_protocol
+
+    protocol = header_deadline_protocol(0.5)
+    assert protocol is not None  # httptools is in the serve extra
+    with running(create_app(index_dir), http=protocol) as url:
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        for first in (b"", b"POST /search HTTP/1.1\r\nHost: 127"):
+            with socket.create_connection((host, port), timeout=10) as s:
+                t0 = time.monotonic()
+                s.sendall(first)
+                if first:
+                    time.sleep(0.3)
+                    s.sendall(b".0.0.1\r\nContent-")  # still trickling
+                assert s.recv(100) == b""  # closed by the server, no answer
+                assert time.monotonic() - t0 < 5
+        with httpx.Client(base_url=url) as c:  # keep-alive: each request gets its deadline
+            for _ in range(3):
+                assert c.post("/search", json={"queries": GOOD}).status_code == 200
+                time.sleep(0.3)
 
 
 def test_json_error_bodies_never_5xx_on_fuzzed_input(server):
@@ -300,6 +443,16 @@ def test_filters_wait_for_filtered_search(server):
         assert r.status_code == 501 and r.json()["field"] == "allowed", r.text
     r = client.post("/search", json={"queries": GOOD, "excluded": [[1.5]]})
     assert r.status_code == (422 if takes else 501), r.text
+    if not takes:
+        return
+    # Per-query allow lists of different lengths: the short one is padded with id -1 and a
+    # null score (JSON has no -inf); this was a 500 while the encoder refused infinities.
+    r = client.post("/search", json={"queries": GOOD * 2, "allowed": [[1, 2, 3], [4]],
+                                     "k": 5})
+    assert r.status_code == 200, r.text
+    ids, scores = r.json()["ids"], r.json()["scores"]
+    assert sorted(ids[0]) == [1, 2, 3] and ids[1] == [4, -1, -1], ids
+    assert scores[1][1:] == [None, None] and all(isinstance(x, float) for x in scores[0])
 
 
 class LiveDouble:
@@ -365,6 +518,36 @@ def test_write_path_with_a_live_searcher_double(index_dir):
         assert stats["writes"] == {"enabled": True, "upsert": True, "delete": True}
 
 
+class ThreadRecordingDouble(LiveDouble):
+    """Records the thread that checks each /search body (search_args calls size())."""
+
+    def __init__(self, d: int):
+        super().__init__(d)
+        self.threads: list[str] = []
+
+    def size(self) -> int:
+        self.threads.append(threading.current_thread().name)
+        return super().size()
+
+
+def test_large_search_bodies_are_checked_off_the_event_loop(index_dir):
+    """A body of 64 KiB or more is parsed and checked on a worker thread (a million filter
+    ids took the event loop for hundreds of milliseconds, stalling every client); a small
+    one on the loop, where a thread hop would cost more than the check."""
+    live = ThreadRecordingDouble(D)
+    live.upsert(list(range(50)), queries(50, seed=22))
+    app = create_app(index_dir, token=TOKEN, searcher=live)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/search", json={"queries": GOOD, "k": 3})
+        assert r.status_code == 200 and len(r.json()["ids"][0]) == 3
+        r = c.post("/search", json={"queries": GOOD * 1000, "k": 3})  # 80 KB
+        assert r.status_code == 200 and len(r.json()["ids"]) == 1000
+        r = c.post("/search", json={"queries": GOOD * 1000 + [["x"] * D]})
+        assert r.status_code == 422 and r.json()["field"] == "queries[1000]", r.text
+    assert live.threads[0] == "test-uvicorn"  # the loop's thread (tests/_serve_util.py)
+    assert all(t.startswith("mipscan-serve") for t in live.threads[1:3]), live.threads
+
+
 # ---------------------------------------------------------------- snapshot and reload
 def test_snapshot_rewrites_the_folder(tmp_path):
     folder = tmp_path / "index"
@@ -385,10 +568,33 @@ def test_snapshot_rewrites_the_folder(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+def _replace_index(searcher, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # the damaged folder left by _damage
+    searcher.serialize(folder)
+
+
+def _damage(folder: Path, turn: int) -> None:
+    """Damages the index in ``folder`` as a half-finished copy would, replacing files (a
+    new inode, never rewriting the one the server may have mapped)."""
+    def replace(name: str, data: bytes) -> None:
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+
+    kind = turn % 3
+    if kind == 0:
+        replace("mipscan.json", b"{not json")
+    elif kind == 1:
+        replace("packed_codes.npy", (folder / "packed_codes.npy").read_bytes()[:-100])
+    else:
+        (folder / "centroids.npy").unlink()
+
+
 def test_reload_under_load_fails_nothing_and_mixes_nothing(tmp_path):
     """8 clients search while the folder is replaced (serialize) and reloaded 6 times,
-    alternating two indexes of different sizes: every answer is 200 and equals, in full,
-    the answer of one of the two indexes."""
+    alternating two indexes of different sizes, and after each good reload the folder is
+    damaged and reloaded again (refused): every answer is 200 and equals, in full, the
+    answer of one of the two indexes, and each refusal leaves the index just loaded."""
     folder = tmp_path / "index"
     a, b = build(3000, 4), build(2500, 5)
     a.serialize(folder)
@@ -421,9 +627,16 @@ def test_reload_under_load_fails_nothing_and_mixes_nothing(tmp_path):
             tasks = [asyncio.create_task(searcher_task(client, i, stop)) for i in range(8)]
             for turn in range(6):
                 await asyncio.sleep(0.15)
-                await asyncio.to_thread((b if turn % 2 == 0 else a).serialize, folder)
+                new = b if turn % 2 == 0 else a
+                await asyncio.to_thread(_replace_index, new, folder)
                 r = await client.post("/reload", headers=AUTH)
-                assert r.status_code == 200, r.text
+                assert r.status_code == 200 and r.json()["size"] == new.size(), r.text
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(_damage, folder, turn)
+                r = await client.post("/reload", headers=AUTH)
+                assert r.status_code == 409 and r.json()["field"] == "index", r.text
+                health = (await client.get("/healthz")).json()
+                assert health["size"] == new.size() and health["generation"] == turn + 2
             await asyncio.sleep(0.15)
             stop.set()
             await asyncio.gather(*tasks)
@@ -431,9 +644,88 @@ def test_reload_under_load_fails_nothing_and_mixes_nothing(tmp_path):
 
     with running(app) as url:
         stats = asyncio.run(main(url))
+        metrics = httpx.get(url + "/metrics").text
     assert failures == []
     assert seen["a"] > 0 and seen["b"] > 0, seen
     assert stats["generation"] == 7 and stats["size"] == 3000
+    assert 'mipscan_reloads_total{result="refused"} 6.0' in metrics
+    assert 'mipscan_reloads_total{result="ok"} 6.0' in metrics
+
+
+def test_upserts_snapshots_and_reloads_race_under_load(tmp_path):
+    """Searches, a writer posting /upsert and /delete, and /snapshot + /reload, all at
+    once on a live index: every request is answered 200 (the write lock orders the writes).
+    Then what a reload keeps: the folder's index, so an update snapshotted before it
+    stays, and one made after the last snapshot is dropped."""
+    folder = tmp_path / "index"
+    rng = np.random.default_rng(14)
+    (mipscan.builder(rng.normal(size=(2000, D)).astype(np.float32), 10, "dot_product")
+     .tree(num_leaves=30, num_leaves_to_search=8).score_ah(2).reorder(100)
+     .build(docids=list(range(2000))).serialize(folder))
+    app = create_app(folder, token=TOKEN)
+    statuses: dict = {}
+    q = queries(16, seed=15)
+
+    def vector() -> list:
+        v = rng.normal(size=D)
+        return (v * 20 / np.linalg.norm(v)).tolist()  # norm 20, the others' ~4
+
+    def count(what, r):
+        key = (what, r.status_code)
+        statuses[key] = statuses.get(key, 0) + 1
+        if r.status_code != 200:
+            statuses.setdefault("samples", []).append((what, r.text[:200]))
+
+    async def searches(client, i, stop):
+        n = 0
+        while not stop.is_set():
+            count("search", await client.post("/search", json={"queries": [q[(i + n) % 16]
+                                                                          .tolist()]}))
+            n += 1
+
+    async def writer(client, stop):
+        n = 0
+        while not stop.is_set():
+            count("upsert", await client.post("/upsert", headers=AUTH, json={
+                "docids": [10_000 + n], "vectors": [vector()]}))
+            if n % 5 == 4:  # and delete an original row now and then
+                count("delete", await client.post("/delete", headers=AUTH,
+                                                  json={"docids": [n]}))
+            n += 1
+
+    async def main(url):
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            tasks = [asyncio.create_task(searches(client, i, stop)) for i in range(4)]
+            tasks.append(asyncio.create_task(writer(client, stop)))
+            for _ in range(5):
+                await asyncio.sleep(0.1)
+                count("snapshot", await client.post("/snapshot", headers=AUTH))
+                count("reload", await client.post("/reload", headers=AUTH))
+            stop.set()
+            await asyncio.gather(*tasks)
+            kept, dropped = vector(), vector()
+            count("upsert", await client.post("/upsert", headers=AUTH, json={
+                "docids": [90_001], "vectors": [kept]}))
+            count("snapshot", await client.post("/snapshot", headers=AUTH))
+            size = (await client.get("/stats")).json()["size"]
+            count("upsert", await client.post("/upsert", headers=AUTH, json={
+                "docids": [90_002], "vectors": [dropped]}))
+            count("reload", await client.post("/reload", headers=AUTH))
+            after = (await client.get("/stats")).json()
+            found = (await client.post("/search", json={
+                "queries": [kept, dropped], "k": 1, "leaves_to_search": 30})).json()["ids"]
+            return size, after, found
+
+    with running(app) as url:
+        size, after, found = asyncio.run(main(url))
+    assert set(statuses) - {"samples"} <= {(w, 200) for w in
+                                           ("search", "upsert", "delete", "snapshot",
+                                            "reload")}, statuses
+    assert statuses[("search", 200)] > 20 and statuses[("upsert", 200)] >= 5, statuses
+    assert statuses[("reload", 200)] == 6 and statuses[("snapshot", 200)] == 6
+    assert after["size"] == size and after["generation"] == 7
+    assert found[0] == [90_001] and found[1] != [90_002], found
 
 
 @pytest.mark.parametrize("damage", ["truncated array", "bad manifest", "missing file",

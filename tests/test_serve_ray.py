@@ -45,7 +45,20 @@ from mipscan.serve._ray import ShardedBackend, owner_name  # noqa: E402
 N = 3000  # as tests/test_serve.py: its table has rows about the index size
 #: Table rows that depend on limits the CLI does not set (max_queries, max_batch) or that
 #: send raw bytes: tests/test_serve.py checks those on the single-node service.
-_CLI_LIMITS = {"too many queries", "delete too many docids", "bad Content-Length"}
+# Rows that depend on limits the CLI cannot set, or (the stalled body) on the HTTP server
+# in front: under --ray that is Ray Serve's proxy, whose own timeouts apply.
+_CLI_LIMITS = {"too many queries", "delete too many docids", "bad Content-Length",
+               "body stalls midway (slowloris)"}
+
+
+def _filter_refused(r, body) -> bool:
+    """A filtered search refused by the sharded index (501 naming the filter, which the
+    body holds): the rows of the bad-request table about filter ids end there."""
+    if r.status_code != 501 or r.json()["field"] not in ("allowed", "excluded"):
+        return False
+    name = r.json()["field"]
+    assert (name in body) if isinstance(body, dict) else (f'"{name}"'.encode() in body), r.text
+    return True
 
 
 def _queries(nq: int, seed: int) -> np.ndarray:
@@ -178,6 +191,8 @@ def test_a_plain_folder_answers_as_the_single_node_service(cluster, folders):
                     continue
                 kwargs = request_kwargs(body, headers)
                 got, want = ra.request(method, path, **kwargs), sb.request(method, path, **kwargs)
+                if _filter_refused(got, body):  # the sharded index does not filter
+                    continue
                 assert (got.status_code, got.json()) == (want.status_code, want.json()), kind
             stats = ra.get("/stats").json()
             assert stats["size"] == 2000 and stats["config"]["sharded"] is False
@@ -194,6 +209,8 @@ def test_bad_requests_get_their_4xx_through_ray_serve(server, kind, method, path
                                                       headers, status, field):
     client, _ = server
     r = client.request(method, path, **request_kwargs(body, headers))
+    if _filter_refused(r, body):
+        return
     assert r.status_code == status, (kind, r.status_code, r.text[:300])
     assert r.json()["field"] == field, (kind, r.text[:300])
 

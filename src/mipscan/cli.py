@@ -370,15 +370,17 @@ def demo(data: Path | None = None, epochs: int = 50, copies: int = 100, k: int =
 
         save_index = Path(tempfile.mkdtemp(prefix="mipscan-demo-")) / "index"
     if save_index is not None:
-        save_demo_index(save_index, emb, ml)
+        save_demo_index(save_index, emb, ml, seed)
         console.print(f"saved the index in {save_index} and the page's data in "
                       f"{save_index}.page (serve them: mipscan serve {save_index})")
     return save_index
 
 
-def save_demo_index(folder: Path, emb, ml) -> None:
+def save_demo_index(folder: Path, emb, ml, seed: int = 42) -> None:
     """The tutorial's approximate index in ``folder`` and, beside it in ``folder.page``,
-    the user embeddings and movie titles of the service's page (``mipscan serve``)."""
+    the user embeddings, movie titles and each user's rated movies (the training split of
+    ``seed``) of the service's page (``mipscan serve``)."""
+    from mipscan.recsys.model import rated_candidates
     from mipscan.serve import page_dir_for, save_page_data
 
     searcher = tutorial_index(mipscan.builder(emb.candidates, 10, "dot_product"))
@@ -390,8 +392,10 @@ def save_demo_index(folder: Path, emb, ml) -> None:
         for movie_id, title in zip(ml.movie_ids.tolist(), ml.titles.tolist()):
             if 0 <= movie_id < rows:
                 titles[movie_id] = title
+        # copies=0: the rated movie-table rows; the page excludes every copy of each.
+        rated = rated_candidates(ml, emb.all_user_ids, rows, 0, seed)
         save_page_data(page_dir_for(folder), emb.users, emb.all_user_ids.tolist(), titles,
-                       rows)
+                       rows, rated=[r.tolist() for r in rated])
     except (ValueError, OSError) as exc:
         raise _Fail(f"--save-index: {exc}") from None
 

@@ -3,8 +3,9 @@
 Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx status):
 
 - ``POST /search`` ``{"queries": [[...], ...], "k": 10, "leaves_to_search"?,
-  "pre_reorder_num_neighbors"?}`` -> ``{"ids": [[...]], "scores": [[...]]}`` (docids where
-  the index has them);
+  "pre_reorder_num_neighbors"?, "allowed"?, "excluded"?}`` -> ``{"ids": [[...]],
+  "scores": [[...]]}`` (docids where the index has them; a filtered query with fewer
+  eligible ids than columns is padded with id -1 and score null);
 - ``POST /upsert`` ``{"docids": [...], "vectors": [[...]]}``, ``POST /delete``
   ``{"docids": [...]}`` (501 until the searcher has ``upsert``/``delete``),
   ``POST /snapshot`` (serialize the live index into the folder, atomically),
@@ -12,13 +13,14 @@ Endpoints (JSON; errors are ``{"error": message, "field": name}`` with a 4xx sta
   old index keeps serving): these four need ``Authorization: Bearer <token>``;
 - ``GET /healthz``, ``GET /stats``, ``GET /metrics`` (Prometheus);
 - ``GET /`` the demo page, when page data sits beside the folder (``INDEX_DIR.page``,
-  written by ``mipscan demo --save-index``).
+  written by ``mipscan demo --save-index``), and its ``GET /page/users`` and
+  ``GET /page/recommend?user=U&k=10&exclude_rated=0|1``.
 
 ``mipscan serve --ray`` serves the same app from Ray Serve replicas that share one
 sharded index on Ray actors (:mod:`mipscan.serve._ray`; the ``serve`` and ``ray`` extras).
 
 This module needs only the standard library and numpy; the app (Starlette, uvicorn,
-prometheus-client: the ``serve`` extra) is imported when a server starts.
+prometheus-client, orjson: the ``serve`` extra) is imported when a server starts.
 """
 
 from __future__ import annotations
@@ -40,8 +42,59 @@ TOKEN_ENV = "MIPSCAN_SERVE_TOKEN"
 #: Shortest token accepted: a guessable token is no access control.
 MIN_TOKEN_CHARS = 16
 PAGE_FORMAT = "mipscan-page"
-_MODULES = ("starlette", "uvicorn", "prometheus_client", "anyio")
+_MODULES = ("starlette", "uvicorn", "prometheus_client", "anyio", "orjson")
 _MAX_TITLES_BYTES = 64 << 20
+
+
+#: Seconds a client has to send a request's headers, from the connection's opening (for
+#: its first request) or from the request's first byte (for the next ones).
+HEADER_SECONDS = 10.0
+
+
+def header_deadline_protocol(seconds: float = HEADER_SECONDS):
+    """uvicorn's httptools protocol plus a deadline for each request's headers, after
+    which the connection is closed: uvicorn has none, so a client that sends its headers
+    a byte at a time (slowloris) held a connection for ever. None when httptools is not
+    installed (uvicorn then uses h11, without the deadline)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
 
 
 class ServeError(Exception):
@@ -113,16 +166,21 @@ def page_dir_for(index_dir) -> Path:
     return index_dir.with_name(index_dir.name + ".page")
 
 
-def save_page_data(folder, users: np.ndarray, user_ids, titles, title_period: int) -> None:
+def save_page_data(folder, users: np.ndarray, user_ids, titles, title_period: int,
+                   rated=None) -> None:
     """Writes the demo page's data into ``folder``: ``users.npy`` (float32, row = user
     id) and ``page.json`` (the user ids offered, and ``titles``: the title of item ``i``
-    is ``titles[i % title_period]``, or null). Each file is replaced atomically."""
+    is ``titles[i % title_period]``, or null). ``rated``, when given, holds one list per
+    user id of the items that user rated, as ``i % title_period``: the page's "exclude
+    what they rated" excludes every item ``i`` whose ``i % title_period`` is in it. Each
+    file is replaced atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     users = np.ascontiguousarray(users, dtype=np.float32)
     meta = {"format": PAGE_FORMAT, "version": 1, "user_ids": [int(u) for u in user_ids],
             "title_period": int(title_period),
-            "titles": [None if t is None else str(t) for t in titles]}
+            "titles": [None if t is None else str(t) for t in titles],
+            "rated": None if rated is None else [sorted({int(i) for i in r}) for r in rated]}
     for name, write in (("users.npy", lambda f: np.save(f, users, allow_pickle=False)),
                         ("page.json", lambda f: f.write(json.dumps(meta).encode()))):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
@@ -166,6 +224,15 @@ def read_page_data(folder) -> tuple[np.ndarray, dict]:
     if meta["title_period"] > len(meta["titles"]):
         raise ValueError(f"page data {mpath}: title_period {meta['title_period']} > "
                          f"{len(meta['titles'])} titles")
+    rated = meta.get("rated")
+    if rated is not None:
+        period = meta["title_period"]
+        ok = (isinstance(rated, list) and len(rated) == len(meta["user_ids"]) and period > 0
+              and all(isinstance(r, list) and all(type(i) is int and 0 <= i < period
+                                                  for i in r) for r in rated))
+        if not ok:
+            raise ValueError(f"page data {mpath}: rated must hold one list per user id of "
+                             f"integers in [0, title_period={period})")
     return users, meta
 
 
@@ -244,7 +311,8 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
     gc.freeze()  # the loaded modules and index objects: out of every later collection
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                             timeout_keep_alive=5, lifespan="off", proxy_headers=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            http=header_deadline_protocol() or "auto")
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
@@ -256,6 +324,6 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8080, token_file=None,
         gc.collect()
 
 
-__all__ = ["MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV", "is_loopback",
-           "page_dir_for", "read_page_data", "read_token", "require_ray_serve", "require_serve",
-           "save_page_data", "serve"]
+__all__ = ["HEADER_SECONDS", "MIN_TOKEN_CHARS", "SERVE_INSTALL", "ServeError", "TOKEN_ENV",
+           "header_deadline_protocol", "is_loopback", "page_dir_for", "read_page_data",
+           "read_token", "require_ray_serve", "require_serve", "save_page_data", "serve"]

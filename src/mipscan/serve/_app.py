@@ -4,8 +4,9 @@ One reference, ``_State.searcher``, names the index that answers. A request read
 once and keeps that searcher to the end, so ``/reload`` (which loads the folder aside and
 then rebinds the reference) never fails or mixes an in-flight search: it finishes on the
 index it started on. Write endpoints take one asyncio lock, so updates, snapshots and
-reloads never interleave. Searches, JSON of large bodies, loads and writes run on worker
-threads (one pool per app), never on the event loop.
+reloads never interleave. Searches, the parsing and checks of large bodies, loads and
+writes run on worker threads (one pool per app), never on the event loop. POST /search
+goes straight from the outer ASGI layer to its endpoint (see :class:`_Observe`).
 
 Every request a client can get wrong is answered with a 4xx JSON body
 ``{"error": message, "field": name}``; see :func:`create_app` for the rules.
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -30,11 +32,12 @@ from typing import Any
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
+import orjson
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -42,6 +45,11 @@ import mipscan
 from mipscan.distributed import ShardUnavailableError
 
 log = logging.getLogger("mipscan.serve")
+
+try:
+    _timeout = asyncio.timeout  # Python 3.11+
+except AttributeError:  # 3.10: anyio's, which raises TimeoutError too
+    from anyio import fail_after as _timeout
 
 __all__ = ["HTTPError", "Limits", "SearcherBackend", "create_app"]
 
@@ -66,7 +74,8 @@ class HTTPError(Exception):
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for. Bodies above ``max_body_bytes`` get 413 before they
-    are read in full; the others get 422 naming the field."""
+    are read in full, bodies slower than ``body_seconds`` 408; the others get 422 naming
+    the field."""
 
     max_body_bytes: int = 16 << 20
     max_queries: int = 4096       # query rows per /search
@@ -74,20 +83,13 @@ class Limits:
     max_batch: int = 10_000       # docids per /upsert or /delete
     max_docid_chars: int = 256    # length of a string docid
     max_filter_ids: int = 1_000_000  # ids in allowed/excluded, all queries together
+    body_seconds: float = 10.0    # to receive a body, from the end of the headers (408)
 
 
 # ---------------------------------------------------------------- JSON in, JSON out
 def _reject_constant(name: str):
     raise HTTPError(400, "body", f"malformed JSON: {name} is not a JSON number "
                     "(NaN and infinities are refused)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise HTTPError(400, "body", f"malformed JSON: the number {text[:40]} overflows "
-                        "a double")
-    return value
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
@@ -100,10 +102,25 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity (Python's json accepts them), no number that
-    overflows a double, no repeated key."""
+    """Strict JSON: no NaN/Infinity (Python's json accepts them), no repeated key. A
+    number that overflows a double parses as an infinity, which every field refuses
+    (vectors must be finite float32; the other numbers are integers): checked there, and
+    not here, where a Python call per number cost a tenth of a single query's time.
+
+    The common body (one object, no escapes, no integer of 20 digits or more) is parsed
+    by orjson, in a quarter of the time; any other, or one orjson refuses, by the
+    standard library with the checks above, whose errors name the fault. orjson agrees on
+    such a body: it refuses NaN and infinities too, and a repeated key, which orjson
+    would let through, shows as a key that is not quoted exactly once."""
+    if body.count(b"{") == 1 and b"\\" not in body and not _LONG_DIGITS.search(body):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict and all(body.count(b'"%s"' % k.encode()) == 1 for k in obj):
+            return obj
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float,
+        return json.loads(body, parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicate_keys)
     except HTTPError:
         raise
@@ -113,12 +130,36 @@ def parse_json(body: bytes) -> Any:
         raise HTTPError(400, "body", f"malformed JSON: {str(exc)[:200]}") from None
 
 
+_LONG_DIGITS = re.compile(rb"\d{20}")  # an integer orjson would turn into a float
+
+
 def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
 def _error(exc: HTTPError) -> Response:
-    return _json({"error": exc.message, "field": exc.field}, exc.status, exc.headers)
+    # The field and message may quote the client's text, lone surrogates included (a key
+    # "\ud800"), which UTF-8 cannot encode: escaped, so the error never becomes a 500.
+    return _json({"error": _printable(exc.message), "field": _printable(exc.field)},
+                 exc.status, exc.headers)
+
+
+def _printable(text):
+    if isinstance(text, str) and not _utf8(text):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _results(ids, scores) -> Response:
+    """A search's ``{"ids", "scores"}``, encoded by orjson straight from the arrays (a
+    tenth of the stdlib's time); string docids go through lists. The -inf (+inf) score
+    of a filtered query's padding (id -1 or "") becomes null: JSON has no infinities."""
+    try:
+        body = orjson.dumps({"ids": ids, "scores": scores}, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # a numpy dtype orjson does not serialize (str docids)
+        body = orjson.dumps({"ids": _rows(ids), "scores": _rows(scores)},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json")
 
 
 def _rows(x) -> list:
@@ -196,6 +237,14 @@ def _vectors(value: Any, name: str, d: int, max_rows: int) -> np.ndarray:
     return np.ascontiguousarray(arr32)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _docids(value: Any, name: str, limits: Limits) -> list:
     """A non-empty list of distinct docids, all integers >= 0 or all non-empty strings."""
     if not isinstance(value, list):
@@ -217,6 +266,10 @@ def _docids(value: Any, name: str, limits: Limits) -> list:
         if kind is str and not 1 <= len(v) <= limits.max_docid_chars:
             raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] must be 1 to "
                             f"{limits.max_docid_chars} characters; got {len(v)}")
+        if kind is str and not _utf8(v):  # a lone surrogate (JSON's "\ud800") could
+            # be stored, then never be sent back in a search's answer
+            raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] is not valid Unicode "
+                            "(a lone surrogate)")
     if len(set(value)) != len(value):
         seen = set()
         for i, v in enumerate(value):
@@ -380,10 +433,15 @@ _ENDPOINTS = ("/search", "/upsert", "/delete", "/snapshot", "/reload", "/healthz
 
 
 class _Observe:
-    """Outermost ASGI layer: Host check, request counts, latency, errors."""
+    """Outermost ASGI layer: Host check, request counts, latency, errors. ``direct`` maps
+    a (method, path) to its endpoint, called here without Starlette's router and
+    middleware: for POST /search they cost a tenth of a single query's server time, and
+    the endpoint turns every error into its response itself."""
 
-    def __init__(self, app, metrics: _Metrics, hosts: frozenset[str] | None):
+    def __init__(self, app, metrics: _Metrics, hosts: frozenset[str] | None,
+                 direct: dict | None = None):
         self.app, self.metrics, self.hosts = app, metrics, hosts
+        self.direct = direct or {}
         self.state = app.state  # .live (the _State), .metrics
 
     async def __call__(self, scope, receive, send):
@@ -408,7 +466,12 @@ class _Observe:
                                        "addressed to the loopback interface"))(
                     scope, receive, observed_send)
                 return
-            await self.app(scope, receive, observed_send)
+            endpoint_fn = self.direct.get((scope["method"], path))
+            if endpoint_fn is not None:
+                response = await endpoint_fn(Request(scope, receive))
+                await response(scope, receive, observed_send)
+            else:
+                await self.app(scope, receive, observed_send)
         finally:
             self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - t0)
 
@@ -438,6 +501,16 @@ class _Page:
         self.titles = meta["titles"]
         self.period = meta["title_period"]
         self.known_users = frozenset(self.user_ids)
+        rated = meta.get("rated")
+        self.rated = (None if rated is None else
+                      {u: np.asarray(r, dtype=np.int64) for u, r in zip(self.user_ids, rated)})
+
+    def excluded(self, user: int, size: int) -> np.ndarray:
+        """Every item id below ``size`` whose ``id % period`` the user rated (all the
+        copies of each rated movie), ascending."""
+        ids = (self.rated[user][None, :]
+               + np.arange(0, size, self.period, dtype=np.int64)[:, None]).ravel()
+        return np.sort(ids[ids < size])
 
     def title(self, item) -> str:
         if type(item) is int and self.period:
@@ -563,7 +636,7 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
                 return _json({"error": "internal server error", "field": None}, 500)
         return run
 
-    async def body_of(request: Request, empty_ok: bool = False) -> Any:
+    async def body_of(request: Request, empty_ok: bool = False, then=lambda x: x) -> Any:
         ctype = request.headers.get("content-type")
         length = request.headers.get("content-length")
         if length is not None:
@@ -572,26 +645,40 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
             if int(length) > limits.max_body_bytes:
                 raise HTTPError(413, "body", f"the body of {int(length)} bytes exceeds the "
                                 f"limit of {limits.max_body_bytes} bytes")
+        if request.scope["query_string"]:  # nothing is read from a POST's URL: say so
+            name = next(iter(request.query_params), "query")
+            raise HTTPError(422, name, f"{request.url.path} takes no URL parameters; got "
+                            f"{name[:60]!r}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise HTTPError(413, "body", f"the body exceeds the limit of "
-                                f"{limits.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            # A client that stops sending mid-body (slowloris) is answered and dropped,
+            # instead of holding its connection and request open for ever.
+            async with _timeout(limits.body_seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limits.max_body_bytes:
+                        raise HTTPError(413, "body", f"the body exceeds the limit of "
+                                        f"{limits.max_body_bytes} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPError(408, "body", f"the body did not arrive within "
+                            f"{limits.body_seconds:g} s ({size} bytes came)",
+                            headers={"Connection": "close"}) from None
+        except ClientDisconnect:  # nobody reads the answer; 400, not a 500, in the metrics
+            raise HTTPError(400, "body", "the client closed the connection mid-body") from None
         raw = b"".join(chunks)
         if not raw.strip():
             if empty_ok:
-                return {}
+                return then({})
             raise HTTPError(400, "body", "the request needs a JSON body")
         # Only JSON: a form or text/plain POST from another site's page (no CORS
         # preflight) must not reach a handler.
         if ctype is None or ctype.split(";")[0].strip().lower() != "application/json":
             raise HTTPError(415, "Content-Type", "send the body as Content-Type: "
                             f"application/json; got {(ctype or 'none')[:60]!r}")
-        if size >= _THREADED_JSON_BYTES:
-            return await off_loop(parse_json, raw)
-        return parse_json(raw)
+        if size >= _THREADED_JSON_BYTES:  # with ``then``: its checks of a large body too
+            return await off_loop(lambda: then(parse_json(raw)))
+        return then(parse_json(raw))
 
     def authorize(request: Request) -> None:
         if token_digest is None:
@@ -616,7 +703,12 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
                             f"({name!r} is not supported)")
         if not isinstance(value, list):
             raise HTTPError(422, name, f"{name} must be a list of ids, or one list per query")
-        if value and all(isinstance(v, list) for v in value):
+        if any(isinstance(v, list) for v in value):  # one list per query
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, list)), None)
+            if bad is not None:
+                raise HTTPError(422, f"{name}[{bad}]", f"{name}[{bad}] must be a list of ids "
+                                f"like {name}[0] (one list per query); got "
+                                f"{_type_name(value[bad])}")
             if len(value) != nq:
                 raise HTTPError(422, name, f"{name} has {len(value)} lists for {nq} queries")
             if sum(len(v) for v in value) > limits.max_filter_ids:
@@ -632,28 +724,18 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
             if type(v) not in (int, str):
                 raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] must be an id (an integer "
                                 f"or a string); got {_type_name(v)}")
+            if type(v) is str and not _utf8(v):
+                raise HTTPError(422, f"{name}[{i}]", f"{name}[{i}] is not valid Unicode (a "
+                                "lone surrogate)")
         return value
 
     # ---------------------------------------------------------------- read endpoints
     @endpoint
     async def search(request: Request) -> Response:
-        body = _check_fields(await body_of(request), _SEARCH_FIELDS, ("queries",), "/search")
         s = state.backend.reader()  # this request's index, whatever /reload does meanwhile
-        size = s.size()
-        q = _vectors(body["queries"], "queries", s.d, limits.max_queries)
-        k_high = min(size, limits.max_k)
-        kwargs = {
-            "final_num_neighbors": _int_field(body, "k", 1, k_high,
-                                              "index size" if size <= limits.max_k else "max_k",
-                                              default=min(s.num_neighbors, k_high)),
-            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.max_leaves_to_search,
-                                           "num_leaves"),
-            "pre_reorder_num_neighbors": _int_field(body, "pre_reorder_num_neighbors", 1,
-                                                    size, "index size"),
-        }
-        for name in ("allowed", "excluded"):
-            if body.get(name) is not None:
-                kwargs[name] = _filter(body, name, len(q), s)
+        # A large body is checked on the parsing thread: thousands of queries or a million
+        # filter ids took the event loop for tens to hundreds of milliseconds.
+        q, kwargs = await body_of(request, then=functools.partial(search_args, s))
         filtered = "allowed" in kwargs or "excluded" in kwargs
         search_async = getattr(s, "search_batched_async", None)  # a sharded index on Ray
         try:
@@ -670,9 +752,34 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
             raise HTTPError(422, "allowed" if "allowed" in kwargs else "excluded",
                             f"unknown id {_key(exc)}") from None
         except (ValueError, TypeError) as exc:  # checks of the searcher we did not repeat
-            raise HTTPError(422, "queries", str(exc)[:300]) from None
+            # The searcher's message names the argument: an id that is no row or docid
+            # of the index is the filter's fault, not the queries'.
+            msg = str(exc)
+            field = next((n for n in ("allowed", "excluded") if n in kwargs and f" {n} " in
+                          f" {msg} "), "queries")
+            raise HTTPError(422, field, msg[:300]) from None
         metrics.queries.inc(len(q))
-        return _json({"ids": _rows(ids), "scores": _rows(scores)})
+        return _results(ids, scores)
+
+    def search_args(s, body) -> tuple[np.ndarray, dict]:
+        """The checked queries and search_batched's arguments of a /search body."""
+        body = _check_fields(body, _SEARCH_FIELDS, ("queries",), "/search")
+        size = s.size()
+        q = _vectors(body["queries"], "queries", s.d, limits.max_queries)
+        k_high = min(size, limits.max_k)
+        kwargs = {
+            "final_num_neighbors": _int_field(body, "k", 1, k_high,
+                                              "index size" if size <= limits.max_k else "max_k",
+                                              default=min(s.num_neighbors, k_high)),
+            "leaves_to_search": _int_field(body, "leaves_to_search", 1, s.max_leaves_to_search,
+                                           "num_leaves"),
+            "pre_reorder_num_neighbors": _int_field(body, "pre_reorder_num_neighbors", 1,
+                                                    size, "index size"),
+        }
+        for name in ("allowed", "excluded"):
+            if body.get(name) is not None:
+                kwargs[name] = _filter(body, name, len(q), s)
+        return q, kwargs
 
     @endpoint
     async def healthz(request: Request) -> Response:
@@ -791,18 +898,18 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
     @endpoint
     async def page_users(request: Request) -> Response:
         p = _need_page()
-        return _json({"users": p.user_ids})
+        return _json({"users": p.user_ids, "rated": p.rated is not None})
 
     @endpoint
     async def page_recommend(request: Request) -> Response:
         p = _need_page()
         params = request.query_params
-        unknown = [key for key in params if key not in ("user", "k")]
+        unknown = [key for key in params if key not in ("user", "k", "exclude_rated")]
         if unknown:
             raise HTTPError(422, unknown[0], f"unknown parameter {unknown[0][:60]!r}; "
-                            "takes user, k")
+                            "takes user, k, exclude_rated")
         values = {}
-        for key, default in (("user", None), ("k", "10")):
+        for key, default in (("user", None), ("k", "10"), ("exclude_rated", "0")):
             text = params.get(key, default)
             if text is None:
                 raise HTTPError(422, key, f"missing parameter {key!r}")
@@ -810,9 +917,14 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
                 raise HTTPError(422, key, f"{key} must be a non-negative integer; "
                                 f"got {text[:40]!r}")
             values[key] = int(text)
-        user, k = values["user"], values["k"]
+        user, k, exclude = values["user"], values["k"], values["exclude_rated"]
         if user not in p.known_users:
             raise HTTPError(404, "user", f"unknown user {user}")
+        if exclude not in (0, 1):
+            raise HTTPError(422, "exclude_rated", f"exclude_rated must be 0 or 1; got {exclude}")
+        if exclude and p.rated is None:
+            raise HTTPError(409, "exclude_rated", "the page data has no rated lists (save "
+                            "it again with `mipscan demo --save-index DIR`)")
         s = state.backend.reader()
         if p.users.shape[1] != s.d:
             raise HTTPError(409, "page", f"the page's user embeddings have "
@@ -820,23 +932,30 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
         if not 1 <= k <= min(100, s.size()):
             raise HTTPError(422, "k", f"k must be in [1, {min(100, s.size())}]; got {k}")
         q = np.ascontiguousarray(p.users[user][None, :], dtype=np.float32)
+        filters = {"excluded": p.excluded(user, s.size())} if exclude else {}
 
         def both():
-            approx = s.search_batched(q, final_num_neighbors=k)
+            approx = s.search_batched(q, final_num_neighbors=k, **filters)
             # Every leaf and every datapoint rescored exactly: the exact top-k wherever the
             # index keeps float32 rows (reorder or brute-force scoring).
             exact = s.search_batched(q, final_num_neighbors=k, leaves_to_search=s.num_leaves,
-                                     pre_reorder_num_neighbors=s.size())
+                                     pre_reorder_num_neighbors=s.size(), **filters)
             return approx, exact
 
-        approx, exact = await off_loop(both)
+        try:
+            approx, exact = await off_loop(both)
+        except (KeyError, ValueError) as exc:  # a rated id the live index no longer has
+            raise HTTPError(409, "exclude_rated", f"cannot exclude the rated items: "
+                            f"{str(exc)[:200]}") from None
 
         def items(result):
             ids, scores = _rows(result[0])[0], _rows(result[1])[0]
-            return [{"id": i, "title": p.title(i), "score": sc} for i, sc in zip(ids, scores)]
+            # Padding (id -1, score -inf) where fewer than k items remain is left out.
+            return [{"id": i, "title": p.title(i), "score": sc} for i, sc in zip(ids, scores)
+                    if i != -1]
 
-        return _json({"user": user, "k": k, "approximate": items(approx),
-                      "exact": items(exact)})
+        return _json({"user": user, "k": k, "exclude_rated": bool(exclude),
+                      "approximate": items(approx), "exact": items(exact)})
 
     routes = [
         Route("/search", search, methods=["POST"]),
@@ -865,7 +984,7 @@ def create_app(index_dir=None, *, token: str | None = None, limits: Limits = Lim
     app.state.live = state
     app.state.metrics = metrics
     hosts = frozenset({"127.0.0.1", "localhost", "::1"}) if loopback_only else None
-    return _Observe(app, metrics, hosts)
+    return _Observe(app, metrics, hosts, direct={("POST", "/search"): search})
 
 
 _SEARCH_FIELDS = ("queries", "k", "leaves_to_search", "pre_reorder_num_neighbors", "allowed",
