@@ -8,6 +8,7 @@ their PYTHONPATH (src/ in a checkout, site-packages in CI's venv).
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def cluster():
              logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
+    gc.collect()  # release this module's actor handles while their cluster is up
     ray.shutdown()
 
 
