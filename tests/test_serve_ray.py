@@ -128,7 +128,9 @@ def server(cluster, folders, tmp_path_factory):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=90)
+            # Serve's graceful shutdown (replicas, proxy, controller) takes seconds, but
+            # over a minute on a 2-core machine under full load (seen in CI).
+            proc.wait(timeout=240)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
