@@ -207,6 +207,10 @@ def serve_ray(index_dir, *, host: str, port: int, token: str | None, loopback: b
 def _wait_for_a_signal() -> None:
     def stop(signum, frame):
         raise KeyboardInterrupt
+    # SIGINT too, explicitly: a process started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no handler of its own (the
+    # server would not stop on Ctrl-C or SIGINT; seen when CI ran under nohup).
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
         while True:
