@@ -822,7 +822,11 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
                 fn = functools.partial(self._search, ids_dtype=ids_dtype, state=state)
         elif not _is_traced(operands):
             fn = functools.partial(self._search, ids_dtype=ids_dtype, state=state)
-        top_scores, top_ids = _host_call(fn, operands, ("float32", ids_dtype), out_shape)
+        return self._outputs(*_host_call(fn, operands, ("float32", ids_dtype), out_shape))
+
+    def _outputs(self, top_scores: Any, top_ids: Any) -> Any:
+        """The layer's outputs from the host call's: scores in the layer's dtype, returned
+        beside the ids or not (``return_scores``)."""
         if self._scores_dtype() != "float32":
             top_scores = keras.ops.cast(top_scores, self._scores_dtype())
         if self.return_scores:
@@ -858,12 +862,7 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             state = self._sync_linked(state, _to_numpy("candidate_embeddings", candidates))
         fn = functools.partial(self._search_excluding, ids_dtype=ids_dtype,
                                state=None if _is_traced(operands) else state)
-        top_scores, top_ids = _host_call(fn, operands, ("float32", ids_dtype), out_shape)
-        if self._scores_dtype() != "float32":
-            top_scores = keras.ops.cast(top_scores, self._scores_dtype())
-        if self.return_scores:
-            return top_scores, top_ids
-        return top_ids
+        return self._outputs(*_host_call(fn, operands, ("float32", ids_dtype), out_shape))
 
     def _search_excluding(self, queries: np.ndarray, excluded: np.ndarray, ids_dtype: str,
                           state: _Snapshot | None = None):
