@@ -854,3 +854,37 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
         proc.kill()
         raise AssertionError(f"no start-up line; stderr: {proc.stderr.read()}")
     return box[0]
+
+
+def test_coalesced_single_queries_get_their_lone_answers():
+    """Single queries arriving together are searched as batches, one batch at a time per
+    index, and a batch of 8 or more on all the engine's threads: every query still gets
+    exactly the answer a lone search gives, and the batches did form."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mipscan.serve._app import _Coalescer
+
+    rng = np.random.default_rng(21)
+    s = (mipscan.builder(rng.normal(size=(3000, D)).astype(np.float32), 10, "dot_product")
+         .tree(num_leaves=40, num_leaves_to_search=10).score_ah(2).reorder(100).build())
+    s.set_num_threads(2)
+    q = queries(60, seed=22)
+    sizes: list[int] = []
+    pool = ThreadPoolExecutor(4)
+
+    async def off_loop(fn, *args):
+        sizes.append(len(fn.args[0]))
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def main():
+        c = _Coalescer(off_loop)
+        kwargs = {"final_num_neighbors": 10}
+        return await asyncio.gather(*(c.search(s, row, kwargs) for row in q))
+
+    got = asyncio.run(main())
+    pool.shutdown()
+    want_ids, want_scores = s.search_batched(q, final_num_neighbors=10)
+    for i, (ids, scores) in enumerate(got):
+        np.testing.assert_array_equal(ids[0], want_ids[i])
+        np.testing.assert_array_equal(scores[0], want_scores[i])
+    assert sum(sizes) == len(q) and max(sizes) >= 8, sizes
