@@ -79,8 +79,15 @@ class Variant:
 
 
 def _tree_grid(cfg: dict) -> list[dict]:
-    return [{"leaves_to_search": ls, "reorder": ro}
+    """leaves_grid x reorder_grid, then the deep points (``deep_grid``: [leaves, reorder]
+    pairs, e.g. reorder 500 k over most of the leaves, for recall 0.99) not in it."""
+    grid = [{"leaves_to_search": ls, "reorder": ro}
             for ls in cfg["leaves_grid"] for ro in cfg["reorder_grid"]]
+    for ls, ro in cfg.get("deep_grid", []):
+        g = {"leaves_to_search": ls, "reorder": ro}
+        if g not in grid:
+            grid.append(g)
+    return grid
 
 
 class Mipscan(Variant):
