@@ -156,6 +156,29 @@ def test_centroid_dots_are_identical_across_levels_and_batch_sizes(rng, d):
             np.testing.assert_array_equal(_mipscan.dots(qs[:nq], rows, lv), ref[:nq])
 
 
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 16, 20, 33, 50, 64])
+def test_reorder_dot_rows_equal_the_dot_kernel_at_every_level(rng, d):
+    # The float32 reorder scores its candidates several rows at a time (dot_rows): every
+    # value must be the one-row kernel's (the scalar spec), bit for bit, signed zeros too.
+    rows = rng.normal(size=(37, d)).astype(np.float32)
+    rows[3] = 0.0
+    rows[5] = -0.0
+    q = rng.normal(size=d).astype(np.float32)
+    ids = rng.integers(0, 37, size=23).astype(np.uint32)
+    ids[:3] = [3, 5, 3]
+    ref = _mipscan.dots(q[None, :], rows, "scalar")[0][ids]
+    for lv in LEVELS:
+        for m in (0, 1, 3, 4, 5, 23):
+            got = _mipscan.dot_rows(q, rows, ids[:m], lv)
+            np.testing.assert_array_equal(got.view(np.uint32), ref[:m].view(np.uint32))
+    neg = -np.abs(q)  # lanes that sum to -0.0: q < 0 times rows of +0.0
+    zero_rows = np.zeros((2, d), np.float32)
+    for lv in LEVELS:
+        np.testing.assert_array_equal(
+            _mipscan.dot_rows(neg, zero_rows, np.array([0, 1, 0, 1, 0], np.uint32), lv).view(np.uint32),
+            _mipscan.dots(neg[None, :], zero_rows, "scalar")[0][[0, 1, 0, 1, 0]].view(np.uint32))
+
+
 @pytest.mark.parametrize("build", ["ah", "ah_reorder", "soar", "tiny_leaves"])
 def test_batched_searches_equal_one_query_at_a_time(rng, level, build):
     # search_batch scores a chunk's queries against the centroids in one pass and reuses

@@ -448,6 +448,17 @@ NB_MODULE(_mipscan, m) {
     return out;
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "level"_a);
 
+  m.def("dot_rows", [](In<float, 1> q, In<float, 2> rows, In<uint32_t, 1> ids, const std::string& level) {
+    // For tests: the float32 reorder kernel of one SIMD level, out[t] = q . rows[ids[t]].
+    const size_t d = q.shape(0), m_ = ids.shape(0);
+    require(rows.shape(1) == d, "dot_rows: the query and rows must have the same width");
+    for (size_t t = 0; t < m_; ++t) require(ids.data()[t] < rows.shape(0), "dot_rows: an id is out of range");
+    const mipscan::DotRowsFn fn = kernels_at(level, "dot_rows").dot_rows;
+    auto out = new_array<float>(m_);
+    fn(q.data(), rows.data(), d, ids.data(), m_, out.data());
+    return out;
+  }, "query"_a.noconvert(), "rows"_a.noconvert(), "ids"_a.noconvert(), "level"_a);
+
   // For tests: the quantized dot products of one SIMD level (reorder.h), out[i, r] =
   // dot(queries[i], rows[r]) with int8 rows (scales already folded into the queries) or
   // bfloat16 rows (uint16 bit patterns).

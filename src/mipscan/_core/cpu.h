@@ -35,6 +35,7 @@ struct Kernels {
   DotI8Fn dot_i8;      // reorder.h: float32 x int8 (scales folded into the query)
   DotBf16Fn dot_bf16;  // reorder.h: float32 x bfloat16
   TopkColumnsFn topk_columns;  // topk.h: the best k of each column of a small block
+  DotRowsFn dot_rows;  // lut16.h: dot against scattered rows (the float32 reorder)
 };
 
 // The kernels chosen at module load.

@@ -77,4 +77,9 @@ float dot_scalar(const float* a, const float* b, size_t d) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
+void dot_rows_scalar(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
+                     float* out) {
+  for (size_t t = 0; t < m; ++t) out[t] = dot_scalar(q, rows + size_t{ids[t]} * d, d);
+}
+
 }  // namespace mipscan

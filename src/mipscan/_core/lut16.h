@@ -95,6 +95,19 @@ float dot_avx2(const float* a, const float* b, size_t d);
 float dot_avx512(const float* a, const float* b, size_t d);
 #endif
 
+// out[t] = dot(q, rows + ids[t] * d, d) for t < m: one query against scattered rows (the
+// reorder's candidates), each result exactly as the level's dot kernel computes it. (The
+// AVX2 version scores four rows at a time: four independent chains sharing the loads of
+// q, instead of one latency-bound chain per row.)
+using DotRowsFn = void (*)(const float* q, const float* rows, size_t d, const uint32_t* ids,
+                           size_t m, float* out);
+void dot_rows_scalar(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
+                     float* out);
+#if MIPSCAN_HAVE_AVX2
+void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
+                   float* out);
+#endif
+
 // out[i * m + r] = dot(qs + i * d, rows + r * d, d) for i < nq, r < m: many queries
 // against many rows (the centroids), each result exactly as the dot kernel computes it.
 // (The AVX2 version scores four queries against two rows at a time, sharing the loads,

@@ -148,7 +148,62 @@ void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float
   for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
 }
 
+// The spec's reduction ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) in registers: the
+// same additions as finish_dot's, in the same order.
+inline float reduce_lanes(__m256 acc) {
+  const __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 w = _mm_add_ps(v, _mm_movehl_ps(v, v));  // (l0+l4)+(l2+l6), (l1+l5)+(l3+l7)
+  return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+}
+
 }  // namespace
+
+void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
+                   float* out) {
+  const size_t d8 = d - d % 8;
+  const int tail = static_cast<int>(d - d8);
+  // The tail (j >= d8) goes to lane j - d8, as in dot_avx2: its products are added to
+  // those lanes only (a blend, so that no other lane gets even a + 0.0, which would turn
+  // a -0.0 lane into +0.0).
+  const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 tmaskf = _mm256_castsi256_ps(tmask);
+  const __m256 qt = tail != 0 ? _mm256_maskload_ps(q + d8, tmask) : _mm256_setzero_ps();
+  auto finish = [&](__m256 acc, const float* r) {
+    if (tail != 0) {
+      const __m256 p = _mm256_mul_ps(qt, _mm256_maskload_ps(r + d8, tmask));
+      acc = _mm256_blendv_ps(acc, _mm256_add_ps(acc, p), tmaskf);
+    }
+    return reduce_lanes(acc);
+  };
+  size_t t = 0;
+  for (; t + 4 <= m; t += 4) {
+    const float* r0 = rows + size_t{ids[t]} * d;
+    const float* r1 = rows + size_t{ids[t + 1]} * d;
+    const float* r2 = rows + size_t{ids[t + 2]} * d;
+    const float* r3 = rows + size_t{ids[t + 3]} * d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (size_t j = 0; j < d8; j += 8) {
+      const __m256 qj = _mm256_loadu_ps(q + j);
+      // mul then add, as dot_avx2 (no FMA)
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(qj, _mm256_loadu_ps(r0 + j)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(qj, _mm256_loadu_ps(r1 + j)));
+      a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
+      a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
+    }
+    out[t] = finish(a0, r0);
+    out[t + 1] = finish(a1, r1);
+    out[t + 2] = finish(a2, r2);
+    out[t + 3] = finish(a3, r3);
+  }
+  for (; t < m; ++t) {
+    const float* r0 = rows + size_t{ids[t]} * d;
+    __m256 a0 = _mm256_setzero_ps();
+    for (size_t j = 0; j < d8; j += 8)
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(r0 + j)));
+    out[t] = finish(a0, r0);
+  }
+}
 
 void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {
   const size_t d8 = d - d % 8;

@@ -916,10 +916,21 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
     // line aligned may end in one more line.)
     const RowScorer score = RowScorer::reorder(ix, kn, q, s);
     for (size_t i = 0; i < nr; ++i) prefetch_row(score, s.rows[i]);
-    for (size_t i = 0; i < nr; ++i) {
-      const uint32_t row = s.rows[i];
-      const float v = score(row);
-      if (v > fin.threshold()) fin.push(v, row);
+    if (score.f32 != nullptr) {
+      // Float32 rows: every exact score first, several rows at a time (dot_rows gives
+      // each exactly as kn.dot does), into row_scores (the approximate scores are not
+      // needed any more); then the same pushes in the same order.
+      kn.dot_rows(score.q, score.f32, ix.d, s.rows.data(), nr, s.row_scores.data());
+      for (size_t i = 0; i < nr; ++i) {
+        const float v = s.row_scores[i];
+        if (v > fin.threshold()) fin.push(v, s.rows[i]);
+      }
+    } else {
+      for (size_t i = 0; i < nr; ++i) {
+        const uint32_t row = s.rows[i];
+        const float v = score(row);
+        if (v > fin.threshold()) fin.push(v, row);
+      }
     }
   } else {
     for (size_t i = 0; i < nr; ++i) {
