@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -35,6 +36,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> leaf_scores;
   std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
   std::vector<uint32_t> leaf_order;
+  std::vector<uint64_t> leaf_radix;  // radix_order_leaves: two buffers of L keys
   std::vector<float> qpad;
   std::vector<float> lut_f;
   std::vector<uint8_t> lut_u8;
@@ -60,7 +62,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
-           b(chunk_scores) + b(leaf_order) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
+           b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
            b(tile) + b(chunk_top) + candidates.bytes() + final_.bytes() + [this] {
@@ -259,6 +261,42 @@ size_t score_upper_tree(const IndexView& ix, const Kernels& kn, const float* q, 
   return scored;
 }
 
+// A 32-bit key whose unsigned order is the descending order of the scores (no NaN here:
+// -inf instead); -0.0 is folded into +0.0, which better() takes as equal.
+inline uint32_t descending_key(float v) {
+  v += 0.0f;  // -0.0 + 0.0 = +0.0
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);  // unsigned order = float order
+  return ~u;
+}
+
+// s.leaf_order = every leaf by (score desc, index asc), as better() orders them: a stable
+// LSD radix sort (8 bits a pass) of the keys, from index order. For selections that are a
+// sizeable share of the leaves, where it is cheaper than kth_largest plus a comparison
+// sort (branch-free passes instead of mispredicted compares).
+void radix_order_leaves(const float* sc, size_t L, Scratch& s) {
+  grow(s.leaf_radix, 2 * L);
+  uint64_t* a = s.leaf_radix.data();
+  uint64_t* b = a + L;
+  for (size_t l = 0; l < L; ++l) a[l] = (uint64_t{descending_key(sc[l])} << 32) | l;
+  for (unsigned shift = 32; shift < 64; shift += 8) {
+    uint32_t count[256] = {};
+    for (size_t l = 0; l < L; ++l) ++count[(a[l] >> shift) & 255];
+    if (count[(a[0] >> shift) & 255] == L) continue;  // one digit for all: order unchanged
+    uint32_t sum = 0;
+    for (uint32_t& c : count) {
+      const uint32_t n = c;
+      c = sum;
+      sum += n;
+    }
+    for (size_t l = 0; l < L; ++l) b[count[(a[l] >> shift) & 255]++] = a[l];
+    std::swap(a, b);
+  }
+  grow(s.leaf_order, L);
+  for (size_t l = 0; l < L; ++l) s.leaf_order[l] = static_cast<uint32_t>(a[l]);
+}
+
 // Returns the number of leaves to search first: `first`, or fewer when an upper tree
 // scored fewer leaves than that (the rest come by widening).
 size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
@@ -280,6 +318,12 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   }
   // From here on the scores hold no NaN (-inf instead), so they are totally ordered:
   // the selection, the sorts and the widening below see a consistent order.
+  if (first * 8 >= L && L <= (size_t{1} << 31)) {
+    // A sizeable share of the leaves: sort them all (the order below, with the
+    // unselected ones sorted already; sort_remaining_leaves sorts them again if needed).
+    radix_order_leaves(sc, L, s);
+    return first;
+  }
   // The first-th best score (kth_largest: a histogram, then nth_element on one bin); then
   // the leaves above it, and ties at it by leaf index, are the selection, sorted by
   // (score desc, index asc). The unselected leaves follow in index order (sorted only if
