@@ -50,7 +50,7 @@ struct HeapView {
 };
 
 // Top-k by "collect, then select": pairs above the running threshold are appended to a
-// buffer of max(4k + 16, 1024); when it fills, prune() drops the pairs below an estimate of the k-th
+// buffer of max(2k + 16, 1024); when it fills, prune() drops the pairs below an estimate of the k-th
 // best score (or, failing that, nth_element keeps exactly the best k) and raises the
 // threshold to it. Amortised O(1) per accepted pair, against O(log k) sifts for a
 // heap: this matters when k is the reorder depth (hundreds) and tens of thousands of
@@ -63,8 +63,11 @@ class TopKBuffer {
   void reset(size_t k) {
     k_ = k;
     // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
-    // more than the pushes a later threshold lets through.
-    cap_ = std::max<size_t>(4 * k + 16, 1024);
+    // more than the pushes a later threshold lets through. 2k (not 4k) above that: the
+    // first threshold comes after half the pushes, and the later ones rise sooner, which
+    // saved more pushes than the extra prunes cost (GloVe, reorder 500 ... 5,000: 0-7%
+    // faster). Results do not depend on it: ties go to the pairs offered first either way.
+    cap_ = std::max<size_t>(2 * k + 16, 1024);
     if (s_.size() < cap_ || id_.size() < cap_) {  // both: a bad_alloc may fall between
       grow(s_, cap_);
       grow(id_, cap_);
