@@ -60,8 +60,9 @@ def suggest_config(n: int, d: int, k: int = 10, distance_measure: str = "dot_pro
       GloVe-50 and the Keras-RS tutorial's candidates (``RECALL_TABLE``): for the
       default 0.95, a quarter of the leaves and 500 candidates (recall@10 0.956 and
       0.978 there); for 0.99, every leaf and 3,000 (0.992 on the benchmark's GloVe
-      queries, where three quarters and 2,000 gave 0.982). Targets above 0.999 get the 0.999 row (every leaf, 5,000); data unlike
-      those two sets may need more (measure with ``mipscan.brute_force``).
+      queries, where three quarters and 2,000 gave 0.982). Targets above 0.999 get
+      the 0.999 row (every leaf, 5,000); data unlike those two sets may need more
+      (measure with ``mipscan.brute_force``).
 
     Args:
         n: datapoints, an int >= 1. d: dimensions, an int >= 1.
