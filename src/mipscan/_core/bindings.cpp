@@ -27,6 +27,7 @@
 
 #include "cpu.h"
 #include "fault.h"
+#include "filtered.h"
 #include "live.h"
 #include "lut16.h"
 #include "parallel.h"
@@ -359,6 +360,27 @@ NB_MODULE(_mipscan, m) {
                                      heap_s.data(), heap_id.data(), sizes.data(), num_threads);
   }, "scores"_a.noconvert(), "bits"_a.noconvert(), "col_offset"_a, "heap_s"_a.noconvert(),
      "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
+
+  m.def("exact_bitsets", [](In<float, 2> queries, In<float, 2> rows, In<uint64_t, 2> bits,
+                            nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                            nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                            nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig> sizes, size_t block_rows,
+                            int num_threads) {
+    const size_t nq = queries.shape(0), d = queries.shape(1), space = rows.shape(0);
+    const size_t k = heap_s.shape(1), words = bits.shape(1);
+    require(rows.shape(1) == d, "exact_bitsets: rows and queries differ in width");
+    require(bits.shape(0) == nq && words * 64 >= space, "exact_bitsets: bits must be (nq, words covering the rows)");
+    require(k >= 1 && heap_s.shape(0) == nq && heap_id.shape(0) == nq && heap_id.shape(1) == k &&
+                sizes.shape(0) == nq,
+            "exact_bitsets: heap arrays do not match the queries");
+    require(space <= (uint64_t(1) << 32), "exact_bitsets: row ids exceed uint32");
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "exact_bitsets: bad sizes");
+    nb::gil_scoped_release release;
+    mipscan::exact_bitsets(mipscan::kernels(), queries.data(), nq, d, rows.data(), space, bits.data(),
+                           words, k, heap_s.data(), heap_id.data(), sizes.data(), block_rows, num_threads);
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "bits"_a.noconvert(), "heap_s"_a.noconvert(),
+     "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "block_rows"_a, "num_threads"_a);
 
   m.def("topk_columns", [](In<float, 2> scores_t, size_t k, const std::string& level) {
     const size_t m_ = scores_t.shape(0), nq = scores_t.shape(1);

@@ -1,0 +1,98 @@
+#include "filtered.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "fault.h"
+#include "parallel.h"
+#include "portable.h"
+#include "topk.h"
+
+namespace mipscan {
+
+namespace {
+
+// Rows requested ahead of the one scored (every line of each: a 50-float row spans 4).
+constexpr size_t kAhead = 8;
+
+inline void prefetch_rows(const float* row, size_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (size_t off = 0; off < bytes; off += 64) prefetch(p + off);
+  prefetch(p + bytes - 1);
+}
+
+}  // namespace
+
+void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
+                   const float* rows, size_t space, const uint64_t* bits, size_t words,
+                   size_t k, float* heap_s, uint32_t* heap_id, int64_t* sizes,
+                   size_t block_rows, int num_threads) {
+  if (nq == 0 || space == 0) return;
+  if (block_rows == 0) {  // about 512 KB of rows: a quarter of a 2 MB L2
+    block_rows = std::max<size_t>(64, (size_t{512} << 10) / std::max<size_t>(1, d * sizeof(float)));
+  }
+  block_rows = (block_rows + 63) / 64 * 64;
+  const size_t row_bytes = d * sizeof(float);
+  const bool avx2 = kn.level != SimdLevel::kScalar;
+  parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
+    fault::alloc();
+    // The rows of the queries [b, e) in one block, query after query (sel), and where each
+    // query's start (from): rows are requested kAhead ahead across query boundaries, so a
+    // query with a few rows in the block does not wait for each of them.
+    std::vector<uint32_t> sel;
+    std::vector<size_t> from(e - b + 1);
+    std::vector<float> sc(kAhead);
+    for (size_t r0 = 0; r0 < space; r0 += block_rows) {
+      const size_t r1 = std::min(space, r0 + block_rows);
+      const size_t w0 = r0 / 64, w1 = (r1 + 63) / 64;
+      sel.clear();
+      for (size_t i = b; i < e; ++i) {
+        from[i - b] = sel.size();
+        const uint64_t* qb = bits + i * words;
+        for (size_t w = w0; w < w1; ++w) {
+          uint64_t m = qb[w];
+          if (r1 - w * 64 < 64) m &= (uint64_t{1} << (r1 - w * 64)) - 1;
+          while (m != 0) {
+            sel.push_back(static_cast<uint32_t>(w * 64 + ctz64(m)));
+            m &= m - 1;
+          }
+        }
+      }
+      from[e - b] = sel.size();
+      const size_t total = sel.size();
+      size_t pf = 0;  // rows requested: sel[0, pf)
+      for (size_t i = b; i < e; ++i) {
+        const size_t j_end = from[i - b + 1];
+        size_t j0 = from[i - b];
+        if (j0 == j_end) continue;
+        HeapView h{heap_s + i * k, heap_id + i * k, k, static_cast<size_t>(sizes[i])};
+        const float* q = queries + i * d;
+        float thr = h.threshold();
+        for (; j0 < j_end; j0 += kAhead) {
+          const size_t j1 = std::min(j_end, j0 + kAhead);
+          for (const size_t want = std::min(total, j1 + kAhead); pf < want; ++pf)
+            prefetch_rows(rows + size_t{sel[pf]} * d, row_bytes);
+#if MIPSCAN_HAVE_AVX2
+          if (avx2) {
+            dots_rows_avx2(q, rows, sel.data() + j0, j1 - j0, d, sc.data());
+          } else
+#endif
+          {
+            for (size_t j = j0; j < j1; ++j) sc[j - j0] = kn.dot(q, rows + size_t{sel[j]} * d, d);
+          }
+          for (size_t j = j0; j < j1; ++j) {
+            const float v = sc[j - j0];
+            // Rows ascend, so an equal score loses to the kept (smaller) ids.
+            if (h.size < k || v > thr) {
+              h.push(v, sel[j]);
+              thr = h.threshold();
+            }
+          }
+        }
+        sizes[i] = static_cast<int64_t>(h.size);
+      }
+    }
+  });
+}
+
+}  // namespace mipscan
