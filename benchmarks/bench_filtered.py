@@ -306,7 +306,7 @@ def calibrate(args):
             code = _filters.plan(s, st, r, L // 10, 100, 10, "auto", True, True)[0]
             print(f"fraction {frac}: measured ns/query " +
                   ", ".join(f"{k} {v:,.0f}" for k, v in out.items()) +
-                  f"; auto picks {('index', 'exact', 'exact (BLAS)')[code]}")
+                  f"; auto picks {('index', 'exact', 'exact (BLAS)', 'exact (bitsets)')[code]}")
 
 
 def main(argv=None):

@@ -27,9 +27,21 @@ from per-unit costs measured on the development machine (2-core AVX-512 x86, one
   query's eligible ones (a bitset made from its list in C++) are offered to its heap.
   Dense lists (e.g. half the rows, per query) cost this way a fraction of the gathers.
 
+* exact by bitsets (per-query filters, a batch of at least GEMM_MIN_QUERIES, float32
+  rows): ``eligible * (C_BITS * d + C_BITS_ROW) + words * C_BITS_WORD``: each query's
+  eligible rows, read off its bitset, scored by exact_bitsets (filtered.cpp) a block of
+  rows at a time for the whole batch, so rows shared by several queries' filters come
+  from L2 after the first (EXACT_BITS). Sparse per-query filters cost this way about
+  half the gather; dense ones go to the BLAS products.
+
+Per-query filters come as id lists (resolved in every call, made into bitsets by
+filter_bitsets for the batched plans) or as one prebuilt :class:`Filter` per query, whose
+bitsets (kept per snapshot) are stacked as they are (Resolved.bitsets); the engine's
+plans get each Filter's rows (kept too) as lists only when some query needs them.
+
 The cheaper one wins; ``filter_strategy="index"`` or ``"exact"`` forces either (exact
 needs float rows: an index with reorder, or a live index; otherwise the index plan is
-used).
+used; "exact" picks the cheapest exact plan).
 """
 
 from __future__ import annotations
@@ -88,9 +100,11 @@ class Filter:
     ``Filter(searcher, allowed=ids)`` allows only those ids; ``Filter(searcher,
     excluded=ids)`` allows all but those; both: allowed minus excluded. Ids are docids for
     a searcher built with docids, row numbers otherwise. Pass it as ``allowed=`` to any
-    search method. After an update of the searcher (upsert, delete, rebalance) it is
-    rebuilt from its ids on its next use (new docids are then allowed by an excluded-only
-    filter, not by an allowed one); ids deleted meanwhile are ignored.
+    search method, or one Filter per query in a list as ``allowed=`` to search_batched /
+    search_batched_parallel (per-query filters built once). After an update of the
+    searcher (upsert, delete, rebalance) it is rebuilt from its ids on its next use (new
+    docids are then allowed by an excluded-only filter, not by an allowed one); ids
+    deleted meanwhile are ignored.
 
     Raises:
         ValueError: an id that is not in the index (the first is named).

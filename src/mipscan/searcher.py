@@ -229,7 +229,10 @@ class Searcher:
 
         ``allowed`` / ``excluded`` are one set shared by all queries (a list or 1-D
         array of ids, or for allowed a :class:`mipscan.Filter`), or one list of ids per
-        query (a list of nq lists/arrays, or a 2-D array). Filtered results have
+        query (a list of nq lists/arrays, or a 2-D array), or for allowed one
+        :class:`mipscan.Filter` per query (a list, tuple or object array of nq Filters of
+        this searcher, built once: no ids are resolved per call; not mixed with id lists;
+        ``excluded`` may then be shared ids or per-query lists). Filtered results have
         k = min(final_num_neighbors, size(), the largest eligible count of the batch)
         columns; a query with fewer eligible ids than that is padded at the end with id
         -1 (rows and int docids; "" for str docids) and distance -inf (+inf for
