@@ -49,6 +49,13 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
       for (size_t i = b; i < e; ++i) {
         from[i - b] = sel.size();
         const uint64_t* qb = bits + i * words;
+        // The bitsets of a batch outgrow L2 (300 queries x 90,000 rows: 3.4 MB) and each
+        // query's words of this block are a short run of its own: request the run of the
+        // query after next while this one is read (it was 27 % of the time unrequested).
+        if (i + 2 < e) {
+          const char* nb = reinterpret_cast<const char*>(qb + 2 * words + w0);
+          for (size_t off = 0; off < (w1 - w0) * 8; off += 64) prefetch(nb + off);
+        }
         for (size_t w = w0; w < w1; ++w) {
           uint64_t m = qb[w];
           if (r1 - w * 64 < 64) m &= (uint64_t{1} << (r1 - w * 64)) - 1;
