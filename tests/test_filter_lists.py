@@ -219,3 +219,28 @@ def test_exact_bitsets_kernel(data):
         np.testing.assert_array_equal(hi[i][:sz[i]], want)
     with pytest.raises(ValueError, match="bits must be"):
         _mipscan.exact_bitsets(qs, rows, bits[:, :3].copy(), hs, hi, sz, 0, 1)
+
+
+@pytest.mark.parametrize("metric", ["squared_l2", "cosine"])
+def test_filter_list_metrics(data, metric):
+    """The per-query exact plans in the MIPS space of squared_l2 (one more dimension) and
+    cosine (normalized rows): distances as the metric gives them, exact."""
+    db, qs = data
+    s = mipscan.builder(db, 10, metric).tree(20, 3).score_ah(2).reorder(50).build()
+    ref = db / np.linalg.norm(db, axis=1, keepdims=True) if metric == "cosine" else db
+    lists = _lists(len(db), len(qs), 21)
+    flts = [s.make_filter(allowed=a) for a in lists]
+    r = s.search_batched(qs, 10, allowed=flts, filter_strategy="exact")
+    for i, a in enumerate(lists):
+        q = qs[i] / np.linalg.norm(qs[i]) if metric == "cosine" else qs[i]
+        rows = np.asarray(sorted(set(a.tolist())), np.int64)
+        if metric == "squared_l2":
+            sc = -((ref[rows] - q) ** 2).sum(1)
+        else:
+            sc = ref[rows] @ q
+        want = rows[np.argsort(-sc, kind="stable")[:10]]
+        got = r.indices[i][r.indices[i] >= 0]
+        np.testing.assert_array_equal(np.sort(got), np.sort(want))
+        if metric == "squared_l2":
+            np.testing.assert_allclose(r.distances[i][:len(got)], -np.sort(sc)[::-1][:len(got)],
+                                       rtol=1e-3, atol=1e-3)

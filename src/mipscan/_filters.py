@@ -665,13 +665,13 @@ def subset(r: Resolved, sel: np.ndarray) -> Resolved:
 
 
 def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.ndarray, k: int,
-                sparse: np.ndarray | None = None):
+                sparse: np.ndarray | None = None, threads: int = 1):
     """The exact plan of the queries ``sel`` of a batch with per-query filters, from each
     query's bitset (r.bitsets, or filter_bitsets of its list): the queries marked in
     ``sparse`` by exact_bitsets (each scores its own eligible rows, a block of rows at a
     time for the whole batch: EXACT_BITS), the others by BLAS products of every row, each
     query's eligible ones offered to its heap (EXACT_GEMM). Returns as exact_batched, for
-    those queries."""
+    those queries. threads: for exact_bitsets (queries split between them)."""
     space = _space(st)
     dead = st.dead if st.live is not None else None
     nq = len(sel)
@@ -705,7 +705,7 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
             i = np.flatnonzero(sp)
             hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
             _mipscan.exact_bitsets(np.ascontiguousarray(qb[i]), rows_store[:space],
-                                   np.ascontiguousarray(bits[i]), hs, hi, sz, 0, 1)
+                                   np.ascontiguousarray(bits[i]), hs, hi, sz, 0, threads)
             heap_s[i], heap_i[i], sizes[i] = hs, hi, sz
         if not sp.all():
             i = np.flatnonzero(~sp)

@@ -354,13 +354,14 @@ class Searcher:
             sel = np.arange(nq) if batched.all() else np.flatnonzero(batched)
             sparse = codes[sel] == _filters.EXACT_BITS
             if batched.all():
-                ids, scores, counts = _filters.exact_lists(st, r, sel, q, store, final_k, sparse)
+                ids, scores, counts = _filters.exact_lists(st, r, sel, q, store, final_k, sparse,
+                                                           threads)
             else:
                 ids = np.empty((nq, final_k), np.uint32)
                 scores = np.empty((nq, final_k), np.float32)
                 counts = np.empty(nq, np.uint32)
                 ids[sel], scores[sel], counts[sel] = _filters.exact_lists(
-                    st, r, sel, q, store, final_k, sparse)
+                    st, r, sel, q, store, final_k, sparse, threads)
         if not batched.all():
             rest = np.flatnonzero(~batched)
             part = _filters.lists(r if len(rest) == nq else _filters.subset(r, rest))
