@@ -45,9 +45,9 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
     for (size_t r0 = 0; r0 < space; r0 += block_rows) {
       const size_t r1 = std::min(space, r0 + block_rows);
       const size_t w0 = r0 / 64, w1 = (r1 + 63) / 64;
-      sel.clear();
+      size_t n = 0;  // rows in sel
       for (size_t i = b; i < e; ++i) {
-        from[i - b] = sel.size();
+        from[i - b] = n;
         const uint64_t* qb = bits + i * words;
         // The bitsets of a batch outgrow L2 (300 queries x 90,000 rows: 3.4 MB) and each
         // query's words of this block are a short run of its own: request the run of the
@@ -56,17 +56,21 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
           const char* nb = reinterpret_cast<const char*>(qb + 2 * words + w0);
           for (size_t off = 0; off < (w1 - w0) * 8; off += 64) prefetch(nb + off);
         }
+        if (sel.size() < n + (w1 - w0) * 64) sel.resize(2 * (n + (w1 - w0) * 64));
+        uint32_t* out = sel.data() + n;  // a raw cursor: push_back kept reloading its end
         for (size_t w = w0; w < w1; ++w) {
           uint64_t m = qb[w];
           if (r1 - w * 64 < 64) m &= (uint64_t{1} << (r1 - w * 64)) - 1;
+          const uint32_t base = static_cast<uint32_t>(w * 64);
           while (m != 0) {
-            sel.push_back(static_cast<uint32_t>(w * 64 + ctz64(m)));
+            *out++ = base + static_cast<uint32_t>(ctz64(m));
             m &= m - 1;
           }
         }
+        n = static_cast<size_t>(out - sel.data());
       }
-      from[e - b] = sel.size();
-      const size_t total = sel.size();
+      from[e - b] = n;
+      const size_t total = n;
       size_t pf = 0;  // rows requested: sel[0, pf)
       for (size_t i = b; i < e; ++i) {
         const size_t j_end = from[i - b + 1];
