@@ -93,9 +93,14 @@ def test_every_exact_plan_is_exact_and_they_agree(data, ah, k):
     gemm = _filters.exact_lists(st, r, sel, q, store, k, np.zeros(len(qs), bool))
     bits = _filters.exact_lists(st, r, sel, q, store, k, np.ones(len(qs), bool))
     mixed = _filters.exact_lists(st, r, sel, q, store, k, np.arange(len(qs)) % 2 == 0)
+    # Filters: their kept rows (exact_rows) and their stacked bitsets (BLAS products)
+    rf = _filters.resolve("t", st, len(qs), [ah.make_filter(allowed=a) for a in lists], None,
+                          False, searcher=ah)
+    f_rows = _filters.exact_lists(st, rf, sel, q, store, k, np.ones(len(qs), bool))
+    f_mixed = _filters.exact_lists(st, rf, sel, q, store, k, np.arange(len(qs)) % 3 == 0)
     for i, a in enumerate(lists):
         one = ah.search(qs[i], k, allowed=a, filter_strategy="exact")  # the engine gathers
-        for ids, scores, counts in (gemm, bits, mixed):
+        for ids, scores, counts in (gemm, bits, mixed, f_rows, f_mixed):
             assert counts[i] == min(k, len(set(a.tolist())))
             got = ids[i][:counts[i]].astype(np.int64)
             np.testing.assert_array_equal(got, one.indices)
@@ -219,6 +224,18 @@ def test_exact_bitsets_kernel(data):
         np.testing.assert_array_equal(hi[i][:sz[i]], want)
     with pytest.raises(ValueError, match="bits must be"):
         _mipscan.exact_bitsets(qs, rows, bits[:, :3].copy(), hs, hi, sz, 0, 1)
+    # the same from row lists (exact_rows), which must ascend
+    lists = [np.flatnonzero(mask[i, :n]).astype(np.uint32) for i in range(len(qs))]
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    flat = np.concatenate(lists)
+    hs2, hi2, sz2 = np.empty_like(hs), np.empty_like(hi), np.zeros(len(qs), np.int64)
+    _mipscan.exact_rows(qs, rows, offsets, flat, hs2, hi2, sz2, 128, 1)
+    _mipscan.topk_finish_rows(hs2, hi2, sz2, 1)
+    np.testing.assert_array_equal(hi2, hi)
+    np.testing.assert_array_equal(hs2, hs)
+    flat[[0, 1]] = flat[[1, 0]]
+    with pytest.raises(ValueError, match="ascend"):
+        _mipscan.exact_rows(qs, rows, offsets, flat, hs2, hi2, np.zeros(len(qs), np.int64), 0, 1)
 
 
 @pytest.mark.parametrize("metric", ["squared_l2", "cosine"])

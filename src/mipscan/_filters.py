@@ -698,7 +698,16 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
     per = nq if stacked else max(1, min(LIST_BLOCK, LIST_BITS_BYTES // (8 * words)))
     for b in range(0, nq, per):
         qs = sel[b:b + per]
-        if stacked:
+        sp = sparse[b:b + per]
+        rows_of = None  # Filters alone: each one's kept rows, and bitsets only where needed
+        if r.filters is not None and r.bitsets is None:
+            rows_of = [_filter_rows(r.filters[j], r.filter_bits[j]) for j in qs]
+            elig = r.eligible[qs]
+            bits = (np.stack([r.filter_bits[j] for j in qs[~sp]]) if not sp.all()
+                    else np.zeros((0, words), np.uint64))
+            if dead is not None:
+                bits &= ~dead[:words]
+        elif stacked:
             bits, elig = bitsets_of(r)[qs], r.eligible[qs]
             if dead is not None:
                 bits &= ~dead[:words]
@@ -713,17 +722,25 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
         heap_s = np.empty((len(qs), kk), np.float32)
         heap_i = np.empty((len(qs), kk), np.uint32)
         sizes = np.zeros(len(qs), np.int64)
-        sp = sparse[b:b + per]
         if sp.any():
             i = np.flatnonzero(sp)
             hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
-            _mipscan.exact_bitsets(np.ascontiguousarray(qb[i]), rows_store[:space],
-                                   np.ascontiguousarray(bits[i]), hs, hi, sz, 0, threads)
+            qi = np.ascontiguousarray(qb[i])
+            if rows_of is not None:  # sparse Filters: their row lists (a bitset is n / 8 bytes)
+                lens = np.array([len(rows_of[j]) for j in i], np.int64)
+                offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+                flat = (np.concatenate([rows_of[j] for j in i]) if offsets[-1]
+                        else np.zeros(0, np.uint32))
+                _mipscan.exact_rows(qi, rows_store[:space], offsets, flat, hs, hi, sz, 0, threads)
+            else:
+                _mipscan.exact_bitsets(qi, rows_store[:space], np.ascontiguousarray(bits[i]),
+                                       hs, hi, sz, 0, threads)
             heap_s[i], heap_i[i], sizes[i] = hs, hi, sz
         if not sp.all():
             i = np.flatnonzero(~sp)
             hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
-            qd, bd = np.ascontiguousarray(qb[i]), np.ascontiguousarray(bits[i])
+            qd = np.ascontiguousarray(qb[i])
+            bd = np.ascontiguousarray(bits if rows_of is not None else bits[i])
             for b0 in range(0, space, ROW_BLOCK):
                 sc = qd @ rows_store[b0:min(b0 + ROW_BLOCK, space)].T
                 _mipscan.topk_update_rows_masked(sc, bd, b0, hs, hi, sz, 1)

@@ -23,25 +23,89 @@ inline void prefetch_rows(const float* row, size_t bytes) {
 
 }  // namespace
 
+namespace {
+
+// A query's eligible rows in one block, ascending.
+struct Seg {
+  const uint32_t* p;
+  size_t n;
+};
+
+// Scores the segments of queries [b, e) (segs[i - b]) into their heaps. Rows are requested
+// kAhead ahead across query boundaries, so a query with a few rows in the block does not
+// wait for each of them.
+void score_segments(const Kernels& kn, bool avx2, const float* queries, size_t d,
+                    const float* rows, size_t b, size_t e, const Seg* segs, size_t k,
+                    float* heap_s, uint32_t* heap_id, int64_t* sizes, float* sc) {
+  const size_t row_bytes = d * sizeof(float);
+  size_t pf_q = 0, pf_j = 0, pf_g = 0;  // the next row to request: segs[pf_q].p[pf_j], pf_g-th
+  size_t g = 0;                         // rows of the earlier segments
+  auto request_to = [&](size_t want) {
+    while (pf_g < want && pf_q < e - b) {
+      if (pf_j < segs[pf_q].n) {
+        prefetch_rows(rows + size_t{segs[pf_q].p[pf_j]} * d, row_bytes);
+        ++pf_j;
+        ++pf_g;
+      } else {
+        ++pf_q;
+        pf_j = 0;
+      }
+    }
+  };
+  for (size_t i = b; i < e; ++i) {
+    const Seg sg = segs[i - b];
+    if (sg.n == 0) continue;
+    HeapView h{heap_s + i * k, heap_id + i * k, k, static_cast<size_t>(sizes[i])};
+    const float* q = queries + i * d;
+    float thr = h.threshold();
+    for (size_t j0 = 0; j0 < sg.n; j0 += kAhead) {
+      const size_t j1 = std::min(sg.n, j0 + kAhead);
+      request_to(g + j1 + kAhead);
+#if MIPSCAN_HAVE_AVX2
+      if (avx2) {
+        dots_rows_avx2(q, rows, sg.p + j0, j1 - j0, d, sc);
+      } else
+#endif
+      {
+        for (size_t j = j0; j < j1; ++j) sc[j - j0] = kn.dot(q, rows + size_t{sg.p[j]} * d, d);
+      }
+      for (size_t j = j0; j < j1; ++j) {
+        const float v = sc[j - j0];
+        // Rows ascend, so an equal score loses to the kept (smaller) ids.
+        if (h.size < k || v > thr) {
+          h.push(v, sg.p[j]);
+          thr = h.threshold();
+        }
+      }
+    }
+    g += sg.n;
+    sizes[i] = static_cast<int64_t>(h.size);
+  }
+}
+
+size_t default_block(size_t block_rows, size_t d) {
+  if (block_rows == 0) {  // about 512 KB of rows: a quarter of a 2 MB L2
+    block_rows = std::max<size_t>(64, (size_t{512} << 10) / std::max<size_t>(1, d * sizeof(float)));
+  }
+  return (block_rows + 63) / 64 * 64;
+}
+
+}  // namespace
+
 void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
                    const float* rows, size_t space, const uint64_t* bits, size_t words,
                    size_t k, float* heap_s, uint32_t* heap_id, int64_t* sizes,
                    size_t block_rows, int num_threads) {
   if (nq == 0 || space == 0) return;
-  if (block_rows == 0) {  // about 512 KB of rows: a quarter of a 2 MB L2
-    block_rows = std::max<size_t>(64, (size_t{512} << 10) / std::max<size_t>(1, d * sizeof(float)));
-  }
-  block_rows = (block_rows + 63) / 64 * 64;
-  const size_t row_bytes = d * sizeof(float);
+  block_rows = default_block(block_rows, d);
   const bool avx2 = kn.level != SimdLevel::kScalar;
   parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
     fault::alloc();
-    // The rows of the queries [b, e) in one block, query after query (sel), and where each
-    // query's start (from): rows are requested kAhead ahead across query boundaries, so a
-    // query with a few rows in the block does not wait for each of them.
+    // The rows of the queries [b, e) in one block, query after query (sel).
     std::vector<uint32_t> sel;
     std::vector<size_t> from(e - b + 1);
-    std::vector<float> sc(kAhead);
+    std::vector<Seg> segs(e - b);
+    float sc[kAhead];
     for (size_t r0 = 0; r0 < space; r0 += block_rows) {
       const size_t r1 = std::min(space, r0 + block_rows);
       const size_t w0 = r0 / 64, w1 = (r1 + 63) / 64;
@@ -70,38 +134,35 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
         n = static_cast<size_t>(out - sel.data());
       }
       from[e - b] = n;
-      const size_t total = n;
-      size_t pf = 0;  // rows requested: sel[0, pf)
+      for (size_t i = b; i < e; ++i) segs[i - b] = Seg{sel.data() + from[i - b], from[i - b + 1] - from[i - b]};
+      score_segments(kn, avx2, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
+    }
+  });
+}
+
+void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, const float* rows,
+                size_t space, const int64_t* offsets, const uint32_t* list, size_t k,
+                float* heap_s, uint32_t* heap_id, int64_t* sizes, size_t block_rows,
+                int num_threads) {
+  if (nq == 0 || space == 0) return;
+  block_rows = default_block(block_rows, d);
+  const bool avx2 = kn.level != SimdLevel::kScalar;
+  parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
+    fault::alloc();
+    std::vector<size_t> at(e - b);  // each query's next row in list
+    for (size_t i = b; i < e; ++i) at[i - b] = static_cast<size_t>(offsets[i]);
+    std::vector<Seg> segs(e - b);
+    float sc[kAhead];
+    for (size_t r0 = 0; r0 < space; r0 += block_rows) {
+      const size_t r1 = std::min(space, r0 + block_rows);
       for (size_t i = b; i < e; ++i) {
-        const size_t j_end = from[i - b + 1];
-        size_t j0 = from[i - b];
-        if (j0 == j_end) continue;
-        HeapView h{heap_s + i * k, heap_id + i * k, k, static_cast<size_t>(sizes[i])};
-        const float* q = queries + i * d;
-        float thr = h.threshold();
-        for (; j0 < j_end; j0 += kAhead) {
-          const size_t j1 = std::min(j_end, j0 + kAhead);
-          for (const size_t want = std::min(total, j1 + kAhead); pf < want; ++pf)
-            prefetch_rows(rows + size_t{sel[pf]} * d, row_bytes);
-#if MIPSCAN_HAVE_AVX2
-          if (avx2) {
-            dots_rows_avx2(q, rows, sel.data() + j0, j1 - j0, d, sc.data());
-          } else
-#endif
-          {
-            for (size_t j = j0; j < j1; ++j) sc[j - j0] = kn.dot(q, rows + size_t{sel[j]} * d, d);
-          }
-          for (size_t j = j0; j < j1; ++j) {
-            const float v = sc[j - j0];
-            // Rows ascend, so an equal score loses to the kept (smaller) ids.
-            if (h.size < k || v > thr) {
-              h.push(v, sel[j]);
-              thr = h.threshold();
-            }
-          }
-        }
-        sizes[i] = static_cast<int64_t>(h.size);
+        const size_t s0 = at[i - b], end = static_cast<size_t>(offsets[i + 1]);
+        size_t s1 = s0;
+        while (s1 < end && list[s1] < r1) ++s1;
+        segs[i - b] = Seg{list + s0, s1 - s0};
+        at[i - b] = s1;
       }
+      score_segments(kn, avx2, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
     }
   });
 }

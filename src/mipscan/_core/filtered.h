@@ -23,6 +23,14 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
                    size_t k, float* heap_s, uint32_t* heap_id, int64_t* sizes,
                    size_t block_rows, int num_threads);
 
+// As exact_bitsets, each query's eligible rows given as a list instead of a bitset:
+// list[offsets[i], offsets[i + 1]), ascending, each < space (no repeats). Cheaper than
+// bitsets for sparse filters of a large index (a bitset is space / 8 bytes a query).
+void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, const float* rows,
+                size_t space, const int64_t* offsets, const uint32_t* list, size_t k,
+                float* heap_s, uint32_t* heap_id, int64_t* sizes, size_t block_rows,
+                int num_threads);
+
 // out[j] = dot(q, rows + sel[j] * d, d) for j < n, each as kn.dot computes it (bit for
 // bit), four rows at a time sharing the loads of q.
 #if MIPSCAN_HAVE_AVX2
