@@ -45,12 +45,14 @@ def ah(data):
 
 
 def _lists(n, nq, seed):
-    """Per-query allowed rows of many densities, unsorted, one empty, one shorter than k."""
+    """Per-query allowed rows of many densities, unsorted, one empty, one shorter than k,
+    one with repeats."""
     rng = np.random.default_rng(seed)
     fracs = rng.choice([0.0005, 0.002, 0.01, 0.05, 0.2, 0.5, 0.9], nq)
     out = [rng.choice(n, max(1, int(f * n)), replace=False) for f in fracs]
     out[1] = np.zeros(0, np.int64)
     out[2] = out[2][:3]
+    out[3] = np.concatenate([out[3], out[3][:5], out[3][:2]])  # repeated ids count once
     return out
 
 

@@ -700,17 +700,31 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
         qs = sel[b:b + per]
         sp = sparse[b:b + per]
         rows_of = None  # Filters alone: each one's kept rows, and bitsets only where needed
+        dense_bits = False  # bits holds the rows of the dense queries only
         if r.filters is not None and r.bitsets is None:
             rows_of = [_filter_rows(r.filters[j], r.filter_bits[j]) for j in qs]
             elig = r.eligible[qs]
             bits = (np.stack([r.filter_bits[j] for j in qs[~sp]]) if not sp.all()
                     else np.zeros((0, words), np.uint64))
+            dense_bits = True
             if dead is not None:
                 bits &= ~dead[:words]
         elif stacked:
             bits, elig = bitsets_of(r)[qs], r.eligible[qs]
             if dead is not None:
                 bits &= ~dead[:words]
+        elif not r.list_excludes and r.allow is None and dead is None:
+            # allowed lists alone: the sparse queries' lists sorted (exact_rows), bitsets
+            # for the others only
+            elig = r.eligible[qs]  # list lengths, an upper bound; the heaps count exactly
+            if sp.any():
+                part = subset(r, qs[sp])
+                off, flat, m = _mipscan.sorted_lists(part.list_offsets, part.list_rows)
+                rows_of = (off, flat[:m])
+            part = subset(r, qs[~sp])
+            bits, _ = _mipscan.filter_bitsets(space, None, None, part.list_offsets,
+                                              part.list_rows, False, 1)
+            dense_bits = True
         else:
             part = subset(r, qs)
             bits, elig = _mipscan.filter_bitsets(space, r.allow, dead, part.list_offsets,
@@ -726,7 +740,10 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
             i = np.flatnonzero(sp)
             hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
             qi = np.ascontiguousarray(qb[i])
-            if rows_of is not None:  # sparse Filters: their row lists (a bitset is n / 8 bytes)
+            if isinstance(rows_of, tuple):  # sorted allowed lists
+                _mipscan.exact_rows(qi, rows_store[:space], rows_of[0], rows_of[1], hs, hi, sz,
+                                    0, threads)
+            elif rows_of is not None:  # sparse Filters: their row lists (a bitset is n / 8 bytes)
                 lens = np.array([len(rows_of[j]) for j in i], np.int64)
                 offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
                 flat = (np.concatenate([rows_of[j] for j in i]) if offsets[-1]
@@ -740,7 +757,7 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
             i = np.flatnonzero(~sp)
             hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
             qd = np.ascontiguousarray(qb[i])
-            bd = np.ascontiguousarray(bits if rows_of is not None else bits[i])
+            bd = np.ascontiguousarray(bits if dense_bits else bits[i])
             for b0 in range(0, space, ROW_BLOCK):
                 sc = qd @ rows_store[b0:min(b0 + ROW_BLOCK, space)].T
                 _mipscan.topk_update_rows_masked(sc, bd, b0, hs, hi, sz, 1)

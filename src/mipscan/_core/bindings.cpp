@@ -13,6 +13,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
@@ -411,6 +412,22 @@ NB_MODULE(_mipscan, m) {
   }, "queries"_a.noconvert(), "rows"_a.noconvert(), "offsets"_a.noconvert(), "list"_a.noconvert(),
      "heap_s"_a.noconvert(), "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "block_rows"_a,
      "num_threads"_a);
+
+  m.def("sorted_lists", [](In<int64_t, 1> offsets, In<uint32_t, 1> rows) {
+    require(offsets.shape(0) >= 1, "sorted_lists: offsets needs nq + 1 entries");
+    const size_t nq = offsets.shape(0) - 1;
+    const int64_t* off = offsets.data();
+    require(off[0] == 0 && off[nq] == int64_t(rows.shape(0)), "sorted_lists: offsets must run from 0 to len(rows)");
+    for (size_t i = 0; i < nq; ++i) require(off[i] <= off[i + 1], "sorted_lists: offsets must not decrease");
+    auto out_off = new_array<int64_t>(nq + 1);
+    auto out_rows = new_array<uint32_t>(rows.shape(0));
+    size_t n;
+    {
+      nb::gil_scoped_release release;
+      n = mipscan::sorted_lists(nq, off, rows.data(), out_off.data(), out_rows.data());
+    }
+    return std::make_tuple(out_off, out_rows, n);
+  }, "offsets"_a.noconvert(), "rows"_a.noconvert());
 
   m.def("topk_columns", [](In<float, 2> scores_t, size_t k, const std::string& level) {
     const size_t m_ = scores_t.shape(0), nq = scores_t.shape(1);

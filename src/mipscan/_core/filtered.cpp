@@ -167,4 +167,19 @@ void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, co
   });
 }
 
+size_t sorted_lists(size_t nq, const int64_t* offsets, const uint32_t* rows, int64_t* out_offsets,
+                    uint32_t* out_rows) {
+  size_t n = 0;
+  out_offsets[0] = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    uint32_t* o = out_rows + n;
+    const size_t len = static_cast<size_t>(offsets[i + 1] - offsets[i]);
+    std::copy(rows + offsets[i], rows + offsets[i + 1], o);
+    std::sort(o, o + len);
+    n += static_cast<size_t>(std::unique(o, o + len) - o);
+    out_offsets[i + 1] = static_cast<int64_t>(n);
+  }
+  return n;
+}
+
 }  // namespace mipscan

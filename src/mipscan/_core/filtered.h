@@ -31,6 +31,11 @@ void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, co
                 float* heap_s, uint32_t* heap_id, int64_t* sizes, size_t block_rows,
                 int num_threads);
 
+// Each list of a CSR (offsets, rows) sorted and without repeats, into out_offsets (nq + 1)
+// and out_rows (room for offsets[nq]); returns the rows written (exact_rows' input).
+size_t sorted_lists(size_t nq, const int64_t* offsets, const uint32_t* rows, int64_t* out_offsets,
+                    uint32_t* out_rows);
+
 // out[j] = dot(q, rows + sel[j] * d, d) for j < n, each as kn.dot computes it (bit for
 // bit), four rows at a time sharing the loads of q.
 #if MIPSCAN_HAVE_AVX2
