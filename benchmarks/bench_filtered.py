@@ -7,7 +7,10 @@ Allowed sets, at fractions 50 %, 10 %, 1 %, 0.1 % of the rows:
 * ``random``: one random subset shared by all queries;
 * ``far``: per query, the rows nearest (by inner product) to a leaf centroid far from
   the query (the centroid ranked at 75 % of the query's centroid order): correlated with
-  the query, the hard case for index search.
+  the query, the hard case for index search. Every system gets them prebuilt: faiss one
+  bitmap and selector per query, hnswlib one membership array per query, mipscan one
+  ``Filter`` per query (``mipscan (id lists)``: the lists of row ids instead, converted in
+  every call).
 
 Every system gets the same queries and filters; each is swept over its knob (mipscan:
 leaves_to_search with filter_strategy auto, plus the forced exact plan; faiss: nprobe;
@@ -132,15 +135,21 @@ def run(args):
                     points.setdefault(system, []).append(
                         {"knob": knob, "recall": r, "qps": len(Q) / secs})
 
-                # mipscan: a shared set as a Filter built once (as faiss's bitmap and
-                # hnswlib's membership array are built outside the timing), per-query
-                # sets as lists of row ids (converted in every call); numpy gets the shared
+                # mipscan: a shared set as a Filter built once, per-query sets as one Filter
+                # per query built once (as faiss's bitmaps and hnswlib's membership arrays
+                # are built outside the timing); "mipscan (id lists)": the per-query sets
+                # as lists of row ids, converted in every call. numpy gets the shared
                 # set's rows gathered once (a Filter caches them too)
-                allowed = s.make_filter(allowed=shared) if shared is not None else per
+                allowed = (s.make_filter(allowed=shared) if shared is not None
+                           else [s.make_filter(allowed=p) for p in per])
                 for ls in leaves_grid:
                     res, secs = _timed(lambda: s.search_batched(
                         Q, k, leaves_to_search=ls, allowed=allowed))
                     add("mipscan", f"leaves {ls} (auto)", res.indices, secs)
+                    if shared is None:
+                        res, secs = _timed(lambda: s.search_batched(
+                            Q, k, leaves_to_search=ls, allowed=per))
+                        add("mipscan (id lists)", f"leaves {ls} (auto)", res.indices, secs)
                 for strat in ("exact", "index"):
                     grid = leaves_grid if strat == "index" and not args.quick else leaves_grid[:1]
                     for ls in grid:
@@ -242,8 +251,10 @@ def _fmt(p, ok):
             else f"max {p['recall']:.3f} @ {p['qps']:,.0f} ({p['knob']})")
 
 
-SYSTEMS = ("mipscan", "mipscan (exact)", "mipscan (index)", "faiss IVF,Flat+bitmap",
-           "hnswlib M16+filter", "numpy exact")
+SYSTEMS = ("mipscan", "mipscan (exact)", "mipscan (index)", "mipscan (id lists)",
+           "faiss IVF,Flat+bitmap", "hnswlib M16+filter", "numpy exact")
+#: The peers (the ratio column compares mipscan's best with theirs).
+PEERS = SYSTEMS[4:]
 
 
 def _table_row(kind, frac, points):
@@ -252,7 +263,7 @@ def _table_row(kind, frac, points):
         pts = points.get(sname)
         cells.append(_fmt(*_best(pts)) if pts else "-")
     best_m, ok_m = _best(points["mipscan"])
-    peers = [(_best(points[s])) for s in SYSTEMS[3:] if s in points]
+    peers = [(_best(points[s])) for s in PEERS if s in points]
     peer_qps = max([p["qps"] for p, ok in peers if ok], default=0)
     ratio = f"{best_m['qps'] / peer_qps:.2f}x" if ok_m and peer_qps else "-"
     return f"| {kind} | {frac * 100:g} % | " + " | ".join(cells) + f" | {ratio} |"
@@ -295,7 +306,7 @@ def calibrate(args):
             code = _filters.plan(s, st, r, L // 10, 100, 10, "auto", True, True)[0]
             print(f"fraction {frac}: measured ns/query " +
                   ", ".join(f"{k} {v:,.0f}" for k, v in out.items()) +
-                  f"; auto picks {('index', 'exact', 'exact (BLAS)')[code]}")
+                  f"; auto picks {('index', 'exact', 'exact (BLAS)', 'exact (bitsets)')[code]}")
 
 
 def main(argv=None):

@@ -27,9 +27,21 @@ from per-unit costs measured on the development machine (2-core AVX-512 x86, one
   query's eligible ones (a bitset made from its list in C++) are offered to its heap.
   Dense lists (e.g. half the rows, per query) cost this way a fraction of the gathers.
 
+* exact by bitsets (per-query filters, a batch of at least GEMM_MIN_QUERIES, float32
+  rows): ``eligible * (C_BITS * d + C_BITS_ROW) + words * C_BITS_WORD``: each query's
+  eligible rows, read off its bitset, scored by exact_bitsets (filtered.cpp) a block of
+  rows at a time for the whole batch, so rows shared by several queries' filters come
+  from L2 after the first (EXACT_BITS). Sparse per-query filters cost this way about
+  half the gather; dense ones go to the BLAS products.
+
+Per-query filters come as id lists (resolved in every call, made into bitsets by
+filter_bitsets for the batched plans) or as one prebuilt :class:`Filter` per query, whose
+bitsets (kept per snapshot) are stacked as they are (Resolved.bitsets); the engine's
+plans get each Filter's rows (kept too) as lists only when some query needs them.
+
 The cheaper one wins; ``filter_strategy="index"`` or ``"exact"`` forces either (exact
 needs float rows: an index with reorder, or a live index; otherwise the index plan is
-used).
+used; "exact" picks the cheapest exact plan).
 """
 
 from __future__ import annotations
@@ -50,6 +62,9 @@ C_ROW_CHECK = 0.5       # per row walked by the exact plan of an excluded list
 C_GEMM = 0.03           # per float, batched exact plan (BLAS product over gathered rows)
 C_TOPK = 0.6            # per row and query, batched exact plan (C++ top-k of the scores)
 C_MASKED = 0.02         # per row and query, batched exact plan of lists (eligibility bit)
+C_BITS = 0.2            # per float, exact_bitsets (each query's eligible rows, blocked)
+C_BITS_ROW = 4.0        # per eligible row, exact_bitsets (its bit, the heap, memory)
+C_BITS_WORD = 2.0       # per bitset word and query, exact_bitsets (and the batch's setup)
 #: A batch of at least this many queries runs the exact plan with BLAS products: over the
 #: gathered eligible rows for one shared filter, over all rows (each query's eligible rows
 #: picked by a bitset) for per-query lists.
@@ -85,9 +100,11 @@ class Filter:
     ``Filter(searcher, allowed=ids)`` allows only those ids; ``Filter(searcher,
     excluded=ids)`` allows all but those; both: allowed minus excluded. Ids are docids for
     a searcher built with docids, row numbers otherwise. Pass it as ``allowed=`` to any
-    search method. After an update of the searcher (upsert, delete, rebalance) it is
-    rebuilt from its ids on its next use (new docids are then allowed by an excluded-only
-    filter, not by an allowed one); ids deleted meanwhile are ignored.
+    search method, or one Filter per query in a list as ``allowed=`` to search_batched /
+    search_batched_parallel (per-query filters built once). After an update of the
+    searcher (upsert, delete, rebalance) it is rebuilt from its ids on its next use (new
+    docids are then allowed by an excluded-only filter, not by an allowed one); ids
+    deleted meanwhile are ignored.
 
     Raises:
         ValueError: an id that is not in the index (the first is named).
@@ -180,6 +197,9 @@ def _popcount(bits: np.ndarray) -> int:
 
 def _as_id_array(call, name, ids, st) -> np.ndarray:
     """ids as a 1-D array: int64 (rows or int docids) or object (str docids)."""
+    if isinstance(ids, Filter):
+        raise TypeError(f"{call}: {name} is a Filter, which goes alone in allowed= (one for "
+                        "the batch) or in a list of one Filter per query, not among ids")
     if isinstance(ids, (set, frozenset)):
         ids = list(ids)
     a = np.asarray(ids)
@@ -278,7 +298,7 @@ def _is_per_query(value) -> bool:
 class Resolved:
     """A batch's filter, as the engine takes it."""
     __slots__ = ("allow", "list_offsets", "list_rows", "list_excludes", "eligible", "lists",
-                 "filter", "mask", "count")
+                 "filter", "mask", "count", "bitsets", "filters", "filter_bits")
 
     def __init__(self):
         self.mask = None    # bool per row of the shared bitset, when made from one array
@@ -290,17 +310,41 @@ class Resolved:
         self.list_excludes = False
         self.eligible = None
         self.lists = False
+        # Per-query filters as bitsets, (nq, words) uint64: the eligible rows of each query
+        # (live, shared bitset and excluded lists applied). Set for a list of Filters (then
+        # list_offsets / list_rows are made from it only when the engine needs them: lists()).
+        self.bitsets = None
+        self.filters = None  # those Filters, when their bitsets are the eligible rows as is
+        self.filter_bits = None  # and those bitsets, as resolved (a Filter's cache may move on)
 
 
-def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
-    """The engine's form of allowed/excluded for nq queries (see Searcher.search)."""
+def _is_filter_list(value) -> bool:
+    """A sequence (list, tuple or 1-D object array) whose first item is a Filter."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype == object and value.size > 0 \
+            and isinstance(value[0], Filter)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], Filter)
+
+
+def resolve(call, st, nq: int, allowed, excluded, single: bool, searcher=None) -> Resolved:
+    """The engine's form of allowed/excluded for nq queries (see Searcher.search).
+    searcher: the searcher searched (a list of Filters must be of it)."""
     out = Resolved()
     shared = None  # bitset (live rows only)
     lists = {}     # "allowed"/"excluded" -> list of row arrays, one per query
+    filters = None  # allowed as one Filter per query
     for name, value in (("allowed", allowed), ("excluded", excluded)):
         if value is None:
             continue
-        if isinstance(value, Filter):
+        if _is_filter_list(value):
+            if name == "excluded":
+                raise TypeError(f"{call}: Filters go in allowed= (build one with "
+                                "Filter(searcher, excluded=ids) to exclude)")
+            if single:
+                raise TypeError(f"{call}: allowed takes one Filter for one query; got a "
+                                f"{type(value).__name__} of {len(value)} Filters")
+            filters = _check_filter_list(call, value, nq, searcher)
+        elif isinstance(value, Filter):
             if name == "excluded":
                 raise TypeError(f"{call}: a Filter goes in allowed= (build it with "
                                 "Filter(searcher, excluded=ids) to exclude)")
@@ -329,6 +373,8 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
             bits = np.packbits(mask, bitorder="little").view(np.uint64)
             out.mask = mask if shared is None else None
             shared = bits if shared is None else shared & bits
+    if filters is not None:
+        return _resolve_filters(call, st, out, filters, shared, lists.get("excluded"))
     if "allowed" in lists and "excluded" in lists:
         (ao, ar), (eo, er) = lists["allowed"], lists["excluded"]
         per = [np.setdiff1d(ar[ao[i]:ao[i + 1]], er[eo[i]:eo[i + 1]]) for i in range(nq)]
@@ -356,6 +402,95 @@ def resolve(call, st, nq: int, allowed, excluded, single: bool) -> Resolved:
     counts = np.diff(offsets)
     out.eligible = np.maximum(base - counts, 0) if out.list_excludes else np.minimum(counts, base)
     return out
+
+
+def _check_filter_list(call, value, nq, searcher) -> list:
+    """The Filters of a per-query allowed list, checked: one per query, each a Filter of
+    this searcher."""
+    if len(value) != nq:
+        raise ValueError(f"{call}: allowed must hold one Filter per query ({nq}); got {len(value)}")
+    for i, f in enumerate(value):
+        if not isinstance(f, Filter):
+            raise TypeError(f"{call}: allowed[{i}] is a {type(f).__name__}, but allowed[0] is a "
+                            "Filter: give one Filter per query, or id lists for all")
+        if searcher is not None and f._searcher is not searcher:
+            raise ValueError(f"{call}: allowed[{i}] is a Filter of another searcher (build it "
+                             "with this searcher's make_filter())")
+    return list(value)
+
+
+def _resolve_filters(call, st, out: Resolved, filters: list, shared, excluded_lists) -> Resolved:
+    """A batch with one Filter per query. Alone, their bitsets (each Filter keeps its own
+    per snapshot) are stacked only when a batched exact plan reads them (bitsets_of()), and
+    the engine gets their kept rows (lists()): at 0.1 % a stack of 300 bitsets of
+    GloVe's 90,000 rows cost a third of the search. With a shared bitset (excluded ids)
+    or per-query excluded lists, the stack is made here with those applied."""
+    nq = len(filters)
+    words = _words(st)
+    counts = np.empty(nq, np.int64)
+    got = []
+    for i, f in enumerate(filters):
+        bits, counts[i] = f._bits_for(f"{call}: allowed[{i}]", st)
+        if len(bits) != words:
+            raise ValueError(f"{call}: allowed[{i}] is a Filter of another searcher")
+        got.append(bits)
+    out.lists = True
+    out.list_excludes = False
+    out.filters = filters
+    out.filter_bits = got
+    out.eligible = counts
+    if shared is None and excluded_lists is None:
+        return out
+    bitsets = bitsets_of(out)
+    if shared is not None:
+        bitsets &= shared
+    if excluded_lists is not None:
+        eo, er = excluded_lists
+        ex, _ = _mipscan.filter_bitsets(_space(st), None, None, eo,
+                                        er.astype(np.uint32, copy=False), False, 1)
+        bitsets &= ~ex
+    out.bitsets = bitsets
+    out.filters = out.filter_bits = None  # their rows are no longer the eligible ones
+    out.eligible = _popcounts(bitsets)
+    return out
+
+
+def bitsets_of(r: Resolved) -> np.ndarray | None:
+    """The per-query bitsets of a batch of Filters, (nq, words): stacked on first use."""
+    if r.bitsets is None and r.filters is not None:
+        r.bitsets = np.stack(r.filter_bits) if r.filters else None
+    return r.bitsets
+
+
+def _popcounts(bitsets: np.ndarray) -> np.ndarray:
+    """Set bits of each row of a (nq, words) bitset matrix."""
+    return _POP8[bitsets.view(np.uint8)].sum(axis=1, dtype=np.int64)
+
+
+def lists(r: Resolved) -> Resolved:
+    """r with list_offsets / list_rows (the engine's form) made from its bitsets when it
+    has only those (a list of Filters), in place; returns r."""
+    if r.list_rows is None and r.filters is not None:
+        rows = [_filter_rows(f, b) for f, b in zip(r.filters, r.filter_bits)]
+        r.list_offsets = np.concatenate([[0], np.cumsum([len(x) for x in rows])]).astype(np.int64)
+        r.list_rows = np.concatenate(rows) if rows else np.zeros(0, np.uint32)
+    elif r.bitsets is not None and r.list_rows is None:
+        qi, rows = np.nonzero(np.unpackbits(r.bitsets.view(np.uint8), axis=1, bitorder="little"))
+        r.list_offsets = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=len(r.bitsets)))]
+                                        ).astype(np.int64)
+        r.list_rows = rows.astype(np.uint32)
+    return r
+
+
+def _filter_rows(f: Filter, bits: np.ndarray) -> np.ndarray:
+    """The rows of a Filter's bitset ``bits`` (one of its snapshots), ascending (uint32),
+    cached on it."""
+    cached = f._rows
+    if cached is not None and cached[0] is bits:
+        return cached[1]
+    rows = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")).astype(np.uint32)
+    f._rows = (bits, rows)
+    return rows
 
 
 def _per_query_rows(call, name, st, value):
@@ -391,8 +526,8 @@ def _per_query_rows(call, name, st, value):
 #: array (300 lists of 90 ids: 36 us against 460 us for a check per list).
 FLAT_CHECK_MAX = 1 << 22
 
-#: Plan codes per query.
-INDEX, EXACT, EXACT_GEMM = 0, 1, 2
+#: Plan codes per query (EXACT_BITS: per-query filters only, see exact_lists).
+INDEX, EXACT, EXACT_GEMM, EXACT_BITS = 0, 1, 2, 3
 
 
 def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strategy: str,
@@ -423,12 +558,18 @@ def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strat
     if r.lists:
         # every row scored by BLAS, each query's eligible ones picked by its bitset
         gemm_cost = _space(st) * (C_GEMM * d + C_MASKED) + r.eligible * C_TOPK
+        # or each query's eligible rows scored from its bitset, rows in L2-sized blocks
+        bits_cost = r.eligible * (C_BITS * d + C_BITS_ROW) + _words(st) * C_BITS_WORD
     else:
         gemm_cost = r.eligible * (C_GEMM * d + C_TOPK)
+        bits_cost = np.full(nq, np.inf)
     walked = (st.n_live if r.allow is None else
               r.count if r.count is not None else _popcount(r.allow)) if r.list_excludes else 0
     gather_cost = r.eligible * C_DOT * d + C_ROW_CHECK * walked
-    exact_code = np.where(gemm & (gemm_cost < gather_cost), EXACT_GEMM, EXACT).astype(np.uint8)
+    exact_code = np.where(gemm & (bits_cost < np.minimum(gemm_cost, gather_cost)), EXACT_BITS,
+                          np.where(gemm & (gemm_cost < gather_cost), EXACT_GEMM, EXACT)
+                          ).astype(np.uint8)
+    gemm_cost = np.where(exact_code == EXACT_BITS, bits_cost, gemm_cost)
     if strategy == "exact":
         return exact_code
     L = searcher.num_leaves
@@ -448,7 +589,7 @@ def plan(searcher, st, r: Resolved, leaves: int, pre_k: int, final_k: int, strat
     else:
         per_entry = C_DOT * d + C_ELIGIBLE
     index_cost = C_CENTROID * L * d + scanned * per_entry + reordered * C_DOT * d
-    exact_cost = np.where(exact_code == EXACT_GEMM, gemm_cost, gather_cost)
+    exact_cost = np.where(exact_code >= EXACT_GEMM, gemm_cost, gather_cost)
     return np.where(exact_cost < index_cost, exact_code, INDEX).astype(np.uint8)
 
 
@@ -516,7 +657,12 @@ def subset(r: Resolved, sel: np.ndarray) -> Resolved:
     out.allow, out.mask, out.count, out.filter = r.allow, r.mask, r.count, r.filter
     out.lists, out.list_excludes = r.lists, r.list_excludes
     out.eligible = r.eligible[sel]
-    if r.lists:
+    if r.filters is not None:
+        out.filters = [r.filters[i] for i in sel]
+        out.filter_bits = [r.filter_bits[i] for i in sel]
+    elif r.bitsets is not None:
+        out.bitsets = r.bitsets[sel]
+    if r.lists and r.list_rows is not None:
         off = r.list_offsets
         if len(sel) and sel[-1] - sel[0] + 1 == len(sel):  # a run of queries: views
             a, b = off[sel[0]], off[sel[-1] + 1]
@@ -530,23 +676,59 @@ def subset(r: Resolved, sel: np.ndarray) -> Resolved:
     return out
 
 
-def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.ndarray, k: int):
-    """The exact plan of the queries ``sel`` of a batch with per-query lists: every row
-    scored by BLAS products (blocks of rows), each query's eligible rows (its bitset:
-    filter_bitsets) offered to its heap. Returns as exact_batched, for those queries."""
+def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.ndarray, k: int,
+                sparse: np.ndarray | None = None, threads: int = 1):
+    """The exact plan of the queries ``sel`` of a batch with per-query filters, from each
+    query's bitset (r.bitsets, or filter_bitsets of its list): the queries marked in
+    ``sparse`` by exact_bitsets (each scores its own eligible rows, a block of rows at a
+    time for the whole batch: EXACT_BITS), the others by BLAS products of every row, each
+    query's eligible ones offered to its heap (EXACT_GEMM). Returns as exact_batched, for
+    those queries. threads: for exact_bitsets (queries split between them)."""
     space = _space(st)
     dead = st.dead if st.live is not None else None
     nq = len(sel)
+    if sparse is None:
+        sparse = np.zeros(nq, bool)
     ids = np.full((nq, k), 0xFFFFFFFF, np.uint32)
     scores = np.full((nq, k), -np.inf, np.float32)
     counts = np.zeros(nq, np.uint32)
     words = (space + 63) // 64
-    per = max(1, min(LIST_BLOCK, LIST_BITS_BYTES // (8 * words)))  # queries per block
+    # queries per block (bounds the bitsets made from lists; given bitsets: views)
+    stacked = r.bitsets is not None or r.filters is not None
+    per = nq if stacked else max(1, min(LIST_BLOCK, LIST_BITS_BYTES // (8 * words)))
     for b in range(0, nq, per):
         qs = sel[b:b + per]
-        part = subset(r, qs)
-        bits, elig = _mipscan.filter_bitsets(space, r.allow, dead, part.list_offsets,
-                                             part.list_rows, r.list_excludes, 1)
+        sp = sparse[b:b + per]
+        rows_of = None  # Filters alone: each one's kept rows, and bitsets only where needed
+        dense_bits = False  # bits holds the rows of the dense queries only
+        if r.filters is not None and r.bitsets is None:
+            rows_of = [_filter_rows(r.filters[j], r.filter_bits[j]) for j in qs]
+            elig = r.eligible[qs]
+            bits = (np.stack([r.filter_bits[j] for j in qs[~sp]]) if not sp.all()
+                    else np.zeros((0, words), np.uint64))
+            dense_bits = True
+            if dead is not None:
+                bits &= ~dead[:words]
+        elif stacked:
+            bits, elig = bitsets_of(r)[qs], r.eligible[qs]
+            if dead is not None:
+                bits &= ~dead[:words]
+        elif not r.list_excludes and r.allow is None and dead is None:
+            # allowed lists alone: the sparse queries' lists sorted (exact_rows), bitsets
+            # for the others only
+            elig = r.eligible[qs]  # list lengths, an upper bound; the heaps count exactly
+            if sp.any():
+                part = subset(r, qs[sp])
+                off, flat, m = _mipscan.sorted_lists(part.list_offsets, part.list_rows)
+                rows_of = (off, flat[:m])
+            part = subset(r, qs[~sp])
+            bits, _ = _mipscan.filter_bitsets(space, None, None, part.list_offsets,
+                                              part.list_rows, False, 1)
+            dense_bits = True
+        else:
+            part = subset(r, qs)
+            bits, elig = _mipscan.filter_bitsets(space, r.allow, dead, part.list_offsets,
+                                                 part.list_rows, r.list_excludes, 1)
         kk = int(min(k, elig.max())) if len(elig) else 0
         if kk == 0:
             continue
@@ -554,9 +736,32 @@ def exact_lists(st, r: Resolved, sel: np.ndarray, q: np.ndarray, rows_store: np.
         heap_s = np.empty((len(qs), kk), np.float32)
         heap_i = np.empty((len(qs), kk), np.uint32)
         sizes = np.zeros(len(qs), np.int64)
-        for b0 in range(0, space, ROW_BLOCK):
-            sc = qb @ rows_store[b0:min(b0 + ROW_BLOCK, space)].T
-            _mipscan.topk_update_rows_masked(sc, bits, b0, heap_s, heap_i, sizes, 1)
+        if sp.any():
+            i = np.flatnonzero(sp)
+            hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
+            qi = np.ascontiguousarray(qb[i])
+            if isinstance(rows_of, tuple):  # sorted allowed lists
+                _mipscan.exact_rows(qi, rows_store[:space], rows_of[0], rows_of[1], hs, hi, sz,
+                                    0, threads)
+            elif rows_of is not None:  # sparse Filters: their row lists (a bitset is n / 8 bytes)
+                lens = np.array([len(rows_of[j]) for j in i], np.int64)
+                offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+                flat = (np.concatenate([rows_of[j] for j in i]) if offsets[-1]
+                        else np.zeros(0, np.uint32))
+                _mipscan.exact_rows(qi, rows_store[:space], offsets, flat, hs, hi, sz, 0, threads)
+            else:
+                _mipscan.exact_bitsets(qi, rows_store[:space], np.ascontiguousarray(bits[i]),
+                                       hs, hi, sz, 0, threads)
+            heap_s[i], heap_i[i], sizes[i] = hs, hi, sz
+        if not sp.all():
+            i = np.flatnonzero(~sp)
+            hs, hi, sz = heap_s[i], heap_i[i], sizes[i]
+            qd = np.ascontiguousarray(qb[i])
+            bd = np.ascontiguousarray(bits if dense_bits else bits[i])
+            for b0 in range(0, space, ROW_BLOCK):
+                sc = qd @ rows_store[b0:min(b0 + ROW_BLOCK, space)].T
+                _mipscan.topk_update_rows_masked(sc, bd, b0, hs, hi, sz, 1)
+            heap_s[i], heap_i[i], sizes[i] = hs, hi, sz
         _mipscan.topk_finish_rows(heap_s, heap_i, sizes, 1)
         got = np.arange(kk)[None, :] < sizes[:, None]
         ids[b:b + len(qs), :kk] = np.where(got, heap_i, np.uint32(0xFFFFFFFF))

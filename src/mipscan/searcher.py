@@ -229,7 +229,10 @@ class Searcher:
 
         ``allowed`` / ``excluded`` are one set shared by all queries (a list or 1-D
         array of ids, or for allowed a :class:`mipscan.Filter`), or one list of ids per
-        query (a list of nq lists/arrays, or a 2-D array). Filtered results have
+        query (a list of nq lists/arrays, or a 2-D array), or for allowed one
+        :class:`mipscan.Filter` per query (a list, tuple or object array of nq Filters of
+        this searcher, built once: no ids are resolved per call; not mixed with id lists;
+        ``excluded`` may then be shared ids or per-query lists). Filtered results have
         k = min(final_num_neighbors, size(), the largest eligible count of the batch)
         columns; a query with fewer eligible ids than that is padded at the end with id
         -1 (rows and int docids; "" for str docids) and distance -inf (+inf for
@@ -307,7 +310,7 @@ class Searcher:
                              f"got {strategy!r}")
         if final_k == 0:  # an empty index: (nq, 0), after the checks of the ids
             if allowed is not None or excluded is not None:
-                _filters.resolve(call, st, nq, allowed, excluded, single)
+                _filters.resolve(call, st, nq, allowed, excluded, single, searcher=self)
             return SearchResult(self._ids_out(st, np.zeros((nq, 0), np.uint32)),
                                 np.zeros((nq, 0), np.float32))
         if allowed is not None or excluded is not None:
@@ -334,7 +337,7 @@ class Searcher:
     def _run_filtered(self, call, st, queries, final_k, pre_k, leaves, threads, allowed,
                       excluded, strategy, single) -> SearchResult:
         nq = len(queries)
-        r = _filters.resolve(call, st, nq, allowed, excluded, single)
+        r = _filters.resolve(call, st, nq, allowed, excluded, single, searcher=self)
         engine = st.live if st.live is not None else st.index
         # Float32 rows for the batched exact plan (a quantized copy is scored in the core).
         store = st.row_data if st.live is not None else st.arrays.get("reorder_rows")
@@ -343,19 +346,25 @@ class Searcher:
         codes = _filters.plan(self, st, r, leaves, pre_k, final_k, strategy,
                               engine.has_exact_rows, store is not None)
         q = self._to_mips(queries)
-        gemm = np.zeros(nq, bool) if codes is None else codes == _filters.EXACT_GEMM
-        if gemm.all():  # the exact plan by BLAS products (mipscan._filters)
-            ids, scores, counts = (_filters.exact_lists(st, r, np.arange(nq), q, store, final_k)
-                                   if r.lists else _filters.exact_batched(st, r, q, store, final_k))
-        elif gemm.any():  # lists only (a shared filter has one plan for the batch)
-            sel = np.flatnonzero(gemm)
-            ids = np.empty((nq, final_k), np.uint32)
-            scores = np.empty((nq, final_k), np.float32)
-            counts = np.empty(nq, np.uint32)
-            ids[sel], scores[sel], counts[sel] = _filters.exact_lists(st, r, sel, q, store, final_k)
-        if not gemm.all():
-            rest = np.flatnonzero(~gemm)
-            part = r if len(rest) == nq else _filters.subset(r, rest)
+        # batched: the exact plan by BLAS products or per-query bitsets (mipscan._filters)
+        batched = np.zeros(nq, bool) if codes is None else codes >= _filters.EXACT_GEMM
+        if batched.all() and not r.lists:
+            ids, scores, counts = _filters.exact_batched(st, r, q, store, final_k)
+        elif batched.any():  # lists only (a shared filter has one plan for the batch)
+            sel = np.arange(nq) if batched.all() else np.flatnonzero(batched)
+            sparse = codes[sel] == _filters.EXACT_BITS
+            if batched.all():
+                ids, scores, counts = _filters.exact_lists(st, r, sel, q, store, final_k, sparse,
+                                                           threads)
+            else:
+                ids = np.empty((nq, final_k), np.uint32)
+                scores = np.empty((nq, final_k), np.float32)
+                counts = np.empty(nq, np.uint32)
+                ids[sel], scores[sel], counts[sel] = _filters.exact_lists(
+                    st, r, sel, q, store, final_k, sparse, threads)
+        if not batched.all():
+            rest = np.flatnonzero(~batched)
+            part = _filters.lists(r if len(rest) == nq else _filters.subset(r, rest))
             exact = None if codes is None else (codes[rest] == _filters.EXACT).astype(np.uint8)
             walk_rows = exact is not None and exact.any() and not (r.lists and not r.list_excludes)
             out = engine.search_batch_filtered(

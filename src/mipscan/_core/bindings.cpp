@@ -13,6 +13,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
@@ -27,6 +28,7 @@
 
 #include "cpu.h"
 #include "fault.h"
+#include "filtered.h"
 #include "live.h"
 #include "lut16.h"
 #include "parallel.h"
@@ -359,6 +361,73 @@ NB_MODULE(_mipscan, m) {
                                      heap_s.data(), heap_id.data(), sizes.data(), num_threads);
   }, "scores"_a.noconvert(), "bits"_a.noconvert(), "col_offset"_a, "heap_s"_a.noconvert(),
      "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
+
+  m.def("exact_bitsets", [](In<float, 2> queries, In<float, 2> rows, In<uint64_t, 2> bits,
+                            nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                            nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                            nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig> sizes, size_t block_rows,
+                            int num_threads) {
+    const size_t nq = queries.shape(0), d = queries.shape(1), space = rows.shape(0);
+    const size_t k = heap_s.shape(1), words = bits.shape(1);
+    require(rows.shape(1) == d, "exact_bitsets: rows and queries differ in width");
+    require(bits.shape(0) == nq && words * 64 >= space, "exact_bitsets: bits must be (nq, words covering the rows)");
+    require(k >= 1 && heap_s.shape(0) == nq && heap_id.shape(0) == nq && heap_id.shape(1) == k &&
+                sizes.shape(0) == nq,
+            "exact_bitsets: heap arrays do not match the queries");
+    require(space <= (uint64_t(1) << 32), "exact_bitsets: row ids exceed uint32");
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "exact_bitsets: bad sizes");
+    nb::gil_scoped_release release;
+    mipscan::exact_bitsets(mipscan::kernels(), queries.data(), nq, d, rows.data(), space, bits.data(),
+                           words, k, heap_s.data(), heap_id.data(), sizes.data(), block_rows, num_threads);
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "bits"_a.noconvert(), "heap_s"_a.noconvert(),
+     "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "block_rows"_a, "num_threads"_a);
+
+  m.def("exact_rows", [](In<float, 2> queries, In<float, 2> rows, In<int64_t, 1> offsets,
+                         In<uint32_t, 1> list, nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
+                         nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,
+                         nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig> sizes, size_t block_rows,
+                         int num_threads) {
+    const size_t nq = queries.shape(0), d = queries.shape(1), space = rows.shape(0);
+    const size_t k = heap_s.shape(1);
+    require(rows.shape(1) == d, "exact_rows: rows and queries differ in width");
+    require(offsets.shape(0) == nq + 1, "exact_rows: offsets needs nq + 1 entries");
+    require(k >= 1 && heap_s.shape(0) == nq && heap_id.shape(0) == nq && heap_id.shape(1) == k &&
+                sizes.shape(0) == nq,
+            "exact_rows: heap arrays do not match the queries");
+    require(space <= (uint64_t(1) << 32), "exact_rows: row ids exceed uint32");
+    const int64_t* off = offsets.data();
+    require(off[0] == 0 && off[nq] == int64_t(list.shape(0)), "exact_rows: offsets must run from 0 to len(list)");
+    const uint32_t* l = list.data();
+    for (size_t i = 0; i < nq; ++i) {
+      require(off[i] <= off[i + 1], "exact_rows: offsets must not decrease");
+      for (int64_t j = off[i]; j < off[i + 1]; ++j)
+        require(l[j] < space && (j == off[i] || l[j - 1] < l[j]), "exact_rows: each list must ascend, within the rows");
+    }
+    for (size_t r = 0; r < nq; ++r)
+      require(sizes.data()[r] >= 0 && size_t(sizes.data()[r]) <= k, "exact_rows: bad sizes");
+    nb::gil_scoped_release release;
+    mipscan::exact_rows(mipscan::kernels(), queries.data(), nq, d, rows.data(), space, off, l, k,
+                        heap_s.data(), heap_id.data(), sizes.data(), block_rows, num_threads);
+  }, "queries"_a.noconvert(), "rows"_a.noconvert(), "offsets"_a.noconvert(), "list"_a.noconvert(),
+     "heap_s"_a.noconvert(), "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "block_rows"_a,
+     "num_threads"_a);
+
+  m.def("sorted_lists", [](In<int64_t, 1> offsets, In<uint32_t, 1> rows) {
+    require(offsets.shape(0) >= 1, "sorted_lists: offsets needs nq + 1 entries");
+    const size_t nq = offsets.shape(0) - 1;
+    const int64_t* off = offsets.data();
+    require(off[0] == 0 && off[nq] == int64_t(rows.shape(0)), "sorted_lists: offsets must run from 0 to len(rows)");
+    for (size_t i = 0; i < nq; ++i) require(off[i] <= off[i + 1], "sorted_lists: offsets must not decrease");
+    auto out_off = new_array<int64_t>(nq + 1);
+    auto out_rows = new_array<uint32_t>(rows.shape(0));
+    size_t n;
+    {
+      nb::gil_scoped_release release;
+      n = mipscan::sorted_lists(nq, off, rows.data(), out_off.data(), out_rows.data());
+    }
+    return std::make_tuple(out_off, out_rows, n);
+  }, "offsets"_a.noconvert(), "rows"_a.noconvert());
 
   m.def("topk_columns", [](In<float, 2> scores_t, size_t k, const std::string& level) {
     const size_t m_ = scores_t.shape(0), nq = scores_t.shape(1);
