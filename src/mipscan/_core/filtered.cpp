@@ -34,7 +34,7 @@ struct Seg {
 // Scores the segments of queries [b, e) (segs[i - b]) into their heaps. Rows are requested
 // kAhead ahead across query boundaries, so a query with a few rows in the block does not
 // wait for each of them.
-void score_segments(const Kernels& kn, bool avx2, const float* queries, size_t d,
+void score_segments(const Kernels& kn, const float* queries, size_t d,
                     const float* rows, size_t b, size_t e, const Seg* segs, size_t k,
                     float* heap_s, uint32_t* heap_id, int64_t* sizes, float* sc) {
   const size_t row_bytes = d * sizeof(float);
@@ -61,14 +61,7 @@ void score_segments(const Kernels& kn, bool avx2, const float* queries, size_t d
     for (size_t j0 = 0; j0 < sg.n; j0 += kAhead) {
       const size_t j1 = std::min(sg.n, j0 + kAhead);
       request_to(g + j1 + kAhead);
-#if MIPSCAN_HAVE_AVX2
-      if (avx2) {
-        dots_rows_avx2(q, rows, sg.p + j0, j1 - j0, d, sc);
-      } else
-#endif
-      {
-        for (size_t j = j0; j < j1; ++j) sc[j - j0] = kn.dot(q, rows + size_t{sg.p[j]} * d, d);
-      }
+      kn.dot_rows(q, rows, d, sg.p + j0, j1 - j0, sc);
       for (size_t j = j0; j < j1; ++j) {
         const float v = sc[j - j0];
         // Rows ascend, so an equal score loses to the kept (smaller) ids.
@@ -98,7 +91,6 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
                    size_t block_rows, int num_threads) {
   if (nq == 0 || space == 0) return;
   block_rows = default_block(block_rows, d);
-  const bool avx2 = kn.level != SimdLevel::kScalar;
   parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
     fault::alloc();
     // The rows of the queries [b, e) in one block, query after query (sel).
@@ -135,7 +127,7 @@ void exact_bitsets(const Kernels& kn, const float* queries, size_t nq, size_t d,
       }
       from[e - b] = n;
       for (size_t i = b; i < e; ++i) segs[i - b] = Seg{sel.data() + from[i - b], from[i - b + 1] - from[i - b]};
-      score_segments(kn, avx2, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
+      score_segments(kn, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
     }
   });
 }
@@ -146,7 +138,6 @@ void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, co
                 int num_threads) {
   if (nq == 0 || space == 0) return;
   block_rows = default_block(block_rows, d);
-  const bool avx2 = kn.level != SimdLevel::kScalar;
   parallel_for(nq, num_threads, 8, [&](size_t b, size_t e, int) {
     fault::alloc();
     std::vector<size_t> at(e - b);  // each query's next row in list
@@ -162,7 +153,7 @@ void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, co
         segs[i - b] = Seg{list + s0, s1 - s0};
         at[i - b] = s1;
       }
-      score_segments(kn, avx2, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
+      score_segments(kn, queries, d, rows, b, e, segs.data(), k, heap_s, heap_id, sizes, sc);
     }
   });
 }

@@ -36,11 +36,5 @@ void exact_rows(const Kernels& kn, const float* queries, size_t nq, size_t d, co
 size_t sorted_lists(size_t nq, const int64_t* offsets, const uint32_t* rows, int64_t* out_offsets,
                     uint32_t* out_rows);
 
-// out[j] = dot(q, rows + sel[j] * d, d) for j < n, each as kn.dot computes it (bit for
-// bit), four rows at a time sharing the loads of q.
-#if MIPSCAN_HAVE_AVX2
-void dots_rows_avx2(const float* q, const float* rows, const uint32_t* sel, size_t n, size_t d,
-                    float* out);
-#endif
 
 }  // namespace mipscan

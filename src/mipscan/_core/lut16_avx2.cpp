@@ -148,6 +148,47 @@ void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float
   for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
 }
 
+// Eight rows at once: eight accumulators of the spec's eight lanes each, the tail added
+// to its lanes (blend: other lanes keep their bits, -0.0 included), then an 8 x 8
+// transpose so that the spec's reduction ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+// runs once for the eight rows, lane r of each vector being row r.
+inline void dots8(const float* q, const float* const* r, size_t d8, size_t d, float* out) {
+  __m256 a[8];
+  for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+  for (size_t j = 0; j < d8; j += 8) {
+    const __m256 qj = _mm256_loadu_ps(q + j);
+    for (int t = 0; t < 8; ++t) a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(qj, _mm256_loadu_ps(r[t] + j)));
+  }
+  if (d8 < d) {
+    const int m = static_cast<int>(d - d8);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane);
+    const __m256 qt = _mm256_maskload_ps(q + d8, tail);
+    const __m256 keep = _mm256_castsi256_ps(tail);
+    for (int t = 0; t < 8; ++t) {
+      const __m256 sum = _mm256_add_ps(a[t], _mm256_mul_ps(qt, _mm256_maskload_ps(r[t] + d8, tail)));
+      a[t] = _mm256_blendv_ps(a[t], sum, keep);
+    }
+  }
+  const __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(a[4], a[5]), t5 = _mm256_unpackhi_ps(a[4], a[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(a[6], a[7]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
+  // u0: lanes 0 (low half) and 4 (high half) of rows 0-3; u1: lanes 1 and 5; u2: 2 and
+  // 6; u3: 3 and 7; u4-u7 the same for rows 4-7.
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  const __m256 l0 = _mm256_permute2f128_ps(u0, u4, 0x20), l4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  const __m256 l1 = _mm256_permute2f128_ps(u1, u5, 0x20), l5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  const __m256 l2 = _mm256_permute2f128_ps(u2, u6, 0x20), l6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  const __m256 l3 = _mm256_permute2f128_ps(u3, u7, 0x20), l7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(l0, l4), _mm256_add_ps(l2, l6)),
+                                      _mm256_add_ps(_mm256_add_ps(l1, l5), _mm256_add_ps(l3, l7))));
+}
+
+
 // The spec's reduction ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) in registers: the
 // same additions as finish_dot's, in the same order.
 inline float reduce_lanes(__m256 acc) {
@@ -176,6 +217,11 @@ void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* 
     return reduce_lanes(acc);
   };
   size_t t = 0;
+  for (; t + 8 <= m; t += 8) {  // eight rows, one transposed reduction
+    const float* r[8];
+    for (int u = 0; u < 8; ++u) r[u] = rows + size_t{ids[t + u]} * d;
+    dots8(q, r, d8, d, out + t);
+  }
   for (; t + 4 <= m; t += 4) {
     const float* r0 = rows + size_t{ids[t]} * d;
     const float* r1 = rows + size_t{ids[t + 1]} * d;
