@@ -408,9 +408,17 @@ def _retrain_leaves(state: State, reset: np.ndarray, new_leaves: np.ndarray,
         if move.any():
             moved_rows, moved_to = own_rows[move], nearest[move]
             row_leaf = state.row_leaf.copy()  # the writer's store; readers never read it
+            # A row moving onto its SOAR leaf has its entry there already: the two leaves
+            # swap roles (that entry becomes its own, the old own entry its spilled one),
+            # and no entry moves. (Moving it would put it twice in one leaf, and a later
+            # move dropped both: a live row in no leaf.)
+            onto = state.row_leaf[moved_rows, 1] == moved_to
+            row_leaf[moved_rows[onto], 1] = was[move][onto]
+            moved_rows, moved_to = moved_rows[~onto], moved_to[~onto]
             row_leaf[moved_rows, 0] = moved_to
+            row_leaf[own_rows[move][onto], 0] = nearest[move][onto]
             leaf_live = state.leaf_live.copy()
-            np.subtract.at(leaf_live, was[move], 1)
+            np.subtract.at(leaf_live, was[move][~onto], 1)
             np.add.at(leaf_live, moved_to, 1)
     gone = len(moved_rows) > 0
     all_leaves, all_rows = [], []
