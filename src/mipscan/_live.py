@@ -34,7 +34,7 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS
-from mipscan._training import soar_assign
+from mipscan._training import soar_assign, unit_rows
 
 
 #: A drifted leaf (tree(incremental_threshold=...)) is retrained only when its mean moved
@@ -80,7 +80,7 @@ class State:
     row_leaf: np.ndarray | None = None   # int32 (capacity, 2) store
     centroids: np.ndarray | None = None  # float32 (L, width)
     codebooks: np.ndarray | None = None
-    threshold: float = 0.0               # absolute anisotropic threshold of the encoder
+    threshold: float = 0.0               # the encoder's threshold (it is given unit rows)
     trained: np.ndarray | None = None    # int64 per leaf: live entries when last (re)trained
     changes: np.ndarray | None = None    # int64 per leaf: entries added or removed since
 
@@ -150,8 +150,7 @@ def to_live(state: State, threads: int) -> State:
     if "score_ah" in cfg:
         t = cfg["score_ah"]["anisotropic_quantization_threshold"]
         if t is not None and not math.isnan(t):
-            m = min(n, cfg["score_ah"]["training_sample_size"])
-            threshold = t * float(np.median(np.linalg.norm(rows[:m], axis=1)))
+            threshold = float(t)  # with unit rows, as the build encodes (_build._build_ah)
     return replace(state, index=None, arrays=None, live=live, num_rows=n, dead=dead,
                    leaf_live=leaf_live, row_data=rows, row_leaf=row_leaf,
                    centroids=centroids, codebooks=books, threshold=threshold,
@@ -189,7 +188,7 @@ def _encode(state: State, rows: np.ndarray, leaves: np.ndarray, threads: int) ->
     res = np.zeros((len(rows), nb * dpb), np.float32)
     res[:, :width] = rows - state.centroids[leaves]
     padded = np.zeros((len(rows), nb * dpb), np.float32)
-    padded[:, :width] = rows
+    padded[:, :width] = unit_rows(rows)
     return _mipscan.encode_anisotropic(res, padded, books, state.threshold, width,
                                        ENCODER_ITERATIONS, threads)
 
