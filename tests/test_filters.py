@@ -312,6 +312,36 @@ def test_keras_layer_excluded_ids(tutorial):
         layer(users, excluded_ids=np.zeros((3, 2), np.int32))
 
 
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_keras_layer_excluded_ids_equal_the_searchers_exclusions(tutorial, with_ids):
+    """The layer's padded (nq, m) excluded ids give exactly the searcher's results for the
+    same ragged lists: padding (-1) and ids that are not candidates (even numbers, rows
+    past the end) are ignored, a query may exclude nothing."""
+    keras = pytest.importorskip("keras")
+    from mipscan.keras import ApproximateRetrieval, pad_ids
+
+    emb, excluded = tutorial
+    users = emb.all_users[:40]
+    n = len(emb.candidates)
+    ids = np.arange(n) * 2 + 1 if with_ids else None
+    ex = [e.copy() for e in excluded[:40]]
+    ex[3] = ex[3][:0]  # excludes nothing
+    layer = ApproximateRetrieval(candidate_embeddings=emb.candidates, candidate_ids=ids, k=10,
+                                 return_scores=False, num_leaves=100, num_leaves_to_search=30,
+                                 dimensions_per_block=2, reordering_num_neighbors=500)
+    named = [(ids[e] if with_ids else e) for e in ex]
+    noise = [np.array([0, 2, 4 * n + 2]) if with_ids else np.array([n, n + 7]) for _ in ex]
+    padded = pad_ids([np.concatenate([a, b]) for a, b in zip(named, noise)], width=
+                     max(len(a) for a in named) + 5)
+    got = keras.ops.convert_to_numpy(layer(users, excluded_ids=padded))
+    searcher = layer._state.searcher
+    want = searcher.search_batched(users, final_num_neighbors=10,
+                                   excluded=[np.asarray(a, np.int64) for a in named]).indices
+    np.testing.assert_array_equal(got, want)
+    for row, e in zip(got, named):
+        assert not np.isin(row, e).any()
+
+
 # ---------------------------------------------------------------- batched exact plans
 
 @pytest.mark.parametrize("m,nq,k", [(1, 1, 1), (7, 5, 7), (90, 300, 10), (200, 17, 32),

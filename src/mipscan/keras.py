@@ -872,22 +872,27 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         flat = self._flat_queries(queries, state.dim)
         if len(flat) == 0:
             return np.zeros(shape, np.float32), np.zeros(shape, ids_dtype)
-        ex = np.asarray(excluded).astype(np.int64).reshape(len(flat), -1)
-        lists = []
+        # One vectorized pass over the (nq, m) padded matrix, in its own dtype: padding
+        # and ids not among the candidates are dropped, the rest split into one list per
+        # query. (A loop over queries with an int64 copy of the whole matrix cost ten
+        # times the search itself for the tutorial's 943 users excluding their rated
+        # movies' copies: a (943, 56,560) matrix.)
+        ex = np.asarray(excluded).reshape(len(flat), -1)
         has_docids = getattr(state.searcher, "has_docids", False)
+        keep = ex >= 0
         if state.ids is None:
-            n = state.searcher.size()
-            for row in ex:
-                lists.append(row[(row >= 0) & (row < n)])
+            keep &= ex < state.searcher.size()
+            kept = ex[keep]
         else:
+            vals = ex[keep].astype(np.int64)
             order = np.argsort(state.ids, kind="stable")
             sorted_ids = state.ids[order].astype(np.int64)
-            for row in ex:
-                row = row[row >= 0]
-                pos = np.minimum(np.searchsorted(sorted_ids, row), len(sorted_ids) - 1)
-                present = order[pos[sorted_ids[pos] == row]]
-                # a searcher with docids takes (and returns) the ids themselves
-                lists.append(state.ids[present].astype(np.int64) if has_docids else present)
+            pos = np.minimum(np.searchsorted(sorted_ids, vals), len(sorted_ids) - 1)
+            found = sorted_ids[pos] == vals
+            keep[keep] = found
+            # a searcher with docids takes (and returns) the ids themselves
+            kept = vals[found] if has_docids else order[pos[found]]
+        lists = np.split(kept.astype(np.int64, copy=False), np.cumsum(keep.sum(axis=1))[:-1])
         searcher = state.searcher
         search = (searcher.search_batched_parallel if len(flat) >= _PARALLEL_MIN_QUERIES
                   else searcher.search_batched)
@@ -1120,10 +1125,12 @@ def pad_ids(lists, pad: int = -1, width: int | None = None) -> np.ndarray:
     padded with ``pad``, for ``ApproximateRetrieval(...)(queries, excluded_ids=...)``.
     ``width`` defaults to the longest list."""
     lists = [np.asarray(x, np.int64).ravel() for x in lists]
-    w = max((len(x) for x in lists), default=0) if width is None else int(width)
+    counts = np.array([len(x) for x in lists], np.int64)
+    w = int(counts.max(initial=0)) if width is None else int(width)
+    if len(counts) and counts.max() > w:
+        i = int(np.argmax(counts > w))
+        raise ValueError(f"pad_ids: list {i} has {counts[i]} ids, more than width={w}")
     out = np.full((len(lists), w), pad, np.int32)
     for i, x in enumerate(lists):
-        if len(x) > w:
-            raise ValueError(f"pad_ids: list {i} has {len(x)} ids, more than width={w}")
         out[i, :len(x)] = x
     return out
