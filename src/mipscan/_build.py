@@ -10,7 +10,7 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks, quantize_type
-from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks, unit_rows
+from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan.brute import normalize_rows
 
 # Rows per encoding call: bounds temporary memory and lets Ctrl-C through between calls.
@@ -226,7 +226,8 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
 
     def padded_directions(idx):
         out = np.zeros((len(idx), dp), np.float32)
-        out[:, :mips_d] = unit_rows(rows[idx])
+        out[:, :mips_d] = rows[idx]
+        normalize_rows(out, out=out)  # the zero padding changes no norm
         return out
 
     m = min(n, ah["training_sample_size"])

@@ -34,7 +34,8 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS
-from mipscan._training import soar_assign, unit_rows
+from mipscan._training import soar_assign
+from mipscan.brute import normalize_rows
 
 
 #: A drifted leaf (tree(incremental_threshold=...)) is retrained only when its mean moved
@@ -188,7 +189,8 @@ def _encode(state: State, rows: np.ndarray, leaves: np.ndarray, threads: int) ->
     res = np.zeros((len(rows), nb * dpb), np.float32)
     res[:, :width] = rows - state.centroids[leaves]
     padded = np.zeros((len(rows), nb * dpb), np.float32)
-    padded[:, :width] = unit_rows(rows)
+    padded[:, :width] = rows
+    normalize_rows(padded, out=padded)  # the zero padding changes no norm
     return _mipscan.encode_anisotropic(res, padded, books, state.threshold, width,
                                        ENCODER_ITERATIONS, threads)
 

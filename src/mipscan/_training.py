@@ -78,7 +78,7 @@ def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
     else:
         centroids = x[rng.choice(n, size=k, replace=False)].copy()
     if spherical:
-        centroids = unit_rows(centroids)
+        centroids = _unit(centroids)
     for _ in range(iterations):
         labels = assign_nearest(x, centroids)
         sums, counts = _mipscan.cluster_sums(x, labels, k)
@@ -91,15 +91,14 @@ def kmeans(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
             far = np.argsort(-d2)[:len(empty)]
             new[empty] = x[far]
         if spherical:
-            new = unit_rows(new)
+            new = _unit(new)
         if np.array_equal(new, centroids):
             break
         centroids = new
     return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
-def unit_rows(c: np.ndarray) -> np.ndarray:
-    """Rows scaled to norm 1 (float32; zero rows stay zero)."""
+def _unit(c: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(c, axis=1, keepdims=True)
     return (c / np.where(norms > 0, norms, 1)).astype(np.float32)
 

@@ -27,8 +27,9 @@ _QUERY_BLOCK = 128
 _BLOCK_SCORES = 1 << 20
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Unit-norm rows (float32); all-zero rows stay zero."""
+def normalize_rows(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm rows (float32); all-zero rows stay zero. ``out`` (float32, x's shape;
+    may be x itself) receives them instead of a new array."""
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     # Below ~1e-19 the float32 squares underflow (a row of 1e-31 would get norm 0 and
     # stay unnormalised): recompute those rows' norms in float64.
@@ -38,6 +39,8 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
         rows = np.flatnonzero(tiny.reshape(-1))
         flat = x.reshape(-1, x.shape[-1])
         norms.reshape(-1)[rows] = np.linalg.norm(flat[rows].astype(np.float64), axis=-1)
+    if out is not None:
+        return np.divide(x, np.where(norms > 0, norms, 1), out=out, casting="same_kind")
     return (x / np.where(norms > 0, norms, 1)).astype(np.float32, copy=False)
 
 

@@ -136,13 +136,12 @@ def mipscan_keras_layer_excluding(candidates: np.ndarray, k: int):
 
     layer = ApproximateRetrieval(candidate_embeddings=candidates, k=k, return_scores=False,
                                  **TUTORIAL_INDEX)
-    padded: dict = {}
+    last = [None, None]  # the query set's lists and their padded matrix
 
     def search(q, ex):
-        if id(ex) not in padded:
-            padded.clear()
-            padded[id(ex)] = (ex, pad_ids(ex))  # ex kept: its id is not reused meanwhile
-        return keras.ops.convert_to_numpy(layer(q, excluded_ids=padded[id(ex)][1]))
+        if last[0] is not ex:
+            last[:] = ex, pad_ids(ex)
+        return keras.ops.convert_to_numpy(layer(q, excluded_ids=last[1]))
 
     return search
 

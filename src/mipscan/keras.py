@@ -1125,12 +1125,10 @@ def pad_ids(lists, pad: int = -1, width: int | None = None) -> np.ndarray:
     padded with ``pad``, for ``ApproximateRetrieval(...)(queries, excluded_ids=...)``.
     ``width`` defaults to the longest list."""
     lists = [np.asarray(x, np.int64).ravel() for x in lists]
-    counts = np.array([len(x) for x in lists], np.int64)
-    w = int(counts.max(initial=0)) if width is None else int(width)
-    if len(counts) and counts.max() > w:
-        i = int(np.argmax(counts > w))
-        raise ValueError(f"pad_ids: list {i} has {counts[i]} ids, more than width={w}")
+    w = max((len(x) for x in lists), default=0) if width is None else int(width)
     out = np.full((len(lists), w), pad, np.int32)
     for i, x in enumerate(lists):
+        if len(x) > w:
+            raise ValueError(f"pad_ids: list {i} has {len(x)} ids, more than width={w}")
         out[i, :len(x)] = x
     return out
