@@ -354,12 +354,13 @@ def test_upper_tree_scores_only_the_children_of_the_best_upper_nodes(clustered):
     uo, uc = s._arrays["upper_offsets"], s._arrays["upper_centroids"].astype(np.float64)
     c = s._arrays["centroids"].astype(np.float64)
     assert uo[0] == 0 and uo[-1] == len(c) and (np.diff(uo) > 0).all()
+    spread = s._arrays["leaf_spread"].astype(np.float64)  # the leaf order (tree spread_weight 2)
     # With one leaf searched, the result comes from the best child of the 3 best upper
     # nodes (when that leaf holds at least 10 points), which need not be the best leaf.
     for qi in q:
         top3 = np.argsort(-(uc @ qi), kind="stable")[:3]
         kids = np.concatenate([np.arange(uo[u], uo[u + 1]) for u in top3])
-        leaf = kids[int(np.argmax(c[kids] @ qi))]
+        leaf = kids[int(np.argmax(c[kids] @ qi + 2.0 * np.linalg.norm(qi) * spread[kids]))]
         rows = s._arrays["slot_ids"][s._arrays["leaf_offsets"][leaf]:s._arrays["leaf_offsets"][leaf + 1]]
         ids = s.search(qi, leaves_to_search=1, pre_reorder_num_neighbors=10).indices
         if len(rows) >= 10:

@@ -504,7 +504,8 @@ def test_nan_centroid_with_recomputed_checksum_is_refused(pristine, tmp_path):
 
 @pytest.mark.parametrize("name,value,expect", [
     ("centroids", np.inf, "inf"), ("centroids", -3e38, "outside"), ("centroids", 3e38, "outside"),
-    ("reorder_rows", np.nan, "NaN"), ("codebooks", np.nan, "NaN"), ("slot_rows", np.nan, "NaN")])
+    ("reorder_rows", np.nan, "NaN"), ("codebooks", np.nan, "NaN"), ("slot_rows", np.nan, "NaN"),
+    ("leaf_spread", np.nan, "finite"), ("leaf_spread", -1.0, "finite"), ("leaf_spread", np.inf, "finite")])
 @pytest.mark.parametrize("everywhere", [False, True])
 def test_non_finite_or_huge_floats_are_refused(pristine, tmp_path, name, value, expect, everywhere):
     """Issue 12, defect 1: inf or +-3e38 centroids gave duplicate ids; all-NaN reorder_rows,

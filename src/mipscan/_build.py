@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from mipscan import _mipscan
-from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks, quantize_type
+from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks, quantize_type, spread_weight_of
 from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan.brute import normalize_rows
 
@@ -85,6 +85,8 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
     if tree is not None and config.get("upper_tree") is not None:
         arrays["upper_centroids"] = np.ascontiguousarray(upper_centroids, dtype=np.float32)
         arrays["upper_offsets"] = upper_offsets
+    if spread_weight_of(config) > 0:
+        arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
 
     ah = config.get("score_ah")
     if ah is not None:
@@ -209,6 +211,22 @@ def _merge_small_leaves(x, centroids, labels, min_size):
         keep[np.argmax(counts)] = True
     centroids = centroids[keep]
     return centroids, assign_nearest(x, centroids)
+
+
+def leaf_spread(rows, centroids, slot_ids, counts, chunk: int = 1 << 16) -> np.ndarray:
+    """Each leaf's RMS per-dimension residual sqrt(sum |x - c|^2 / (size * d)) over its
+    entries (slot order, leaf by leaf; 0 for an empty leaf), float32: the leaf order's
+    spread (_core/search.h, leaf_spread). Chunks of slots bound the temporary memory."""
+    num_leaves, width = centroids.shape
+    slot_leaf = np.repeat(np.arange(num_leaves), counts)
+    sq = np.zeros(num_leaves, np.float64)
+    for a in range(0, len(slot_ids), chunk):
+        idx, leaves = slot_ids[a:a + chunk], slot_leaf[a:a + chunk]
+        r = rows[idx] - centroids[leaves]
+        sq += np.bincount(leaves, weights=np.einsum("ij,ij->i", r, r, dtype=np.float64),
+                          minlength=num_leaves)
+    size = np.maximum(np.asarray(counts, np.float64), 1.0) * width
+    return np.sqrt(sq / size).astype(np.float32)
 
 
 def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, threads):

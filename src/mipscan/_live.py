@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mipscan import _mipscan
-from mipscan._schema import ENCODER_ITERATIONS
+from mipscan._schema import ENCODER_ITERATIONS, spread_weight_of
 from mipscan._training import soar_assign
 from mipscan.brute import normalize_rows
 
@@ -78,6 +78,9 @@ class State:
     dead: np.ndarray | None = None     # uint64 bitset over rows
     leaf_live: np.ndarray | None = None  # uint32 per leaf
     row_data: np.ndarray | None = None   # float32 (capacity, width) store
+    # The leaf order's spreads of the build (leaf_spread), kept as they were: a compacted
+    # copy then searches its leaves in the live index's order.
+    leaf_spread: np.ndarray | None = None
     row_leaf: np.ndarray | None = None   # int32 (capacity, 2) store
     centroids: np.ndarray | None = None  # float32 (L, width)
     codebooks: np.ndarray | None = None
@@ -146,7 +149,9 @@ def to_live(state: State, threads: int) -> State:
                                    "reorder" in cfg, np.asarray(arrays["leaf_offsets"]),
                                    np.asarray(slot_ids),
                                    None if books is None else np.asarray(arrays["packed_codes"]),
-                                   None if books is None else np.asarray(arrays["leaf_groups"]))
+                                   None if books is None else np.asarray(arrays["leaf_groups"]),
+                                   arrays.get("leaf_spread"),
+                                   spread_weight_of(cfg))
     threshold = 0.0
     if "score_ah" in cfg:
         t = cfg["score_ah"]["anisotropic_quantization_threshold"]
@@ -154,6 +159,7 @@ def to_live(state: State, threads: int) -> State:
             threshold = float(t)  # with unit rows, as the build encodes (_build._build_ah)
     return replace(state, index=None, arrays=None, live=live, num_rows=n, dead=dead,
                    leaf_live=leaf_live, row_data=rows, row_leaf=row_leaf,
+                   leaf_spread=arrays.get("leaf_spread"),
                    centroids=centroids, codebooks=books, threshold=threshold,
                    trained=leaf_live.astype(np.int64), changes=np.zeros(L, np.int64))
 

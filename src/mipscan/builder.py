@@ -80,6 +80,18 @@ class ScannBuilder:
         -0.09 at 3 leaves, so it stays off by default, as in ScaNN.
         ``overretrieve_factor`` (with ``soar_lambda``): candidate slots kept per distinct
         row to reorder (None: 2); without spilling it has no effect, as in ScaNN.
+
+        ``spread_weight`` (mipscan's; None: 2 for dot_product and cosine, 0 for
+        squared_l2) orders the leaves searched by ``q . c + spread_weight * |q| * s``, s
+        the leaf's RMS per-dimension residual (stored per leaf): the mean plus two
+        standard deviations of ``q . x`` over the leaf, were its residuals isotropic,
+        rather than the mean alone. Leaves whose points spread widely hold more of the
+        largest inner products than their centre says. 0 is ScaNN's order (``q . c``).
+        The scores the scan adds to stay ``q . c``. Measured on GloVe-50 IP, 300 leaves,
+        reorder 500, all 10,000 queries: recall@10 0.811 -> 0.837 at 30 leaves searched,
+        0.886 -> 0.906 at 60, 0.948 -> 0.953 at 150; 0.95 needs 150 leaves instead of
+        225. squared_l2 is off by default: its extra dimension (-|x|^2 / 2) spreads
+        unlike the others, and recall fell.
         """
         self._set("tree", args, kwargs)
         p = self.params["tree"]

@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 
 from mipscan import _filters, _live, _mipscan
-from mipscan._build import build_arrays, to_mips_rows
+from mipscan._build import build_arrays, leaf_spread, to_mips_rows
 from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import check_state, read_index, write_index
 from mipscan._schema import (ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width,
-                             static_only)
+                             spread_weight_of, static_only)
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -77,7 +77,7 @@ class Searcher:
         # has no static layout; it is live from the start.
         index = None if n == 0 else _mipscan.Index(
             arrays["centroids"], arrays["leaf_offsets"], arrays["slot_ids"],
-            **{k: arrays.get(k) for k in _OPTIONAL}, n=n)
+            **{k: arrays.get(k) for k in _OPTIONAL}, n=n, spread_weight=spread_weight_of(config))
         kind, store = (None, None) if docids is None else _docid_store("build()", docids, n)
         # Updates (upsert, delete, rebalance) take this lock; searches never do. They read
         # self._state once and search that snapshot (see mipscan._live).
@@ -721,6 +721,11 @@ def _compact(st, call: str) -> tuple[dict, dict, list | None]:
         arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
     if "reorder" in st.config:
         arrays["reorder_rows"] = np.ascontiguousarray(rows)
+    if spread_weight_of(st.config):
+        # The live index's own spreads (the copy then orders leaves as it did), or, for
+        # an index that started empty, those of its rows (MIPS-space rows, as built).
+        arrays["leaf_spread"] = (np.array(st.leaf_spread, np.float32) if st.leaf_spread is not None
+                                 else leaf_spread(rows, arrays["centroids"], slot_ids, counts))
     config = _live.SearcherConfig(st.config)
     config["n"] = len(keep)
     return config, arrays, st.docids[keep].tolist()

@@ -182,6 +182,15 @@ struct Live {
   std::shared_ptr<const mipscan::LiveLeaves> leaves;
   std::shared_ptr<mipscan::ScratchCache> scratch;
   mipscan::IndexView view;
+  // The leaf order's spreads (search.h, leaf_spread), a copy owned by every snapshot
+  // derived from the first (null: ranked by centroid score).
+  std::shared_ptr<const std::vector<float>> spread;
+
+  void set_spread(std::shared_ptr<const std::vector<float>> s, float weight) {
+    spread = std::move(s);
+    view.leaf_spread = spread ? spread->data() : nullptr;
+    view.spread_weight = spread ? weight : 0.f;
+  }
 };
 
 // The view's non-segment fields; checks what protects memory (O(num_leaves)).
@@ -572,7 +581,8 @@ NB_MODULE(_mipscan, m) {
               std::optional<In<uint16_t, 2>> centroids_bf16, std::optional<In<float, 1>> centroid_scales,
               std::optional<In<float, 2>> upper_centroids, std::optional<In<int64_t, 1>> upper_offsets,
               std::optional<In<float, 1>> reorder_row_scales, std::optional<In<float, 1>> slot_row_scales,
-              std::optional<In<float, 1>> centroid_row_scales, std::optional<size_t> n) {
+              std::optional<In<float, 1>> centroid_row_scales, std::optional<size_t> n,
+              std::optional<In<float, 1>> leaf_spread, float spread_weight) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
@@ -683,6 +693,15 @@ NB_MODULE(_mipscan, m) {
                v.upper_centroids = upper_centroids->data();
                v.upper_offsets = uo;
              }
+             // Leaf order by spread (search.h): its values are not trusted (the search
+             // takes NaN sums as -inf), only its size and the weight's range.
+             require(std::isfinite(spread_weight) && spread_weight >= 0,
+                     "Index: spread_weight must be a finite number >= 0");
+             if (leaf_spread) {
+               require(leaf_spread->shape(0) == v.num_leaves, "Index: leaf_spread must be (num_leaves,)");
+               v.leaf_spread = leaf_spread->data();
+               v.spread_weight = spread_weight;
+             }
              new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
@@ -696,12 +715,13 @@ NB_MODULE(_mipscan, m) {
            "upper_centroids"_a.noconvert().none() = nb::none(), "upper_offsets"_a.noconvert().none() = nb::none(),
            "reorder_row_scales"_a.noconvert().none() = nb::none(), "slot_row_scales"_a.noconvert().none() = nb::none(),
            "centroid_row_scales"_a.noconvert().none() = nb::none(), "n"_a.none() = nb::none(),
+           "leaf_spread"_a.noconvert().none() = nb::none(), "spread_weight"_a = 0.0f,
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
            nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
            nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
            nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
            nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>(), nb::keep_alive<1, 21>(),
-           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>())
+           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>(), nb::keep_alive<1, 25>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
@@ -747,8 +767,12 @@ NB_MODULE(_mipscan, m) {
            [](In<float, 2> centroids, std::optional<In<float, 3>> codebooks, In<float, 2> row_data, size_t num_rows,
               In<uint64_t, 1> dead, In<uint32_t, 1> leaf_live, size_t n_live, bool reorder,
               In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids, std::optional<In<uint8_t, 1>> packed,
-              std::optional<In<int64_t, 1>> leaf_groups) {
+              std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 1>> leaf_spread,
+              float spread_weight) {
              const size_t L = centroids.shape(0);
+             require(!leaf_spread || leaf_spread->shape(0) == L, "Live: leaf_spread must be (num_leaves,)");
+             require(std::isfinite(spread_weight) && spread_weight >= 0,
+                     "Live: spread_weight must be a finite number >= 0");
              require(L >= 1 && leaf_offsets.shape(0) == L + 1, "Live: leaf_offsets must have num_leaves + 1 entries");
              const int64_t* off = leaf_offsets.data();
              require(off[0] == 0 && off[L] == int64_t(slot_ids.shape(0)), "Live: leaf_offsets must run from 0 to the slot count");
@@ -767,14 +791,20 @@ NB_MODULE(_mipscan, m) {
              auto lv = std::make_shared<const mipscan::LiveLeaves>(L, nb_, off, slot_ids.data(),
                                                                    packed ? packed->data() : nullptr,
                                                                    leaf_groups ? leaf_groups->data() : nullptr);
-             Live out{lv, std::make_shared<mipscan::ScratchCache>(), {}};
+             Live out{lv, std::make_shared<mipscan::ScratchCache>(), {}, nullptr};
              out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
              out.view.n = n_live;
+             if (leaf_spread && spread_weight > 0) {
+               mipscan::fault::alloc();
+               out.set_spread(std::make_shared<const std::vector<float>>(leaf_spread->data(), leaf_spread->data() + L),
+                              spread_weight);
+             }
              return out;
            },
            "centroids"_a.noconvert(), "codebooks"_a.noconvert().none(), "row_data"_a.noconvert(), "num_rows"_a,
            "dead"_a.noconvert(), "leaf_live"_a.noconvert(), "n_live"_a, "reorder"_a, "leaf_offsets"_a.noconvert(),
            "slot_ids"_a.noconvert(), "packed_codes"_a.noconvert().none(), "leaf_groups"_a.noconvert().none(),
+           "leaf_spread"_a.noconvert().none() = nb::none(), "spread_weight"_a = 0.0f,
            nb::keep_alive<0, 1>(), nb::keep_alive<0, 2>(), nb::keep_alive<0, 3>(), nb::keep_alive<0, 5>(),
            nb::keep_alive<0, 6>())
       .def("derive",
@@ -794,9 +824,10 @@ NB_MODULE(_mipscan, m) {
                lv = std::make_shared<const mipscan::LiveLeaves>(*base.leaves, reset.shape(0), reset.data(), m_, leaves.data(),
                                                                 rows.data(), nb_ ? codes->data() : nullptr);
              }
-             Live out{lv, base.scratch, {}};
+             Live out{lv, base.scratch, {}, nullptr};
              out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
              out.view.n = n_live;
+             out.set_spread(base.spread, base.view.spread_weight);  // the same leaves, so the same spreads
              return out;
            },
            "centroids"_a.noconvert(), "codebooks"_a.noconvert().none(), "row_data"_a.noconvert(), "num_rows"_a,

@@ -34,6 +34,8 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> leaf_edge;  // kth_largest scratch for the leaf selection
   std::vector<uint16_t> leaf_bins;
   std::vector<float> leaf_scores;
+  std::vector<float> leaf_rank;  // ranks_by_spread(): the order key of each leaf
+  float rank_w = 0;              // ranks_by_spread(): spread_weight * |q| of this query
   std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
   std::vector<uint32_t> leaf_order;
   std::vector<uint64_t> leaf_radix;  // radix_order_leaves: two buffers of L keys
@@ -61,7 +63,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
 
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) +
+    return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(leaf_rank) +
            b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
@@ -213,6 +215,21 @@ void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales,
   }
 }
 
+// The order key of leaves [a, b) from their scores: the score plus the query's share of
+// the leaf's spread (IndexView::leaf_spread), or the score itself. No NaN (-inf instead),
+// whatever the arrays hold: the selection and sorts need a total order.
+void rank_leaf_range(const IndexView& ix, size_t a, size_t b, Scratch& s) {
+  if (!ix.ranks_by_spread()) return;
+  const float* sc = s.leaf_scores.data();
+  float* rk = s.leaf_rank.data();
+  for (size_t l = a; l < b; ++l) rk[l] = no_nan(sc[l] + s.rank_w * ix.leaf_spread[l]);
+}
+
+// The scores that order the leaves (see rank_leaf_range).
+inline const float* leaf_keys_of(const IndexView& ix, const Scratch& s) {
+  return ix.ranks_by_spread() ? s.leaf_rank.data() : s.leaf_scores.data();
+}
+
 // Scores of leaves [a, b) into s.leaf_scores (float32 or quantized centroids).
 void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, size_t a,
                       size_t b, Scratch& s) {
@@ -229,6 +246,7 @@ void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, si
     sc[l] = no_nan(sc[l]);
     s.scored[l] = 1;
   }
+  rank_leaf_range(ix, a, b, s);
 }
 
 // Upper tree: scores the upper nodes, then the children of the best `upper` of them; the
@@ -241,6 +259,8 @@ size_t score_upper_tree(const IndexView& ix, const Kernels& kn, const float* q, 
   grow(s.upper_pick, U);
   grow_fill(s.scored, L, uint8_t{0});
   std::fill(s.leaf_scores.begin(), s.leaf_scores.begin() + static_cast<std::ptrdiff_t>(L), -INFINITY);
+  if (ix.ranks_by_spread())
+    std::fill(s.leaf_rank.begin(), s.leaf_rank.begin() + static_cast<std::ptrdiff_t>(L), -INFINITY);
   kn.dots(q, 1, ix.upper_centroids, U, ix.d, s.upper_scores.data());
   for (size_t u = 0; u < U; ++u) {
     s.upper_scores[u] = no_nan(s.upper_scores[u]);
@@ -304,6 +324,14 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   const size_t L = ix.num_leaves;
   grow(s.leaf_scores, L);
   float* sc = s.leaf_scores.data();
+  if (ix.ranks_by_spread()) {
+    grow(s.leaf_rank, L);
+    float qq = 0;
+    for (size_t j = 0; j < ix.d; ++j) qq += q[j] * q[j];
+    // Finite and >= 0 (an inf or NaN query ranks by score alone; its scores say little).
+    const float w = ix.spread_weight * std::sqrt(qq);
+    s.rank_w = std::isfinite(w) ? w : 0.f;
+  }
   if (precomputed == nullptr && ix.num_upper > 0) {
     first = std::min(first, score_upper_tree(ix, kn, q, upper, s));
   } else if (precomputed != nullptr) {
@@ -316,12 +344,14 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
     kn.dots(q, 1, ix.centroids, L, ix.d, sc);
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   }
-  // From here on the scores hold no NaN (-inf instead), so they are totally ordered:
+  if (precomputed != nullptr || ix.num_upper == 0) rank_leaf_range(ix, 0, L, s);
+  // From here on the keys hold no NaN (-inf instead), so they are totally ordered:
   // the selection, the sorts and the widening below see a consistent order.
+  const float* key = leaf_keys_of(ix, s);
   if (first * 8 >= L && L <= (size_t{1} << 31)) {
     // A sizeable share of the leaves: sort them all (the order below, with the
     // unselected ones sorted already; sort_remaining_leaves sorts them again if needed).
-    radix_order_leaves(sc, L, s);
+    radix_order_leaves(key, L, s);
     return first;
   }
   // The first-th best score (kth_largest: a histogram, then nth_element on one bin); then
@@ -331,25 +361,25 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   grow(s.leaf_keys, L);
   size_t w = 0;
   if (first < L) {
-    const float kth = kth_largest(s.leaf_scores.data(), L, first, s.leaf_bins, s.leaf_edge);
+    const float kth = kth_largest(key, L, first, s.leaf_bins, s.leaf_edge);
     size_t above = 0;
-    for (size_t l = 0; l < L; ++l) above += s.leaf_scores[l] > kth;
+    for (size_t l = 0; l < L; ++l) above += key[l] > kth;
     size_t ties = first - above;
     size_t rest = first;
     for (size_t l = 0; l < L; ++l) {
-      const float v = s.leaf_scores[l];
-      const LeafKey key{v, static_cast<uint32_t>(l)};
+      const float v = key[l];
+      const LeafKey lk{v, static_cast<uint32_t>(l)};
       // Exactly `first` keys qualify; the bounds on w and rest are only a guard that keeps
       // every write inside leaf_keys (and leaf_order a permutation) whatever happens.
       if (((v > kth || (v == kth && ties > 0)) && w < first) || rest == L) {
         if (v == kth && ties > 0) --ties;
-        s.leaf_keys[w++] = key;
+        s.leaf_keys[w++] = lk;
       } else {
-        s.leaf_keys[rest++] = key;
+        s.leaf_keys[rest++] = lk;
       }
     }
   } else {
-    for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {s.leaf_scores[l], static_cast<uint32_t>(l)};
+    for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {key[l], static_cast<uint32_t>(l)};
   }
   std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first,
             [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
@@ -366,7 +396,7 @@ void sort_remaining_leaves(const IndexView& ix, const Kernels& kn, const float* 
     for (size_t l = 0; l < ix.num_leaves; ++l)
       if (!s.scored[l]) score_leaf_range(ix, kn, q, l, l + 1, s);
   }
-  const float* sc = s.leaf_scores.data();
+  const float* sc = leaf_keys_of(ix, s);
   std::sort(s.leaf_order.begin() + first, s.leaf_order.end(),
             [sc](uint32_t a, uint32_t b) { return better(sc[a], a, sc[b], b); });
 }

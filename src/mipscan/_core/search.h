@@ -92,6 +92,15 @@ struct IndexView {
   const float* upper_centroids = nullptr;
   const int64_t* upper_offsets = nullptr;
 
+  // Leaf order (optional): leaves are searched by q . c_l + spread_weight * |q| *
+  // leaf_spread[l] (leaf_spread: num_leaves RMS per-dimension residuals of the leaf's
+  // entries, >= 0) instead of q . c_l alone: the isotropic form of ranking by the
+  // expected best score in the leaf, mean + z * std of q . x. The scores the AH scan adds
+  // to stay q . c_l. Null or spread_weight 0: ScaNN's order, by centroid score only.
+  const float* leaf_spread = nullptr;
+  float spread_weight = 0;
+
+  bool ranks_by_spread() const { return leaf_spread != nullptr && spread_weight > 0; }
   bool reorders() const { return reorder_rows || reorder_i8 || reorder_bf16; }
   bool quantized_centroids() const { return centroids_i8 || centroids_bf16; }
 };
