@@ -34,7 +34,7 @@ def test_pack_unpack_is_identity(rng, n, num_blocks):
 
 @pytest.mark.parametrize("n,num_blocks", [(32, 2), (96, 16), (50, 17), (320, 64), (64, 300), (130, 1), (200, 25), (70, 9), (129, 33), (192, 65), (1000, 16)])
 def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
-    cap = min(127, 65535 // num_blocks)  # the bound the searcher keeps (lut16.h)
+    cap = min(63, 65535 // num_blocks)  # the bound the searcher keeps (lut16.h)
     codes = rng.integers(0, 16, size=(n, num_blocks), dtype=np.uint8)
     lut = rng.integers(0, cap + 1, size=(num_blocks, 16)).astype(np.uint8)
     lut[0, :] = cap  # hit the bound on purpose
@@ -46,6 +46,13 @@ def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
     np.testing.assert_array_equal(sums[:n], ref.astype(np.uint16))
     bits = np.unpackbits(masks.view(np.uint8), bitorder="little")[:len(sums)]
     np.testing.assert_array_equal(bits.astype(bool), sums >= cut)
+
+
+def test_scan_refuses_lut_entries_above_the_cap(rng, level):
+    codes = rng.integers(0, 16, size=(64, 8), dtype=np.uint8)
+    lut = np.full((8, 16), 64, np.uint8)  # one past min(63, 65535 // 8)
+    with pytest.raises(ValueError, match="lut_cap"):
+        _mipscan.scan_lut16(_mipscan.pack_codes(codes), 8, lut, level, 0)
 
 
 def test_levels_are_listed_lowest_first_and_include_the_loaded_one():

@@ -324,6 +324,10 @@ NB_MODULE(_mipscan, m) {
     require(num_blocks >= 1 && packed.shape(0) % bytes == 0,
             "scan_lut16: packed size is not a whole number of groups");
     require(lut.shape(0) == num_blocks && lut.shape(1) == 16, "scan_lut16: lut must be (num_blocks, 16)");
+    // The kernels' contract (lut16.h): above the cap the SIMD kernels' 8-bit sums wrap.
+    const unsigned cap = mipscan::lut_cap(num_blocks);
+    for (size_t i = 0; i < num_blocks * 16; ++i)
+      require(lut.data()[i] <= cap, "scan_lut16: lut entries must be <= lut_cap(num_blocks) = min(63, 65535 // num_blocks)");
     const size_t groups = packed.shape(0) / bytes;
     const mipscan::ScanLut16Fn fn = kernels_at(level, "scan_lut16").scan_lut16;
     auto out = new_array<uint16_t>(groups * mipscan::kGroup);

@@ -34,22 +34,37 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
       hi_all = _mm256_add_epi16(hi_all, hi);
       hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(hi, 8));
     };
+    // Four blocks at a time: LUT entries are <= 63 (lut16.h), so four lookups add in 8
+    // bits (<= 252) before one widening step.
+    auto lookups = [&](size_t blk, __m256i& lo, __m256i& hi) {
+      const __m256i c = _mm256_loadu_si256(codes + blk), t = table(blk);
+      lo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, low4));
+      hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+    };
     size_t b = 0;
-    // Two blocks at a time: LUT entries are <= 127, so two lookups add in 8 bits.
-    for (; b + 2 <= nb; b += 2) {
-      const __m256i c0 = _mm256_loadu_si256(codes + b), c1 = _mm256_loadu_si256(codes + b + 1);
-      const __m256i t0 = table(b), t1 = table(b + 1);
-      const __m256i lo = _mm256_add_epi8(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
-                                         _mm256_shuffle_epi8(t1, _mm256_and_si256(c1, low4)));
-      const __m256i hi = _mm256_add_epi8(
-          _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4)),
-          _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(c1, 4), low4)));
-      accumulate(lo, hi);
+    for (; b + 4 <= nb; b += 4) {
+      __m256i l0, h0, l1, h1, l2, h2, l3, h3;
+      lookups(b, l0, h0);
+      lookups(b + 1, l1, h1);
+      lookups(b + 2, l2, h2);
+      lookups(b + 3, l3, h3);
+      accumulate(_mm256_add_epi8(_mm256_add_epi8(l0, l1), _mm256_add_epi8(l2, l3)),
+                 _mm256_add_epi8(_mm256_add_epi8(h0, h1), _mm256_add_epi8(h2, h3)));
     }
-    if (b < nb) {
-      const __m256i c0 = _mm256_loadu_si256(codes + b), t0 = table(b);
-      accumulate(_mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low4)),
-                 _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low4)));
+    if (b < nb) {  // the last one to three blocks, summed in 8 bits as above
+      __m256i lo, hi, l, h;
+      lookups(b, lo, hi);
+      if (b + 1 < nb) {
+        lookups(b + 1, l, h);
+        lo = _mm256_add_epi8(lo, l);
+        hi = _mm256_add_epi8(hi, h);
+      }
+      if (b + 2 < nb) {
+        lookups(b + 2, l, h);
+        lo = _mm256_add_epi8(lo, l);
+        hi = _mm256_add_epi8(hi, h);
+      }
+      accumulate(lo, hi);
     }
     const __m256i lo_even = _mm256_sub_epi16(lo_all, _mm256_slli_epi16(lo_odd, 8));
     const __m256i hi_even = _mm256_sub_epi16(hi_all, _mm256_slli_epi16(hi_odd, 8));

@@ -49,24 +49,37 @@ inline void scan_pair(const uint8_t* ga, const uint8_t* gb, size_t num_blocks,
     hi_all = _mm512_add_epi16(hi_all, hi);
     hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(hi, 8));
   };
+  // Four blocks at a time: LUT entries are <= 63 (lut16.h), so four lookups add in 8
+  // bits (<= 252) before one widening step.
+  auto lookups = [&](size_t blk, __m512i& lo, __m512i& hi) {  // block blk's bytes of A and B
+    const __m512i c = load_pair(ga + blk * 32, gb ? gb + blk * 32 : nullptr);
+    lo = _mm512_shuffle_epi8(tables[blk], _mm512_and_si512(c, low4));
+    hi = _mm512_shuffle_epi8(tables[blk], _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+  };
   size_t b = 0;
-  // Two blocks at a time: LUT entries are <= 127, so two lookups add in 8 bits.
-  for (; b + 2 <= nb; b += 2) {
-    const __m512i c0 = load_pair(ga + b * 32, gb ? gb + b * 32 : nullptr);
-    const __m512i c1 = load_pair(ga + b * 32 + 32, gb ? gb + b * 32 + 32 : nullptr);
-    const __m512i t0 = tables[b], t1 = tables[b + 1];
-    const __m512i lo = _mm512_add_epi8(_mm512_shuffle_epi8(t0, _mm512_and_si512(c0, low4)),
-                                       _mm512_shuffle_epi8(t1, _mm512_and_si512(c1, low4)));
-    const __m512i hi = _mm512_add_epi8(
-        _mm512_shuffle_epi8(t0, _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4)),
-        _mm512_shuffle_epi8(t1, _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4)));
-    accumulate(lo, hi);
+  for (; b + 4 <= nb; b += 4) {
+    __m512i l0, h0, l1, h1, l2, h2, l3, h3;
+    lookups(b, l0, h0);
+    lookups(b + 1, l1, h1);
+    lookups(b + 2, l2, h2);
+    lookups(b + 3, l3, h3);
+    accumulate(_mm512_add_epi8(_mm512_add_epi8(l0, l1), _mm512_add_epi8(l2, l3)),
+               _mm512_add_epi8(_mm512_add_epi8(h0, h1), _mm512_add_epi8(h2, h3)));
   }
-  if (b < nb) {
-    const __m512i c0 = load_pair(ga + b * 32, gb ? gb + b * 32 : nullptr);
-    const __m512i t0 = tables[b];
-    accumulate(_mm512_shuffle_epi8(t0, _mm512_and_si512(c0, low4)),
-               _mm512_shuffle_epi8(t0, _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4)));
+  if (b < nb) {  // the last one to three blocks, summed in 8 bits as above
+    __m512i lo, hi, l, h;
+    lookups(b, lo, hi);
+    if (b + 1 < nb) {
+      lookups(b + 1, l, h);
+      lo = _mm512_add_epi8(lo, l);
+      hi = _mm512_add_epi8(hi, h);
+    }
+    if (b + 2 < nb) {
+      lookups(b + 2, l, h);
+      lo = _mm512_add_epi8(lo, l);
+      hi = _mm512_add_epi8(hi, h);
+    }
+    accumulate(lo, hi);
   }
   const __m512i lo_even = _mm512_sub_epi16(lo_all, _mm512_slli_epi16(lo_odd, 8));
   const __m512i hi_even = _mm512_sub_epi16(hi_all, _mm512_slli_epi16(hi_odd, 8));

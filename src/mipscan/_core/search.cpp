@@ -528,7 +528,7 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
                 groups, ix.num_blocks, s.lut_u8.data(), 0, s.sums.data(), s.masks.data());
   const uint16_t* sums = s.sums.data();
   // The histogram spans only the sums present ([low, top], usually far narrower than
-  // 0 .. 127 * num_blocks), and the walk starts at the top.
+  // 0 .. 63 * num_blocks), and the walk starts at the top.
   uint16_t top_sum = 0, low_sum = 65535;
   for (size_t i = 0; i < count; ++i) {
     top_sum = std::max(top_sum, sums[i]);
