@@ -539,8 +539,16 @@ void scan_first_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, flo
   for (size_t i = 0; i < count; ++i) ++hist[sums[i] - low_sum];
   size_t above = 0, t = top_sum;  // count > k: the walk stops at or above low_sum
   while (above + hist[t - low_sum] < top.k()) above += hist[t-- - low_sum];
-  for (size_t i = 0; i < count; ++i) {
-    if (sums[i] >= t) {
+  // The points at or above t: the kernel again, now with cut t, for its masks (the same
+  // sums again). Walking the set bits beats testing every sum with a branch that
+  // mispredicts about once per pushed point (seed candidates: 2,700 points, ~250 pushed).
+  kn.scan_lut16(ix.packed_codes + static_cast<size_t>(g0) * group_bytes(ix.num_blocks),
+                groups, ix.num_blocks, s.lut_u8.data(), static_cast<uint16_t>(t), s.sums.data(),
+                s.masks.data());
+  for (size_t g = 0; g < groups; ++g) {
+    for (uint64_t m = s.masks[g]; m != 0; m &= m - 1) {
+      const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
+      if (i >= count) break;  // padding points of the last group
       top.push(base + static_cast<float>(sums[i]) * ql.inv_scale,
                static_cast<uint32_t>(slot0 + static_cast<int64_t>(i)));
     }
