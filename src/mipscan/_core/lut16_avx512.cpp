@@ -19,27 +19,20 @@ namespace mipscan {
 
 namespace {
 
-// The 32 bytes of block b of a group, for two groups at once: group A in the low 256
-// bits, group B (the next group) in the high 256 bits. B == nullptr: zeros (an odd last
-// group; its sums are discarded).
-inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
-  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  if (b == nullptr) return _mm512_zextsi256_si512(lo);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
-}
-
-// Scans groups A and B (B may be nullptr) with the AVX2 kernel's scheme widened to 512
-// bits: 128-bit lanes 0-1 are group A's two halves, lanes 2-3 group B's, and the LUT row
-// is broadcast to all four. kBlocks as in the AVX2 kernel (0: read num_blocks).
+// One group, two blocks per register: a group's blocks b and b + 1 are 64 contiguous
+// bytes, so one 512-bit load holds block b in 128-bit lanes 0-1 and block b + 1 in lanes
+// 2-3, and tables[p] holds LUT row 2p in lanes 0-1 and row 2p + 1 in lanes 2-3 (zeros
+// past the last block). No inserts, and a leaf's odd last group costs one group's work.
+// Folding lanes 2-3 onto 0-1 at the end gives the AVX2 kernel's accumulators exactly, and
+// its finish. kBlocks as in the AVX2 kernel (0: read num_blocks).
 template <size_t kBlocks>
-inline void scan_pair(const uint8_t* ga, const uint8_t* gb, size_t num_blocks,
-                      const __m512i* tables, __m512i cutv, uint16_t* sums_a, uint64_t* mask_a,
-                      uint16_t* sums_b, uint64_t* mask_b) {
+inline void scan_group(const uint8_t* g, size_t num_blocks, const __m512i* tables, __m256i cutv,
+                       uint16_t* sums, uint64_t* mask) {
   const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
+  const size_t pairs = nb / 2, odd = nb % 2;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // lo covers points 0-15 and 32-47 of each group, hi 16-31 and 48-63; uint16 lane t of
-  // a 16-point run holds point 2t (low byte) and 2t + 1 (high byte). even = all - 256 *
+  // lo covers points 0-15 and 32-47 (per block), hi 16-31 and 48-63; uint16 lane t of a
+  // 16-point run holds point 2t (low byte) and 2t + 1 (high byte). even = all - 256 *
   // odd, exact modulo 2^16 because every true sum is < 65536 (lut16.h).
   __m512i lo_all = _mm512_setzero_si512(), lo_odd = _mm512_setzero_si512();
   __m512i hi_all = _mm512_setzero_si512(), hi_odd = _mm512_setzero_si512();
@@ -49,62 +42,64 @@ inline void scan_pair(const uint8_t* ga, const uint8_t* gb, size_t num_blocks,
     hi_all = _mm512_add_epi16(hi_all, hi);
     hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(hi, 8));
   };
-  // Four blocks at a time: LUT entries are <= 63 (lut16.h), so four lookups add in 8
-  // bits (<= 252) before one widening step.
-  auto lookups = [&](size_t blk, __m512i& lo, __m512i& hi) {  // block blk's bytes of A and B
-    const __m512i c = load_pair(ga + blk * 32, gb ? gb + blk * 32 : nullptr);
-    lo = _mm512_shuffle_epi8(tables[blk], _mm512_and_si512(c, low4));
-    hi = _mm512_shuffle_epi8(tables[blk], _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+  // Pair p's lookups (blocks 2p and 2p + 1); the odd last block comes zero-extended, its
+  // table's upper lanes zero (so its lanes 2-3 add nothing).
+  auto lookups = [&](size_t p, __m512i& lo, __m512i& hi) {
+    const __m512i c = p < pairs ? _mm512_loadu_si512(g + p * 64)
+                                : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + p * 64)));
+    lo = _mm512_shuffle_epi8(tables[p], _mm512_and_si512(c, low4));
+    hi = _mm512_shuffle_epi8(tables[p], _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
   };
-  size_t b = 0;
-  for (; b + 4 <= nb; b += 4) {
+  // Four registers (eight blocks) at a time: each byte then sums four lookups (one per
+  // register; entries <= 63, lut16.h), <= 252, before one widening step.
+  const size_t regs = pairs + odd;
+  size_t p = 0;
+  for (; p + 4 <= regs; p += 4) {
     __m512i l0, h0, l1, h1, l2, h2, l3, h3;
-    lookups(b, l0, h0);
-    lookups(b + 1, l1, h1);
-    lookups(b + 2, l2, h2);
-    lookups(b + 3, l3, h3);
+    lookups(p, l0, h0);
+    lookups(p + 1, l1, h1);
+    lookups(p + 2, l2, h2);
+    lookups(p + 3, l3, h3);
     accumulate(_mm512_add_epi8(_mm512_add_epi8(l0, l1), _mm512_add_epi8(l2, l3)),
                _mm512_add_epi8(_mm512_add_epi8(h0, h1), _mm512_add_epi8(h2, h3)));
   }
-  if (b < nb) {  // the last one to three blocks, summed in 8 bits as above
+  if (p < regs) {  // the last one to three registers, summed in 8 bits as above
     __m512i lo, hi, l, h;
-    lookups(b, lo, hi);
-    if (b + 1 < nb) {
-      lookups(b + 1, l, h);
+    lookups(p, lo, hi);
+    if (p + 1 < regs) {
+      lookups(p + 1, l, h);
       lo = _mm512_add_epi8(lo, l);
       hi = _mm512_add_epi8(hi, h);
     }
-    if (b + 2 < nb) {
-      lookups(b + 2, l, h);
+    if (p + 2 < regs) {
+      lookups(p + 2, l, h);
       lo = _mm512_add_epi8(lo, l);
       hi = _mm512_add_epi8(hi, h);
     }
     accumulate(lo, hi);
   }
-  const __m512i lo_even = _mm512_sub_epi16(lo_all, _mm512_slli_epi16(lo_odd, 8));
-  const __m512i hi_even = _mm512_sub_epi16(hi_all, _mm512_slli_epi16(hi_odd, 8));
-  // Interleaving even/odd within 128-bit lanes gives, lane by lane (A, B the groups):
-  //   la: A 0-7,   A 32-39, B 0-7,   B 32-39     lb: A 8-15,  A 40-47, B 8-15,  B 40-47
-  //   ha: A 16-23, A 48-55, B 16-23, B 48-55     hb: A 24-31, A 56-63, B 24-31, B 56-63
-  const __m512i la = _mm512_unpacklo_epi16(lo_even, lo_odd), lb = _mm512_unpackhi_epi16(lo_even, lo_odd);
-  const __m512i ha = _mm512_unpacklo_epi16(hi_even, hi_odd), hb = _mm512_unpackhi_epi16(hi_even, hi_odd);
-  // Gather lanes into point order with 64-bit permutes (index 8+ = second source).
-  const __m512i pick_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);    // A's lanes of x, y
-  const __m512i pick_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);   // B's lanes
-  const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);     // points 0-31
-  const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);   // points 32-63
-  auto store_group = [&](const __m512i& pick, uint16_t* out, uint64_t* mask) {
-    const __m512i l = _mm512_permutex2var_epi64(la, pick, lb);  // 0-7, 8-15, 32-39, 40-47
-    const __m512i h = _mm512_permutex2var_epi64(ha, pick, hb);  // 16-23, 24-31, 48-55, 56-63
-    const __m512i p0 = _mm512_permutex2var_epi64(l, first, h);
-    const __m512i p1 = _mm512_permutex2var_epi64(l, second, h);
-    _mm512_storeu_si512(out, p0);
-    _mm512_storeu_si512(out + 32, p1);
-    *mask = static_cast<uint64_t>(_mm512_cmpge_epu16_mask(p0, cutv)) |
-            (static_cast<uint64_t>(_mm512_cmpge_epu16_mask(p1, cutv)) << 32);
+  auto fold = [](__m512i v) {  // lanes 0-1 + lanes 2-3 (uint16, modulo 2^16)
+    return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
   };
-  store_group(pick_a, sums_a, mask_a);
-  if (gb != nullptr) store_group(pick_b, sums_b, mask_b);
+  const __m256i la_all = fold(lo_all), la_odd = fold(lo_odd);
+  const __m256i ha_all = fold(hi_all), ha_odd = fold(hi_odd);
+  const __m256i lo_even = _mm256_sub_epi16(la_all, _mm256_slli_epi16(la_odd, 8));
+  const __m256i hi_even = _mm256_sub_epi16(ha_all, _mm256_slli_epi16(ha_odd, 8));
+  // As the AVX2 kernel: interleave even/odd back into point order within each lane, then
+  // gather lanes: a: points 0-7 | 32-39, b: 8-15 | 40-47 (lo); 16-23 | 48-55, 24-31 | 56-63.
+  const __m256i la = _mm256_unpacklo_epi16(lo_even, la_odd), lb = _mm256_unpackhi_epi16(lo_even, la_odd);
+  const __m256i ha = _mm256_unpacklo_epi16(hi_even, ha_odd), hb = _mm256_unpackhi_epi16(hi_even, ha_odd);
+  const __m256i p0 = _mm256_permute2x128_si256(la, lb, 0x20);  // points 0-15
+  const __m256i p1 = _mm256_permute2x128_si256(ha, hb, 0x20);  // points 16-31
+  const __m256i p2 = _mm256_permute2x128_si256(la, lb, 0x31);  // points 32-47
+  const __m256i p3 = _mm256_permute2x128_si256(ha, hb, 0x31);  // points 48-63
+  __m256i* out = reinterpret_cast<__m256i*>(sums);
+  _mm256_storeu_si256(out + 0, p0);
+  _mm256_storeu_si256(out + 1, p1);
+  _mm256_storeu_si256(out + 2, p2);
+  _mm256_storeu_si256(out + 3, p3);
+  *mask = uint64_t{_mm256_cmpge_epu16_mask(p0, cutv)} | (uint64_t{_mm256_cmpge_epu16_mask(p1, cutv)} << 16) |
+          (uint64_t{_mm256_cmpge_epu16_mask(p2, cutv)} << 32) | (uint64_t{_mm256_cmpge_epu16_mask(p3, cutv)} << 48);
 }
 
 template <size_t kBlocks>
@@ -112,21 +107,20 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
                uint16_t cut, uint16_t* sums, uint64_t* masks) {
   const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
   const size_t bytes = group_bytes(nb);
-  const __m512i cutv = _mm512_set1_epi16(static_cast<short>(cut));
-  // LUT rows broadcast to the four lanes once per call (kept in registers or L1 across
-  // groups). Precondition: nb <= 64 (scan_lut16_avx512 sends wider indexes elsewhere).
-  constexpr size_t kStack = kBlocks != 0 ? kBlocks : 64;
-  __m512i stack_tables[kStack];
-  auto table = [lut](size_t b) {
-    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
+  const __m256i cutv = _mm256_set1_epi16(static_cast<short>(cut));
+  // Pair tables once per call (kept in registers or L1 across groups). Precondition:
+  // nb <= 64 (scan_lut16_avx512 sends wider indexes elsewhere).
+  constexpr size_t kStack = kBlocks != 0 ? (kBlocks + 1) / 2 : 32;
+  __m512i tables[kStack];
+  auto row = [lut](size_t b) {  // LUT row b in both lanes of 256 bits
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
   };
-  for (size_t b = 0; b < nb; ++b) stack_tables[b] = table(b);
-  for (size_t g = 0; g < groups; g += 2) {
-    const uint8_t* ga = packed + g * bytes;
-    const bool pair = g + 1 < groups;
-    scan_pair<kBlocks>(ga, pair ? ga + bytes : nullptr, nb, stack_tables, cutv,
-                       sums + g * kGroup, masks + g, pair ? sums + (g + 1) * kGroup : nullptr,
-                       pair ? masks + g + 1 : nullptr);
+  for (size_t p = 0; p < (nb + 1) / 2; ++p) {
+    const __m256i hi = 2 * p + 1 < nb ? row(2 * p + 1) : _mm256_setzero_si256();
+    tables[p] = _mm512_inserti64x4(_mm512_castsi256_si512(row(2 * p)), hi, 1);
+  }
+  for (size_t g = 0; g < groups; ++g) {
+    scan_group<kBlocks>(packed + g * bytes, nb, tables, cutv, sums + g * kGroup, masks + g);
   }
 }
 
@@ -134,9 +128,6 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
 
 void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
-  // One group (the searcher scans one at a time until its top-k has a threshold): the
-  // 256-bit kernel does it with half the work and shorter permutes.
-  if (groups == 1) return scan_lut16_avx2(packed, groups, num_blocks, lut, cut, sums, masks);
   switch (num_blocks) {
     case 4: return scan_impl<4>(packed, groups, num_blocks, lut, cut, sums, masks);
     case 8: return scan_impl<8>(packed, groups, num_blocks, lut, cut, sums, masks);
