@@ -136,33 +136,6 @@ inline float finish_dot(__m256 acc, const float* a, const float* b, size_t d8, s
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-// One query against every row, four rows at a time sharing the loads of q.
-void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
-  const size_t d8 = d - d % 8;
-  size_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const float* r0 = rows + i * d;
-    const float* r1 = r0 + d;
-    const float* r2 = r1 + d;
-    const float* r3 = r2 + d;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (size_t j = 0; j < d8; j += 8) {
-      const __m256 qj = _mm256_loadu_ps(q + j);
-      // mul then add, as dot_avx2 and the scalar kernel (no FMA)
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(qj, _mm256_loadu_ps(r0 + j)));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(qj, _mm256_loadu_ps(r1 + j)));
-      a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
-      a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
-    }
-    out[i] = finish_dot(a0, q, r0, d8, d);
-    out[i + 1] = finish_dot(a1, q, r1, d8, d);
-    out[i + 2] = finish_dot(a2, q, r2, d8, d);
-    out[i + 3] = finish_dot(a3, q, r3, d8, d);
-  }
-  for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
-}
-
 // Eight rows at once: eight accumulators of the spec's eight lanes each, the tail added
 // to its lanes (blend: other lanes keep their bits, -0.0 included), then an 8 x 8
 // transpose so that the spec's reduction ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
@@ -211,6 +184,42 @@ inline float reduce_lanes(__m256 acc) {
   const __m128 w = _mm_add_ps(v, _mm_movehl_ps(v, v));  // (l0+l4)+(l2+l6), (l1+l5)+(l3+l7)
   return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
 }
+
+// One query against every row: eight rows at a time with one transposed reduction
+// (dots8, as dot_rows), then four sharing the loads of q. (The 8-row path halved the
+// centroid scores' share of a single-query search: each row's reduction and tail were
+// a store, scalar adds and a reload.)
+void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
+  const size_t d8 = d - d % 8;
+  size_t i = 0;
+  for (; i + 8 <= m; i += 8) {
+    const float* r[8];
+    for (size_t t = 0; t < 8; ++t) r[t] = rows + (i + t) * d;
+    dots8(q, r, d8, d, out + i);
+  }
+  for (; i + 4 <= m; i += 4) {
+    const float* r0 = rows + i * d;
+    const float* r1 = r0 + d;
+    const float* r2 = r1 + d;
+    const float* r3 = r2 + d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (size_t j = 0; j < d8; j += 8) {
+      const __m256 qj = _mm256_loadu_ps(q + j);
+      // mul then add, as dot_avx2 and the scalar kernel (no FMA)
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(qj, _mm256_loadu_ps(r0 + j)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(qj, _mm256_loadu_ps(r1 + j)));
+      a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
+      a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
+    }
+    out[i] = finish_dot(a0, q, r0, d8, d);
+    out[i + 1] = finish_dot(a1, q, r1, d8, d);
+    out[i + 2] = finish_dot(a2, q, r2, d8, d);
+    out[i + 3] = finish_dot(a3, q, r3, d8, d);
+  }
+  for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
+}
+
 
 }  // namespace
 
