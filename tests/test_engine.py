@@ -218,6 +218,18 @@ def test_a_folder_from_before_spread_weight_loads_and_ranks_by_centroid(small, t
     np.testing.assert_array_equal(t.search_batched(q).indices, s.search_batched(q).indices)
 
 
+def test_a_folder_whose_spread_weight_contradicts_its_arrays_is_refused_naming_both(small, tmp_path):
+    db, q = small
+    mipscan.builder(db, 10, "dot_product").tree(20, 3).score_ah(2).reorder(40).build().serialize(
+        tmp_path / "ix")
+    path = tmp_path / "ix" / "mipscan.json"
+    m = json.loads(path.read_text())
+    m["config"]["tree"]["spread_weight"] = 0.0  # no spreads wanted, but they are listed
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"leaf_spread is listed but config.tree.spread_weight=0.0"):
+        mipscan.load_searcher(tmp_path / "ix")
+
+
 @pytest.fixture(scope="module")
 def glove():
     h5py = pytest.importorskip("h5py")

@@ -33,7 +33,7 @@ import numpy as np
 
 from mipscan._schema import (ARRAY_QUANTIZE, ARRAYS, FLOAT_ARRAYS, array_value_errors,
                              check_stored_config, docids_to_arrays, float_value_bounds,
-                             mips_width, required_arrays)
+                             mips_width, required_arrays, spread_weight_of)
 from mipscan._validation import Bool, check_value
 
 try:
@@ -704,7 +704,10 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
     if set(entries) != need:
         stage = {a: s for a, (_, _, s) in ARRAYS.items() if s is not None}
 
-        def choice(a):  # the stored type that decides a quantized array, if its stage is set
+        def choice(a):  # the stored setting that decides the array, if its stage is set
+            if a == "leaf_spread" and "tree" in config:
+                return (f"config.tree.spread_weight={config['tree']['spread_weight']!r} "
+                        f"({config['distance_measure']}: weight {spread_weight_of(config)})")
             st, arg, _ = ARRAY_QUANTIZE.get(a, (None, None, None))
             return f"config.{st}.{arg}={config[st][arg]!r}" if st in config else None
 
