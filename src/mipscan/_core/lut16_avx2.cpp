@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "lut16.h"
+#include "lut16_group.h"
 
 namespace mipscan {
 
@@ -66,21 +67,7 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
       }
       accumulate(lo, hi);
     }
-    const __m256i lo_even = _mm256_sub_epi16(lo_all, _mm256_slli_epi16(lo_odd, 8));
-    const __m256i hi_even = _mm256_sub_epi16(hi_all, _mm256_slli_epi16(hi_odd, 8));
-    // Interleave even/odd back into point order within each lane, then gather lanes:
-    // a: points 0-7 | 32-39, b: 8-15 | 40-47 (lo); 16-23 | 48-55, 24-31 | 56-63 (hi).
-    const __m256i la = _mm256_unpacklo_epi16(lo_even, lo_odd), lb = _mm256_unpackhi_epi16(lo_even, lo_odd);
-    const __m256i ha = _mm256_unpacklo_epi16(hi_even, hi_odd), hb = _mm256_unpackhi_epi16(hi_even, hi_odd);
-    const __m256i p0 = _mm256_permute2x128_si256(la, lb, 0x20);  // points 0-15
-    const __m256i p1 = _mm256_permute2x128_si256(ha, hb, 0x20);  // points 16-31
-    const __m256i p2 = _mm256_permute2x128_si256(la, lb, 0x31);  // points 32-47
-    const __m256i p3 = _mm256_permute2x128_si256(ha, hb, 0x31);  // points 48-63
-    __m256i* out = reinterpret_cast<__m256i*>(sums + g * kGroup);
-    _mm256_storeu_si256(out + 0, p0);
-    _mm256_storeu_si256(out + 1, p1);
-    _mm256_storeu_si256(out + 2, p2);
-    _mm256_storeu_si256(out + 3, p3);
+    const GroupSums gs = finish_group(lo_all, lo_odd, hi_all, hi_odd, sums + g * kGroup);
     // Unsigned a >= cut  <=>  max(a, cut) == a. packs works within lanes, giving 8-byte
     // runs in the order (0-7, 16-23 | 8-15, 24-31); permute4x64 0xD8 restores point order
     // so movemask yields one bit per point.
@@ -89,7 +76,7 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
       const __m256i packed8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(ge(x), ge(y)), 0xD8);
       return static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(packed8)));
     };
-    masks[g] = bits(p0, p1) | (bits(p2, p3) << 32);
+    masks[g] = bits(gs.p[0], gs.p[1]) | (bits(gs.p[2], gs.p[3]) << 32);
   }
 }
 
@@ -185,46 +172,11 @@ inline float reduce_lanes(__m256 acc) {
   return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
 }
 
-// One query against every row: eight rows at a time with one transposed reduction
-// (dots8, as dot_rows), then four sharing the loads of q. (The 8-row path halved the
-// centroid scores' share of a single-query search: each row's reduction and tail were
-// a store, scalar adds and a reload.)
-void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
-  const size_t d8 = d - d % 8;
-  size_t i = 0;
-  for (; i + 8 <= m; i += 8) {
-    const float* r[8];
-    for (size_t t = 0; t < 8; ++t) r[t] = rows + (i + t) * d;
-    dots8(q, r, d8, d, out + i);
-  }
-  for (; i + 4 <= m; i += 4) {
-    const float* r0 = rows + i * d;
-    const float* r1 = r0 + d;
-    const float* r2 = r1 + d;
-    const float* r3 = r2 + d;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (size_t j = 0; j < d8; j += 8) {
-      const __m256 qj = _mm256_loadu_ps(q + j);
-      // mul then add, as dot_avx2 and the scalar kernel (no FMA)
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(qj, _mm256_loadu_ps(r0 + j)));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(qj, _mm256_loadu_ps(r1 + j)));
-      a2 = _mm256_add_ps(a2, _mm256_mul_ps(qj, _mm256_loadu_ps(r2 + j)));
-      a3 = _mm256_add_ps(a3, _mm256_mul_ps(qj, _mm256_loadu_ps(r3 + j)));
-    }
-    out[i] = finish_dot(a0, q, r0, d8, d);
-    out[i + 1] = finish_dot(a1, q, r1, d8, d);
-    out[i + 2] = finish_dot(a2, q, r2, d8, d);
-    out[i + 3] = finish_dot(a3, q, r3, d8, d);
-  }
-  for (; i < m; ++i) out[i] = dot_avx2(q, rows + i * d, d);
-}
-
-
-}  // namespace
-
-void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
-                   float* out) {
+// One query against m rows, row t at row_at(t): eight rows per transposed reduction
+// (dots8), then four sharing the loads of q, then one; each value exactly dot_avx2's.
+// For the reorder (rows by id) and the centroid scores of one query (rows in order).
+template <class RowAt>
+void dots_rows_impl(const float* q, size_t d, size_t m, RowAt row_at, float* out) {
   const size_t d8 = d - d % 8;
   const int tail = static_cast<int>(d - d8);
   // The tail (j >= d8) goes to lane j - d8, as in dot_avx2: its products are added to
@@ -243,14 +195,14 @@ void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* 
   size_t t = 0;
   for (; t + 8 <= m; t += 8) {  // eight rows, one transposed reduction
     const float* r[8];
-    for (int u = 0; u < 8; ++u) r[u] = rows + size_t{ids[t + u]} * d;
+    for (size_t u = 0; u < 8; ++u) r[u] = row_at(t + u);
     dots8(q, r, d8, d, out + t);
   }
   for (; t + 4 <= m; t += 4) {
-    const float* r0 = rows + size_t{ids[t]} * d;
-    const float* r1 = rows + size_t{ids[t + 1]} * d;
-    const float* r2 = rows + size_t{ids[t + 2]} * d;
-    const float* r3 = rows + size_t{ids[t + 3]} * d;
+    const float* r0 = row_at(t);
+    const float* r1 = row_at(t + 1);
+    const float* r2 = row_at(t + 2);
+    const float* r3 = row_at(t + 3);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (size_t j = 0; j < d8; j += 8) {
@@ -267,12 +219,26 @@ void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* 
     out[t + 3] = finish(a3, r3);
   }
   for (; t < m; ++t) {
-    const float* r0 = rows + size_t{ids[t]} * d;
+    const float* r0 = row_at(t);
     __m256 a0 = _mm256_setzero_ps();
     for (size_t j = 0; j < d8; j += 8)
       a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(r0 + j)));
     out[t] = finish(a0, r0);
   }
+}
+
+// One query against every row (rows in order); measured: eight rows per transposed
+// reduction halved the centroid scores' share of a single-query search against four
+// rows each finished through memory.
+void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
+  dots_rows_impl(q, d, m, [rows, d](size_t t) { return rows + t * d; }, out);
+}
+
+}  // namespace
+
+void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
+                   float* out) {
+  dots_rows_impl(q, d, m, [rows, ids, d](size_t t) { return rows + size_t{ids[t]} * d; }, out);
 }
 
 void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include "lut16.h"
+#include "lut16_group.h"
 
 namespace mipscan {
 
@@ -83,21 +84,8 @@ inline void scan_group(const uint8_t* g, size_t num_blocks, const __m512i* table
   };
   const __m256i la_all = fold(lo_all), la_odd = fold(lo_odd);
   const __m256i ha_all = fold(hi_all), ha_odd = fold(hi_odd);
-  const __m256i lo_even = _mm256_sub_epi16(la_all, _mm256_slli_epi16(la_odd, 8));
-  const __m256i hi_even = _mm256_sub_epi16(ha_all, _mm256_slli_epi16(ha_odd, 8));
-  // As the AVX2 kernel: interleave even/odd back into point order within each lane, then
-  // gather lanes: a: points 0-7 | 32-39, b: 8-15 | 40-47 (lo); 16-23 | 48-55, 24-31 | 56-63.
-  const __m256i la = _mm256_unpacklo_epi16(lo_even, la_odd), lb = _mm256_unpackhi_epi16(lo_even, la_odd);
-  const __m256i ha = _mm256_unpacklo_epi16(hi_even, ha_odd), hb = _mm256_unpackhi_epi16(hi_even, ha_odd);
-  const __m256i p0 = _mm256_permute2x128_si256(la, lb, 0x20);  // points 0-15
-  const __m256i p1 = _mm256_permute2x128_si256(ha, hb, 0x20);  // points 16-31
-  const __m256i p2 = _mm256_permute2x128_si256(la, lb, 0x31);  // points 32-47
-  const __m256i p3 = _mm256_permute2x128_si256(ha, hb, 0x31);  // points 48-63
-  __m256i* out = reinterpret_cast<__m256i*>(sums);
-  _mm256_storeu_si256(out + 0, p0);
-  _mm256_storeu_si256(out + 1, p1);
-  _mm256_storeu_si256(out + 2, p2);
-  _mm256_storeu_si256(out + 3, p3);
+  const GroupSums gs = finish_group(la_all, la_odd, ha_all, ha_odd, sums);  // the AVX2 kernel's end
+  const __m256i p0 = gs.p[0], p1 = gs.p[1], p2 = gs.p[2], p3 = gs.p[3];
   *mask = uint64_t{_mm256_cmpge_epu16_mask(p0, cutv)} | (uint64_t{_mm256_cmpge_epu16_mask(p1, cutv)} << 16) |
           (uint64_t{_mm256_cmpge_epu16_mask(p2, cutv)} << 32) | (uint64_t{_mm256_cmpge_epu16_mask(p3, cutv)} << 48);
 }
