@@ -219,7 +219,7 @@ class Searcher:
         r = self._run(call, q[None, :], final_num_neighbors, pre_reorder_num_neighbors,
                       leaves_to_search, threads=1, allowed=allowed, excluded=excluded,
                       strategy=filter_strategy, single=True)
-        return SearchResult(r[0][0], r[1][0])
+        return SearchResult(r.indices[0], r.distances[0])
 
     def search_batched(self, queries, final_num_neighbors=None, pre_reorder_num_neighbors=None,
                        leaves_to_search=None, allowed=None, excluded=None,
