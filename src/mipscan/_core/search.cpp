@@ -326,8 +326,7 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   float* sc = s.leaf_scores.data();
   if (ix.ranks_by_spread()) {
     grow(s.leaf_rank, L);
-    float qq = 0;
-    for (size_t j = 0; j < ix.d; ++j) qq += q[j] * q[j];
+    const float qq = kn.dot(q, q, ix.d);  // |q|^2 by the dispatched dot kernel
     // Finite and >= 0 (an inf or NaN query ranks by score alone; its scores say little).
     const float w = ix.spread_weight * std::sqrt(qq);
     s.rank_w = std::isfinite(w) ? w : 0.f;
