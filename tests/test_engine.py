@@ -95,6 +95,57 @@ def test_search_forms_agree(small, metric):
     assert ids.shape == (10,) and dists.shape == (10,)
 
 
+def test_one_call_single_query_path_equals_the_checked_path(small):
+    """search() of a dot-product index runs one C++ call (State.one) for plain float32
+    queries and int/None knobs; everything else takes the checked path. Both give exactly
+    search_batched's row, on the static and the live layout, with and without docids."""
+    db, q = small
+    s = mipscan.builder(db, 10, "dot_product").tree(40, 8).score_ah(2).reorder(50).build()
+    assert s._state.one_query() is not False
+    knobs = [{}, {"final_num_neighbors": 3}, {"leaves_to_search": 40, "pre_reorder_num_neighbors": 7},
+             {"final_num_neighbors": 5000},  # above n: n results, as ScaNN
+             {"pre_reorder_num_neighbors": 1, "final_num_neighbors": 4},
+             {"leaves_to_search": np.int64(3), "final_num_neighbors": np.int32(6)}]  # checked path
+    forms = [lambda r: r, lambda r: r.astype(np.float64), lambda r: list(map(float, r)),
+             lambda r: np.repeat(r, 2)[::2]]  # float64, list, non-contiguous: checked path
+    for kw in knobs:
+        want = s.search_batched(q[:12], **kw)
+        for i in range(12):
+            for form in forms:
+                got = s.search(form(q[i]), **kw)
+                np.testing.assert_array_equal(got.indices, want.indices[i])
+                np.testing.assert_array_equal(got.distances, want.distances[i])
+    # The checked path still names every error (the one call declines, never raises).
+    for bad, exc, needle in [({"final_num_neighbors": True}, TypeError, "final_num_neighbors"),
+                             ({"leaves_to_search": 41}, ValueError, "num_leaves=40"),
+                             ({"pre_reorder_num_neighbors": 0}, ValueError, "pre_reorder"),
+                             ({"final_num_neighbors": 2**70}, None, None)]:
+        if exc is None:  # a huge k is allowed: min(k, n) results
+            assert s.search(q[0], **bad).indices.shape == (len(db),)
+            continue
+        with pytest.raises(exc, match=needle):
+            s.search(q[0], **bad)
+    big = q[0].copy()
+    big[3] = 1e30
+    with pytest.raises(ValueError, match="magnitude"):
+        s.search(big)
+    with pytest.raises(ValueError, match="features"):
+        s.search(q[0][:-1])
+    # Other metrics transform the query or its scores in Python: no one-call path.
+    assert mipscan.builder(db, 10, "cosine").tree(40, 8).score_ah(2).build()._state.one_query() is False
+    # The live layout (after an upsert) and docids.
+    t = mipscan.builder(db, 10, "dot_product").tree(40, 8).score_ah(2).reorder(50).build(
+        docids=[f"d{i}" for i in range(len(db))])
+    t.upsert(["new"], db[:1] * 3)
+    assert t._state.live is not None and t._state.one_query() is not False
+    want = t.search_batched(q[:12], leaves_to_search=12)
+    for i in range(12):
+        got = t.search(q[i], leaves_to_search=12)
+        np.testing.assert_array_equal(got.indices, want.indices[i])
+        np.testing.assert_array_equal(got.distances, want.distances[i])
+    assert t.search(db[0] * 3, leaves_to_search=40).indices[0] == "new"
+
+
 def test_search_arguments_override_defaults(small):
     db, q = small
     s = mipscan.builder(db, 10, "dot_product").tree(40, 2).score_ah(2).reorder(20).build()

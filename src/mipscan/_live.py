@@ -27,7 +27,7 @@ Where things live:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,12 @@ import numpy as np
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS, spread_weight_of
 from mipscan._training import soar_assign
+from mipscan._validation import max_abs_value
 from mipscan.brute import normalize_rows
+
+# From this many leaves up, a static index's batched searches score the leaves by BLAS
+# (mipscan.searcher); below it, and always for a live index, the core scores them.
+BLAS_LEAF_SCORES_MIN_LEAVES = 4096
 
 
 #: A drifted leaf (tree(incremental_threshold=...)) is retrained only when its mean moved
@@ -87,6 +92,35 @@ class State:
     threshold: float = 0.0               # the encoder's threshold (it is given unit rows)
     trained: np.ndarray | None = None    # int64 per leaf: live entries when last (re)trained
     changes: np.ndarray | None = None    # int64 per leaf: entries added or removed since
+    # Searcher.search()'s one-call path for this snapshot: None until the first search
+    # asks (one_query()); then a _mipscan.OneQuery, or False where search() must transform
+    # the query or its scores. Never passed: replace() starts the new snapshot at None.
+    one: Any = field(init=False, default=None, repr=False, compare=False)
+
+    def one_query(self):
+        """This snapshot's OneQuery (made once; False: none)."""
+        one = self.one
+        if one is None:
+            one = _one_query(self) or False
+            object.__setattr__(self, "one", one)  # racing makers make equal ones
+        return one
+
+
+def _one_query(st: State):
+    """The snapshot's OneQuery: a dot-product index with rows, searched by the core with
+    the core's own leaf scores (so a single query's results equal search_batched's)."""
+    if st.config["distance_measure"] != "dot_product" or st.n_live == 0:
+        return None
+    if st.live is not None:
+        engine, upper = st.live, 1
+    elif st.index is not None and (st.num_leaves < BLAS_LEAF_SCORES_MIN_LEAVES
+                                   or st.core_leaf_scores):
+        engine, upper = st.index, st.upper_to_search
+    else:
+        return None
+    return _mipscan.OneQuery(engine, st.n_live, st.reorder_k or 0, st.leaves_to_search,
+                             st.configured_leaves, st.overretrieve, upper,
+                             max_abs_value(int(st.config["d"])))
 
 
 def dead_mask(state: State) -> np.ndarray:

@@ -24,7 +24,7 @@ __all__ = ["Searcher", "load_searcher"]
 # batch instead of per query in C++. Kept high: a multi-threaded BLAS call between
 # searches costs more than it saves at moderate sizes (its threads spin, and the calling
 # thread waits for them: GloVe-50, 300 leaves: 63 us per query with BLAS, 44 without).
-_BLAS_LEAF_SCORES_MIN_LEAVES = 4096
+_BLAS_LEAF_SCORES_MIN_LEAVES = _live.BLAS_LEAF_SCORES_MIN_LEAVES
 
 # The arrays the core's Index takes after the three every index has, in its order.
 _OPTIONAL = tuple(name for name in CORE_ARRAYS if ARRAYS[name][2] is not None)
@@ -214,6 +214,16 @@ class Searcher:
             ValueError: wrong shape, NaN/inf, dimension mismatch, counts out of range,
             an id in allowed/excluded that is not in the index (the first is named).
         """
+        if (allowed is None and excluded is None and type(filter_strategy) is str
+                and filter_strategy == "auto"):
+            st = self._state
+            one = st.one if st.one is not None else st.one_query()
+            if one is not False:  # one C++ call; None: anything unusual, checked below
+                r = one(q, self.num_neighbors if final_num_neighbors is None
+                           else final_num_neighbors, pre_reorder_num_neighbors, leaves_to_search)
+                if r is not None:
+                    return SearchResult(r[0] if st.docids is None else self._ids_out(st, r[0]),
+                                        r[1])
         call = "search()"
         q = as_float_array(call, "q", q, 1, d=self.d)
         r = self._run(call, q[None, :], final_num_neighbors, pre_reorder_num_neighbors,

@@ -254,6 +254,62 @@ std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
   return std::make_pair(ids, scores);
 }
 
+// Searcher.search()'s common case in one call: one float32 query of an unfiltered
+// dot-product index, knobs that are None or plain ints. Made per snapshot (mipscan._live.
+// State) with the snapshot's defaults. It returns None, never raising, whenever anything
+// is not plainly valid (another dtype, a NaN, a bool or numpy int, a value out of range):
+// the Python path then converts or names the error, so there is one set of messages. The
+// values it returns equal search_batch's for the same (1, d) query: the same core call.
+struct OneQuery {
+  nb::object engine;  // the Index or Live the view and scratch belong to (kept alive)
+  const mipscan::IndexView* view = nullptr;
+  mipscan::ScratchCache* scratch = nullptr;
+  size_t n_live = 0, reorder_k = 0 /* 0: none */, leaves = 1, configured_leaves = 1;
+  double overretrieve = 2.0;
+  size_t upper_to_search = 1;
+  float max_abs = 0;
+
+  // A plain int in [1, high] (None: dflt); false for anything else.
+  static bool count(nb::handle h, size_t dflt, size_t high, size_t& out) {
+    if (h.is_none()) {
+      out = dflt;
+      return true;
+    }
+    if (!PyLong_CheckExact(h.ptr())) return false;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+    if (overflow != 0 || v < 1 || static_cast<unsigned long long>(v) > high) return false;
+    out = static_cast<size_t>(v);
+    return true;
+  }
+
+  nb::object operator()(nb::handle q, nb::handle final_k, nb::handle pre_k, nb::handle leaves_h) {
+    const mipscan::IndexView& v = *view;
+    constexpr size_t kAny = std::numeric_limits<size_t>::max();
+    size_t k = 0, pre = 0, nl = 0;
+    if (!count(final_k, 0, kAny, k) || k == 0 || !count(pre_k, 0, kAny, pre) ||
+        !count(leaves_h, leaves, configured_leaves, nl))
+      return nb::none();
+    In<float, 1> x;
+    if (!nb::try_cast(q, x, /*convert=*/false) || x.shape(0) != v.d) return nb::none();
+    const float* p = x.data();
+    for (size_t i = 0; i < v.d; ++i)
+      if (!(std::fabs(p[i]) <= max_abs)) return nb::none();  // NaN fails too
+    k = std::min(k, n_live);
+    if (pre == 0) pre = reorder_k != 0 ? reorder_k : k;
+    pre = std::max<size_t>(1, std::min(pre, n_live));
+    nl = std::min(nl, v.num_leaves);
+    const mipscan::SearchParams sp = search_params(v, nl, pre, k, overretrieve, upper_to_search, "search");
+    auto ids = new_array<uint32_t>(k);
+    auto scores = new_array<float>(k);
+    {
+      nb::gil_scoped_release release;
+      mipscan::search_batch(v, *scratch, mipscan::kernels(), p, 1, nullptr, sp, 1, ids.data(), scores.data());
+    }
+    return nb::make_tuple(ids, scores);
+  }
+};
+
 }  // namespace
 
 NB_MODULE(_mipscan, m) {
@@ -883,4 +939,33 @@ NB_MODULE(_mipscan, m) {
            "list_excludes"_a, "eligible"_a.noconvert().none(), "exact"_a.noconvert().none(), "leaf_exponent"_a,
            "shared_rows"_a.noconvert().none() = nb::none(), "overretrieve"_a = 2.0)
       .def_prop_ro("has_exact_rows", [](const Live& lv) { return lv.view.row_data != nullptr; });
+
+  nb::class_<OneQuery>(m, "OneQuery")
+      .def("__init__",
+           [](OneQuery* self, nb::object engine, size_t n_live, size_t reorder_k, size_t leaves,
+              size_t configured_leaves, double overretrieve, size_t upper_to_search, float max_abs) {
+             const mipscan::IndexView* v = nullptr;
+             mipscan::ScratchCache* cache = nullptr;
+             if (nb::isinstance<Index>(engine)) {
+               Index& ix = nb::cast<Index&>(engine);
+               v = &ix.view;
+               cache = &ix.scratch;
+             } else if (nb::isinstance<Live>(engine)) {
+               Live& lv = nb::cast<Live&>(engine);
+               v = &lv.view;
+               cache = lv.scratch.get();
+             } else {
+               throw std::invalid_argument("OneQuery: engine must be an Index or a Live");
+             }
+             require(n_live >= 1 && n_live <= v->n, "OneQuery: n_live must be in [1, n]");
+             require(leaves >= 1 && leaves <= v->num_leaves, "OneQuery: leaves must be in [1, num_leaves]");
+             require(configured_leaves >= v->num_leaves, "OneQuery: configured_leaves < num_leaves");
+             search_params(*v, leaves, 1, 1, overretrieve, upper_to_search, "OneQuery");  // checks
+             new (self) OneQuery{engine, v, cache, n_live, reorder_k, leaves, configured_leaves,
+                                 overretrieve, upper_to_search, max_abs};
+           },
+           "engine"_a, "n_live"_a, "reorder_k"_a, "leaves_to_search"_a, "configured_leaves"_a,
+           "overretrieve"_a, "upper_to_search"_a, "max_abs"_a)
+      .def("__call__", &OneQuery::operator(), "q"_a.none(), "final_k"_a.none(), "pre_k"_a.none(),
+           "leaves"_a.none());
 }
