@@ -258,9 +258,10 @@ def test_every_manifest_field_edited_is_rejected(saved, tmp_path, layout):
         parent = _dotted(path[:-1])
         edits = []
         if not isinstance(path[-1], int) and not (
-                path[1:] == ("tree", "spread_weight") and "leaf_spread" not in original["arrays"]):
-            # (A folder written before spread_weight existed lacks it and has no spreads:
-            # it loads, ranking by centroid, as it was searched then.)
+                path[1:] == ("tree", "spread_weight") and "leaf_spread" not in original["arrays"]) \
+                and not (path[1:] == ("tree", "leaf_axes") and "leaf_axes" not in original["arrays"]):
+            # (A folder written before spread_weight or leaf_axes existed lacks it and has
+            # no spreads or axes: it loads, ranking as it was searched then.)
             edits.append(("missing", None))
         candidates = _wrong_types(value) + _out_of_range(path, value, original)
         rule = _stage_rule(path)

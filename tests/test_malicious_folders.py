@@ -65,6 +65,8 @@ LAYOUTS = {
     "bf8_l2": ("squared_l2", lambda b: b.score_brute_force(quantize=True)),
     "upper_l2": ("squared_l2", lambda b: b.tree(8, 3, min_partition_size=1).upper_tree(3, 2)
                  .score_ah(2).reorder(30)),
+    "tree_ah_axes": ("dot_product", lambda b: b.tree(8, 3, min_partition_size=1, leaf_axes=3)
+                     .score_ah(2).reorder(30)),
 }
 if LONG:
     LAYOUTS.update({
@@ -505,12 +507,13 @@ def test_nan_centroid_with_recomputed_checksum_is_refused(pristine, tmp_path):
 @pytest.mark.parametrize("name,value,expect", [
     ("centroids", np.inf, "inf"), ("centroids", -3e38, "outside"), ("centroids", 3e38, "outside"),
     ("reorder_rows", np.nan, "NaN"), ("codebooks", np.nan, "NaN"), ("slot_rows", np.nan, "NaN"),
-    ("leaf_spread", np.nan, "finite"), ("leaf_spread", -1.0, "finite"), ("leaf_spread", np.inf, "finite")])
+    ("leaf_spread", np.nan, "finite"), ("leaf_spread", -1.0, "finite"), ("leaf_spread", np.inf, "finite"),
+    ("leaf_axes", np.nan, "finite"), ("leaf_axes", np.inf, "finite")])
 @pytest.mark.parametrize("everywhere", [False, True])
 def test_non_finite_or_huge_floats_are_refused(pristine, tmp_path, name, value, expect, everywhere):
     """Issue 12, defect 1: inf or +-3e38 centroids gave duplicate ids; all-NaN reorder_rows,
     slot_rows or codebooks gave id 0 with score -inf everywhere."""
-    layout = "tree_bf" if name == "slot_rows" else "tree_ah_reorder"
+    layout = {"slot_rows": "tree_bf", "leaf_axes": "tree_ah_axes"}.get(name, "tree_ah_reorder")
 
     def edit(a):
         if everywhere:

@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 from mipscan import _mipscan
-from mipscan._schema import ENCODER_ITERATIONS, ah_num_blocks, quantize_type, spread_weight_of
+from mipscan._schema import (ENCODER_ITERATIONS, ah_num_blocks, leaf_axes_of, quantize_type,
+                             resolve_leaf_axes, spread_weight_of)
 from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan.brute import normalize_rows
 
@@ -41,6 +42,7 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
     n, mips_d = rows.shape
 
     tree = config.get("tree")
+    resolve_leaf_axes(config)
     if tree is not None:
         sample = space
         if tree["training_sample_size"] < n:
@@ -87,6 +89,9 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
         arrays["upper_offsets"] = upper_offsets
     if spread_weight_of(config) > 0:
         arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
+    if leaf_axes_of(config) > 0:
+        arrays["leaf_axes"], arrays["leaf_spread"] = leaf_axes(
+            rows, arrays["centroids"], slot_ids, counts, leaf_axes_of(config))
 
     ah = config.get("score_ah")
     if ah is not None:
@@ -227,6 +232,30 @@ def leaf_spread(rows, centroids, slot_ids, counts, chunk: int = 1 << 16) -> np.n
                           minlength=num_leaves)
     size = np.maximum(np.asarray(counts, np.float64), 1.0) * width
     return np.sqrt(sq / size).astype(np.float32)
+
+
+def leaf_axes(rows, centroids, slot_ids, counts, rank) -> tuple[np.ndarray, np.ndarray]:
+    """Each leaf's top ``rank`` principal axes of its residuals x - c over its entries
+    (slot order, leaf by leaf), scaled to sqrt(lambda_j - rest), and sqrt(rest), rest the
+    mean eigenvalue of the others (0 past the width): the anisotropic leaf order
+    (_core/search.h, leaf_axes) and its spread. float32 (num_leaves, rank, width) and
+    (num_leaves,); zero for an empty leaf. One leaf's residuals at a time."""
+    num_leaves, width = centroids.shape
+    axes = np.zeros((num_leaves, rank, width), np.float32)
+    spread = np.zeros(num_leaves, np.float32)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for leaf in range(num_leaves):
+        a, b = int(offsets[leaf]), int(offsets[leaf + 1])
+        if b == a:
+            continue
+        r = (rows[slot_ids[a:b]] - centroids[leaf]).astype(np.float64)
+        lam, vec = np.linalg.eigh(r.T @ r / (b - a))  # ascending
+        lam = np.maximum(lam, 0.0)
+        top, other = lam[width - rank:], lam[:width - rank]
+        rest = float(other.mean()) if len(other) else 0.0
+        axes[leaf] = (vec[:, width - rank:] * np.sqrt(np.maximum(top - rest, 0.0))).T
+        spread[leaf] = np.sqrt(rest)
+    return axes, spread
 
 
 def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, threads):

@@ -705,6 +705,8 @@ def _load_once(root: Path, dir_fd: int, mmap: bool, verify: bool) -> tuple[dict,
         stage = {a: s for a, (_, _, s) in ARRAYS.items() if s is not None}
 
         def choice(a):  # the stored setting that decides the array, if its stage is set
+            if a == "leaf_axes" and "tree" in config:
+                return f"config.tree.leaf_axes={config['tree']['leaf_axes']!r}"
             if a == "leaf_spread" and "tree" in config:
                 return (f"config.tree.spread_weight={config['tree']['spread_weight']!r} "
                         f"({config['distance_measure']}: weight {spread_weight_of(config)})")

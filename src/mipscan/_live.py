@@ -86,6 +86,7 @@ class State:
     # The leaf order's spreads of the build (leaf_spread), kept as they were: a compacted
     # copy then searches its leaves in the live index's order.
     leaf_spread: np.ndarray | None = None
+    leaf_axes: np.ndarray | None = None  # the same, for tree(leaf_axes > 0)
     row_leaf: np.ndarray | None = None   # int32 (capacity, 2) store
     centroids: np.ndarray | None = None  # float32 (L, width)
     codebooks: np.ndarray | None = None
@@ -185,7 +186,7 @@ def to_live(state: State, threads: int) -> State:
                                    None if books is None else np.asarray(arrays["packed_codes"]),
                                    None if books is None else np.asarray(arrays["leaf_groups"]),
                                    arrays.get("leaf_spread"),
-                                   spread_weight_of(cfg))
+                                   spread_weight_of(cfg), arrays.get("leaf_axes"))
     threshold = 0.0
     if "score_ah" in cfg:
         t = cfg["score_ah"]["anisotropic_quantization_threshold"]
@@ -194,6 +195,7 @@ def to_live(state: State, threads: int) -> State:
     return replace(state, index=None, arrays=None, live=live, num_rows=n, dead=dead,
                    leaf_live=leaf_live, row_data=rows, row_leaf=row_leaf,
                    leaf_spread=arrays.get("leaf_spread"),
+                   leaf_axes=arrays.get("leaf_axes"),
                    centroids=centroids, codebooks=books, threshold=threshold,
                    trained=leaf_live.astype(np.int64), changes=np.zeros(L, np.int64))
 

@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 
 from mipscan import _filters, _live, _mipscan
-from mipscan._build import build_arrays, leaf_spread, to_mips_rows
+from mipscan._build import build_arrays, leaf_axes, leaf_spread, to_mips_rows
 from mipscan._policy import BRUTE_FORCE_BELOW, suggest_config
 from mipscan._io import check_state, read_index, write_index
 from mipscan._schema import (ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width,
-                             spread_weight_of, static_only)
+                             leaf_axes_of, spread_weight_of, static_only)
 from mipscan._threads import get_num_threads
 from mipscan._validation import MAX_THREADS, as_float_array, check_int
 from mipscan.brute import SearchResult, normalize_rows
@@ -738,6 +738,12 @@ def _compact(st, call: str) -> tuple[dict, dict, list | None]:
         # an index that started empty, those of its rows (MIPS-space rows, as built).
         arrays["leaf_spread"] = (np.array(st.leaf_spread, np.float32) if st.leaf_spread is not None
                                  else leaf_spread(rows, arrays["centroids"], slot_ids, counts))
+    if leaf_axes_of(st.config) > 0:  # the same, for the axes (and their spreads)
+        if st.leaf_axes is not None:
+            arrays["leaf_axes"] = np.array(st.leaf_axes, np.float32)
+        else:
+            arrays["leaf_axes"], arrays["leaf_spread"] = leaf_axes(
+                rows, arrays["centroids"], slot_ids, counts, leaf_axes_of(st.config))
     config = _live.SearcherConfig(st.config)
     config["n"] = len(keep)
     return config, arrays, st.docids[keep].tolist()

@@ -185,11 +185,16 @@ struct Live {
   // The leaf order's spreads (search.h, leaf_spread), a copy owned by every snapshot
   // derived from the first (null: ranked by centroid score).
   std::shared_ptr<const std::vector<float>> spread;
+  std::shared_ptr<const std::vector<float>> axes;  // search.h, leaf_axes (or null)
 
-  void set_spread(std::shared_ptr<const std::vector<float>> s, float weight) {
+  void set_spread(std::shared_ptr<const std::vector<float>> s, float weight,
+                  std::shared_ptr<const std::vector<float>> a, size_t rank) {
     spread = std::move(s);
+    axes = spread ? std::move(a) : nullptr;
     view.leaf_spread = spread ? spread->data() : nullptr;
     view.spread_weight = spread ? weight : 0.f;
+    view.leaf_axes = axes ? axes->data() : nullptr;
+    view.axes_rank = axes ? rank : 0;
   }
 };
 
@@ -253,6 +258,7 @@ std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
   }
   return std::make_pair(ids, scores);
 }
+
 
 // Searcher.search()'s common case in one call: one float32 query of an unfiltered
 // dot-product index, knobs that are None or plain ints. Made per snapshot (mipscan._live.
@@ -642,7 +648,8 @@ NB_MODULE(_mipscan, m) {
               std::optional<In<float, 2>> upper_centroids, std::optional<In<int64_t, 1>> upper_offsets,
               std::optional<In<float, 1>> reorder_row_scales, std::optional<In<float, 1>> slot_row_scales,
               std::optional<In<float, 1>> centroid_row_scales, std::optional<size_t> n,
-              std::optional<In<float, 1>> leaf_spread, float spread_weight) {
+              std::optional<In<float, 1>> leaf_spread, float spread_weight,
+              std::optional<In<float, 3>> leaf_axes) {
              mipscan::IndexView v;
              v.num_leaves = centroids.shape(0);
              v.d = centroids.shape(1);
@@ -762,6 +769,12 @@ NB_MODULE(_mipscan, m) {
                v.leaf_spread = leaf_spread->data();
                v.spread_weight = spread_weight;
              }
+             if (leaf_axes) {
+               require(leaf_spread.has_value() && leaf_axes->shape(0) == v.num_leaves && leaf_axes->shape(2) == v.d,
+                       "Index: leaf_axes must be (num_leaves, rank, d), with leaf_spread");
+               v.leaf_axes = leaf_axes->data();
+               v.axes_rank = leaf_axes->shape(1);
+             }
              new (self) Index{v, {}};
            },
            "centroids"_a.noconvert(), "leaf_offsets"_a.noconvert(), "slot_ids"_a.noconvert(),
@@ -776,12 +789,14 @@ NB_MODULE(_mipscan, m) {
            "reorder_row_scales"_a.noconvert().none() = nb::none(), "slot_row_scales"_a.noconvert().none() = nb::none(),
            "centroid_row_scales"_a.noconvert().none() = nb::none(), "n"_a.none() = nb::none(),
            "leaf_spread"_a.noconvert().none() = nb::none(), "spread_weight"_a = 0.0f,
+           "leaf_axes"_a.noconvert().none() = nb::none(),
            nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
            nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>(), nb::keep_alive<1, 9>(),
            nb::keep_alive<1, 10>(), nb::keep_alive<1, 11>(), nb::keep_alive<1, 12>(), nb::keep_alive<1, 13>(),
            nb::keep_alive<1, 14>(), nb::keep_alive<1, 15>(), nb::keep_alive<1, 16>(), nb::keep_alive<1, 17>(),
            nb::keep_alive<1, 18>(), nb::keep_alive<1, 19>(), nb::keep_alive<1, 20>(), nb::keep_alive<1, 21>(),
-           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>(), nb::keep_alive<1, 25>())
+           nb::keep_alive<1, 22>(), nb::keep_alive<1, 23>(), nb::keep_alive<1, 25>(),
+           nb::keep_alive<1, 27>())
       .def_prop_ro("n", [](const Index& ix) { return ix.view.n; })
       .def_prop_ro("num_slots", [](const Index& ix) { return ix.view.num_slots; })
       .def_prop_ro("d", [](const Index& ix) { return ix.view.d; })
@@ -828,9 +843,11 @@ NB_MODULE(_mipscan, m) {
               In<uint64_t, 1> dead, In<uint32_t, 1> leaf_live, size_t n_live, bool reorder,
               In<int64_t, 1> leaf_offsets, In<uint32_t, 1> slot_ids, std::optional<In<uint8_t, 1>> packed,
               std::optional<In<int64_t, 1>> leaf_groups, std::optional<In<float, 1>> leaf_spread,
-              float spread_weight) {
+              float spread_weight, std::optional<In<float, 3>> leaf_axes) {
              const size_t L = centroids.shape(0);
              require(!leaf_spread || leaf_spread->shape(0) == L, "Live: leaf_spread must be (num_leaves,)");
+             require(!leaf_axes || (leaf_spread && leaf_axes->shape(0) == L && leaf_axes->shape(2) == centroids.shape(1)),
+                     "Live: leaf_axes must be (num_leaves, rank, d), with leaf_spread");
              require(std::isfinite(spread_weight) && spread_weight >= 0,
                      "Live: spread_weight must be a finite number >= 0");
              require(L >= 1 && leaf_offsets.shape(0) == L + 1, "Live: leaf_offsets must have num_leaves + 1 entries");
@@ -851,13 +868,17 @@ NB_MODULE(_mipscan, m) {
              auto lv = std::make_shared<const mipscan::LiveLeaves>(L, nb_, off, slot_ids.data(),
                                                                    packed ? packed->data() : nullptr,
                                                                    leaf_groups ? leaf_groups->data() : nullptr);
-             Live out{lv, std::make_shared<mipscan::ScratchCache>(), {}, nullptr};
+             Live out{lv, std::make_shared<mipscan::ScratchCache>(), {}, nullptr, nullptr};
              out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
              out.view.n = n_live;
              if (leaf_spread && spread_weight > 0) {
                mipscan::fault::alloc();
-               out.set_spread(std::make_shared<const std::vector<float>>(leaf_spread->data(), leaf_spread->data() + L),
-                              spread_weight);
+               auto copy = [](const float* p, size_t count) {
+                 return std::make_shared<const std::vector<float>>(p, p + count);
+               };
+               out.set_spread(copy(leaf_spread->data(), L), spread_weight,
+                              leaf_axes ? copy(leaf_axes->data(), leaf_axes->size()) : nullptr,
+                              leaf_axes ? leaf_axes->shape(1) : 0);
              }
              return out;
            },
@@ -865,6 +886,7 @@ NB_MODULE(_mipscan, m) {
            "dead"_a.noconvert(), "leaf_live"_a.noconvert(), "n_live"_a, "reorder"_a, "leaf_offsets"_a.noconvert(),
            "slot_ids"_a.noconvert(), "packed_codes"_a.noconvert().none(), "leaf_groups"_a.noconvert().none(),
            "leaf_spread"_a.noconvert().none() = nb::none(), "spread_weight"_a = 0.0f,
+           "leaf_axes"_a.noconvert().none() = nb::none(),
            nb::keep_alive<0, 1>(), nb::keep_alive<0, 2>(), nb::keep_alive<0, 3>(), nb::keep_alive<0, 5>(),
            nb::keep_alive<0, 6>())
       .def("derive",
@@ -884,10 +906,10 @@ NB_MODULE(_mipscan, m) {
                lv = std::make_shared<const mipscan::LiveLeaves>(*base.leaves, reset.shape(0), reset.data(), m_, leaves.data(),
                                                                 rows.data(), nb_ ? codes->data() : nullptr);
              }
-             Live out{lv, base.scratch, {}, nullptr};
+             Live out{lv, base.scratch, {}, nullptr, nullptr};
              out.view = live_view(*lv, centroids, codebooks, row_data, num_rows, dead, leaf_live, reorder);
              out.view.n = n_live;
-             out.set_spread(base.spread, base.view.spread_weight);  // the same leaves, so the same spreads
+             out.set_spread(base.spread, base.view.spread_weight, base.axes, base.view.axes_rank);  // the same leaves
              return out;
            },
            "centroids"_a.noconvert(), "codebooks"_a.noconvert().none(), "row_data"_a.noconvert(), "num_rows"_a,

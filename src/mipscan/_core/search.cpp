@@ -36,6 +36,10 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> leaf_scores;
   std::vector<float> leaf_rank;  // ranks_by_spread(): the order key of each leaf
   float rank_w = 0;              // ranks_by_spread(): spread_weight * |q| of this query
+  float rank_qq = 0;             // ranks_by_axes(): |q|^2 of this query
+  std::vector<float> axes_q;     // ranks_by_axes(): a_lj . q of a range of leaves
+  std::vector<float> chunk_axes;  // ranks_by_axes(): a_lj . q of every leaf, a chunk's queries
+  const float* pre_axes = nullptr;  // this query's row of chunk_axes (null: computed per range)
   std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
   std::vector<uint32_t> leaf_order;
   std::vector<uint64_t> leaf_radix;  // radix_order_leaves: two buffers of L keys
@@ -63,7 +67,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
 
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(leaf_rank) +
+    return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(leaf_rank) + b(axes_q) + b(chunk_axes) +
            b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
@@ -218,11 +222,30 @@ void quantized_dots(const int8_t* i8, const uint16_t* bf16, const float* scales,
 // The order key of leaves [a, b) from their scores: the score plus the query's share of
 // the leaf's spread (IndexView::leaf_spread), or the score itself. No NaN (-inf instead),
 // whatever the arrays hold: the selection and sorts need a total order.
-void rank_leaf_range(const IndexView& ix, size_t a, size_t b, Scratch& s) {
+void rank_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, size_t a, size_t b,
+                     Scratch& s) {
   if (!ix.ranks_by_spread()) return;
   const float* sc = s.leaf_scores.data();
   float* rk = s.leaf_rank.data();
-  for (size_t l = a; l < b; ++l) rk[l] = no_nan(sc[l] + s.rank_w * ix.leaf_spread[l]);
+  if (!ix.ranks_by_axes()) {
+    for (size_t l = a; l < b; ++l) rk[l] = no_nan(sc[l] + s.rank_w * ix.leaf_spread[l]);
+    return;
+  }
+  // a_lj . q for up to kAxesLeaves leaves at a time (one many-rows dot call).
+  constexpr size_t kAxesLeaves = 64;
+  const size_t d = ix.d, r = ix.axes_rank;
+  grow(s.axes_q, std::min(b - a, kAxesLeaves) * r);
+  for (size_t c = a; c < b; c += kAxesLeaves) {
+    const size_t e = std::min(b, c + kAxesLeaves);
+    if (s.pre_axes == nullptr) kn.dots(q, 1, ix.leaf_axes + c * r * d, (e - c) * r, d, s.axes_q.data());
+    for (size_t l = c; l < e; ++l) {
+      const float* t = s.pre_axes != nullptr ? s.pre_axes + l * r : s.axes_q.data() + (l - c) * r;
+      float var = s.rank_qq * ix.leaf_spread[l] * ix.leaf_spread[l];
+      for (size_t j = 0; j < r; ++j) var += t[j] * t[j];
+      // A NaN (a bad array, an inf query) ranks the leaf by its score alone.
+      rk[l] = no_nan(sc[l] + ix.spread_weight * (var > 0 ? std::sqrt(var) : 0.f));
+    }
+  }
 }
 
 // The scores that order the leaves (see rank_leaf_range).
@@ -246,7 +269,7 @@ void score_leaf_range(const IndexView& ix, const Kernels& kn, const float* q, si
     sc[l] = no_nan(sc[l]);
     s.scored[l] = 1;
   }
-  rank_leaf_range(ix, a, b, s);
+  rank_leaf_range(ix, kn, q, a, b, s);
 }
 
 // Upper tree: scores the upper nodes, then the children of the best `upper` of them; the
@@ -330,6 +353,7 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
     // Finite and >= 0 (an inf or NaN query ranks by score alone; its scores say little).
     const float w = ix.spread_weight * std::sqrt(qq);
     s.rank_w = std::isfinite(w) ? w : 0.f;
+    s.rank_qq = std::isfinite(w) ? qq : 0.f;
   }
   if (precomputed == nullptr && ix.num_upper > 0) {
     first = std::min(first, score_upper_tree(ix, kn, q, upper, s));
@@ -343,7 +367,7 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
     kn.dots(q, 1, ix.centroids, L, ix.d, sc);
     for (size_t l = 0; l < L; ++l) sc[l] = no_nan(sc[l]);
   }
-  if (precomputed != nullptr || ix.num_upper == 0) rank_leaf_range(ix, 0, L, s);
+  if (precomputed != nullptr || ix.num_upper == 0) rank_leaf_range(ix, kn, q, 0, L, s);
   // From here on the keys hold no NaN (-inf instead), so they are totally ordered:
   // the selection, the sorts and the widening below see a consistent order.
   const float* key = leaf_keys_of(ix, s);
@@ -1162,11 +1186,21 @@ void search_batch(const IndexView& index, ScratchCache& cache, const Kernels& kn
       kn.dots(queries + b * index.d, e - b, index.centroids, L, index.d, s.chunk_scores.data());
       chunk_scores = s.chunk_scores.data();
     }
+    // The leaf axes' products too (the same values per query: one read of the axes per
+    // chunk instead of one per query).
+    const size_t r = index.axes_rank;
+    const bool chunk_axes = e - b > 1 && index.ranks_by_axes() && index.num_upper == 0;
+    if (chunk_axes) {
+      grow(s.chunk_axes, (e - b) * L * r);
+      kn.dots(queries + b * index.d, e - b, index.leaf_axes, L * r, index.d, s.chunk_axes.data());
+    }
     for (size_t i = b; i < e; ++i) {
+      s.pre_axes = chunk_axes ? s.chunk_axes.data() + (i - b) * L * r : nullptr;
       search_one<false>(index, kn, queries + i * index.d,
                         chunk_scores ? chunk_scores + (i - b) * L : nullptr, params, s,
                         out_ids + i * params.final_k, out_scores + i * params.final_k, nullptr);
     }
+    s.pre_axes = nullptr;
   });
 }
 

@@ -99,7 +99,18 @@ struct IndexView {
   // to stay q . c_l. Null or spread_weight 0: ScaNN's order, by centroid score only.
   const float* leaf_spread = nullptr;
   float spread_weight = 0;
+  // The anisotropic form (optional): leaf_axes holds axes_rank scaled principal axes of
+  // each leaf's residuals (num_leaves * axes_rank * d; row j of leaf l is sqrt(lambda_j -
+  // rest_l) v_j), and leaf_spread[l] is then sqrt(rest_l), the RMS residual left outside
+  // them. Leaves are searched by q . c_l + spread_weight * sqrt(sum_j (a_lj . q)^2 +
+  // |q|^2 leaf_spread[l]^2): the mean plus spread_weight standard deviations of q . x,
+  // with the leaf's covariance approximated by its top axes plus an isotropic rest.
+  // Costs axes_rank * d multiply-adds per leaf and query: built only where that is small
+  // beside the scan (mipscan._schema.resolve_leaf_axes).
+  const float* leaf_axes = nullptr;
+  size_t axes_rank = 0;
 
+  bool ranks_by_axes() const { return ranks_by_spread() && leaf_axes != nullptr && axes_rank > 0; }
   bool ranks_by_spread() const { return leaf_spread != nullptr && spread_weight > 0; }
   bool reorders() const { return reorder_rows || reorder_i8 || reorder_bf16; }
   bool quantized_centroids() const { return centroids_i8 || centroids_bf16; }
