@@ -338,12 +338,9 @@ def test_leaf_axes_serialize_and_a_folder_contradicting_them_is_refused(small, t
         assert t.config["tree"]["leaf_axes"] == 4 and t.config["tree"]["spread_weight"] is None
         np.testing.assert_array_equal(t.search_batched(q).indices, s.search_batched(q).indices)
         np.testing.assert_array_equal(t.search_batched(q).distances, s.search_batched(q).distances)
-    path = tmp_path / "ix" / "mipscan.json"
-    m = json.loads(path.read_text())
-    m["config"]["tree"]["leaf_axes"] = 0  # no axes wanted, but they are listed
-    path.write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"leaf_axes is listed but config.tree.leaf_axes=0"):
-        mipscan.load_searcher(tmp_path / "ix")
+    # no axes wanted, but they are listed
+    _refused_with_tree_setting(tmp_path / "ix", "leaf_axes", 0,
+                               r"leaf_axes is listed but config.tree.leaf_axes=0")
     for bad in (-1, 65, 2.5, True):
         with pytest.raises((TypeError, ValueError), match="leaf_axes"):
             mipscan.builder(db, 10, "dot_product").tree(20, 3, leaf_axes=bad)
@@ -380,12 +377,19 @@ def test_a_folder_whose_spread_weight_contradicts_its_arrays_is_refused_naming_b
     db, q = small
     mipscan.builder(db, 10, "dot_product").tree(20, 3).score_ah(2).reorder(40).build().serialize(
         tmp_path / "ix")
-    path = tmp_path / "ix" / "mipscan.json"
+    # no spreads wanted, but they are listed
+    _refused_with_tree_setting(tmp_path / "ix", "spread_weight", 0.0,
+                               r"leaf_spread is listed but config.tree.spread_weight=0.0")
+
+
+def _refused_with_tree_setting(folder, key, value, match):
+    """Sets config.tree[key] = value in the folder's manifest; loading must refuse it."""
+    path = folder / "mipscan.json"
     m = json.loads(path.read_text())
-    m["config"]["tree"]["spread_weight"] = 0.0  # no spreads wanted, but they are listed
+    m["config"]["tree"][key] = value
     path.write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"leaf_spread is listed but config.tree.spread_weight=0.0"):
-        mipscan.load_searcher(tmp_path / "ix")
+    with pytest.raises(ValueError, match=match):
+        mipscan.load_searcher(folder)
 
 
 @pytest.fixture(scope="module")
