@@ -15,7 +15,7 @@ from mipscan._training import assign_nearest, kmeans, soar_assign, train_codeboo
 from mipscan.brute import normalize_rows
 
 # Rows per encoding call: bounds temporary memory and lets Ctrl-C through between calls.
-_ENCODE_CHUNK = 1 << 18
+_ENCODE_CHUNK = 1 << 15
 
 
 def to_mips_rows(x: np.ndarray, metric: str) -> np.ndarray:
@@ -87,11 +87,11 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
     if tree is not None and config.get("upper_tree") is not None:
         arrays["upper_centroids"] = np.ascontiguousarray(upper_centroids, dtype=np.float32)
         arrays["upper_offsets"] = upper_offsets
-    if spread_weight_of(config) > 0:
-        arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
-    if leaf_axes_of(config) > 0:
+    if leaf_axes_of(config) > 0:  # the axes, and the spread left outside them
         arrays["leaf_axes"], arrays["leaf_spread"] = leaf_axes(
             rows, arrays["centroids"], slot_ids, counts, leaf_axes_of(config))
+    elif spread_weight_of(config) > 0:
+        arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
 
     ah = config.get("score_ah")
     if ah is not None:
@@ -248,8 +248,9 @@ def leaf_axes(rows, centroids, slot_ids, counts, rank) -> tuple[np.ndarray, np.n
         a, b = int(offsets[leaf]), int(offsets[leaf + 1])
         if b == a:
             continue
-        r = (rows[slot_ids[a:b]] - centroids[leaf]).astype(np.float64)
-        lam, vec = np.linalg.eigh(r.T @ r / (b - a))  # ascending
+        r = rows[slot_ids[a:b]] - centroids[leaf]  # float32: BLAS's product, summed in
+        cov = (r.T @ r).astype(np.float64) / (b - a)  # blocks, is accurate enough to rank by
+        lam, vec = np.linalg.eigh(cov)  # ascending
         lam = np.maximum(lam, 0.0)
         top, other = lam[width - rank:], lam[:width - rank]
         rest = float(other.mean()) if len(other) else 0.0
@@ -267,13 +268,18 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
     dp = num_blocks * dpb
 
     def padded_residuals(idx, leaves):
+        if dp == mips_d:  # no padding: the difference is a new array already
+            return np.subtract(rows[idx], centroids[leaves], dtype=np.float32)
         out = np.zeros((len(idx), dp), np.float32)
         out[:, :mips_d] = rows[idx] - centroids[leaves]
         return out
 
     def padded_directions(idx):
-        out = np.zeros((len(idx), dp), np.float32)
-        out[:, :mips_d] = rows[idx]
+        if dp == mips_d:
+            out = np.ascontiguousarray(rows[idx], dtype=np.float32)
+        else:
+            out = np.zeros((len(idx), dp), np.float32)
+            out[:, :mips_d] = rows[idx]
         normalize_rows(out, out=out)  # the zero padding changes no norm
         return out
 
