@@ -15,7 +15,7 @@ from mipscan._io import check_state, read_index, write_index
 from mipscan._schema import (ARRAYS, CORE_ARRAYS, check_stage_args, docids_from_arrays, mips_width,
                              leaf_axes_of, spread_weight_of, static_only)
 from mipscan._threads import get_num_threads
-from mipscan._validation import MAX_THREADS, as_float_array, check_int
+from mipscan._validation import MAX_THREADS, as_float_array, check_int, max_abs_value
 from mipscan.brute import SearchResult, normalize_rows
 
 __all__ = ["Searcher", "load_searcher"]
@@ -73,6 +73,7 @@ class Searcher:
         self.d = int(config["d"])
         self.distance_measure = config["distance_measure"]
         self.num_neighbors = int(config["num_neighbors"])
+        self._max_abs = max_abs_value(self.d)  # as_float_array's bound (search()'s one call)
         # An empty index (a live index that starts empty: builder._check_empty_start)
         # has no static layout; it is live from the start.
         index = None if n == 0 else _mipscan.Index(
@@ -219,8 +220,10 @@ class Searcher:
             st = self._state
             one = st.one if st.one is not None else st.one_query()
             if one is not False:  # one C++ call; None: anything unusual, checked below
-                r = one(q, self.num_neighbors if final_num_neighbors is None
-                           else final_num_neighbors, pre_reorder_num_neighbors, leaves_to_search)
+                x = q if self.distance_measure == "dot_product" else self._unit_query(q)
+                r = None if x is None else one(
+                    x, self.num_neighbors if final_num_neighbors is None else final_num_neighbors,
+                    pre_reorder_num_neighbors, leaves_to_search)
                 if r is not None:
                     return SearchResult(r[0] if st.docids is None else self._ids_out(st, r[0]),
                                         r[1])
@@ -230,6 +233,15 @@ class Searcher:
                       leaves_to_search, threads=1, allowed=allowed, excluded=excluded,
                       strategy=filter_strategy, single=True)
         return SearchResult(r.indices[0], r.distances[0])
+
+    def _unit_query(self, q):
+        """A cosine query normalised exactly as _run's path normalises it (a C-contiguous
+        float32 (1, d) row), or None where that path must check or convert it first."""
+        if (type(q) is np.ndarray and q.dtype == np.float32 and q.ndim == 1
+                and q.flags.c_contiguous and q.shape[0] == self.d
+                and _mipscan.max_abs(q) <= self._max_abs):  # False for NaN
+            return normalize_rows(q[None, :])[0]
+        return None
 
     def search_batched(self, queries, final_num_neighbors=None, pre_reorder_num_neighbors=None,
                        leaves_to_search=None, allowed=None, excluded=None,
