@@ -93,8 +93,8 @@ def resolve_leaf_axes(config: dict) -> None:
     elif r is None:
         n, leaves = int(config["n"]), int(tree["num_leaves"])
         r = DEFAULT_LEAF_AXES
-        cheap = (spread_weight_of(config) > 0 and leaves > 1
-                 and leaves * leaves * min(r, width) <= LEAF_AXES_COST_SHARE * tree["num_leaves_to_search"] * n)
+        cheap = leaves > 1 and (leaves * leaves * min(r, width)
+                                <= LEAF_AXES_COST_SHARE * tree["num_leaves_to_search"] * n)
         r = r if cheap else 0
     tree["leaf_axes"] = min(int(r), width)
 

@@ -260,8 +260,35 @@ std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
 }
 
 
+// max |x| over n floats, NaN if any is NaN: the input check's one pass (cheaper than
+// numpy's max and min, which matters for single queries).
+float max_abs_of(const float* p, size_t n) {
+  float hi[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  bool nan[8] = {false, false, false, false, false, false, false, false};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (size_t t = 0; t < 8; ++t) {
+      const float a = std::fabs(p[i + t]);
+      hi[t] = a > hi[t] ? a : hi[t];
+      nan[t] |= a != a;
+    }
+  }
+  for (; i < n; ++i) {
+    const float a = std::fabs(p[i]);
+    hi[0] = a > hi[0] ? a : hi[0];
+    nan[0] |= a != a;
+  }
+  float best = 0;
+  for (size_t t = 0; t < 8; ++t) {
+    if (nan[t]) return std::numeric_limits<float>::quiet_NaN();
+    best = std::max(best, hi[t]);
+  }
+  return best;
+}
+
 // Searcher.search()'s common case in one call: one float32 query of an unfiltered
-// dot-product index, knobs that are None or plain ints. Made per snapshot (mipscan._live.
+// dot-product index (or a cosine one, its query normalised by search() as the checked
+// path normalises it), knobs that are None or plain ints. Made per snapshot (mipscan._live.
 // State) with the snapshot's defaults. It returns None, never raising, whenever anything
 // is not plainly valid (another dtype, a NaN, a bool or numpy int, a value out of range):
 // the Python path then converts or names the error, so there is one set of messages. The
@@ -299,8 +326,7 @@ struct OneQuery {
     In<float, 1> x;
     if (!nb::try_cast(q, x, /*convert=*/false) || x.shape(0) != v.d) return nb::none();
     const float* p = x.data();
-    for (size_t i = 0; i < v.d; ++i)
-      if (!(std::fabs(p[i]) <= max_abs)) return nb::none();  // NaN fails too
+    if (!(max_abs_of(p, v.d) <= max_abs)) return nb::none();  // NaN fails too
     k = std::min(k, n_live);
     if (pre == 0) pre = reorder_k != 0 ? reorder_k : k;
     pre = std::max<size_t>(1, std::min(pre, n_live));
@@ -330,33 +356,12 @@ NB_MODULE(_mipscan, m) {
   m.def("fault_injection", [] { return mipscan::fault::kEnabled; });
   // The worker pool's bound on its threads (parallel.h).
   m.def("max_pool_workers", &mipscan::max_pool_workers);
-  // max |x| over a float32 array, NaN if any element is NaN: the input check's one pass
-  // (cheaper than numpy's max and min, which matters for single queries).
+  // max_abs_of over a float32 array (as_float_array's check).
   m.def("max_abs", [](nb::ndarray<const float, nb::c_contig, nb::device::cpu> x) {
     const float* p = x.data();
     const size_t n = x.size();
     nb::gil_scoped_release release;
-    float hi[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    bool nan[8] = {false, false, false, false, false, false, false, false};
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      for (size_t t = 0; t < 8; ++t) {
-        const float a = std::fabs(p[i + t]);
-        hi[t] = a > hi[t] ? a : hi[t];
-        nan[t] |= a != a;
-      }
-    }
-    for (; i < n; ++i) {
-      const float a = std::fabs(p[i]);
-      hi[0] = a > hi[0] ? a : hi[0];
-      nan[0] |= a != a;
-    }
-    float best = 0;
-    for (size_t t = 0; t < 8; ++t) {
-      if (nan[t]) return std::numeric_limits<float>::quiet_NaN();
-      best = std::max(best, hi[t]);
-    }
-    return best;
+    return max_abs_of(p, n);
   });
 
   m.def("pack_codes", [](In<uint8_t, 2> codes) {
