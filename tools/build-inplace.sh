@@ -12,4 +12,9 @@ cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$PY")" \
   -Dnanobind_ROOT="$("$PY" -m nanobind --cmake_dir)" "$@" >/dev/null
 cmake --build build/inplace -j2
-cp build/inplace/_mipscan*.so src/mipscan/
+# Copied beside the old module and renamed over it: a process that has the old one loaded
+# keeps its (unlinked) file, where copying over it in place would change its code under it.
+for so in build/inplace/_mipscan*.so; do
+  cp "$so" "src/mipscan/.$(basename "$so").new"
+  mv -f "src/mipscan/.$(basename "$so").new" "src/mipscan/$(basename "$so")"
+done
