@@ -64,9 +64,10 @@ def test_cluster_sums_match_numpy(rng):
     np.testing.assert_array_equal(counts, np.bincount(labels, minlength=13))
 
 
-def anisotropic_reference(residuals, rows, books, threshold, d_eff, max_iterations):
+def anisotropic_reference(residuals, rows, books, threshold, d_eff, max_iterations, unit=False):
     """encode_anisotropic as specified, in float32 scalar steps: nearest codewords first,
-    then coordinate descent on |e|^2 + (eta - 1) <e, x_hat>^2 over blocks."""
+    then coordinate descent on |e|^2 + (eta - 1) <e, x_hat>^2 over blocks. unit: eta of a
+    unit-norm row for every nonzero row (encode_anisotropic_rows)."""
     f32 = np.float32
     n, dp = residuals.shape
     nb, _, dpb = books.shape
@@ -79,7 +80,7 @@ def anisotropic_reference(residuals, rows, books, threshold, d_eff, max_iteratio
         norm = math.sqrt(norm2)
         eta = 1.0
         if threshold > 0 and norm > 0 and d_eff > 1:
-            t = min(float(f32(threshold)) / norm, 0.5)
+            t = min(float(f32(threshold)) / (1.0 if unit else norm), 0.5)
             eta = max(1.0, (d_eff - 1) * t * t / (1.0 - t * t))
         w = f32(eta - 1.0)
         direc = (x.astype(np.float64) / norm).astype(np.float32) if norm > 0 else np.zeros(dp, f32)
@@ -122,6 +123,50 @@ def test_anisotropic_codes_match_the_reference(rng, dpb, threshold):
     got = _mipscan.encode_anisotropic(residuals, rows, books, threshold, nb * dpb, 10, 2)
     want = anisotropic_reference(residuals, rows, books, threshold, nb * dpb, 10)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("level", _mipscan.simd_levels())
+@pytest.mark.parametrize("dpb", [1, 2, 3])
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 5.0])
+def test_encoding_gathered_rows_matches_the_reference(rng, level, dpb, threshold):
+    # encode_anisotropic_rows gathers each slot's row and leaf itself (the build's and the
+    # live index's encoder): its codes are the reference's on those residuals, with every
+    # nonzero row weighted as a unit row, at every level, in any row order, and for batch
+    # remainders (23 slots: batches of four and three left over) and zero rows.
+    nb, width = 5, 5 * dpb - (1 if dpb > 1 else 0)  # (a padded last block when dpb > 1)
+    rows = rng.normal(size=(40, width)).astype(np.float32)
+    rows[:6] *= 0.01
+    rows[7] = 0
+    centroids = rng.normal(size=(3, width)).astype(np.float32) * 0.3
+    ids = rng.permutation(40)[:23].astype(np.int64)
+    leaves = rng.integers(0, 3, 23).astype(np.int64)
+    books = rng.normal(size=(nb, 16, dpb)).astype(np.float32) * 0.5
+    books[:, 5] = books[:, 4]  # tied codewords
+    got = _mipscan.encode_anisotropic_rows(rows, ids, leaves, centroids, books, threshold, 10, 2,
+                                           level)
+    pad = lambda a: np.pad(a, ((0, 0), (0, nb * dpb - width)))
+    want = anisotropic_reference(pad(rows[ids] - centroids[leaves]), pad(rows[ids]), books,
+                                 threshold, width, 10, unit=True)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="row id is out of range"):
+        _mipscan.encode_anisotropic_rows(rows, np.array([40]), np.array([0]), centroids, books,
+                                         threshold, 10, 1)
+    with pytest.raises(ValueError, match="leaf is out of range"):
+        _mipscan.encode_anisotropic_rows(rows, np.array([0]), np.array([-1]), centroids, books,
+                                         threshold, 10, 1)
+
+
+@pytest.mark.parametrize("dpb", [1, 2, 4])
+def test_codebook_training_is_the_same_at_every_level(rng, dpb):
+    # The AVX-512 assignment step (two dimensions per block) must pick the codewords the
+    # SSE2 / portable loops pick: the trained codebooks equal bit for bit.
+    data = rng.normal(size=(3000, 6 * dpb)).astype(np.float32)
+    data[:40] = data[40:80]  # repeated rows: tied distances
+    init = np.ascontiguousarray(data[rng.choice(3000, 16)].reshape(16, 6, dpb).transpose(1, 0, 2))
+    books = {level: _mipscan.train_block_codebooks(data, init, 8, 2, level)
+             for level in _mipscan.simd_levels()}
+    for level, b in books.items():
+        np.testing.assert_array_equal(b, books["scalar"], err_msg=level)
 
 
 @pytest.mark.parametrize("level", _mipscan.simd_levels())

@@ -14,7 +14,7 @@ from mipscan._schema import (ENCODER_ITERATIONS, ah_num_blocks, leaf_axes_of, qu
 from mipscan._training import assign_nearest, kmeans, soar_assign, train_codebooks
 from mipscan.brute import normalize_rows
 
-# Rows per encoding call: bounds temporary memory and lets Ctrl-C through between calls.
+# Rows per encoding call: lets Ctrl-C through between calls.
 _ENCODE_CHUNK = 1 << 15
 
 
@@ -87,12 +87,8 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
     if tree is not None and config.get("upper_tree") is not None:
         arrays["upper_centroids"] = np.ascontiguousarray(upper_centroids, dtype=np.float32)
         arrays["upper_offsets"] = upper_offsets
-    if leaf_axes_of(config) > 0:  # the axes, and the spread left outside them
-        arrays["leaf_axes"], arrays["leaf_spread"] = leaf_axes(
-            rows, arrays["centroids"], slot_ids, counts, leaf_axes_of(config))
-    elif spread_weight_of(config) > 0:
-        arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
-
+    # The AH codebooks and codes before the leaf axes: the core's threads run best before
+    # BLAS's (the axes' products) spin after their calls, taking a core for ~0.1 s.
     ah = config.get("score_ah")
     if ah is not None:
         arrays.update(_build_ah(rows, centroids, labels, slot_ids, slot_leaves[order], counts, ah,
@@ -103,6 +99,11 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
             arrays["slot_rows"] = np.ascontiguousarray(rows[slot_ids])
         else:
             arrays.update(_quantized(rows, kind, "slot", slot_ids))
+    if leaf_axes_of(config) > 0:  # the axes, and the spread left outside them
+        arrays["leaf_axes"], arrays["leaf_spread"] = leaf_axes(
+            rows, arrays["centroids"], slot_ids, counts, leaf_axes_of(config))
+    elif spread_weight_of(config) > 0:
+        arrays["leaf_spread"] = leaf_spread(rows, arrays["centroids"], slot_ids, counts)
     if tree is not None and quantize_type(tree["quantize_centroids"]) != "float32":
         arrays.update(_quantized(arrays["centroids"], quantize_type(tree["quantize_centroids"]),
                                  "centroids"))
@@ -274,22 +275,13 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
         out[:, :mips_d] = rows[idx] - centroids[leaves]
         return out
 
-    def padded_directions(idx):
-        if dp == mips_d:
-            out = np.ascontiguousarray(rows[idx], dtype=np.float32)
-        else:
-            out = np.zeros((len(idx), dp), np.float32)
-            out[:, :mips_d] = rows[idx]
-        normalize_rows(out, out=out)  # the zero padding changes no norm
-        return out
-
     m = min(n, ah["training_sample_size"])
     sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
     books = train_codebooks(padded_residuals(sample, labels[sample]), num_blocks, dpb,
                             ah["training_iterations"], rng, threads)
 
-    # The encoder sees unit rows and T itself: every row is weighted as ScaNN weights a
-    # unit-norm row (eta = (d - 1) T^2 / (1 - T^2)), whatever the embeddings' scale. With
+    # The encoder weighs every row as ScaNN weights a unit-norm row, with T itself
+    # (eta = (d - 1) T^2 / (1 - T^2)), whatever the embeddings' scale. With
     # ScaNN's t = T / |x| instead, rows of large norm (the ones inner-product queries
     # return) get eta = 1 and small ones up to (d - 1) / 3; measured on GloVe-50 IP at
     # 150 of 300 leaves, reorder 500, the uniform weight gives recall@10 0.948 against
@@ -297,11 +289,13 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
     threshold = ah["anisotropic_quantization_threshold"]
     threshold = 0.0 if math.isnan(threshold) else float(threshold)
     codes = np.empty((len(slot_ids), num_blocks), np.uint8)
-    for b in range(0, len(slot_ids), _ENCODE_CHUNK):
-        idx, leaves = slot_ids[b:b + _ENCODE_CHUNK], slot_leaf[b:b + _ENCODE_CHUNK]
-        codes[b:b + len(idx)] = _mipscan.encode_anisotropic(
-            padded_residuals(idx, leaves), padded_directions(idx), books, threshold, mips_d, ENCODER_ITERATIONS,
-            threads)
+    slot_ids = np.ascontiguousarray(slot_ids, dtype=np.int64)
+    slot_leaf = np.ascontiguousarray(slot_leaf, dtype=np.int64)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    for b in range(0, len(slot_ids), _ENCODE_CHUNK):  # (residuals made in the core, per row)
+        codes[b:b + _ENCODE_CHUNK] = _mipscan.encode_anisotropic_rows(
+            rows, slot_ids[b:b + _ENCODE_CHUNK], slot_leaf[b:b + _ENCODE_CHUNK], centroids, books,
+            threshold, ENCODER_ITERATIONS, threads)
 
     offsets = np.concatenate([[0], np.cumsum(counts)])
     packed = [_mipscan.pack_codes(codes[offsets[l]:offsets[l + 1]]) for l in range(len(counts))]

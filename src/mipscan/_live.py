@@ -36,7 +36,6 @@ from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS, spread_weight_of
 from mipscan._training import soar_assign
 from mipscan._validation import max_abs_value
-from mipscan.brute import normalize_rows
 
 # From this many leaves up, a static index's batched searches score the leaves by BLAS
 # (mipscan.searcher); below it, and always for a live index, the core scores them.
@@ -226,16 +225,10 @@ def space_of(rows: np.ndarray, metric: str, d: int) -> np.ndarray:
 
 
 def _encode(state: State, rows: np.ndarray, leaves: np.ndarray, threads: int) -> np.ndarray:
-    books = state.codebooks
-    nb, _, dpb = books.shape
-    width = rows.shape[1]
-    res = np.zeros((len(rows), nb * dpb), np.float32)
-    res[:, :width] = rows - state.centroids[leaves]
-    padded = np.zeros((len(rows), nb * dpb), np.float32)
-    padded[:, :width] = rows
-    normalize_rows(padded, out=padded)  # the zero padding changes no norm
-    return _mipscan.encode_anisotropic(res, padded, books, state.threshold, width,
-                                       ENCODER_ITERATIONS, threads)
+    return _mipscan.encode_anisotropic_rows(
+        np.ascontiguousarray(rows, np.float32), np.arange(len(rows), dtype=np.int64),
+        np.ascontiguousarray(leaves, np.int64), state.centroids, state.codebooks, state.threshold,
+        ENCODER_ITERATIONS, threads)
 
 
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "encode.h"
 #include "lut16.h"
 #include "reorder.h"
 #include "topk.h"
@@ -36,6 +37,8 @@ struct Kernels {
   DotBf16Fn dot_bf16;  // reorder.h: float32 x bfloat16
   TopkColumnsFn topk_columns;  // topk.h: the best k of each column of a small block
   DotRowsFn dot_rows;  // lut16.h: dot against scattered rows (the float32 reorder)
+  Encode2Fn encode2;    // encode.h: null = encode.cpp's SSE2 / portable loops
+  Nearest2Fn nearest2;  // encode.h: likewise
 };
 
 // The kernels chosen at module load.

@@ -7,6 +7,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "cpu.h"
+#include "encode_descent.h"
 #include "parallel.h"
 #include "portable.h"
 #include "search.h"
@@ -32,118 +34,182 @@ inline unsigned first_min_index(const __m128 v[4], unsigned none) {
 
 }  // namespace
 
-void encode_anisotropic(const float* residuals, const float* rows, size_t n,
-                        size_t num_blocks, size_t dims_per_block, const float* codebooks,
-                        float threshold, size_t d_eff, int max_iterations, int num_threads,
-                        uint8_t* codes) {
-  const size_t dp = num_blocks * dims_per_block;
-  const size_t dpb = dims_per_block;
-  parallel_for(n, num_threads, 1024, [&](size_t begin, size_t end, int) {
-    std::vector<float> dir(dp);
-    // err_par[b * 16 + c]: (r_b - C_b[c]) . x_hat_b ; err_sq likewise |r_b - C_b[c]|^2.
-    std::vector<float> err_par(num_blocks * 16), err_sq(num_blocks * 16);
-    // The codebooks transposed per block (dimension-major), for the SSE2 path.
-    std::vector<float> books_t(num_blocks * 16 * dpb);
+namespace {
+
+// The per-thread state of the encoder, for a batch of up to kEncodeBatch points: their
+// residuals and directions (dp floats each), their blocks' 16 errors (err_sq / err_par,
+// 16 * num_blocks floats each), and the codebooks transposed per block (dimension-major:
+// a block's 16 first dimensions, then its 16 second ones, ...) for the vector paths.
+struct EncodeScratch {
+  std::vector<float> res, dir, err_par, err_sq, books_t;
+  EncodeScratch(size_t num_blocks, size_t dpb, const float* codebooks)
+      : res(kEncodeBatch * num_blocks * dpb), dir(kEncodeBatch * num_blocks * dpb),
+        err_par(kEncodeBatch * num_blocks * 16), err_sq(kEncodeBatch * num_blocks * 16),
+        books_t(num_blocks * 16 * dpb) {
     for (size_t b = 0; b < num_blocks; ++b)
       for (size_t c = 0; c < 16; ++c)
         for (size_t j = 0; j < dpb; ++j)
           books_t[(b * dpb + j) * 16 + c] = codebooks[(b * 16 + c) * dpb + j];
-    for (size_t i = begin; i < end; ++i) {
-      const float* r = residuals + i * dp;
-      const float* x = rows + i * dp;
-      uint8_t* code = codes + i * num_blocks;
-      double norm2 = 0;
-      for (size_t j = 0; j < dp; ++j) norm2 += double(x[j]) * x[j];
-      const double norm = std::sqrt(norm2);
-      double eta = 1.0;
-      if (threshold > 0 && norm > 0 && d_eff > 1) {
-        // t is capped at 0.5 (eta <= (d - 1) / 3): rows far below the threshold would
-        // otherwise get an unbounded eta, and their free orthogonal error then makes
-        // them false positives for many queries.
-        double t = std::min(double(threshold) / norm, 0.5);
-        // Clamped below at 1: the loss may favour the parallel error, never discount it
-        // (with large norms, T / |x| is tiny and the raw formula would drop below 1).
-        eta = std::max(1.0, double(d_eff - 1) * t * t / (1.0 - t * t));
-      }
-      const float w = static_cast<float>(eta - 1.0);
-      for (size_t j = 0; j < dp; ++j) dir[j] = norm > 0 ? float(x[j] / norm) : 0.f;
+  }
+};
 
-      size_t b0 = 0;
+// eta - 1 of a row of norm `norm` (as float, the weight of the parallel error).
+float parallel_weight(double norm, float threshold, size_t d_eff) {
+  double eta = 1.0;
+  if (threshold > 0 && norm > 0 && d_eff > 1) {
+    // t is capped at 0.5 (eta <= (d - 1) / 3): rows far below the threshold would
+    // otherwise get an unbounded eta, and their free orthogonal error then makes
+    // them false positives for many queries.
+    const double t = std::min(double(threshold) / norm, 0.5);
+    // Clamped below at 1: the loss may favour the parallel error, never discount it
+    // (with large norms, T / |x| is tiny and the raw formula would drop below 1).
+    eta = std::max(1.0, double(d_eff - 1) * t * t / (1.0 - t * t));
+  }
+  return static_cast<float>(eta - 1.0);
+}
+
+// x's direction into dir (dp floats, zero for a zero row); returns |x| (float64 sums).
+double unit_direction(const float* x, size_t dp, float* dir) {
+  double norm2 = 0;
+  for (size_t j = 0; j < dp; ++j) norm2 += double(x[j]) * x[j];
+  const double norm = std::sqrt(norm2);
+  for (size_t j = 0; j < dp; ++j) dir[j] = norm > 0 ? float(x[j] / norm) : 0.f;
+  return norm;
+}
+
+// A block's 16 errors of one point and its nearest codeword: err_sq[c] = |r_b - C_b[c]|^2,
+// err_par[c] = (r_b - C_b[c]) . dir_b, as float sums over the block's dimensions in order.
+uint8_t block_errors(const float* rb, const float* db, size_t b, size_t dpb,
+                     const float* codebooks, const float* books_t, float* err_sq,
+                     float* err_par) {
 #if defined(__SSE2__)
-      // Two dimensions per block (the common case) in SSE2, four codewords per register,
-      // with the same float operations in the same order as the portable loop below.
-      if (dpb == 2) {
-        for (; b0 < num_blocks; ++b0) {
-          const __m128 r0 = _mm_set1_ps(r[2 * b0]), r1 = _mm_set1_ps(r[2 * b0 + 1]);
-          const __m128 d0 = _mm_set1_ps(dir[2 * b0]), d1 = _mm_set1_ps(dir[2 * b0 + 1]);
-          const float* bt = books_t.data() + b0 * 32;  // dim 0 of the 16 codewords, then dim 1
-          __m128 sq[4];
-          for (int k = 0; k < 4; ++k) {
-            const __m128 e0 = _mm_sub_ps(r0, _mm_loadu_ps(bt + 4 * k));
-            const __m128 e1 = _mm_sub_ps(r1, _mm_loadu_ps(bt + 16 + 4 * k));
-            sq[k] = _mm_add_ps(_mm_mul_ps(e0, e0), _mm_mul_ps(e1, e1));
-            _mm_storeu_ps(&err_sq[b0 * 16 + 4 * k], sq[k]);
-            _mm_storeu_ps(&err_par[b0 * 16 + 4 * k],
-                          _mm_add_ps(_mm_mul_ps(e0, d0), _mm_mul_ps(e1, d1)));
-          }
-          code[b0] = static_cast<uint8_t>(first_min_index(sq, 0));
-        }
-      }
-#endif
-      for (size_t b = b0; b < num_blocks; ++b) {
-        const float* rb = r + b * dpb;
-        const float* db = dir.data() + b * dpb;
-        float best = std::numeric_limits<float>::infinity();
-        uint8_t arg = 0;
-        for (size_t c = 0; c < 16; ++c) {
-          const float* cw = codebooks + (b * 16 + c) * dpb;
-          float sq = 0, par = 0;
-          for (size_t j = 0; j < dpb; ++j) {
-            float e = rb[j] - cw[j];
-            sq += e * e;
-            par += e * db[j];
-          }
-          err_sq[b * 16 + c] = sq;
-          err_par[b * 16 + c] = par;
-          if (sq < best) { best = sq; arg = static_cast<uint8_t>(c); }
-        }
-        code[b] = arg;
-      }
-      if (w == 0.f) continue;
-      float total_par = 0;
-      for (size_t b = 0; b < num_blocks; ++b) total_par += err_par[b * 16 + code[b]];
-      for (int it = 0; it < max_iterations; ++it) {
-        bool changed = false;
-        for (size_t b = 0; b < num_blocks; ++b) {
-          const float rest = total_par - err_par[b * 16 + code[b]];
-          uint8_t arg = code[b];
-#if defined(__SSE2__)
-          {
-            const __m128 rv = _mm_set1_ps(rest), wv = _mm_set1_ps(w);
-            __m128 loss[4];
-            for (int k = 0; k < 4; ++k) {
-              const __m128 p = _mm_add_ps(rv, _mm_loadu_ps(&err_par[b * 16 + 4 * k]));
-              loss[k] = _mm_add_ps(_mm_loadu_ps(&err_sq[b * 16 + 4 * k]),
-                                   _mm_mul_ps(_mm_mul_ps(wv, p), p));
-            }
-            arg = static_cast<uint8_t>(first_min_index(loss, arg));
-          }
+  // Two dimensions per block (the common case) in SSE2, four codewords per register,
+  // with the same float operations in the same order as the portable loop below.
+  if (dpb == 2) {
+    const __m128 r0 = _mm_set1_ps(rb[0]), r1 = _mm_set1_ps(rb[1]);
+    const __m128 d0 = _mm_set1_ps(db[0]), d1 = _mm_set1_ps(db[1]);
+    const float* bt = books_t + b * 32;  // dim 0 of the 16 codewords, then dim 1
+    __m128 sq[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m128 e0 = _mm_sub_ps(r0, _mm_loadu_ps(bt + 4 * k));
+      const __m128 e1 = _mm_sub_ps(r1, _mm_loadu_ps(bt + 16 + 4 * k));
+      sq[k] = _mm_add_ps(_mm_mul_ps(e0, e0), _mm_mul_ps(e1, e1));
+      _mm_storeu_ps(err_sq + 4 * k, sq[k]);
+      _mm_storeu_ps(err_par + 4 * k, _mm_add_ps(_mm_mul_ps(e0, d0), _mm_mul_ps(e1, d1)));
+    }
+    return static_cast<uint8_t>(first_min_index(sq, 0));
+  }
 #else
-          float best = std::numeric_limits<float>::infinity();
-          for (size_t c = 0; c < 16; ++c) {
-            const float p = rest + err_par[b * 16 + c];
-            const float loss = err_sq[b * 16 + c] + w * p * p;
-            if (loss < best) { best = loss; arg = static_cast<uint8_t>(c); }
-          }
+  (void)books_t;
 #endif
-          if (arg != code[b]) {
-            changed = true;
-            code[b] = arg;
-          }
-          total_par = rest + err_par[b * 16 + arg];
-        }
-        if (!changed) break;
+  float best = std::numeric_limits<float>::infinity();
+  uint8_t arg = 0;
+  for (size_t c = 0; c < 16; ++c) {
+    const float* cw = codebooks + (b * 16 + c) * dpb;
+    float sq = 0, par = 0;
+    for (size_t j = 0; j < dpb; ++j) {
+      float e = rb[j] - cw[j];
+      sq += e * e;
+      par += e * db[j];
+    }
+    err_sq[c] = sq;
+    err_par[c] = par;
+    if (sq < best) { best = sq; arg = static_cast<uint8_t>(c); }
+  }
+  return arg;
+}
+
+// The codes of np <= kEncodeBatch points, their residuals and directions in s (dp floats
+// apart), w[p] = eta - 1 of each: nearest codewords, then the interleaved descent.
+void encode_batch(const Kernels& kn, size_t np, const float* w, size_t num_blocks, size_t dpb,
+                  const float* codebooks, int max_iterations, EncodeScratch& s, uint8_t* codes) {
+  const size_t dp = num_blocks * dpb, errs = num_blocks * 16;
+  if (dpb == 2 && kn.encode2 != nullptr) {
+    kn.encode2(np, s.res.data(), s.dir.data(), w, num_blocks, s.books_t.data(), max_iterations,
+               s.err_sq.data(), s.err_par.data(), codes);
+    return;
+  }
+  for (size_t p = 0; p < np; ++p) {
+    for (size_t b = 0; b < num_blocks; ++b) {
+      codes[p * num_blocks + b] = block_errors(
+          s.res.data() + p * dp + b * dpb, s.dir.data() + p * dp + b * dpb, b, dpb, codebooks,
+          s.books_t.data(), s.err_sq.data() + p * errs + b * 16, s.err_par.data() + p * errs + b * 16);
+    }
+  }
+  descend_points(np, num_blocks, max_iterations, w, s.err_par.data(), codes,
+                 [&](size_t p, size_t b, float rest, uint8_t cur) -> uint8_t {
+    const float* par = s.err_par.data() + p * errs + b * 16;
+    const float* sq = s.err_sq.data() + p * errs + b * 16;
+#if defined(__SSE2__)
+    const __m128 rv = _mm_set1_ps(rest), wv = _mm_set1_ps(w[p]);
+    __m128 loss[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m128 pv = _mm_add_ps(rv, _mm_loadu_ps(par + 4 * k));
+      loss[k] = _mm_add_ps(_mm_loadu_ps(sq + 4 * k), _mm_mul_ps(_mm_mul_ps(wv, pv), pv));
+    }
+    return static_cast<uint8_t>(first_min_index(loss, cur));
+#else
+    float best = std::numeric_limits<float>::infinity();
+    uint8_t arg = cur;
+    for (size_t c = 0; c < 16; ++c) {
+      const float pc = rest + par[c];
+      const float loss = sq[c] + w[p] * pc * pc;
+      if (loss < best) { best = loss; arg = static_cast<uint8_t>(c); }
+    }
+    return arg;
+#endif
+  });
+}
+
+}  // namespace
+
+void encode_anisotropic(const Kernels& kn, const float* residuals, const float* rows, size_t n,
+                        size_t num_blocks, size_t dims_per_block, const float* codebooks,
+                        float threshold, size_t d_eff, int max_iterations, int num_threads,
+                        uint8_t* codes) {
+  const size_t dp = num_blocks * dims_per_block;
+  parallel_for(n, num_threads, 1024, [&](size_t begin, size_t end, int) {
+    EncodeScratch s(num_blocks, dims_per_block, codebooks);
+    float w[kEncodeBatch];
+    for (size_t i = begin; i < end; i += kEncodeBatch) {
+      const size_t np = std::min(kEncodeBatch, end - i);
+      for (size_t p = 0; p < np; ++p) {
+        const double norm = unit_direction(rows + (i + p) * dp, dp, s.dir.data() + p * dp);
+        std::copy(residuals + (i + p) * dp, residuals + (i + p + 1) * dp, s.res.data() + p * dp);
+        w[p] = parallel_weight(norm, threshold, d_eff);
       }
+      encode_batch(kn, np, w, num_blocks, dims_per_block, codebooks, max_iterations, s,
+                   codes + i * num_blocks);
+    }
+  });
+}
+
+void encode_anisotropic_rows(const Kernels& kn, const float* rows, size_t width,
+                             const int64_t* ids, const int64_t* leaves, const float* centroids,
+                             size_t n, size_t num_blocks, size_t dims_per_block,
+                             const float* codebooks, float threshold, size_t d_eff,
+                             int max_iterations, int num_threads, uint8_t* codes) {
+  const size_t dp = num_blocks * dims_per_block;
+  const float w_unit = parallel_weight(1.0, threshold, d_eff);
+  parallel_for(n, num_threads, 1024, [&](size_t begin, size_t end, int) {
+    EncodeScratch s(num_blocks, dims_per_block, codebooks);
+    std::vector<float> x(dp, 0.f);  // the row, zero-padded to dp
+    float w[kEncodeBatch];
+    for (size_t i = begin; i < end; i += kEncodeBatch) {
+      const size_t np = std::min(kEncodeBatch, end - i);
+      for (size_t p = 0; p < np; ++p) {
+        const float* row = rows + static_cast<size_t>(ids[i + p]) * width;
+        const float* c = centroids + static_cast<size_t>(leaves[i + p]) * width;
+        float* res = s.res.data() + p * dp;  // (past width, res and x stay 0)
+        for (size_t j = 0; j < width; ++j) {
+          x[j] = row[j];
+          res[j] = row[j] - c[j];
+        }
+        const double norm = unit_direction(x.data(), dp, s.dir.data() + p * dp);
+        w[p] = norm > 0 ? w_unit : 0.f;
+      }
+      encode_batch(kn, np, w, num_blocks, dims_per_block, codebooks, max_iterations, s,
+                   codes + i * num_blocks);
     }
   });
 }
@@ -183,8 +249,8 @@ size_t nearest_codewords_sse2(const float* xb, size_t m, const float* bt, double
 // block when known at compile time (the distance loops then unroll and stay in
 // registers), 0 = read dpb.
 template <size_t kDpb>
-void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
-                     const float* data, size_t dp, size_t b, float* book) {
+void train_one_block(Nearest2Fn nearest2, const float* xb, size_t m, size_t dpb_rt,
+                     int iterations, const float* data, size_t dp, size_t b, float* book) {
   const size_t dpb = kDpb != 0 ? kDpb : dpb_rt;
   std::vector<double> sums(16 * dpb);
   std::vector<size_t> counts(16);
@@ -196,8 +262,14 @@ void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
     for (size_t c = 0; c < 16; ++c)
       for (size_t j = 0; j < dpb; ++j) bt[j * 16 + c] = book[c * dpb + j];
     size_t i = 0;
+    if (kDpb == 2 && nearest2 != nullptr) {
+      nearest2(xb, m, bt.data(), sums.data(), counts.data());
+      i = m;
+    }
 #if defined(__SSE2__)
-    if (kDpb == 2) i = nearest_codewords_sse2(xb, m, bt.data(), sums.data(), counts.data());
+    else if (kDpb == 2) {
+      i = nearest_codewords_sse2(xb, m, bt.data(), sums.data(), counts.data());
+    }
 #endif
     for (; i < m; ++i) {
       const float* x = xb + i * dpb;
@@ -238,7 +310,7 @@ void train_one_block(const float* xb, size_t m, size_t dpb_rt, int iterations,
 
 }  // namespace
 
-void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
+void train_block_codebooks(const Kernels& kn, const float* data, size_t m, size_t num_blocks,
                            size_t dims_per_block, int iterations, int num_threads, float* books) {
   const size_t dpb = dims_per_block, dp = num_blocks * dpb;
   parallel_for(num_blocks, num_threads, 1, [&](size_t b0, size_t b1, int) {
@@ -251,10 +323,10 @@ void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
       }
       float* book = books + b * 16 * dpb;
       switch (dpb) {
-        case 1: train_one_block<1>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
-        case 2: train_one_block<2>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
-        case 4: train_one_block<4>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
-        default: train_one_block<0>(xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        case 1: train_one_block<1>(kn.nearest2, xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        case 2: train_one_block<2>(kn.nearest2, xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        case 4: train_one_block<4>(kn.nearest2, xb.data(), m, dpb, iterations, data, dp, b, book); break;
+        default: train_one_block<0>(kn.nearest2, xb.data(), m, dpb, iterations, data, dp, b, book); break;
       }
     }
   });

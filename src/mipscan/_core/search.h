@@ -236,15 +236,27 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
 // means eta = 1 (plain nearest-codeword encoding).
 //   residuals, rows: n * (num_blocks * dims_per_block) floats; codebooks as in IndexView;
 //   codes: n * num_blocks bytes.
-void encode_anisotropic(const float* residuals, const float* rows, size_t n,
+void encode_anisotropic(const Kernels& kernels, const float* residuals, const float* rows, size_t n,
                         size_t num_blocks, size_t dims_per_block, const float* codebooks,
                         float threshold, size_t d_eff, int max_iterations, int num_threads,
                         uint8_t* codes);
 
+// encode_anisotropic of rows gathered by slot, without the caller's temporaries: point i
+// is row ids[i] of rows (width floats each) in leaf leaves[i], its residual that row less
+// centroids[leaves[i]] and its direction the row over its norm (float64 sums), both
+// zero-padded to num_blocks * dims_per_block. Every nonzero row is weighted as a unit-norm
+// row (t = min(T, 0.5)), whatever its scale. Preconditions: ids < the row count, leaves <
+// the centroid count, width <= num_blocks * dims_per_block.
+void encode_anisotropic_rows(const Kernels& kernels, const float* rows, size_t width, const int64_t* ids,
+                             const int64_t* leaves, const float* centroids, size_t n,
+                             size_t num_blocks, size_t dims_per_block, const float* codebooks,
+                             float threshold, size_t d_eff, int max_iterations,
+                             int num_threads, uint8_t* codes);
+
 // k-means with 16 centres per block, blocks in parallel. data: m * (num_blocks *
 // dims_per_block) floats; books: num_blocks * 16 * dims_per_block, holding the initial
 // codewords on entry and the trained ones on exit. Preconditions: m >= 1.
-void train_block_codebooks(const float* data, size_t m, size_t num_blocks,
+void train_block_codebooks(const Kernels& kernels, const float* data, size_t m, size_t num_blocks,
                            size_t dims_per_block, int iterations, int num_threads, float* books);
 
 // Per-cluster sums (k * d, float64) and sizes of the rows of x (n * d) under labels in
