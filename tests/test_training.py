@@ -192,3 +192,30 @@ def test_fused_assignment_step_equals_numpy_argmax(level):
         with np.errstate(invalid="ignore"):
             ref = np.argmax(s - h, axis=1)
         np.testing.assert_array_equal(_mipscan.argmax_shifted(s, h, level), ref)
+
+
+@pytest.mark.parametrize("level", _mipscan.simd_levels())
+def test_nearest_centroids_equals_the_sequential_float32_reference(level):
+    # The tree's assignment (_core/assign.h): each score is the float32 sum over the
+    # dimensions in order, acc + x[k] * c[k] (no fused multiply-add), less |c|^2 / 2, and
+    # the label the first maximum; the same bits at every level, for every tail of rows
+    # (blocks of four) and of centroids (registers of 8 and 16), and on 1 or 2 threads.
+    rng = np.random.default_rng(11)
+    for L in (1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 47, 100):
+        for n in (1, 3, 4, 9, 301):
+            d = int(rng.integers(1, 40))
+            x = rng.normal(size=(n, d)).astype(np.float32)
+            c = rng.normal(size=(L, d)).astype(np.float32)
+            if L > 3:
+                c[3] = c[1]  # tied centroids: the first wins
+                x[0] = c[1]
+            h = (np.float32(0.5) * np.einsum("ij,ij->i", c, c)).astype(np.float32)
+            s = np.zeros((n, L), np.float32)
+            for k in range(d):
+                s = s + x[:, k:k + 1] * c[:, k]
+            want = np.argmax(s - h, axis=1)
+            for threads in (1, 2):
+                got = _mipscan.nearest_centroids(x, np.ascontiguousarray(c.T), h, threads, level)
+                np.testing.assert_array_equal(got, want, err_msg=f"L={L} n={n} d={d}")
+    with pytest.raises(ValueError, match="centroids_t must be"):
+        _mipscan.nearest_centroids(x, np.ascontiguousarray(c), h, 1)

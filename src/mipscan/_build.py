@@ -49,8 +49,9 @@ def build_arrays(db: np.ndarray, config: dict, threads: int, copy: bool = True
             sample = space[np.sort(rng.choice(n, tree["training_sample_size"], replace=False))]
         k = min(tree["num_leaves"], len(sample))
         centroids = kmeans(sample, k, tree["training_iterations"], rng,
-                           spherical=tree["spherical"], kmeanspp=not tree["random_init"])
-        labels = assign_nearest(space, centroids)
+                           spherical=tree["spherical"], kmeanspp=not tree["random_init"],
+                           threads=threads)
+        labels = assign_nearest(space, centroids, threads)
         centroids, labels = _merge_small_leaves(space, centroids, labels, tree["min_partition_size"])
         upper = config.get("upper_tree")
         if upper is not None:

@@ -669,6 +669,20 @@ NB_MODULE(_mipscan, m) {
   }, "x"_a.noconvert(), "labels"_a.noconvert(), "k"_a);
 
   // argmax(s - h, axis=1) in one pass (k-means assignment); level None: the loaded one.
+  m.def("nearest_centroids", [](In<float, 2> x, In<float, 2> centroids_t, In<float, 1> h,
+                                int num_threads, std::optional<std::string> level) {
+    const mipscan::Kernels kn = level ? kernels_at(*level, "nearest_centroids") : mipscan::kernels();
+    const size_t n = x.shape(0), d = x.shape(1), L = centroids_t.shape(1);
+    require(centroids_t.shape(0) == d && L >= 1 && h.shape(0) == L,
+            "nearest_centroids: centroids_t must be (d, L) with L >= 1 and h of length L");
+    auto out = new_array<int64_t>(n);
+    nb::gil_scoped_release release;
+    mipscan::nearest_centroids(kn, x.data(), n, d, centroids_t.data(), h.data(), L, num_threads,
+                               out.data());
+    return out;
+  }, "x"_a.noconvert(), "centroids_t"_a.noconvert(), "h"_a.noconvert(), "num_threads"_a,
+     "level"_a = nb::none());
+
   m.def("argmax_shifted", [](In<float, 2> s, In<float, 1> h, std::optional<std::string> level) {
     const size_t m_ = s.shape(0), k = s.shape(1);
     require(k >= 1 && h.shape(0) == k, "argmax_shifted: h must have one entry per column");

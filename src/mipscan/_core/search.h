@@ -259,6 +259,12 @@ void encode_anisotropic_rows(const Kernels& kernels, const float* rows, size_t w
 void train_block_codebooks(const Kernels& kernels, const float* data, size_t m, size_t num_blocks,
                            size_t dims_per_block, int iterations, int num_threads, float* books);
 
+// The nearest centroid of each of the n rows of x (n x d): the first j maximising
+// x . c_j - h[j] (h = |c_j|^2 / 2), the dot products as assign.h sums them. ct: the L
+// centroids transposed (d x L). Rows in parallel; NaN scores as argmax_shifted treats them.
+void nearest_centroids(const Kernels& kernels, const float* x, size_t n, size_t d,
+                       const float* ct, const float* h, size_t L, int num_threads, int64_t* out);
+
 // Per-cluster sums (k * d, float64) and sizes of the rows of x (n * d) under labels in
 // [0, k): the update step of Lloyd's k-means for the tree.
 void cluster_sums(const float* x, size_t n, size_t d, const int64_t* labels, size_t k,

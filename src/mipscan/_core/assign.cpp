@@ -1,0 +1,61 @@
+#include "assign.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "cpu.h"
+#include "parallel.h"
+#include "search.h"
+
+namespace mipscan {
+
+namespace {
+
+// kRows rows at a time share each load of the centroids; the j loop vectorises with no
+// reassociation (each lane is one centroid's own sum).
+template <size_t kRows>
+inline void row_scores_rows(const float* __restrict x, size_t d, const float* __restrict ct,
+                            size_t L, float* __restrict s) {
+  for (size_t r = 0; r < kRows; ++r)
+    for (size_t j = 0; j < L; ++j) s[r * L + j] = 0.f;
+  for (size_t k = 0; k < d; ++k) {
+    const float* __restrict c = ct + k * L;
+    float xv[kRows];
+    for (size_t r = 0; r < kRows; ++r) xv[r] = x[r * d + k];
+    for (size_t r = 0; r < kRows; ++r) {
+      float* __restrict sr = s + r * L;
+      const float v = xv[r];
+      for (size_t j = 0; j < L; ++j) sr[j] = sr[j] + v * c[j];
+    }
+  }
+}
+
+inline void row_scores_generic(const float* x, size_t nr, size_t d, const float* ct, size_t L,
+                               float* s) {
+  size_t r = 0;
+  for (; r + 4 <= nr; r += 4) row_scores_rows<4>(x + r * d, d, ct, L, s + r * L);
+  for (; r < nr; ++r) row_scores_rows<1>(x + r * d, d, ct, L, s + r * L);
+}
+
+}  // namespace
+
+void row_scores_scalar(const float* x, size_t nr, size_t d, const float* ct, size_t L, float* s) {
+  row_scores_generic(x, nr, d, ct, L, s);
+}
+
+void nearest_centroids(const Kernels& kn, const float* x, size_t n, size_t d, const float* ct,
+                       const float* h, size_t L, int num_threads, int64_t* out) {
+  // Blocks of rows whose scores (block x L floats) stay in L1/L2: 64 KiB of scores.
+  const size_t block = std::max<size_t>(1, std::min<size_t>(64, (size_t{1} << 14) / std::max<size_t>(L, 1)));
+  parallel_for(n, num_threads, 2048, [&](size_t begin, size_t end, int) {
+    std::vector<float> s(block * L);
+    for (size_t i = begin; i < end; i += block) {
+      const size_t nr = std::min(block, end - i);
+      kn.row_scores(x + i * d, nr, d, ct, L, s.data());
+      kn.argmax_shifted(s.data(), nr, L, h, out + i);
+    }
+  });
+}
+
+}  // namespace mipscan
