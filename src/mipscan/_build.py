@@ -246,18 +246,20 @@ def leaf_axes(rows, centroids, slot_ids, counts, rank) -> tuple[np.ndarray, np.n
     axes = np.zeros((num_leaves, rank, width), np.float32)
     spread = np.zeros(num_leaves, np.float32)
     offsets = np.concatenate([[0], np.cumsum(counts)])
+    cov = np.zeros((num_leaves, width, width), np.float64)
     for leaf in range(num_leaves):
         a, b = int(offsets[leaf]), int(offsets[leaf + 1])
-        if b == a:
-            continue
-        r = rows[slot_ids[a:b]] - centroids[leaf]  # float32: BLAS's product, summed in
-        cov = (r.T @ r).astype(np.float64) / (b - a)  # blocks, is accurate enough to rank by
-        lam, vec = np.linalg.eigh(cov)  # ascending
-        lam = np.maximum(lam, 0.0)
-        top, other = lam[width - rank:], lam[:width - rank]
-        rest = float(other.mean()) if len(other) else 0.0
-        axes[leaf] = (vec[:, width - rank:] * np.sqrt(np.maximum(top - rest, 0.0))).T
-        spread[leaf] = np.sqrt(rest)
+        if b > a:
+            r = rows[slot_ids[a:b]] - centroids[leaf]  # float32: BLAS's product, summed in
+            cov[leaf] = (r.T @ r).astype(np.float64) / (b - a)  # blocks, is accurate enough to rank by
+    lam, vec = np.linalg.eigh(cov)  # ascending, every leaf in one call
+    lam = np.maximum(lam, 0.0)
+    top, other = lam[:, width - rank:], lam[:, :width - rank]
+    rest = other.mean(axis=1) if other.shape[1] else np.zeros(num_leaves)
+    axes[:] = np.swapaxes(vec[:, :, width - rank:] * np.sqrt(np.maximum(top - rest[:, None], 0.0))[:, None, :], 1, 2)
+    spread[:] = np.sqrt(rest)
+    empty = np.asarray(counts) == 0
+    axes[empty], spread[empty] = 0, 0
     return axes, spread
 
 
@@ -269,17 +271,12 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
     num_blocks = ah_num_blocks(mips_d, dpb)
     dp = num_blocks * dpb
 
-    def padded_residuals(idx, leaves):
-        if dp == mips_d:  # no padding: the difference is a new array already
-            return np.subtract(rows[idx], centroids[leaves], dtype=np.float32)
-        out = np.zeros((len(idx), dp), np.float32)
-        out[:, :mips_d] = rows[idx] - centroids[leaves]
-        return out
-
     m = min(n, ah["training_sample_size"])
     sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
-    books = train_codebooks(padded_residuals(sample, labels[sample]), num_blocks, dpb,
-                            ah["training_iterations"], rng, threads)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    residuals = _mipscan.gather_residuals(rows, sample.astype(np.int64), labels[sample].astype(np.int64),
+                                          centroids, dp, threads)
+    books = train_codebooks(residuals, num_blocks, dpb, ah["training_iterations"], rng, threads)
 
     # The encoder weighs every row as ScaNN weights a unit-norm row, with T itself
     # (eta = (d - 1) T^2 / (1 - T^2)), whatever the embeddings' scale. With
@@ -292,7 +289,6 @@ def _build_ah(rows, centroids, labels, slot_ids, slot_leaf, counts, ah, rng, thr
     codes = np.empty((len(slot_ids), num_blocks), np.uint8)
     slot_ids = np.ascontiguousarray(slot_ids, dtype=np.int64)
     slot_leaf = np.ascontiguousarray(slot_leaf, dtype=np.int64)
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     for b in range(0, len(slot_ids), _ENCODE_CHUNK):  # (residuals made in the core, per row)
         codes[b:b + _ENCODE_CHUNK] = _mipscan.encode_anisotropic_rows(
             rows, slot_ids[b:b + _ENCODE_CHUNK], slot_leaf[b:b + _ENCODE_CHUNK], centroids, books,

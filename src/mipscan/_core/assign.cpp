@@ -40,21 +40,22 @@ inline void row_scores_generic(const float* x, size_t nr, size_t d, const float*
 
 }  // namespace
 
-void row_scores_scalar(const float* x, size_t nr, size_t d, const float* ct, size_t L, float* s) {
-  row_scores_generic(x, nr, d, ct, L, s);
+void nearest_rows_scalar(const float* x, size_t nr, size_t d, const float* ct, const float* h,
+                         size_t L, int64_t* out) {
+  // Blocks of rows whose scores (block x L floats, at most 64 KiB) stay in cache.
+  const size_t block = std::max<size_t>(1, std::min<size_t>(64, (size_t{1} << 14) / std::max<size_t>(L, 1)));
+  std::vector<float> s(block * L);
+  for (size_t i = 0; i < nr; i += block) {
+    const size_t n = std::min(block, nr - i);
+    row_scores_generic(x + i * d, n, d, ct, L, s.data());
+    argmax_shifted_scalar(s.data(), n, L, h, out + i);
+  }
 }
 
 void nearest_centroids(const Kernels& kn, const float* x, size_t n, size_t d, const float* ct,
                        const float* h, size_t L, int num_threads, int64_t* out) {
-  // Blocks of rows whose scores (block x L floats) stay in L1/L2: 64 KiB of scores.
-  const size_t block = std::max<size_t>(1, std::min<size_t>(64, (size_t{1} << 14) / std::max<size_t>(L, 1)));
   parallel_for(n, num_threads, 2048, [&](size_t begin, size_t end, int) {
-    std::vector<float> s(block * L);
-    for (size_t i = begin; i < end; i += block) {
-      const size_t nr = std::min(block, end - i);
-      kn.row_scores(x + i * d, nr, d, ct, L, s.data());
-      kn.argmax_shifted(s.data(), nr, L, h, out + i);
-    }
+    kn.nearest_rows(x + begin * d, end - begin, d, ct, h, L, out + begin);
   });
 }
 

@@ -1,21 +1,28 @@
-// k-means assignment scores (the tree's training), in the core rather than BLAS: a block of
-// rows against every centroid, s[r * L + j] = x_r . c_j as a float32 sum in dimension order
-// (acc = acc + x[k] * c[k], no contraction), so that every SIMD level, and every machine,
-// gives the same sums bit for bit (a BLAS product's order depends on the library and the
-// CPU). Vectorised across centroids (ct holds them transposed, d x L): the portable loop
-// in assign.cpp, register tiles in assign_avx2.cpp and assign_avx512.cpp. In the core,
-// too, the build's threads do not compete with BLAS's, which spin on a core for about
-// 0.1 s after each multi-threaded call.
+// k-means assignment (the tree's training), in the core rather than BLAS: rows against
+// every centroid, each score x_r . c_j summed in dimension order from 0, less h[j].
+// The AVX2 and AVX-512 kernels take each step as a fused multiply-add (register tiles in
+// assign_avx2.cpp and assign_avx512.cpp; the same bits at both levels), the portable loop
+// in assign.cpp as a float32 multiply, then add (a CPU without AVX2 may lack FMA, and
+// emulating it would cost far more than the product), into a block of scores for
+// argmax_shifted; the vector kernels keep each row's best in registers instead. The two can differ in the last bit
+// and so, rarely, in a label (as BLAS's products differed from one CPU to another).
+// Vectorised across centroids (ct holds them transposed, d x L). In the core, the build's
+// threads do not compete with BLAS's, which spin on a core for about 0.1 s after each
+// multi-threaded call.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 namespace mipscan {
 
-// s (nr x L) = the rows x (nr x d) against the centroids ct (d x L, transposed).
-using RowScoresFn = void (*)(const float* x, size_t nr, size_t d, const float* ct, size_t L,
-                             float* s);
-void row_scores_scalar(const float* x, size_t nr, size_t d, const float* ct, size_t L, float* s);
-void row_scores_avx2(const float* x, size_t nr, size_t d, const float* ct, size_t L, float* s);
-void row_scores_avx512(const float* x, size_t nr, size_t d, const float* ct, size_t L, float* s);
+// out[r] = the nearest centroid of row r of x (nr x d): the first j maximising
+// x_r . c_j - h[j], the centroids transposed in ct (d x L); NaN as argmax_shifted (lut16.h).
+using NearestRowsFn = void (*)(const float* x, size_t nr, size_t d, const float* ct,
+                               const float* h, size_t L, int64_t* out);
+void nearest_rows_scalar(const float* x, size_t nr, size_t d, const float* ct, const float* h,
+                         size_t L, int64_t* out);
+void nearest_rows_avx2(const float* x, size_t nr, size_t d, const float* ct, const float* h,
+                       size_t L, int64_t* out);
+void nearest_rows_avx512(const float* x, size_t nr, size_t d, const float* ct, const float* h,
+                         size_t L, int64_t* out);
 }  // namespace mipscan

@@ -262,6 +262,17 @@ std::pair<Out<uint32_t, 2>, Out<float, 2>> search_view(
 }
 
 
+// Every ids[i] a row of a table of num_rows, every leaves[i] one of num_leaves.
+void check_slots(size_t num_rows, const In<int64_t, 1>& ids, size_t num_leaves,
+                 const In<int64_t, 1>& leaves, const char* call) {
+  for (size_t i = 0; i < ids.shape(0); ++i) {
+    if (ids.data()[i] < 0 || static_cast<size_t>(ids.data()[i]) >= num_rows)
+      throw std::invalid_argument(std::string(call) + ": a row id is out of range");
+    if (leaves.data()[i] < 0 || static_cast<size_t>(leaves.data()[i]) >= num_leaves)
+      throw std::invalid_argument(std::string(call) + ": a leaf is out of range");
+  }
+}
+
 // max |x| over n floats, NaN if any is NaN: the input check's one pass (cheaper than
 // numpy's max and min, which matters for single queries). On the bit patterns with the
 // sign cleared, which order non-negative floats as their values do and put every NaN
@@ -584,6 +595,20 @@ NB_MODULE(_mipscan, m) {
   }, "residuals"_a.noconvert(), "rows"_a.noconvert(), "codebooks"_a.noconvert(), "threshold"_a,
      "d_eff"_a, "max_iterations"_a, "num_threads"_a, "level"_a = nb::none());
 
+  m.def("gather_residuals", [](In<float, 2> rows, In<int64_t, 1> ids, In<int64_t, 1> leaves,
+                               In<float, 2> centroids, size_t dp, int num_threads) {
+    const size_t n = ids.shape(0), width = rows.shape(1);
+    require(leaves.shape(0) == n && centroids.shape(1) == width && dp >= width,
+            "gather_residuals: ids and leaves differ in length, centroids and rows in width, or dp < width");
+    check_slots(rows.shape(0), ids, centroids.shape(0), leaves, "gather_residuals");
+    auto out = new_array<float>(n, dp);
+    nb::gil_scoped_release release;
+    mipscan::gather_residuals(rows.data(), width, ids.data(), leaves.data(), centroids.data(), n,
+                              dp, num_threads, out.data());
+    return out;
+  }, "rows"_a.noconvert(), "ids"_a.noconvert(), "leaves"_a.noconvert(), "centroids"_a.noconvert(),
+     "dp"_a, "num_threads"_a);
+
   m.def("encode_anisotropic_rows", [](In<float, 2> rows, In<int64_t, 1> ids, In<int64_t, 1> leaves,
                                       In<float, 2> centroids, In<float, 3> codebooks, float threshold,
                                       int max_iterations, int num_threads,
@@ -595,12 +620,7 @@ NB_MODULE(_mipscan, m) {
             "encode_anisotropic_rows: codebooks must be (num_blocks, 16, dims_per_block) covering the row width");
     require(leaves.shape(0) == n && centroids.shape(1) == width,
             "encode_anisotropic_rows: ids and leaves differ in length, or centroids and rows in width");
-    for (size_t i = 0; i < n; ++i) {
-      require(ids.data()[i] >= 0 && static_cast<size_t>(ids.data()[i]) < rows.shape(0),
-              "encode_anisotropic_rows: a row id is out of range");
-      require(leaves.data()[i] >= 0 && static_cast<size_t>(leaves.data()[i]) < centroids.shape(0),
-              "encode_anisotropic_rows: a leaf is out of range");
-    }
+    check_slots(rows.shape(0), ids, centroids.shape(0), leaves, "encode_anisotropic_rows");
     auto out = new_array<uint8_t>(n, nb_);
     nb::gil_scoped_release release;
     mipscan::encode_anisotropic_rows(kn, rows.data(), width, ids.data(), leaves.data(), centroids.data(),

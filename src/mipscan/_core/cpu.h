@@ -40,7 +40,7 @@ struct Kernels {
   DotRowsFn dot_rows;  // lut16.h: dot against scattered rows (the float32 reorder)
   Encode2Fn encode2;    // encode.h: null = encode.cpp's SSE2 / portable loops
   Nearest2Fn nearest2;  // encode.h: likewise
-  RowScoresFn row_scores;  // assign.h: the tree's k-means scores
+  NearestRowsFn nearest_rows;  // assign.h: the tree's k-means assignment
 };
 
 // The kernels chosen at module load.

@@ -214,6 +214,19 @@ void encode_anisotropic_rows(const Kernels& kn, const float* rows, size_t width,
   });
 }
 
+void gather_residuals(const float* rows, size_t width, const int64_t* ids, const int64_t* leaves,
+                      const float* centroids, size_t n, size_t dp, int num_threads, float* out) {
+  parallel_for(n, num_threads, 4096, [&](size_t begin, size_t end, int) {
+    for (size_t i = begin; i < end; ++i) {
+      const float* row = rows + static_cast<size_t>(ids[i]) * width;
+      const float* c = centroids + static_cast<size_t>(leaves[i]) * width;
+      float* o = out + i * dp;
+      for (size_t j = 0; j < width; ++j) o[j] = row[j] - c[j];
+      for (size_t j = width; j < dp; ++j) o[j] = 0.f;
+    }
+  });
+}
+
 namespace {
 
 #if defined(__SSE2__)

@@ -253,6 +253,11 @@ void encode_anisotropic_rows(const Kernels& kernels, const float* rows, size_t w
                              float threshold, size_t d_eff, int max_iterations,
                              int num_threads, uint8_t* codes);
 
+// out[i] = rows[ids[i]] - centroids[leaves[i]] (width floats), zero-padded to dp >= width:
+// the codebooks' training residuals, in one pass. Preconditions as encode_anisotropic_rows.
+void gather_residuals(const float* rows, size_t width, const int64_t* ids, const int64_t* leaves,
+                      const float* centroids, size_t n, size_t dp, int num_threads, float* out);
+
 // k-means with 16 centres per block, blocks in parallel. data: m * (num_blocks *
 // dims_per_block) floats; books: num_blocks * 16 * dims_per_block, holding the initial
 // codewords on entry and the trained ones on exit. Preconditions: m >= 1.
@@ -260,7 +265,8 @@ void train_block_codebooks(const Kernels& kernels, const float* data, size_t m, 
                            size_t dims_per_block, int iterations, int num_threads, float* books);
 
 // The nearest centroid of each of the n rows of x (n x d): the first j maximising
-// x . c_j - h[j] (h = |c_j|^2 / 2), the dot products as assign.h sums them. ct: the L
+// x . c_j - h[j] (h = |c_j|^2 / 2), the dot products as assign.h sums them (fused at
+// the AVX2 and AVX-512 levels). ct: the L
 // centroids transposed (d x L). Rows in parallel; NaN scores as argmax_shifted treats them.
 void nearest_centroids(const Kernels& kernels, const float* x, size_t n, size_t d,
                        const float* ct, const float* h, size_t L, int num_threads, int64_t* out);
