@@ -1,10 +1,12 @@
 #include "assign.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <vector>
 
 #include "cpu.h"
+#include "lut16.h"
 #include "parallel.h"
 #include "search.h"
 
@@ -50,6 +52,17 @@ void nearest_rows_scalar(const float* x, size_t nr, size_t d, const float* ct, c
     row_scores_generic(x + i * d, n, d, ct, L, s.data());
     argmax_shifted_scalar(s.data(), n, L, h, out + i);
   }
+}
+
+void nearest_row_fused(const float* xr, size_t d, const float* ct, const float* h, size_t L,
+                       int64_t* out) {
+  std::vector<float> s(L);
+  for (size_t c = 0; c < L; ++c) {
+    float acc = 0.f;
+    for (size_t k = 0; k < d; ++k) acc = std::fma(xr[k], ct[k * L + c], acc);
+    s[c] = acc;
+  }
+  argmax_shifted_scalar(s.data(), 1, L, h, out);
 }
 
 void nearest_centroids(const Kernels& kn, const float* x, size_t n, size_t d, const float* ct,

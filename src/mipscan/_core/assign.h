@@ -25,4 +25,9 @@ void nearest_rows_avx2(const float* x, size_t nr, size_t d, const float* ct, con
                        size_t L, int64_t* out);
 void nearest_rows_avx512(const float* x, size_t nr, size_t d, const float* ct, const float* h,
                          size_t L, int64_t* out);
+// A row's answer from its scores summed with fused multiply-adds in dimension order (the
+// AVX2 and AVX-512 kernels' sums: fma rounds once, whether the CPU or the library does it),
+// NaN as argmax_shifted: those kernels' slow path for a row with a NaN score.
+void nearest_row_fused(const float* xr, size_t d, const float* ct, const float* h, size_t L,
+                       int64_t* out);
 }  // namespace mipscan

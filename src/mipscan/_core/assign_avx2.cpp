@@ -9,10 +9,8 @@
 #include <climits>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "assign.h"
-#include "lut16.h"
 
 namespace mipscan {
 
@@ -89,10 +87,8 @@ inline void rows(const float* x, size_t d, const float* ct, const float* h, size
       nan |= s != s;
       if (s > mx) mx = s, col = static_cast<int>(c);
     }
-    if (nan) {  // numpy's answer, the first NaN: the row's scores, scalar
-      std::vector<float> s(L);
-      for (size_t c = 0; c < L; ++c) s[c] = score_of(xr, d, ct, L, c);
-      argmax_shifted_scalar(s.data(), 1, L, h, out + r);
+    if (nan) {  // numpy's answer, the first NaN
+      nearest_row_fused(xr, d, ct, h, L, out + r);
       continue;
     }
     out[r] = col;

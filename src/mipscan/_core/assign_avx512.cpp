@@ -4,18 +4,11 @@
 // memory: each row keeps, per lane, the best score and its column so far (strictly
 // greater replaces, so the first of equals stays), and the row's answer is the smallest
 // column among the lanes holding the maximum: the first maximum, as numpy's argmax.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
+#include "avx512_intrin.h"
 
-#include <cmath>
 #include <limits>
-#include <vector>
 
 #include "assign.h"
-#include "lut16.h"
 
 namespace mipscan {
 
@@ -79,14 +72,8 @@ inline void rows(const float* x, size_t d, const float* ct, const float* h, size
                    best);
   }
   for (size_t r = 0; r < kRows; ++r) {
-    if (best[r].nan != 0) {  // numpy's answer, the first NaN: the row's scores, scalar
-      std::vector<float> s(L);
-      for (size_t c = 0; c < L; ++c) {
-        float acc = 0.f;
-        for (size_t k = 0; k < d; ++k) acc = std::fma(x[r * d + k], ct[k * L + c], acc);
-        s[c] = acc;
-      }
-      argmax_shifted_scalar(s.data(), 1, L, h, out + r);
+    if (best[r].nan != 0) {  // numpy's answer, the first NaN
+      nearest_row_fused(x + r * d, d, ct, h, L, out + r);
       continue;
     }
     const float mx = _mm512_reduce_max_ps(best[r].score);

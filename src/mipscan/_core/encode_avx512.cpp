@@ -3,11 +3,7 @@
 // one register where the SSE2 forms use four. The same float operations in the same order
 // (no contraction: the build passes -ffp-contract=off), and the same first-minimum rule,
 // as the SSE2 and portable loops, so the codes and codebooks are bit for bit theirs.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
+#include "avx512_intrin.h"
 
 #include "encode.h"
 #include "encode_descent.h"

@@ -5,13 +5,7 @@
 // Same packed layout and same integer and float results as the scalar kernels (lut16.h).
 // VBMI is not used: its byte permutes (vpermb) would only replace the final word
 // permutes, which run once per group, not once per block.
-// GCC 12's avx512fintrin.h builds _mm512_undefined_* from a self-initialised variable,
-// which -Wuninitialized reports at every broadcast and insert; the values are defined.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
+#include "avx512_intrin.h"
 
 #include "lut16.h"
 #include "lut16_group.h"
