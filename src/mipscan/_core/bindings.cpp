@@ -578,23 +578,6 @@ NB_MODULE(_mipscan, m) {
     mipscan::topk_finish_rows(nq, k, heap_s.data(), heap_id.data(), sizes.data(), num_threads);
   }, "heap_s"_a.noconvert(), "heap_id"_a.noconvert(), "sizes"_a.noconvert(), "num_threads"_a);
 
-  // The encoder and the codebook trainer take an optional SIMD level (tests compare them).
-  m.def("encode_anisotropic", [](In<float, 2> residuals, In<float, 2> rows, In<float, 3> codebooks,
-                                 float threshold, size_t d_eff, int max_iterations, int num_threads,
-                                 std::optional<std::string> level) {
-    const mipscan::Kernels kn = level ? kernels_at(*level, "encode_anisotropic") : mipscan::kernels();
-    const size_t n = residuals.shape(0), dp = residuals.shape(1);
-    const size_t nb_ = codebooks.shape(0), dpb = codebooks.shape(2);
-    require(codebooks.shape(1) == 16 && nb_ * dpb == dp, "encode_anisotropic: codebooks must be (num_blocks, 16, dims_per_block) covering the residual width");
-    require(rows.shape(0) == n && rows.shape(1) == dp, "encode_anisotropic: rows and residuals differ in shape");
-    auto out = new_array<uint8_t>(n, nb_);
-    nb::gil_scoped_release release;
-    mipscan::encode_anisotropic(kn, residuals.data(), rows.data(), n, nb_, dpb, codebooks.data(),
-                                threshold, d_eff, max_iterations, num_threads, out.data());
-    return out;
-  }, "residuals"_a.noconvert(), "rows"_a.noconvert(), "codebooks"_a.noconvert(), "threshold"_a,
-     "d_eff"_a, "max_iterations"_a, "num_threads"_a, "level"_a = nb::none());
-
   m.def("gather_residuals", [](In<float, 2> rows, In<int64_t, 1> ids, In<int64_t, 1> leaves,
                                In<float, 2> centroids, size_t dp, int num_threads) {
     const size_t n = ids.shape(0), width = rows.shape(1);
@@ -609,6 +592,7 @@ NB_MODULE(_mipscan, m) {
   }, "rows"_a.noconvert(), "ids"_a.noconvert(), "leaves"_a.noconvert(), "centroids"_a.noconvert(),
      "dp"_a, "num_threads"_a);
 
+  // The encoder and the codebook trainer take an optional SIMD level (tests compare them).
   m.def("encode_anisotropic_rows", [](In<float, 2> rows, In<int64_t, 1> ids, In<int64_t, 1> leaves,
                                       In<float, 2> centroids, In<float, 3> codebooks, float threshold,
                                       int max_iterations, int num_threads,

@@ -53,16 +53,16 @@ struct EncodeScratch {
   }
 };
 
-// eta - 1 of a row of norm `norm` (as float, the weight of the parallel error).
-float parallel_weight(double norm, float threshold, size_t d_eff) {
+// eta - 1 of a unit-norm row (as float, the weight of the parallel error).
+float unit_parallel_weight(float threshold, size_t d_eff) {
   double eta = 1.0;
-  if (threshold > 0 && norm > 0 && d_eff > 1) {
-    // t is capped at 0.5 (eta <= (d - 1) / 3): rows far below the threshold would
-    // otherwise get an unbounded eta, and their free orthogonal error then makes
-    // them false positives for many queries.
-    const double t = std::min(double(threshold) / norm, 0.5);
+  if (threshold > 0 && d_eff > 1) {
+    // t is capped at 0.5 (eta <= (d - 1) / 3): with ScaNN's t = T / |x|, rows far below
+    // the threshold would otherwise get an unbounded eta, and their free orthogonal error
+    // then makes them false positives for many queries.
+    const double t = std::min(double(threshold), 0.5);
     // Clamped below at 1: the loss may favour the parallel error, never discount it
-    // (with large norms, T / |x| is tiny and the raw formula would drop below 1).
+    // (with a small T or few dimensions the raw formula drops below 1).
     eta = std::max(1.0, double(d_eff - 1) * t * t / (1.0 - t * t));
   }
   return static_cast<float>(eta - 1.0);
@@ -163,34 +163,13 @@ void encode_batch(const Kernels& kn, size_t np, const float* w, size_t num_block
 
 }  // namespace
 
-void encode_anisotropic(const Kernels& kn, const float* residuals, const float* rows, size_t n,
-                        size_t num_blocks, size_t dims_per_block, const float* codebooks,
-                        float threshold, size_t d_eff, int max_iterations, int num_threads,
-                        uint8_t* codes) {
-  const size_t dp = num_blocks * dims_per_block;
-  parallel_for(n, num_threads, 1024, [&](size_t begin, size_t end, int) {
-    EncodeScratch s(num_blocks, dims_per_block, codebooks);
-    float w[kEncodeBatch];
-    for (size_t i = begin; i < end; i += kEncodeBatch) {
-      const size_t np = std::min(kEncodeBatch, end - i);
-      for (size_t p = 0; p < np; ++p) {
-        const double norm = unit_direction(rows + (i + p) * dp, dp, s.dir.data() + p * dp);
-        std::copy(residuals + (i + p) * dp, residuals + (i + p + 1) * dp, s.res.data() + p * dp);
-        w[p] = parallel_weight(norm, threshold, d_eff);
-      }
-      encode_batch(kn, np, w, num_blocks, dims_per_block, codebooks, max_iterations, s,
-                   codes + i * num_blocks);
-    }
-  });
-}
-
 void encode_anisotropic_rows(const Kernels& kn, const float* rows, size_t width,
                              const int64_t* ids, const int64_t* leaves, const float* centroids,
                              size_t n, size_t num_blocks, size_t dims_per_block,
                              const float* codebooks, float threshold, size_t d_eff,
                              int max_iterations, int num_threads, uint8_t* codes) {
   const size_t dp = num_blocks * dims_per_block;
-  const float w_unit = parallel_weight(1.0, threshold, d_eff);
+  const float w_unit = unit_parallel_weight(threshold, d_eff);
   parallel_for(n, num_threads, 1024, [&](size_t begin, size_t end, int) {
     EncodeScratch s(num_blocks, dims_per_block, codebooks);
     std::vector<float> x(dp, 0.f);  // the row, zero-padded to dp

@@ -231,22 +231,14 @@ void search_batch_filtered(const IndexView& index, ScratchCache& cache, const Ke
 
 // Anisotropic AH encoding (Guo et al., ICML 2020). For each of n points, picks the code
 // of each block minimising |e|^2 + (eta - 1) * (e . x_hat)^2, e = residual - decoded,
-// by coordinate descent over blocks starting from the nearest codewords. eta comes from
-// the threshold T: t = min(T / |x|, 0.5), eta = max(1, (d_eff - 1) t^2 / (1 - t^2)); T <= 0
-// means eta = 1 (plain nearest-codeword encoding).
-//   residuals, rows: n * (num_blocks * dims_per_block) floats; codebooks as in IndexView;
-//   codes: n * num_blocks bytes.
-void encode_anisotropic(const Kernels& kernels, const float* residuals, const float* rows, size_t n,
-                        size_t num_blocks, size_t dims_per_block, const float* codebooks,
-                        float threshold, size_t d_eff, int max_iterations, int num_threads,
-                        uint8_t* codes);
-
-// encode_anisotropic of rows gathered by slot, without the caller's temporaries: point i
-// is row ids[i] of rows (width floats each) in leaf leaves[i], its residual that row less
-// centroids[leaves[i]] and its direction the row over its norm (float64 sums), both
-// zero-padded to num_blocks * dims_per_block. Every nonzero row is weighted as a unit-norm
-// row (t = min(T, 0.5)), whatever its scale. Preconditions: ids < the row count, leaves <
-// the centroid count, width <= num_blocks * dims_per_block.
+// by coordinate descent over blocks starting from the nearest codewords. Point i is row
+// ids[i] of rows (width floats each) in leaf leaves[i]: its residual is that row less
+// centroids[leaves[i]], its direction x_hat the row over its norm (float64 sums), both
+// zero-padded to num_blocks * dims_per_block. eta comes from the threshold T as for a
+// unit-norm row, whatever the row's scale: t = min(T, 0.5), eta = max(1, (d_eff - 1) t^2 /
+// (1 - t^2)); T <= 0, or a zero row, means eta = 1 (plain nearest-codeword encoding).
+// codebooks as in IndexView; codes: n * num_blocks bytes. Preconditions: ids < the row
+// count, leaves < the centroid count, width <= num_blocks * dims_per_block.
 void encode_anisotropic_rows(const Kernels& kernels, const float* rows, size_t width, const int64_t* ids,
                              const int64_t* leaves, const float* centroids, size_t n,
                              size_t num_blocks, size_t dims_per_block, const float* codebooks,
