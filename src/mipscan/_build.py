@@ -257,9 +257,7 @@ def leaf_axes(rows, centroids, slot_ids, counts, rank) -> tuple[np.ndarray, np.n
     top, other = lam[:, width - rank:], lam[:, :width - rank]
     rest = other.mean(axis=1) if other.shape[1] else np.zeros(num_leaves)
     axes[:] = np.swapaxes(vec[:, :, width - rank:] * np.sqrt(np.maximum(top - rest[:, None], 0.0))[:, None, :], 1, 2)
-    spread[:] = np.sqrt(rest)
-    empty = np.asarray(counts) == 0
-    axes[empty], spread[empty] = 0, 0
+    spread[:] = np.sqrt(rest)  # (an empty leaf's zero covariance gives zeros)
     return axes, spread
 
 

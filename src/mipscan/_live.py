@@ -34,7 +34,7 @@ import numpy as np
 
 from mipscan import _mipscan
 from mipscan._schema import ENCODER_ITERATIONS, spread_weight_of
-from mipscan._training import soar_assign
+from mipscan._training import assign_nearest, soar_assign
 from mipscan._validation import max_abs_value
 
 # From this many leaves up, a static index's batched searches score the leaves by BLAS
@@ -231,17 +231,6 @@ def _encode(state: State, rows: np.ndarray, leaves: np.ndarray, threads: int) ->
         ENCODER_ITERATIONS, threads)
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """assign_nearest for an update's few rows, on the calling thread: the core's dots
-    kernel instead of a BLAS product (a multi-threaded BLAS call for a 256 x 300 product
-    costs 30x more than the product when the cores are busy)."""
-    x = np.ascontiguousarray(x, np.float32)
-    c = np.ascontiguousarray(centroids, np.float32)
-    s = _mipscan.dots(x, c, _mipscan.simd_level())
-    s -= 0.5 * np.einsum("ij,ij->i", c, c)
-    return np.argmax(s, axis=1)
-
-
 def _assign(state: State, rows: np.ndarray) -> np.ndarray:
     """(m, 2) int32 leaves of new MIPS rows: own leaf, SOAR second leaf (or -1)."""
     cfg = state.config
@@ -253,7 +242,7 @@ def _assign(state: State, rows: np.ndarray) -> np.ndarray:
     d, metric = cfg["d"], cfg["distance_measure"]
     space = space_of(rows, metric, d)
     cent = space_of(state.centroids, metric, d)
-    labels = _nearest(space, cent)
+    labels = assign_nearest(space, cent, 1)  # an update's few rows: the calling thread
     out[:, 0] = labels
     lam = cfg.get("tree", {}).get("soar_lambda")
     if lam is not None:
@@ -438,8 +427,8 @@ def _retrain_leaves(state: State, reset: np.ndarray, new_leaves: np.ndarray,
     moved_rows = np.zeros(0, np.int64)
     moved_to = np.zeros(0, np.int64)
     if len(own_rows):
-        nearest = _nearest(space_of(state.row_data[own_rows], metric, d),
-                           space_of(centroids, metric, d))
+        nearest = assign_nearest(space_of(state.row_data[own_rows], metric, d),
+                                 space_of(centroids, metric, d))
         was = state.row_leaf[own_rows, 0].astype(np.int64)
         move = nearest != was
         if move.any():
