@@ -19,6 +19,9 @@ README_DATASETS = ("seed", "glove-50-dev")
 RESULTS = REPO / "benchmarks" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 REFERENCE = "mipscan"
+#: The variants whose best point at each target is the reference of the ratios (mipscan's
+#: partitioned index at either code width; its brute-force variant is a row like others).
+REFERENCE_VARIANTS = ("mipscan", "mipscan-ah1")
 
 
 def slug(name: str) -> str:
@@ -58,7 +61,9 @@ def at_target(points: list[dict], mode: str, target: float) -> dict | None:
 
 
 def summarize(result: dict) -> dict:
-    """{mode: {system: {target: {"qps", "recall", "knobs", "ratio"}}}}; ratio = mipscan / system."""
+    """{mode: {system: {target: {"qps", "recall", "knobs", "ratio"}}}}; ratio = mipscan / system,
+    mipscan being the faster of :data:`REFERENCE_VARIANTS` at that mode and target (its cell
+    carries "reference": true)."""
     out = {}
     systems = [s for s in result["systems"] if s.get("points")]
     for mode, _ in modes(result):
@@ -69,11 +74,15 @@ def summarize(result: dict) -> dict:
                 p = at_target(s["points"], mode, t)
                 table[s["name"]][f"{t:.2f}"] = None if p is None else {
                     "qps": qps(p, mode), "recall": p["recall"], "knobs": p["knobs"]}
-        ref = table.get(REFERENCE, {})
-        for name, row in table.items():
-            for t, cell in row.items():
-                if cell is not None and ref.get(t):
-                    cell["ratio"] = ref[t]["qps"] / cell["qps"]
+        for t in (f"{t:.2f}" for t in TARGETS):
+            cells = [table[v][t] for v in REFERENCE_VARIANTS if table.get(v, {}).get(t)]
+            if not cells:
+                continue
+            ref = max(cells, key=lambda c: c["qps"])
+            ref["reference"] = True
+            for row in table.values():
+                if row[t] is not None:
+                    row[t]["ratio"] = ref["qps"] / row[t]["qps"]
         out[mode] = table
     return out
 
@@ -111,7 +120,9 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
         f"Command: `{result['command']}`",
         "",
         f"QPS at recall@10 >= target: the fastest measured point reaching it (no "
-        f"interpolation; — = not reached). In brackets: {REFERENCE}'s QPS / that system's. "
+        f"interpolation; — = not reached). In bold: {REFERENCE}'s best at that target (of "
+        + " and ".join(REFERENCE_VARIANTS) + f"); in brackets: that QPS / the row's. Variants "
+        "ending in -ah1 use one dimension per 4-bit code instead of two. "
         + (f"Each system ran {cfg['rounds']} times, interleaved with the others; each point "
            "keeps its best round (the VM's speed drifts). " if cfg.get("rounds", 1) > 1 else "")
         + f"Median of {cfg['repeats']} timed runs after a warm-up; single-query QPS over "
@@ -129,8 +140,11 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
                 if c is None:
                     cells.append("—")
                 else:
-                    ratio = f" ({c['ratio']:.2f}x)" if "ratio" in c and name != REFERENCE else ""
-                    cells.append(_fmt_qps(c["qps"]) + ratio)
+                    if c.get("reference"):
+                        cells.append(f"**{_fmt_qps(c['qps'])}**")
+                    else:
+                        ratio = f" ({c['ratio']:.2f}x)" if "ratio" in c else ""
+                        cells.append(_fmt_qps(c["qps"]) + ratio)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| system | SIMD | build s | index MB | build peak RSS MB | default knobs | recall@10 "
@@ -211,7 +225,7 @@ def plot(result: dict, path: Path) -> None:
                        alpha=0.3)
             f = front(s["points"], mode)
             ax.plot([p["recall"] for p in f], [qps(p, mode) for p in f], "o-", ms=3, color=c,
-                    label=s["name"], lw=2.2 if s["name"] == REFERENCE else 1.2)
+                    label=s["name"], lw=2.2 if s["name"] in REFERENCE_VARIANTS else 1.2)
         ax.set_yscale("log")
         ax.set_xscale("function", functions=(_recall_axis, _recall_axis_inverse))
         ax.set_xlim(0, 1.002)

@@ -113,8 +113,9 @@ def variants(spec: str, quick: bool) -> list[str]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if item in systems.FAMILIES:
             names = systems.FAMILIES[item]
-            if quick and item == "hnswlib":
-                names = names[:1]
+            if quick:  # one hnswlib, one code width
+                names = [n for n in names if not n.endswith(systems.AH1)]
+                names = names[:1] if item == "hnswlib" else names
             out += names
         elif any(item in vs for vs in systems.FAMILIES.values()) or item.startswith("hnswlib-M"):
             out.append(item)
@@ -162,7 +163,7 @@ def config(args, ds: datasets.Dataset) -> dict:
         lgrid = _ints(args.leaves_grid)
     else:
         fracs = ((0.02, 0.05, 0.3) if args.quick else
-                 (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0))
+                 (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0))
         lgrid = sorted({max(1, min(leaves, round(leaves * f))) for f in fracs})
     if args.reorder_grid:
         rgrid = _ints(args.reorder_grid)
@@ -186,7 +187,7 @@ def config(args, ds: datasets.Dataset) -> dict:
     default_ls = max(1, min(leaves, round(leaves * 0.3)))
     default_reorder = min(rgrid, key=lambda r: abs(r - 50 * k))
     ef = _ints(args.ef_grid) if args.ef_grid else (
-        [10, 40, 160] if args.quick else [10, 20, 40, 80, 160, 320, 640])
+        [10, 40, 160] if args.quick else [10, 20, 40, 60, 80, 120, 160, 320, 640])
     return {
         "k": k, "metric": ds.metric, "d": d,
         "num_leaves": leaves, "leaves_to_search": default_ls,

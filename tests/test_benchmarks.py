@@ -148,11 +148,14 @@ def test_quick_run_summary_recomputed_from_points(quick_run):
                 best = max(ok, key=lambda i: speed[i])
                 assert cell["qps"] == speed[best] and cell["recall"] == points[best]["recall"]
                 assert cell["knobs"] == points[best]["knobs"]
-                ref = summary[mode].get("mipscan", {}).get(f"{t:.2f}")
-                if ref is None:
+                refs = [summary[mode][v][f"{t:.2f}"] for v in report.REFERENCE_VARIANTS
+                        if summary[mode].get(v, {}).get(f"{t:.2f}")]
+                if not refs:
                     assert "ratio" not in cell
                 else:
+                    ref = max(refs, key=lambda c: c["qps"])
                     assert cell["ratio"] == ref["qps"] / speed[best], (mode, name, t)
+                    assert cell.get("reference", False) == (cell is ref), (mode, name, t)
     assert summary["single"]["mipscan"]["0.90"] is not None, "mipscan never reached 0.90"
     assert summary["single"]["mipscan"]["0.90"]["ratio"] == 1.0
     assert "| single query, 1 thread |" in report.markdown(result)
@@ -196,3 +199,47 @@ def test_best_of_rounds_keeps_each_points_best_timing():
     assert [p["recall"] for p in best["points"]] == [0.5, 0.5]
     skipped = {"name": "x", "skipped": "not installed"}
     assert best_of_rounds([skipped]) is skipped
+
+
+def test_ratios_take_the_faster_mipscan_variant_at_each_target():
+    def pts(*rq):
+        return [{"recall": r, "qps_single": q, "qps_batched": {"1": q}, "knobs": {"i": i}}
+                for i, (r, q) in enumerate(rq)]
+
+    result = {"config": {"threads": [1]}, "systems": [
+        {"name": "mipscan", "points": pts((0.91, 300.0), (0.96, 100.0))},
+        {"name": "mipscan-ah1", "points": pts((0.92, 200.0), (0.97, 150.0))},
+        {"name": "hnswlib-M16", "points": pts((0.95, 60.0))},
+    ]}
+    single = report.summarize(result)["single"]
+    # 0.90: mipscan (300) is the reference; 0.95: mipscan-ah1 (150) is.
+    assert single["mipscan"]["0.90"]["reference"] and "reference" not in single["mipscan-ah1"]["0.90"]
+    assert single["mipscan-ah1"]["0.90"]["ratio"] == 1.5
+    assert single["mipscan-ah1"]["0.95"]["reference"] and single["mipscan"]["0.95"]["ratio"] == 1.5
+    assert single["hnswlib-M16"]["0.95"]["ratio"] == 2.5
+    assert single["hnswlib-M16"]["0.90"]["ratio"] == 5.0
+    assert single["mipscan"]["0.99"] is None and "ratio" not in str(single["hnswlib-M16"]["0.99"])
+    table = report.markdown(dict(result, dataset={"name": "t", "n": 1, "d": 1, "metric": "m", "nq": 1},
+                                 env={"cpu": "c", "cores": 1, "loadavg_start": [0], "versions": {}},
+                                 config={"threads": [1], "k": 10, "repeats": 1, "nq_single": 1},
+                                 command="x", date="d", systems=[],
+                                 summary=report.summarize(result)), heading="#")
+    assert "| mipscan | **300** | 100 (1.50x) | — |" in table
+
+
+def test_ah1_variants_use_one_dimension_per_code():
+    from benchmarks import run, systems
+
+    for family in ("mipscan", "scann", "scann-core", "faiss"):
+        names = run.variants(family, quick=False)
+        assert any(n.endswith(systems.AH1) for n in names), names
+        assert not any(n.endswith(systems.AH1) for n in run.variants(family, quick=True))
+    cfg = {"k": 10, "metric": "dot_product", "d": 8, "num_leaves": 4, "dims_per_block": 2}
+    try:
+        v = systems.make("faiss-ivfpq4fs-ah1", cfg)
+    except systems.Unavailable:
+        pytest.skip("faiss is not installed")  # the bench extra; CI installs it
+    assert v.name == "faiss-ivfpq4fs-ah1" and "PQ8x4fs" in v.factory_string(8)
+    assert cfg["dims_per_block"] == 2  # the run's own config is not changed
+    with pytest.raises(ValueError, match="unknown variant"):
+        systems.make("hnswlib-ah1", cfg)
