@@ -5,6 +5,7 @@ and an import graph without cycles."""
 from __future__ import annotations
 
 import ast
+import math
 import os
 import pickle
 import subprocess
@@ -183,13 +184,19 @@ def test_autopilot_builds_what_suggest_config_says(n):
     if n < 10_000:
         assert list(cfg) == ["score_brute_force"]
     else:
+        # d = 32: one dimension per code, a third of the leaves and 150 for 0.95
         assert cfg["tree"]["num_leaves"] == round(n ** 0.5)
-        assert cfg["reorder"]["reordering_num_neighbors"] == 500
-        assert cfg["tree"]["num_leaves_to_search"] == -(-cfg["tree"]["num_leaves"] // 4)
+        assert cfg["score_ah"]["dimensions_per_block"] == 1
+        assert cfg["reorder"]["reordering_num_neighbors"] == 150
+        assert cfg["tree"]["num_leaves_to_search"] == math.ceil(0.33 * cfg["tree"]["num_leaves"])
     low = mipscan.suggest_config(n, 32, k=20, target_recall=0.9)
     if n >= 10_000:
-        assert low["reorder"]["reordering_num_neighbors"] == 500  # 250 at k=10, scaled by k
+        assert low["reorder"]["reordering_num_neighbors"] == 200  # 100 at k=10, scaled by k
         assert low["tree"]["num_leaves_to_search"] < cfg["tree"]["num_leaves_to_search"]
+        wide = mipscan.suggest_config(n, 65, k=10)  # wider than AH1_MAX_D: two per code
+        assert wide["score_ah"]["dimensions_per_block"] == 2
+        assert wide["reorder"]["reordering_num_neighbors"] == 500
+        assert wide["tree"]["num_leaves_to_search"] == -(-wide["tree"]["num_leaves"] // 4)
 
 
 def test_suggest_config_validates():

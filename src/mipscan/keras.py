@@ -308,16 +308,19 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
             below 10,000 candidates, `round(sqrt(n))` above). Clamped to `n`; 1 means
             no tree.
         num_leaves_to_search: leaves searched per query; `None`: as `suggest_config`
-            (for its default target, a quarter of the leaves). Clamped to the number
+            (for its default target, a third of the leaves at d <= 64, a quarter
+            above). Clamped to the number
             of leaves.
         training_iterations: k-means iterations of the tree.
         dimensions_per_block: dimensions per 4-bit AH code; `None`: as
-            `suggest_config` (exact scoring below 10,000 candidates, else 2). Given, it
+            `suggest_config` (exact scoring below 10,000 candidates, else 1 at
+            d <= 64 and 2 above). Given, it
             selects AH at any size. Clamped to `d`.
         anisotropic_quantization_threshold: AH's anisotropic threshold T (NaN turns
             the anisotropic weighting off); `None`: as `suggest_config` (0.2).
         reordering_num_neighbors: approximate hits rescored exactly per query (with
-            AH); `None`: as `suggest_config` (for its default target, 500 at k = 10,
+            AH); `None`: as `suggest_config` (for its default target, 150 at k = 10
+            and d <= 64, 500 above,
             scaled by k / 10). Clamped to `[k, n]`.
         seed: seed of the index training (k-means and codebooks).
         target_recall: the recall@10 `suggest_config` aims at when choosing the share of
