@@ -121,7 +121,7 @@ def variants(spec: str, quick: bool) -> list[str]:
             out.append(item)
         else:
             raise SystemExit(f"unknown system {item!r}; known: {', '.join(systems.FAMILIES)}")
-    return out
+    return list(dict.fromkeys(out))  # a variant named twice (as itself and in its family) runs once
 
 
 def family_of(variant: str) -> str:

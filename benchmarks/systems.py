@@ -408,7 +408,7 @@ def make(name: str, cfg: dict) -> Variant:
     }
     if name in table:
         return table[name](cfg)
-    if name.endswith(AH1) and name[:-len(AH1)] in table:
+    if name.endswith(AH1) and any(name in vs for vs in FAMILIES.values()):
         v = table[name[:-len(AH1)]](dict(cfg, dims_per_block=1))
         v.name = name
         return v

@@ -241,5 +241,9 @@ def test_ah1_variants_use_one_dimension_per_code():
         pytest.skip("faiss is not installed")  # the bench extra; CI installs it
     assert v.name == "faiss-ivfpq4fs-ah1" and "PQ8x4fs" in v.factory_string(8)
     assert cfg["dims_per_block"] == 2  # the run's own config is not changed
-    with pytest.raises(ValueError, match="unknown variant"):
-        systems.make("hnswlib-ah1", cfg)
+    for name in ("hnswlib-ah1", "mipscan-bf-ah1", "numpy-ah1"):  # no 4-bit codes to widen
+        with pytest.raises(ValueError, match="unknown variant"):
+            systems.make(name, cfg)
+    # a variant named itself and through its family runs once
+    assert run.variants("scann,scann-ah1,mipscan-ah1,mipscan", quick=False) == [
+        "scann", "scann-ah1", "mipscan-ah1", "mipscan", "mipscan-bf"]
