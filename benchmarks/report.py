@@ -216,7 +216,8 @@ def plot(result: dict, path: Path) -> None:
     ms = modes(result)
     fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4.2), squeeze=False)
     systems = [s for s in result["systems"] if s.get("points")]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # 20 distinct colours: a run has a dozen systems (the default cycle repeats after 10)
+    colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     for ax, (mode, label) in zip(axes[0], ms):
         for i, s in enumerate(systems):
             c = colors[i % len(colors)]
