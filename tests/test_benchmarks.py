@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -234,13 +235,17 @@ def test_ah1_variants_use_one_dimension_per_code():
         names = run.variants(family, quick=False)
         assert any(n.endswith(systems.AH1) for n in names), names
         assert not any(n.endswith(systems.AH1) for n in run.variants(family, quick=True))
-    cfg = {"k": 10, "metric": "dot_product", "d": 8, "num_leaves": 4, "dims_per_block": 2}
-    try:
-        v = systems.make("faiss-ivfpq4fs-ah1", cfg)
-    except systems.Unavailable:
-        pytest.skip("faiss is not installed")  # the bench extra; CI installs it
-    assert v.name == "faiss-ivfpq4fs-ah1" and "PQ8x4fs" in v.factory_string(8)
+    cfg = {"k": 10, "metric": "dot_product", "d": 8, "num_leaves": 4, "leaves_to_search": 2,
+           "training_sample_size": 100, "training_iterations": 2, "dims_per_block": 2,
+           "aq_threshold": 0.2, "reorder": 20}
+    v = systems.make("mipscan-ah1", cfg)
+    assert v.name == "mipscan-ah1" and v.build_params()["dimensions_per_block"] == 1
+    assert systems.make("mipscan", cfg).build_params()["dimensions_per_block"] == 2
     assert cfg["dims_per_block"] == 2  # the run's own config is not changed
+    # faiss's factory at one dimension per code (formed without importing faiss)
+    ah1 = types.SimpleNamespace(cfg=dict(cfg, dims_per_block=1))
+    assert systems.FaissIVF.factory_string(ah1, 8) == "IVF4,PQ8x4fs,RFlat"
+    assert systems.FaissIVF.factory_string(types.SimpleNamespace(cfg=cfg), 8) == "IVF4,PQ4x4fs,RFlat"
     for name in ("hnswlib-ah1", "mipscan-bf-ah1", "numpy-ah1"):  # no 4-bit codes to widen
         with pytest.raises(ValueError, match="unknown variant"):
             systems.make(name, cfg)
