@@ -319,9 +319,8 @@ class ApproximateRetrieval(keras_rs.layers.Retrieval):
         anisotropic_quantization_threshold: AH's anisotropic threshold T (NaN turns
             the anisotropic weighting off); `None`: as `suggest_config` (0.2).
         reordering_num_neighbors: approximate hits rescored exactly per query (with
-            AH); `None`: as `suggest_config` (for its default target, 150 at k = 10
-            and d <= 64, 500 above,
-            scaled by k / 10). Clamped to `[k, n]`.
+            AH); `None`: as `suggest_config` (for its default target and k = 10, 150
+            at d <= 64 and 500 above; scaled by k / 10). Clamped to `[k, n]`.
         seed: seed of the index training (k-means and codebooks).
         target_recall: the recall@10 `suggest_config` aims at when choosing the share of
             leaves searched and the reorder depth; `None`: its default (0.95).
