@@ -48,6 +48,37 @@ def test_scan_equals_numpy_reference_exactly(rng, level, n, num_blocks):
     np.testing.assert_array_equal(bits.astype(bool), sums >= cut)
 
 
+@pytest.mark.parametrize("nq", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,num_blocks", [(32, 2), (96, 16), (50, 17), (200, 25), (130, 1), (300, 50),
+                                          (320, 64), (192, 65), (64, 300), (70, 9)])
+def test_multi_query_scan_equals_one_query_at_a_time(rng, level, nq, n, num_blocks):
+    # The kernel that scans a leaf for several queries (search_batch): each query's sums
+    # and masks exactly as the one-query kernel's, whatever its neighbours' tables.
+    cap = min(63, 65535 // num_blocks)
+    codes = rng.integers(0, 16, size=(n, num_blocks), dtype=np.uint8)
+    luts = rng.integers(0, cap + 1, size=(nq, num_blocks, 16)).astype(np.uint8)
+    luts[0, 0, :] = cap
+    packed = _mipscan.pack_codes(codes)
+    refs = [lut[np.arange(num_blocks)[None, :], codes].sum(axis=1) for lut in luts]
+    cuts = np.array([int(np.quantile(r, 0.3 + 0.15 * t)) for t, r in enumerate(refs)], np.uint16)
+    sums, masks = _mipscan.scan_lut16_multi(packed, num_blocks, luts, cuts, level)
+    for t in range(nq):
+        one_sums, one_masks = _mipscan.scan_lut16(packed, num_blocks, luts[t], level, int(cuts[t]))
+        np.testing.assert_array_equal(sums[t, :n], refs[t].astype(np.uint16))
+        np.testing.assert_array_equal(sums[t], one_sums)
+        np.testing.assert_array_equal(masks[t], one_masks)
+
+
+def test_multi_query_scan_refuses_bad_shapes(rng, level):
+    packed = _mipscan.pack_codes(rng.integers(0, 16, size=(64, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="1 to kMultiQueries"):
+        _mipscan.scan_lut16_multi(packed, 8, np.zeros((5, 8, 16), np.uint8), np.zeros(5, np.uint16), level)
+    with pytest.raises(ValueError, match="lut_cap"):
+        _mipscan.scan_lut16_multi(packed, 8, np.full((2, 8, 16), 64, np.uint8), np.zeros(2, np.uint16), level)
+    with pytest.raises(ValueError, match=r"\(nq, num_blocks, 16\)"):
+        _mipscan.scan_lut16_multi(packed, 8, np.zeros((2, 8, 16), np.uint8), np.zeros(3, np.uint16), level)
+
+
 def test_scan_refuses_lut_entries_above_the_cap(rng, level):
     codes = rng.integers(0, 16, size=(64, 8), dtype=np.uint8)
     lut = np.full((8, 16), 64, np.uint8)  # one past min(63, 65535 // 8)
@@ -186,20 +217,27 @@ def test_reorder_dot_rows_equal_the_dot_kernel_at_every_level(rng, d):
             _mipscan.dots(neg[None, :], zero_rows, "scalar")[0][[0, 1, 0, 1, 0]].view(np.uint32))
 
 
-@pytest.mark.parametrize("build", ["ah", "ah_reorder", "soar", "tiny_leaves"])
+@pytest.mark.parametrize("build", ["ah", "ah_reorder", "soar", "tiny_leaves", "ah1", "upper", "axes",
+                                   "bf16_centroids"])
 def test_batched_searches_equal_one_query_at_a_time(rng, level, build):
-    # search_batch scores a chunk's queries against the centroids in one pass and reuses
+    # search_batch scans the leaves of a chunk's queries together, leaf by leaf and in an
+    # order of its own (search_chunk), scores their centroids in one pass and reuses
     # scratch between them; every result must be the one a single-query search gives,
-    # ties (duplicate rows), widening (leaves that run short) and SOAR included.
+    # ties (duplicate rows), widening (leaves that run short), SOAR, one dimension per
+    # code, an upper tree and the leaf axes order included.
     db = rng.normal(size=(4000, 24)).astype(np.float32)
     db[1000:1100] = db[:100]  # exact duplicates: tied approximate scores
+    db[2000:2050] = db[:50]
     q = rng.normal(size=(37, 24)).astype(np.float32)
     q[20:30] = q[:10] + 1e-3  # neighbouring queries share leaves
     if build == "tiny_leaves":  # few points per leaf: the searched leaves run short (widening)
         b = mipscan.builder(db, 10, "dot_product").tree(100, 2).score_ah(2).reorder(60)
     else:
-        b = mipscan.builder(db, 10, "dot_product").tree(
-            40, 8, **({"soar_lambda": 1.0} if build == "soar" else {})).score_ah(2)
+        extra = {"soar": {"soar_lambda": 1.0}, "axes": {"leaf_axes": 4, "spread_weight": 3.0},
+                 "bf16_centroids": {"quantize_centroids": mipscan.ReorderType.BFLOAT16}}.get(build, {})
+        b = mipscan.builder(db, 10, "dot_product").tree(40, 8, **extra).score_ah(1 if build == "ah1" else 2)
+        if build == "upper":
+            b = b.upper_tree(6, 2)
         if build != "ah":
             b = b.reorder(60)
     searcher = b.build()

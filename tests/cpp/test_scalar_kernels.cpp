@@ -132,6 +132,49 @@ void check_scan(Rng& rng, Hash& hash) {
   report("scan_lut16_scalar_vs_reference", ok, "sums or masks differ from the plain sums");
 }
 
+// A multi-query scan kernel (lut16.h) against the one-query scalar kernel, one to
+// kMultiQueries queries, each with its own table and cut.
+bool multi_matches_scalar(Rng& rng, ScanLut16MultiFn fn) {
+  bool ok = true;
+  for (const auto& sz : kSizes) {
+    const size_t n = sz[0], nb = sz[1], groups = num_groups(n), lb = lut16_double_bytes(nb);
+    const auto codes = random_codes(rng, n, nb);
+    std::vector<uint8_t> packed(groups * group_bytes(nb));
+    pack_codes(codes.data(), n, nb, packed.data());
+    for (size_t nq = 1; nq <= kMultiQueries; ++nq) {
+      std::vector<std::vector<uint8_t>> luts, doubled;
+      std::vector<std::vector<uint16_t>> sums(nq, std::vector<uint16_t>(groups * kGroup, 0xFFFF));
+      std::vector<std::vector<uint64_t>> masks(nq, std::vector<uint64_t>(groups, 0x5555));
+      const uint8_t* lp[kMultiQueries];
+      uint16_t cuts[kMultiQueries];
+      uint16_t* sp[kMultiQueries];
+      uint64_t* mp[kMultiQueries];
+      for (size_t t = 0; t < nq; ++t) {
+        luts.push_back(random_lut(rng, nb));
+        doubled.emplace_back(lb, 0xEE);
+        lut16_double(luts[t].data(), nb, doubled[t].data());
+        lp[t] = doubled[t].data();
+        cuts[t] = static_cast<uint16_t>(100 * t + 200);
+        sp[t] = sums[t].data();
+        mp[t] = masks[t].data();
+      }
+      fn(packed.data(), groups, nb, nq, lp, cuts, sp, mp);
+      for (size_t t = 0; t < nq; ++t) {
+        std::vector<uint16_t> s1(groups * kGroup);
+        std::vector<uint64_t> m1(groups);
+        scan_lut16_scalar(packed.data(), groups, nb, luts[t].data(), cuts[t], s1.data(), m1.data());
+        ok &= s1 == sums[t] && m1 == masks[t];
+      }
+    }
+  }
+  return ok;
+}
+
+void check_multi_scalar(Rng& rng) {
+  report("scan_lut16_multi_scalar_vs_one_query", multi_matches_scalar(rng, &scan_lut16_multi_scalar),
+         "a query's sums or masks differ from the one-query kernel's");
+}
+
 // lut16.h's order: lane j % 8 takes a[j] * b[j] (rounded, then added), and the lanes
 // reduce as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The product goes through a
 // volatile so that no compiler setting can fuse it into the addition here.
@@ -199,6 +242,7 @@ void check_avx2(Rng& rng) {
     scan_lut16_avx2(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
     ok &= s1 == s2 && m1 == m2;
   }
+  ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx2);
   for (size_t d : kDims) {
     const size_t nq = 6, m = 5;
     std::vector<float> qs(nq * d), rows(m * d), o1(nq * m), o2(nq * m);
@@ -237,6 +281,7 @@ void check_avx512(Rng& rng) {
     scan_lut16_avx512(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
     ok &= s1 == s2 && m1 == m2;
   }
+  ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512);
   for (size_t d : kDims) {
     const size_t nq = 6, m = 9;
     std::vector<float> qs(nq * d), rows(m * d), o1(nq * m), o2(nq * m);
@@ -270,6 +315,8 @@ int main() {
                 static_cast<unsigned long long>(hash.h),
                 static_cast<unsigned long long>(kExpectedHash));
   report("outputs_match_x86_64_bit_for_bit", hash.h == kExpectedHash, why);
+  Rng rng1{5};
+  check_multi_scalar(rng1);
 #if MIPSCAN_HAVE_AVX2 && (defined(__GNUC__) || defined(__clang__))
   Rng rng2{7};
   check_avx2(rng2);

@@ -424,6 +424,40 @@ NB_MODULE(_mipscan, m) {
     return std::make_pair(out, masks);
   }, "packed"_a.noconvert(), "num_blocks"_a, "lut"_a.noconvert(), "level"_a, "cut"_a = 0);
 
+  m.def("scan_lut16_multi", [](In<uint8_t, 1> packed, size_t num_blocks, In<uint8_t, 3> luts,
+                               In<uint16_t, 1> cuts, const std::string& level) {
+    const size_t bytes = mipscan::group_bytes(num_blocks);
+    const size_t nq = luts.shape(0);
+    require(num_blocks >= 1 && packed.shape(0) % bytes == 0,
+            "scan_lut16_multi: packed size is not a whole number of groups");
+    require(nq >= 1 && nq <= mipscan::kMultiQueries,
+            "scan_lut16_multi: luts must hold 1 to kMultiQueries = 4 queries");
+    require(luts.shape(1) == num_blocks && luts.shape(2) == 16 && cuts.shape(0) == nq,
+            "scan_lut16_multi: luts must be (nq, num_blocks, 16) and cuts (nq,)");
+    const unsigned cap = mipscan::lut_cap(num_blocks);
+    for (size_t i = 0; i < nq * num_blocks * 16; ++i)
+      require(luts.data()[i] <= cap, "scan_lut16_multi: lut entries must be <= lut_cap(num_blocks) = min(63, 65535 // num_blocks)");
+    const size_t groups = packed.shape(0) / bytes, lb = mipscan::lut16_double_bytes(num_blocks);
+    const mipscan::ScanLut16MultiFn fn = kernels_at(level, "scan_lut16_multi").scan_lut16_multi;
+    auto out = new_array<uint16_t>(nq, groups * mipscan::kGroup);
+    auto masks = new_array<uint64_t>(nq, groups);
+    std::vector<uint8_t> doubled(nq * lb);
+    {
+      nb::gil_scoped_release release;
+      const uint8_t* lp[mipscan::kMultiQueries];
+      uint16_t* sp[mipscan::kMultiQueries];
+      uint64_t* mp[mipscan::kMultiQueries];
+      for (size_t t = 0; t < nq; ++t) {
+        mipscan::lut16_double(luts.data() + t * num_blocks * 16, num_blocks, doubled.data() + t * lb);
+        lp[t] = doubled.data() + t * lb;
+        sp[t] = out.data() + t * groups * mipscan::kGroup;
+        mp[t] = masks.data() + t * groups;
+      }
+      fn(packed.data(), groups, num_blocks, nq, lp, cuts.data(), sp, mp);
+    }
+    return std::make_pair(out, masks);
+  }, "packed"_a.noconvert(), "num_blocks"_a, "luts"_a.noconvert(), "cuts"_a.noconvert(), "level"_a);
+
   m.def("topk_update_rows", [](In<float, 2> scores, std::optional<In<float, 1>> col_bias,
                                uint32_t col_offset, nb::ndarray<float, nb::ndim<2>, nb::c_contig> heap_s,
                                nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig> heap_id,

@@ -22,7 +22,8 @@ constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLe
 
 Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                   &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
-                   &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar};
+                   &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
+                   &scan_lut16_multi_scalar};
 
 #if MIPSCAN_X86
 // regs = {eax, ebx, ecx, edx} of CPUID(leaf, subleaf); false when the leaf is not supported.
@@ -144,14 +145,16 @@ bool kernels_for(SimdLevel level, Kernels* out) {
   if (level == SimdLevel::kScalar) {
     *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                    &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
-                   &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar};
+                   &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
+                   &scan_lut16_multi_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
   if (level == SimdLevel::kAvx2 && cpu_has_avx2()) {
     *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2,
                    &argmax_shifted_scalar, &dot_i8_avx2, &dot_bf16_avx2, &topk_columns_avx2,
-                   &dot_rows_avx2, nullptr, nullptr, &nearest_rows_avx2};
+                   &dot_rows_avx2, nullptr, nullptr, &nearest_rows_avx2,
+                   &scan_lut16_multi_avx2};
     return true;
   }
 #endif
@@ -160,7 +163,8 @@ bool kernels_for(SimdLevel level, Kernels* out) {
     *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512,
                    &argmax_shifted_avx512, &dot_i8_avx512, &dot_bf16_avx512,
                    &topk_columns_avx512, &dot_rows_avx2,  // dot_avx512 is dot_avx2
-                   &encode2_avx512, &nearest2_avx512, &nearest_rows_avx512};
+                   &encode2_avx512, &nearest2_avx512, &nearest_rows_avx512,
+                   &scan_lut16_multi_avx512};
     return true;
   }
 #endif

@@ -41,6 +41,7 @@ struct Kernels {
   Encode2Fn encode2;    // encode.h: null = encode.cpp's SSE2 / portable loops
   Nearest2Fn nearest2;  // encode.h: likewise
   NearestRowsFn nearest_rows;  // assign.h: the tree's k-means assignment
+  ScanLut16MultiFn scan_lut16_multi;  // lut16.h: several queries over the same codes
 };
 
 // The kernels chosen at module load.

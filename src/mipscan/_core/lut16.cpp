@@ -52,6 +52,34 @@ void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
   }
 }
 
+void lut16_double(const uint8_t* lut, size_t num_blocks, uint8_t* out) {
+  std::memset(out, 0, lut16_double_bytes(num_blocks));
+  for (size_t b = 0; b < num_blocks; ++b) {
+    std::memcpy(out + b * 32, lut + b * 16, 16);
+    std::memcpy(out + b * 32 + 16, lut + b * 16, 16);
+  }
+}
+
+void scan_lut16_multi_scalar(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                             const uint8_t* const* luts, const uint16_t* cuts,
+                             uint16_t* const* sums, uint64_t* const* masks) {
+  for (size_t t = 0; t < nq; ++t) {
+    for (size_t g = 0; g < groups; ++g) {
+      const uint8_t* grp = packed + g * group_bytes(num_blocks);
+      uint16_t acc[kGroup] = {0};
+      for (size_t b = 0; b < num_blocks; ++b) {
+        const uint8_t* row = luts[t] + b * 32;
+        for (size_t j = 0; j < kGroup; ++j)
+          acc[j] = static_cast<uint16_t>(acc[j] + row[code_at(grp, b, j)]);
+      }
+      std::memcpy(sums[t] + g * kGroup, acc, sizeof(acc));
+      uint64_t mask = 0;
+      for (size_t j = 0; j < kGroup; ++j) mask |= static_cast<uint64_t>(acc[j] >= cuts[t]) << j;
+      masks[t][g] = mask;
+    }
+  }
+}
+
 void argmax_shifted_scalar(const float* s, size_t m, size_t k, const float* h, int64_t* out) {
   for (size_t i = 0; i < m; ++i) {
     const float* r = s + i * k;

@@ -75,6 +75,36 @@ void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
 #endif
 
+// Several queries over the same codes (search_batch's leaf-by-leaf scan): the codes of
+// each block are loaded and split into nibbles once for up to kMultiQueries queries, and
+// query t's sums and masks are exactly scan_lut16's with luts[t] and cuts[t].
+// The LUTs come in the doubled layout (lut16_double): row b at bytes [32b, 32b + 16) and
+// again at [32b + 16, 32b + 32), num_blocks rounded up to even, the padding row zero;
+// that is the 256-bit register the AVX2 kernel broadcasts per block, and two blocks of it
+// the AVX-512 kernel's 512-bit table, so neither rebuilds its tables per call.
+// luts: nq pointers to lut16_double_bytes(num_blocks) bytes; sums: nq pointers to groups
+// * 64; masks: nq pointers to groups. 1 <= nq <= kMultiQueries.
+constexpr size_t kMultiQueries = 4;
+inline size_t lut16_double_bytes(size_t num_blocks) { return (num_blocks + 1) / 2 * 64; }
+// out (lut16_double_bytes(num_blocks)) = lut (num_blocks * 16) in the doubled layout.
+void lut16_double(const uint8_t* lut, size_t num_blocks, uint8_t* out);
+using ScanLut16MultiFn = void (*)(const uint8_t* packed, size_t groups, size_t num_blocks,
+                                  size_t nq, const uint8_t* const* luts, const uint16_t* cuts,
+                                  uint16_t* const* sums, uint64_t* const* masks);
+void scan_lut16_multi_scalar(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                             const uint8_t* const* luts, const uint16_t* cuts,
+                             uint16_t* const* sums, uint64_t* const* masks);
+#if MIPSCAN_HAVE_AVX2
+void scan_lut16_multi_avx2(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                           const uint8_t* const* luts, const uint16_t* cuts,
+                           uint16_t* const* sums, uint64_t* const* masks);
+#endif
+#if MIPSCAN_HAVE_AVX512
+void scan_lut16_multi_avx512(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                             const uint8_t* const* luts, const uint16_t* cuts,
+                             uint16_t* const* sums, uint64_t* const* masks);
+#endif
+
 // k-means assignment step: out[i] = the first j < k maximising s[i * k + j] - h[j] (float
 // subtraction), or the first j where that is NaN: numpy's argmax(s - h, axis=1), without
 // writing s - h. s: m * k scores (rows . centroids), h: k half squared norms.

@@ -12,14 +12,16 @@ namespace mipscan {
 namespace {
 
 // kBlocks = num_blocks when known at compile time, so that the loop unrolls completely;
-// 0 = read it from num_blocks.
-template <size_t kBlocks>
+// 0 = read it from num_blocks. kDouble: lut is in the doubled layout (lut16.h), row b
+// already in both lanes at lut + 32b.
+template <size_t kBlocks, bool kDouble = false>
 void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const uint8_t* lut,
                uint16_t cut, uint16_t* sums, uint64_t* masks) {
   const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i cutv = _mm256_set1_epi16(static_cast<short>(cut));
   auto table = [lut](size_t b) {  // LUT row b in both lanes
+    if constexpr (kDouble) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + b * 32));
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + b * 16)));
   };
   for (size_t g = 0; g < groups; ++g) {
@@ -84,22 +86,42 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
 
 }  // namespace
 
+namespace {
+
+// Specialised for the block counts of common embedding widths with 1, 2 or 4 dimensions
+// per block (d = 16 ... 256).
+template <bool kDouble>
+void scan_blocks(const uint8_t* packed, size_t groups, size_t num_blocks, const uint8_t* lut,
+                 uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  switch (num_blocks) {
+    case 4: return scan_impl<4, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 8: return scan_impl<8, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 16: return scan_impl<16, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 17: return scan_impl<17, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 24: return scan_impl<24, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 25: return scan_impl<25, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 32: return scan_impl<32, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 48: return scan_impl<48, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 50: return scan_impl<50, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 64: return scan_impl<64, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+    default: return scan_impl<0, kDouble>(packed, groups, num_blocks, lut, cut, sums, masks);
+  }
+}
+
+}  // namespace
+
 void scan_lut16_avx2(const uint8_t* packed, size_t groups, size_t num_blocks,
                      const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
-  // Specialised for the block counts of common embedding widths with 2 or 4 dimensions
-  // per block (d = 16 ... 256).
-  switch (num_blocks) {
-    case 4: return scan_impl<4>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 8: return scan_impl<8>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 16: return scan_impl<16>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 17: return scan_impl<17>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 24: return scan_impl<24>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 25: return scan_impl<25>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 32: return scan_impl<32>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 48: return scan_impl<48>(packed, groups, num_blocks, lut, cut, sums, masks);
-    case 64: return scan_impl<64>(packed, groups, num_blocks, lut, cut, sums, masks);
-    default: return scan_impl<0>(packed, groups, num_blocks, lut, cut, sums, masks);
-  }
+  scan_blocks<false>(packed, groups, num_blocks, lut, cut, sums, masks);
+}
+
+// One query after another: sixteen YMM registers do not hold the accumulators of several
+// queries beside the split codes (the AVX-512 kernel's 32 do), so at this level the
+// queries share only the codes' trips from L2 to L1.
+void scan_lut16_multi_avx2(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                           const uint8_t* const* luts, const uint16_t* cuts,
+                           uint16_t* const* sums, uint64_t* const* masks) {
+  for (size_t t = 0; t < nq; ++t) scan_blocks<true>(packed, groups, num_blocks, luts[t], cuts[t], sums[t], masks[t]);
 }
 
 float dot_avx2(const float* a, const float* b, size_t d) {

@@ -106,7 +106,108 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
   }
 }
 
+template <size_t kT, size_t kU>
+inline void lookups_multi(const __m512i* const* tables, size_t p, const __m512i* lo, const __m512i* hi,
+                          __m512i (&la)[kT], __m512i (&lod)[kT], __m512i (&ha)[kT], __m512i (&hod)[kT]) {
+#pragma GCC unroll 4
+  for (size_t t = 0; t < kT; ++t) {
+    __m512i tb = _mm512_loadu_si512(tables[t] + p);
+    __m512i l = _mm512_shuffle_epi8(tb, lo[0]), h = _mm512_shuffle_epi8(tb, hi[0]);
+#pragma GCC unroll 4
+    for (size_t v = 1; v < kU; ++v) {
+      tb = _mm512_loadu_si512(tables[t] + p + v);
+      l = _mm512_add_epi8(l, _mm512_shuffle_epi8(tb, lo[v]));
+      h = _mm512_add_epi8(h, _mm512_shuffle_epi8(tb, hi[v]));
+    }
+    la[t] = _mm512_add_epi16(la[t], l);
+    lod[t] = _mm512_add_epi16(lod[t], _mm512_srli_epi16(l, 8));
+    ha[t] = _mm512_add_epi16(ha[t], h);
+    hod[t] = _mm512_add_epi16(hod[t], _mm512_srli_epi16(h, 8));
+  }
+}
+
+template <size_t kBlocks, size_t kT>
+void scan_multi_impl(const uint8_t* packed, size_t groups, size_t num_blocks,
+                     const uint8_t* const* luts, const uint16_t* cuts, uint16_t* const* sums,
+                     uint64_t* const* masks) {
+  const size_t nb = kBlocks != 0 ? kBlocks : num_blocks;
+  const size_t pairs = nb / 2, regs = pairs + nb % 2, bytes = group_bytes(nb);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i* tables[kT];
+  for (size_t t = 0; t < kT; ++t) tables[t] = reinterpret_cast<const __m512i*>(luts[t]);
+  for (size_t g = 0; g < groups; ++g) {
+    const uint8_t* gp = packed + g * bytes;
+    __m512i la[kT], lod[kT], ha[kT], hod[kT];
+    for (size_t t = 0; t < kT; ++t) la[t] = lod[t] = ha[t] = hod[t] = _mm512_setzero_si512();
+    auto split = [&](size_t r, __m512i& lo, __m512i& hi) {
+      const __m512i c = r < pairs ? _mm512_loadu_si512(gp + r * 64)
+                                  : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + r * 64)));
+      lo = _mm512_and_si512(c, low4);
+      hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
+    };
+    size_t p = 0;
+    for (; p + 4 <= regs; p += 4) {
+      __m512i lo[4], hi[4];
+      for (size_t v = 0; v < 4; ++v) split(p + v, lo[v], hi[v]);
+      lookups_multi<kT, 4>(tables, p, lo, hi, la, lod, ha, hod);
+    }
+    __m512i lo[3], hi[3];
+    switch (regs - p) {
+      case 3:
+        for (size_t v = 0; v < 3; ++v) split(p + v, lo[v], hi[v]);
+        lookups_multi<kT, 3>(tables, p, lo, hi, la, lod, ha, hod);
+        break;
+      case 2:
+        for (size_t v = 0; v < 2; ++v) split(p + v, lo[v], hi[v]);
+        lookups_multi<kT, 2>(tables, p, lo, hi, la, lod, ha, hod);
+        break;
+      case 1:
+        split(p, lo[0], hi[0]);
+        lookups_multi<kT, 1>(tables, p, lo, hi, la, lod, ha, hod);
+        break;
+      default:
+        break;
+    }
+    auto fold = [](__m512i v) {  // lanes 0-1 + lanes 2-3 (uint16, modulo 2^16)
+      return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    };
+    for (size_t t = 0; t < kT; ++t) {
+      const GroupSums gs = finish_group(fold(la[t]), fold(lod[t]), fold(ha[t]), fold(hod[t]), sums[t] + g * kGroup);
+      const __m256i cutv = _mm256_set1_epi16(static_cast<short>(cuts[t]));
+      masks[t][g] = uint64_t{_mm256_cmpge_epu16_mask(gs.p[0], cutv)} |
+                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[1], cutv)} << 16) |
+                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[2], cutv)} << 32) |
+                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[3], cutv)} << 48);
+    }
+  }
+}
+
+template <size_t kBlocks>
+void scan_multi_blocks(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                       const uint8_t* const* luts, const uint16_t* cuts, uint16_t* const* sums,
+                       uint64_t* const* masks) {
+  switch (nq) {
+    case 1: return scan_multi_impl<kBlocks, 1>(packed, groups, num_blocks, luts, cuts, sums, masks);
+    case 2: return scan_multi_impl<kBlocks, 2>(packed, groups, num_blocks, luts, cuts, sums, masks);
+    case 3: return scan_multi_impl<kBlocks, 3>(packed, groups, num_blocks, luts, cuts, sums, masks);
+    default: return scan_multi_impl<kBlocks, 4>(packed, groups, num_blocks, luts, cuts, sums, masks);
+  }
+}
+
 }  // namespace
+
+void scan_lut16_multi_avx512(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
+                             const uint8_t* const* luts, const uint16_t* cuts,
+                             uint16_t* const* sums, uint64_t* const* masks) {
+  switch (num_blocks) {
+    case 16: return scan_multi_blocks<16>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+    case 25: return scan_multi_blocks<25>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+    case 32: return scan_multi_blocks<32>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+    case 50: return scan_multi_blocks<50>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+    case 64: return scan_multi_blocks<64>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+    default: return scan_multi_blocks<0>(packed, groups, num_blocks, nq, luts, cuts, sums, masks);
+  }
+}
 
 void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
@@ -119,6 +220,7 @@ void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
     case 25: return scan_impl<25>(packed, groups, num_blocks, lut, cut, sums, masks);
     case 32: return scan_impl<32>(packed, groups, num_blocks, lut, cut, sums, masks);
     case 48: return scan_impl<48>(packed, groups, num_blocks, lut, cut, sums, masks);
+    case 50: return scan_impl<50>(packed, groups, num_blocks, lut, cut, sums, masks);
     case 64: return scan_impl<64>(packed, groups, num_blocks, lut, cut, sums, masks);
     default: break;
   }

@@ -90,6 +90,7 @@ void TopKBuffer::prune() {
     }
     size_ = w;
     thr_ = est;
+    thr_id_ = kAllTies;  // every pair at est was kept, so ties at it may still enter
     return;
   }
   select_exact();
@@ -141,41 +142,59 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
   size_t above = 0, b = nbins - 1;
   while (above + hist[b] < k) above += hist[b--];
-  grow(edge_scratch, hist[b]);
+  // The bin's values, branch-free (a bin's members are unpredictable): every value is
+  // written, and the position advances past the bin's own.
+  if (edge_scratch.size() < n) grow(edge_scratch, n);
+  float* edge = edge_scratch.data();
   size_t e = 0;
   for (size_t j = 0; j < n; ++j) {
-    if (bins[j] == b) edge_scratch[e++] = v[j];
+    edge[e] = v[j];
+    e += bins[j] == b;
   }
-  const size_t need = k - above;  // 1 <= need <= hist[b]
-  std::nth_element(edge_scratch.begin(), edge_scratch.begin() + (need - 1), edge_scratch.end(),
-                   std::greater<float>());
-  return edge_scratch[need - 1];
+  const size_t need = k - above;  // 1 <= need <= hist[b] = e
+  std::nth_element(edge, edge + (need - 1), edge + e, std::greater<float>());
+  return edge[need - 1];
 }
 
 void TopKBuffer::select_exact() {
-  // The k-th largest score t, then one branch-free pass keeps the pairs above t and as
-  // many pairs at t as make k.
+  // The k-th largest score t, then one branch-free pass keeps the pairs above t and, of
+  // the pairs at t, the ones with the smallest ids (as many as make k): the best k by
+  // `better`, whatever order they came in.
   const size_t n = size_;
   float* s = s_.data();
   uint32_t* id = id_.data();
   const float t = kth_largest(s, n, k_, bins_, edge_);
-  size_t above = 0;
-  for (size_t j = 0; j < n; ++j) above += s[j] > t;
+  size_t above = 0, at = 0;
+  for (size_t j = 0; j < n; ++j) {
+    above += s[j] > t;
+    at += s[j] == t;
+  }
   const size_t ties = k_ - above;  // pairs at t to keep (>= 1)
-  size_t w = 0, seen_ties = 0;
+  // The largest id kept at t: the ties-th smallest (ids are distinct in every caller;
+  // with repeats the count below still keeps exactly k). When every tie is kept, any
+  // later tie is admitted (admits() may let in pairs that lose; they cost a push only).
+  uint32_t last = ~uint32_t{0};
+  if (ties < at) {
+    tie_ids_.clear();
+    for (size_t j = 0; j < n; ++j)
+      if (s[j] == t) tie_ids_.push_back(id[j]);  // capacity cap_ >= n: no allocation
+    std::nth_element(tie_ids_.begin(), tie_ids_.begin() + static_cast<std::ptrdiff_t>(ties - 1), tie_ids_.end());
+    last = tie_ids_[ties - 1];
+  }
+  size_t w = 0, kept_ties = 0;
   for (size_t j = 0; j < n; ++j) {
     const float v = s[j];
     const uint32_t d = id[j];
-    const bool tie = v == t;
+    const bool tie = (v == t) & (d <= last) & (kept_ties < ties);
     s[w] = v;
     id[w] = d;
-    w += (v > t) | (tie & (seen_ties < ties));
-    seen_ties += tie;
+    w += (v > t) | tie;
+    kept_ties += tie;
   }
   size_ = k_;
   thr_ = t;
+  thr_id_ = ties < at ? last : kAllTies;
 }
-
 size_t TopKBuffer::finish_unsorted() {
   if (size_ > k_) select_exact();
   return size_;

@@ -54,20 +54,28 @@ struct HeapView {
 // best score (or, failing that, nth_element keeps exactly the best k) and raises the
 // threshold to it. Amortised O(1) per accepted pair, against O(log k) sifts for a
 // heap: this matters when k is the reorder depth (hundreds) and tens of thousands of
-// points are offered. Once the buffer has been pruned, a pair must beat the threshold
-// strictly: approximate (quantized) scores tie often, and letting every tie in would
-// refill the buffer with pairs that cannot improve it. Ties are thus won by the pairs
-// offered first; finish_sorted() orders the survivors by `better`.
+// points are offered.
+//
+// The result does not depend on the order pairs are offered in: it is the best k by
+// `better` (ties at the k-th score go to the smaller ids) of all pairs pushed. Callers
+// offer a pair only when admits() (which is what keeps them cheap), and admits() rejects
+// only pairs that k buffered pairs beat: after an exact selection, ties at the threshold
+// are admitted when their id is below the largest kept tie's; after an estimated prune,
+// all ties at the estimate are. This is what lets a batch of queries scan their leaves in
+// any order (leaf by leaf, several queries at once) with the results of one query at a
+// time.
 class TopKBuffer {
  public:
+  // Pairs buffered for a given k (each takes about 18 bytes of the buffer's memory).
+  // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
+  // more than the pushes a later threshold lets through. 2k (not 4k) above that: the
+  // first threshold comes after half the pushes, and the later ones rise sooner, which
+  // saved more pushes than the extra prunes cost (GloVe, reorder 500 ... 5,000: 0-7%
+  // faster). Results do not depend on it.
+  static size_t capacity_for(size_t k) { return std::max<size_t>(2 * k + 16, 1024); }
   void reset(size_t k) {
     k_ = k;
-    // At least 1024: for small k, frequent exact selections of a few hundred pairs cost
-    // more than the pushes a later threshold lets through. 2k (not 4k) above that: the
-    // first threshold comes after half the pushes, and the later ones rise sooner, which
-    // saved more pushes than the extra prunes cost (GloVe, reorder 500 ... 5,000: 0-7%
-    // faster). Results do not depend on it: ties go to the pairs offered first either way.
-    cap_ = std::max<size_t>(2 * k + 16, 1024);
+    cap_ = capacity_for(k);
     if (s_.size() < cap_ || id_.size() < cap_) {  // both: a bad_alloc may fall between
       grow(s_, cap_);
       grow(id_, cap_);
@@ -77,15 +85,28 @@ class TopKBuffer {
       bins_.reserve(cap_);
       edge_.reserve(cap_);
       pairs_.reserve(k);
+      tie_ids_.reserve(cap_);
     }
     size_ = 0;
     thr_ = -std::numeric_limits<float>::infinity();
+    thr_id_ = 0;  // -inf itself is never admitted
   }
-  // A pair can enter only if score > threshold(); callers may skip the others.
+  // Pairs scoring below threshold() cannot enter; admits() decides the ties at it.
   float threshold() const { return thr_; }
+  // False only for a pair that cannot be among the best k of all pairs pushed (callers
+  // skip those; pushing one anyway is harmless). -inf is never admitted.
+  bool admits(float score, uint32_t id) const {
+    return score > thr_ || (score == thr_ && uint64_t{id} < thr_id_);
+  }
   size_t k() const { return k_; }
-  // Raises the threshold to t. Precondition: at least k buffered pairs score above t.
-  void raise_threshold(float t) { thr_ = t > thr_ ? t : thr_; }
+  // Raises the threshold to t (ties at t stay admitted). Precondition: at least k
+  // buffered pairs score at or above t.
+  void raise_threshold(float t) {
+    if (t > thr_) {
+      thr_ = t;
+      thr_id_ = kAllTies;
+    }
+  }
   // Appends the pair; returns true when this filled the buffer and the threshold rose.
   // Precondition: score is not NaN (see the top of this file; asserted in debug builds).
   bool push(float score, uint32_t id) {
@@ -106,7 +127,7 @@ class TopKBuffer {
   size_t bytes() const {
     return s_.capacity() * sizeof(float) + id_.capacity() * sizeof(uint32_t) +
            bins_.capacity() * sizeof(uint16_t) + edge_.capacity() * sizeof(float) +
-           pairs_.capacity() * sizeof(pairs_[0]);
+           pairs_.capacity() * sizeof(pairs_[0]) + tie_ids_.capacity() * sizeof(uint32_t);
   }
 
  private:
@@ -118,8 +139,11 @@ class TopKBuffer {
   std::vector<uint16_t> bins_;                 // select_exact's scratch
   std::vector<float> edge_;
   std::vector<std::pair<float, uint32_t>> pairs_;  // the final sort
+  std::vector<uint32_t> tie_ids_;                  // select_exact: ids of the ties at t
+  static constexpr uint64_t kAllTies = uint64_t{1} << 32;
   size_t k_ = 0, cap_ = 0, size_ = 0;
   float thr_ = 0;
+  uint64_t thr_id_ = 0;  // ties at thr_ are admitted when their id is below it
 };
 
 // The k-th largest of v[0, n) (1 <= k <= n; no NaN in v), exactly and in O(n): a histogram over
