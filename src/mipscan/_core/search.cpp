@@ -247,9 +247,16 @@ QuantLut build_lut(const IndexView& ix, const float* q, Scratch& s) {
       out.scale = out.inv_scale = 0;
       return out;
     }
+    // Branch-free, through local pointers (a byte store may alias anything, so indexing
+    // the vectors reloaded their data pointers at every entry and nothing vectorised).
+    const float* __restrict lf = s.lut_f.data();
+    uint8_t* __restrict lu = s.lut_u8.data();
+    const float sc = out.scale;
     for (size_t i = 0; i < nb * 16; ++i) {
-      const float v = s.lut_f[i] * out.scale + 0.5f;  // >= 0.5: truncation rounds to nearest
-      s.lut_u8[i] = static_cast<uint8_t>(v < cap ? (v >= 0 ? v : 0.f) : cap);  // NaN -> cap
+      float v = lf[i] * sc + 0.5f;  // >= 0.5: truncation rounds to nearest
+      v = v < cap ? v : cap;        // NaN -> cap
+      v = v >= 0 ? v : 0.f;
+      lu[i] = static_cast<uint8_t>(static_cast<int>(v));
     }
   }
   return out;
