@@ -27,6 +27,38 @@ struct LeafKey {
   uint32_t l;
 };
 
+// Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
+struct QuantLut {
+  float bias = 0;
+  float scale = 0;      // float units -> integer units; 0: every entry 0 (see build_lut)
+  float inv_scale = 0;  // integer units -> float units
+  bool exact = false;   // num_blocks > kMaxLut16Blocks: score from lut_f (scan_leaf_ah_exact)
+};
+
+// search_chunk's buffers (several queries, leaf by leaf): each query's searched leaves
+// and their base scores (plan_start: nq + 1 offsets), its LUT doubled (lut16.h) and its
+// scale; each leaf's queries (leaf_start: offsets by leaf, L + 1; job_*: the entries);
+// the leaves in the order they are scanned; the kernel's outputs for kMultiQueries queries.
+struct ChunkScratch {
+  std::vector<uint32_t> plan_leaf;
+  std::vector<float> plan_base;
+  std::vector<size_t> plan_start;
+  std::vector<uint8_t> luts2;
+  std::vector<QuantLut> quant;
+  std::vector<uint32_t> leaf_start;
+  std::vector<uint32_t> job_query;
+  std::vector<float> job_base;
+  std::vector<uint32_t> scan_order;
+  std::vector<uint16_t> sums;
+  std::vector<uint64_t> masks;
+
+  size_t bytes() const {
+    auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
+    return b(plan_leaf) + b(plan_base) + b(plan_start) + b(luts2) + b(quant) + b(leaf_start) +
+           b(job_query) + b(job_base) + b(scan_order) + b(sums) + b(masks);
+  }
+};
+
 }  // namespace
 
 struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache line
@@ -62,21 +94,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<uint8_t> scored;       // upper tree: leaf l's score was computed
   std::vector<float> tile;           // score_all_slots: a tile of the chunk's scores
   std::vector<TopKBuffer> chunk_top;  // score_all_slots, search_chunk: each query's candidates
-  // search_chunk (several queries, leaf by leaf): each query's searched leaves and their
-  // base scores (plan_start: nq + 1 offsets), its LUT doubled (lut16.h) and its scale;
-  // each leaf's queries (leaf_start: offsets by leaf, L + 1; job_*: the entries); the
-  // leaves in the order they are scanned; the kernel's outputs for kMultiQueries queries.
-  std::vector<uint32_t> plan_leaf;
-  std::vector<float> plan_base;
-  std::vector<size_t> plan_start;
-  std::vector<uint8_t> luts2;
-  std::vector<float> lut_bias, lut_scale, lut_inv;
-  std::vector<uint32_t> leaf_start;
-  std::vector<uint32_t> job_query;
-  std::vector<float> job_base;
-  std::vector<uint32_t> scan_order;
-  std::vector<uint16_t> multi_sums;
-  std::vector<uint64_t> multi_masks;
+  ChunkScratch chunk;                 // search_chunk
   TopKBuffer candidates;
   TopKBuffer final_;
 
@@ -86,9 +104,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
            b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
-           b(tile) + b(chunk_top) + b(plan_leaf) + b(plan_base) + b(plan_start) + b(luts2) +
-           b(lut_bias) + b(lut_scale) + b(lut_inv) + b(leaf_start) + b(job_query) + b(job_base) +
-           b(scan_order) + b(multi_sums) + b(multi_masks) + candidates.bytes() + final_.bytes() + [this] {
+           b(tile) + b(chunk_top) + chunk.bytes() + candidates.bytes() + final_.bytes() + [this] {
              size_t t = 0;
              for (const TopKBuffer& c : chunk_top) t += c.bytes();
              return t;
@@ -157,14 +173,6 @@ class ScratchLease {
   ScratchCache* cache_;
   int exceptions_;
   std::unique_ptr<Scratch> s_;
-};
-
-// Quantized query LUT: score(point) ~= bias + sum(lut_u8) * inv_scale.
-struct QuantLut {
-  float bias = 0;
-  float scale = 0;      // float units -> integer units; 0: every entry 0 (see build_lut)
-  float inv_scale = 0;  // integer units -> float units
-  bool exact = false;   // num_blocks > kMaxLut16Blocks: score from lut_f (scan_leaf_ah_exact)
 };
 
 // The smallest integer sum whose score, base + sum * inv_scale as the scans compute it in
@@ -1145,22 +1153,19 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
     fault::alloc();
     s.chunk_top.resize(nq);
   }
-  grow(s.plan_start, nq + 1);
-  grow(s.luts2, nq * lb);
-  grow(s.lut_bias, nq);
-  grow(s.lut_scale, nq);
-  grow(s.lut_inv, nq);
+  ChunkScratch& c = s.chunk;
+  grow(c.plan_start, nq + 1);
+  grow(c.luts2, nq * lb);
+  grow(c.quant, nq);
   size_t np = 0;  // plan entries
-  s.plan_start[0] = 0;
+  c.plan_start[0] = 0;
   for (size_t i = 0; i < nq; ++i) {
     const float* q = qs + i * d;
     const float* pre_i = pre != nullptr ? pre + i * L : nullptr;
     s.pre_axes = axes != nullptr ? axes + i * L * ix.axes_rank : nullptr;
     const QuantLut ql = build_lut(ix, q, s);
-    lut16_double(s.lut_u8.data(), nb, s.luts2.data() + i * lb);
-    s.lut_bias[i] = ql.bias;
-    s.lut_scale[i] = ql.scale;
-    s.lut_inv[i] = ql.inv_scale;
+    lut16_double(s.lut_u8.data(), nb, c.luts2.data() + i * lb);
+    c.quant[i] = ql;
     TopKBuffer& top = s.chunk_top[i];
     top.reset(keep);
     // search_one's leaves: the first ones, then more (best first) until keep entries.
@@ -1177,51 +1182,51 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
       if (r == 0 && size > keep && ql.scale > 0) {
         scan_first_leaf_ah(ix, kn, leaf, base, ql, s, top);
       } else {
-        if (s.plan_leaf.size() <= np) {
-          grow(s.plan_leaf, std::max<size_t>(2 * np, 64));
-          grow(s.plan_base, s.plan_leaf.size());
+        if (c.plan_leaf.size() <= np) {
+          grow(c.plan_leaf, std::max<size_t>(2 * np, 64));
+          grow(c.plan_base, c.plan_leaf.size());
         }
-        s.plan_leaf[np] = leaf;
-        s.plan_base[np] = base;
+        c.plan_leaf[np] = leaf;
+        c.plan_base[np] = base;
         ++np;
       }
       seen += size;
       if (r + 1 >= first && seen >= keep) break;
     }
-    s.plan_start[i + 1] = np;
+    c.plan_start[i + 1] = np;
   }
   s.pre_axes = nullptr;
   // Each leaf's entries (query, base), by leaf, and the order the leaves are scanned in.
-  grow_fill(s.leaf_start, L + 1, 0u);
-  grow(s.job_query, np);
-  grow(s.job_base, np);
-  grow(s.scan_order, std::min(np, L));
+  grow_fill(c.leaf_start, L + 1, 0u);
+  grow(c.job_query, np);
+  grow(c.job_base, np);
+  grow(c.scan_order, std::min(np, L));
   size_t nl = 0;  // leaves to scan
   for (size_t r = 0, more = 1; more != 0; ++r) {
     more = 0;
     for (size_t i = 0; i < nq; ++i) {
-      const size_t at = s.plan_start[i] + r;
-      if (at >= s.plan_start[i + 1]) continue;
+      const size_t at = c.plan_start[i] + r;
+      if (at >= c.plan_start[i + 1]) continue;
       more = 1;
-      const uint32_t leaf = s.plan_leaf[at];
-      if (s.leaf_start[leaf + 1]++ == 0) s.scan_order[nl++] = leaf;
+      const uint32_t leaf = c.plan_leaf[at];
+      if (c.leaf_start[leaf + 1]++ == 0) c.scan_order[nl++] = leaf;
     }
   }
-  for (size_t l = 0; l < L; ++l) s.leaf_start[l + 1] += s.leaf_start[l];
+  for (size_t l = 0; l < L; ++l) c.leaf_start[l + 1] += c.leaf_start[l];
   for (size_t i = 0; i < nq; ++i) {  // fill, moving leaf_start[l] to the end of leaf l - 1's
-    for (size_t at = s.plan_start[i]; at < s.plan_start[i + 1]; ++at) {
-      const uint32_t j = s.leaf_start[s.plan_leaf[at]]++;
-      s.job_query[j] = static_cast<uint32_t>(i);
-      s.job_base[j] = s.plan_base[at];
+    for (size_t at = c.plan_start[i]; at < c.plan_start[i + 1]; ++at) {
+      const uint32_t j = c.leaf_start[c.plan_leaf[at]]++;
+      c.job_query[j] = static_cast<uint32_t>(i);
+      c.job_base[j] = c.plan_base[at];
     }
   }
   // leaf_start[l] is now the end of leaf l's entries, and leaf l's begin is leaf_start[l - 1].
   constexpr size_t kChunkGroups = 32;
-  grow(s.multi_sums, kMultiQueries * kChunkGroups * kGroup);
-  grow(s.multi_masks, kMultiQueries * kChunkGroups);
+  grow(c.sums, kMultiQueries * kChunkGroups * kGroup);
+  grow(c.masks, kMultiQueries * kChunkGroups);
   for (size_t o = 0; o < nl; ++o) {
-    const uint32_t leaf = s.scan_order[o];
-    const size_t j0 = leaf == 0 ? 0 : s.leaf_start[leaf - 1], j1 = s.leaf_start[leaf];
+    const uint32_t leaf = c.scan_order[o];
+    const size_t j0 = leaf == 0 ? 0 : c.leaf_start[leaf - 1], j1 = c.leaf_start[leaf];
     const int64_t slot0 = ix.leaf_offsets[leaf];
     const size_t count = static_cast<size_t>(ix.leaf_offsets[leaf + 1] - slot0);
     const size_t groups = num_groups(count);
@@ -1233,22 +1238,21 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
       uint16_t* sums[kMultiQueries];
       uint64_t* masks[kMultiQueries];
       for (size_t t = 0; t < nt; ++t) {
-        luts[t] = s.luts2.data() + s.job_query[j + t] * lb;
-        sums[t] = s.multi_sums.data() + t * kChunkGroups * kGroup;
-        masks[t] = s.multi_masks.data() + t * kChunkGroups;
+        luts[t] = c.luts2.data() + c.job_query[j + t] * lb;
+        sums[t] = c.sums.data() + t * kChunkGroups * kGroup;
+        masks[t] = c.masks.data() + t * kChunkGroups;
       }
       for (size_t c0 = 0; c0 < groups; c0 += kChunkGroups) {
         const size_t c1 = std::min(groups, c0 + kChunkGroups);
         for (size_t t = 0; t < nt; ++t) {
-          const uint32_t i = s.job_query[j + t];
-          const QuantLut ql{s.lut_bias[i], s.lut_scale[i], s.lut_inv[i], false};
-          cuts[t] = lut16_cut(s.chunk_top[i].threshold(), s.job_base[j + t], ql);
+          const uint32_t i = c.job_query[j + t];
+          cuts[t] = lut16_cut(s.chunk_top[i].threshold(), c.job_base[j + t], c.quant[i]);
         }
         kn.scan_lut16_multi(codes + c0 * bytes, c1 - c0, nb, nt, luts, cuts, sums, masks);
         for (size_t t = 0; t < nt; ++t) {
-          const uint32_t i = s.job_query[j + t];
+          const uint32_t i = c.job_query[j + t];
           TopKBuffer& top = s.chunk_top[i];
-          const float base = s.job_base[j + t], inv = s.lut_inv[i];
+          const float base = c.job_base[j + t], inv = c.quant[i].inv_scale;
           for (size_t g = c0; g < c1; ++g) {
             for (uint64_t m = masks[t][g - c0]; m != 0; m &= m - 1) {
               const size_t at = static_cast<size_t>(ctz64(m));
