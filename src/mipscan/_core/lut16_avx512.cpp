@@ -106,14 +106,20 @@ void scan_impl(const uint8_t* packed, size_t groups, size_t num_blocks, const ui
   }
 }
 
+// Several queries over the same groups (the multi-query scan, lut16.h). Per group, each
+// 512-bit register of codes (two blocks, as scan_group reads them) is loaded and split
+// into its low and high nibbles once, four registers at a time; then every query looks
+// the four up in its own tables, read from the doubled layout (query t's register p:
+// blocks 2p and 2p + 1, 64 bytes at luts[t] + 64p), and sums them in 8 bits (<= 4 * 63)
+// before widening into its four accumulators. Per query the arithmetic is scan_group's,
+// so are the sums. Registers at kT = 4: 8 split codes and 16 accumulators.
+// lookups_multi: kU (1..4) registers starting at p, for each of the kT queries.
 template <size_t kT, size_t kU>
 inline void lookups_multi(const __m512i* const* tables, size_t p, const __m512i* lo, const __m512i* hi,
                           __m512i (&la)[kT], __m512i (&lod)[kT], __m512i (&ha)[kT], __m512i (&hod)[kT]) {
-#pragma GCC unroll 4
   for (size_t t = 0; t < kT; ++t) {
     __m512i tb = _mm512_loadu_si512(tables[t] + p);
     __m512i l = _mm512_shuffle_epi8(tb, lo[0]), h = _mm512_shuffle_epi8(tb, hi[0]);
-#pragma GCC unroll 4
     for (size_t v = 1; v < kU; ++v) {
       tb = _mm512_loadu_si512(tables[t] + p + v);
       l = _mm512_add_epi8(l, _mm512_shuffle_epi8(tb, lo[v]));
