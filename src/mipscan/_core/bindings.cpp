@@ -68,6 +68,16 @@ void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
+// The scan kernels' contract (lut16.h): every LUT entry <= lut_cap(num_blocks); above it
+// the SIMD kernels' 8-bit sums wrap.
+void require_lut_cap(const uint8_t* lut, size_t num_blocks, size_t entries, const std::string& call) {
+  const unsigned cap = mipscan::lut_cap(num_blocks);
+  for (size_t i = 0; i < entries; ++i) {
+    if (lut[i] > cap)
+      throw std::invalid_argument(call + ": lut entries must be <= lut_cap(num_blocks) = min(63, 65535 // num_blocks)");
+  }
+}
+
 // The kernels of a named level (tests reach every level this way, without global state).
 mipscan::Kernels kernels_at(const std::string& level, const char* call) {
   mipscan::SimdLevel l{};
@@ -409,10 +419,7 @@ NB_MODULE(_mipscan, m) {
     require(num_blocks >= 1 && packed.shape(0) % bytes == 0,
             "scan_lut16: packed size is not a whole number of groups");
     require(lut.shape(0) == num_blocks && lut.shape(1) == 16, "scan_lut16: lut must be (num_blocks, 16)");
-    // The kernels' contract (lut16.h): above the cap the SIMD kernels' 8-bit sums wrap.
-    const unsigned cap = mipscan::lut_cap(num_blocks);
-    for (size_t i = 0; i < num_blocks * 16; ++i)
-      require(lut.data()[i] <= cap, "scan_lut16: lut entries must be <= lut_cap(num_blocks) = min(63, 65535 // num_blocks)");
+    require_lut_cap(lut.data(), num_blocks, num_blocks * 16, "scan_lut16");
     const size_t groups = packed.shape(0) / bytes;
     const mipscan::ScanLut16Fn fn = kernels_at(level, "scan_lut16").scan_lut16;
     auto out = new_array<uint16_t>(groups * mipscan::kGroup);
@@ -434,9 +441,7 @@ NB_MODULE(_mipscan, m) {
             "scan_lut16_multi: luts must hold 1 to kMultiQueries = 4 queries");
     require(luts.shape(1) == num_blocks && luts.shape(2) == 16 && cuts.shape(0) == nq,
             "scan_lut16_multi: luts must be (nq, num_blocks, 16) and cuts (nq,)");
-    const unsigned cap = mipscan::lut_cap(num_blocks);
-    for (size_t i = 0; i < nq * num_blocks * 16; ++i)
-      require(luts.data()[i] <= cap, "scan_lut16_multi: lut entries must be <= lut_cap(num_blocks) = min(63, 65535 // num_blocks)");
+    require_lut_cap(luts.data(), num_blocks, nq * num_blocks * 16, "scan_lut16_multi");
     const size_t groups = packed.shape(0) / bytes, lb = mipscan::lut16_double_bytes(num_blocks);
     const mipscan::ScanLut16MultiFn fn = kernels_at(level, "scan_lut16_multi").scan_lut16_multi;
     auto out = new_array<uint16_t>(nq, groups * mipscan::kGroup);

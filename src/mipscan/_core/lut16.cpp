@@ -32,13 +32,17 @@ void dots_scalar(const float* qs, size_t nq, const float* rows, size_t m, size_t
     for (size_t r = 0; r < m; ++r) out[i * m + r] = dot_scalar(qs + i * d, rows + r * d, d);
 }
 
-void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
-                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
+namespace {
+
+// The scalar scan with LUT row b at lut + b * row_stride (16: the plain layout, 32: the
+// doubled one, lut16.h).
+void scan_rows(const uint8_t* packed, size_t groups, size_t num_blocks, const uint8_t* lut,
+               size_t row_stride, uint16_t cut, uint16_t* sums, uint64_t* masks) {
   for (size_t g = 0; g < groups; ++g) {
     const uint8_t* grp = packed + g * group_bytes(num_blocks);
     uint16_t acc[kGroup] = {0};
     for (size_t b = 0; b < num_blocks; ++b) {
-      const uint8_t* row = lut + b * 16;
+      const uint8_t* row = lut + b * row_stride;
       const uint8_t* bytes = grp + b * 32;
       for (size_t j = 0; j < kGroup; ++j) {
         const uint8_t byte = bytes[byte_of(j)];
@@ -52,6 +56,13 @@ void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
   }
 }
 
+}  // namespace
+
+void scan_lut16_scalar(const uint8_t* packed, size_t groups, size_t num_blocks,
+                       const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks) {
+  scan_rows(packed, groups, num_blocks, lut, 16, cut, sums, masks);
+}
+
 void lut16_double(const uint8_t* lut, size_t num_blocks, uint8_t* out) {
   std::memset(out, 0, lut16_double_bytes(num_blocks));
   for (size_t b = 0; b < num_blocks; ++b) {
@@ -63,21 +74,7 @@ void lut16_double(const uint8_t* lut, size_t num_blocks, uint8_t* out) {
 void scan_lut16_multi_scalar(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
                              const uint8_t* const* luts, const uint16_t* cuts,
                              uint16_t* const* sums, uint64_t* const* masks) {
-  for (size_t t = 0; t < nq; ++t) {
-    for (size_t g = 0; g < groups; ++g) {
-      const uint8_t* grp = packed + g * group_bytes(num_blocks);
-      uint16_t acc[kGroup] = {0};
-      for (size_t b = 0; b < num_blocks; ++b) {
-        const uint8_t* row = luts[t] + b * 32;
-        for (size_t j = 0; j < kGroup; ++j)
-          acc[j] = static_cast<uint16_t>(acc[j] + row[code_at(grp, b, j)]);
-      }
-      std::memcpy(sums[t] + g * kGroup, acc, sizeof(acc));
-      uint64_t mask = 0;
-      for (size_t j = 0; j < kGroup; ++j) mask |= static_cast<uint64_t>(acc[j] >= cuts[t]) << j;
-      masks[t][g] = mask;
-    }
-  }
+  for (size_t t = 0; t < nq; ++t) scan_rows(packed, groups, num_blocks, luts[t], 32, cuts[t], sums[t], masks[t]);
 }
 
 void argmax_shifted_scalar(const float* s, size_t m, size_t k, const float* h, int64_t* out) {

@@ -14,6 +14,18 @@ namespace mipscan {
 
 namespace {
 
+// Lanes 0-1 + lanes 2-3 (uint16, modulo 2^16): a two-block accumulator folded to the
+// AVX2 kernel's one.
+inline __m256i fold_lanes(__m512i v) {
+  return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// Bit j set iff point j's sum >= cut (cutv: cut in every uint16 lane).
+inline uint64_t group_mask(const GroupSums& gs, __m256i cutv) {
+  return uint64_t{_mm256_cmpge_epu16_mask(gs.p[0], cutv)} | (uint64_t{_mm256_cmpge_epu16_mask(gs.p[1], cutv)} << 16) |
+         (uint64_t{_mm256_cmpge_epu16_mask(gs.p[2], cutv)} << 32) | (uint64_t{_mm256_cmpge_epu16_mask(gs.p[3], cutv)} << 48);
+}
+
 // One group, two blocks per register: a group's blocks b and b + 1 are 64 contiguous
 // bytes, so one 512-bit load holds block b in 128-bit lanes 0-1 and block b + 1 in lanes
 // 2-3, and tables[p] holds LUT row 2p in lanes 0-1 and row 2p + 1 in lanes 2-3 (zeros
@@ -73,15 +85,9 @@ inline void scan_group(const uint8_t* g, size_t num_blocks, const __m512i* table
     }
     accumulate(lo, hi);
   }
-  auto fold = [](__m512i v) {  // lanes 0-1 + lanes 2-3 (uint16, modulo 2^16)
-    return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  };
-  const __m256i la_all = fold(lo_all), la_odd = fold(lo_odd);
-  const __m256i ha_all = fold(hi_all), ha_odd = fold(hi_odd);
-  const GroupSums gs = finish_group(la_all, la_odd, ha_all, ha_odd, sums);  // the AVX2 kernel's end
-  const __m256i p0 = gs.p[0], p1 = gs.p[1], p2 = gs.p[2], p3 = gs.p[3];
-  *mask = uint64_t{_mm256_cmpge_epu16_mask(p0, cutv)} | (uint64_t{_mm256_cmpge_epu16_mask(p1, cutv)} << 16) |
-          (uint64_t{_mm256_cmpge_epu16_mask(p2, cutv)} << 32) | (uint64_t{_mm256_cmpge_epu16_mask(p3, cutv)} << 48);
+  const __m256i la_all = fold_lanes(lo_all), la_odd = fold_lanes(lo_odd);
+  const __m256i ha_all = fold_lanes(hi_all), ha_odd = fold_lanes(hi_odd);
+  *mask = group_mask(finish_group(la_all, la_odd, ha_all, ha_odd, sums), cutv);  // the AVX2 kernel's end
 }
 
 template <size_t kBlocks>
@@ -174,16 +180,9 @@ void scan_multi_impl(const uint8_t* packed, size_t groups, size_t num_blocks,
       default:
         break;
     }
-    auto fold = [](__m512i v) {  // lanes 0-1 + lanes 2-3 (uint16, modulo 2^16)
-      return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-    };
     for (size_t t = 0; t < kT; ++t) {
-      const GroupSums gs = finish_group(fold(la[t]), fold(lod[t]), fold(ha[t]), fold(hod[t]), sums[t] + g * kGroup);
-      const __m256i cutv = _mm256_set1_epi16(static_cast<short>(cuts[t]));
-      masks[t][g] = uint64_t{_mm256_cmpge_epu16_mask(gs.p[0], cutv)} |
-                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[1], cutv)} << 16) |
-                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[2], cutv)} << 32) |
-                    (uint64_t{_mm256_cmpge_epu16_mask(gs.p[3], cutv)} << 48);
+      masks[t][g] = group_mask(finish_group(fold_lanes(la[t]), fold_lanes(lod[t]), fold_lanes(ha[t]), fold_lanes(hod[t]), sums[t] + g * kGroup),
+                               _mm256_set1_epi16(static_cast<short>(cuts[t])));
     }
   }
 }

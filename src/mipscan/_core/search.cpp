@@ -591,7 +591,7 @@ size_t scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float b
         if (i >= count) break;  // padding points of the last group
         const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
         const uint32_t slot = static_cast<uint32_t>(slot0 + static_cast<int64_t>(i));
-        if (top.admits(v, slot)) top.push(v, slot);
+        top.offer(v, slot);
       }
     }
   }
@@ -665,7 +665,7 @@ size_t scan_leaf_ah_exact(const IndexView& ix, size_t leaf, float base, const Sc
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
     const uint32_t slot = static_cast<uint32_t>(slot0 + static_cast<int64_t>(i));
-    if (top.admits(v, slot)) top.push(v, slot);
+    top.offer(v, slot);
   }
   return eligible;
 }
@@ -684,7 +684,7 @@ size_t scan_leaf_float(const IndexView& ix, const Kernels& kn, size_t leaf, cons
       }
       const float v = dot_at(static_cast<size_t>(slot));
       const uint32_t id = static_cast<uint32_t>(slot);
-      if (top.admits(v, id)) top.push(v, id);
+      top.offer(v, id);
     }
     return eligible;
   };
@@ -738,7 +738,7 @@ size_t scan_leaf_ah_live(const IndexView& ix, const Kernels& kn, size_t leaf, fl
         if (i >= count) break;
         if (!kF && is_dead(ix, rows[i])) continue;
         const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
-        if (top.admits(v, rows[i])) top.push(v, rows[i]);
+        top.offer(v, rows[i]);
       }
     }
   }
@@ -764,7 +764,7 @@ size_t scan_leaf_ah_exact_live(const IndexView& ix, size_t leaf, float base, con
     double sum = 0;
     for (size_t b = 0; b < nb; ++b) sum += lut[b * 16 + code_at(grp, b, i % kGroup)];
     const float v = static_cast<float>(base + sum);
-    if (top.admits(v, rows[i])) top.push(v, rows[i]);
+    top.offer(v, rows[i]);
   }
   return eligible;
 }
@@ -783,7 +783,7 @@ size_t scan_leaf_float_live(const IndexView& ix, const Kernels& kn, size_t leaf,
       ++eligible;
     }
     const float v = kn.dot(q, ix.row_data + size_t{row} * ix.d, ix.d);
-    if (top.admits(v, row)) top.push(v, row);
+    top.offer(v, row);
   }
   return eligible;
 }
@@ -1098,19 +1098,19 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
       kn.dot_rows(score.q, score.f32, ix.d, s.rows.data(), nr, s.row_scores.data());
       for (size_t i = 0; i < nr; ++i) {
         const float v = s.row_scores[i];
-        if (fin.admits(v, s.rows[i])) fin.push(v, s.rows[i]);
+        fin.offer(v, s.rows[i]);
       }
     } else {
       for (size_t i = 0; i < nr; ++i) {
         const uint32_t row = s.rows[i];
         const float v = score(row);
-        if (fin.admits(v, row)) fin.push(v, row);
+        fin.offer(v, row);
       }
     }
   } else {
     for (size_t i = 0; i < nr; ++i) {
       const float v = s.row_scores[i];
-      if (fin.admits(v, s.rows[i])) fin.push(v, s.rows[i]);
+      fin.offer(v, s.rows[i]);
     }
   }
   const size_t nf = fin.finish_sorted();
@@ -1260,7 +1260,7 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
               if (e >= count) break;  // padding points of the last group
               const float v = base + static_cast<float>(sums[t][(g - c0) * kGroup + at]) * inv;
               const uint32_t slot = static_cast<uint32_t>(slot0 + static_cast<int64_t>(e));
-              if (top.admits(v, slot)) top.push(v, slot);
+              top.offer(v, slot);
             }
           }
         }
@@ -1301,7 +1301,7 @@ void score_all_slots(const IndexView& ix, const Kernels& kn, const float* qs, si
       const float* sc = s.tile.data() + i * m;
       for (size_t r = 0; r < m; ++r) {
         const uint32_t slot = static_cast<uint32_t>(r0 + r);
-        if (top.admits(sc[r], slot)) top.push(sc[r], slot);
+        top.offer(sc[r], slot);
       }
     }
   }
@@ -1332,7 +1332,7 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
       if (!bit_set(marks, row)) continue;
       marks[row >> 6] &= ~(uint64_t{1} << (row & 63));
       const float v = score(row);
-      if (fin.admits(v, row)) fin.push(v, row);
+      fin.offer(v, row);
     }
   } else if (shared_rows != nullptr) {  // the rows of allow, listed: skip the bitset walk
     for (size_t i = 0; i < std::min(shared_n, kExactAhead); ++i) prefetch_row(score, shared_rows[i]);
@@ -1341,7 +1341,7 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
       const uint32_t row = shared_rows[i];
       if ((dead != nullptr && bit_set(dead, row)) || (deny != nullptr && bit_set(deny, row))) continue;
       const float v = score(row);
-      if (fin.admits(v, row)) fin.push(v, row);
+      fin.offer(v, row);
     }
   } else {
     const size_t space = dead != nullptr ? ix.num_rows : ix.n;
@@ -1354,7 +1354,7 @@ size_t search_exact(const IndexView& ix, const RowScorer& score, const uint64_t*
         const uint32_t row = static_cast<uint32_t>(w * 64 + ctz64(m));
         m &= m - 1;
         const float v = score(row);
-        if (fin.admits(v, row)) fin.push(v, row);
+        fin.offer(v, row);
       }
     }
   }

@@ -107,15 +107,17 @@ class TopKBuffer {
       thr_id_ = kAllTies;
     }
   }
-  // Appends the pair; returns true when this filled the buffer and the threshold rose.
-  // Precondition: score is not NaN (see the top of this file; asserted in debug builds).
-  bool push(float score, uint32_t id) {
+  // Appends the pair (pruning when the buffer fills). Precondition: score is not NaN
+  // (see the top of this file; asserted in debug builds).
+  void push(float score, uint32_t id) {
     assert(score == score);
     s_[size_] = score;
     id_[size_] = id;
-    if (++size_ < cap_) return false;
-    prune();
-    return true;
+    if (++size_ == cap_) prune();
+  }
+  // Pushes the pair if admits() it: how callers offer candidates.
+  void offer(float score, uint32_t id) {
+    if (admits(score, id)) push(score, id);
   }
   // Keeps the best min(k, size) pairs, in no particular order; returns how many.
   size_t finish_unsorted();
