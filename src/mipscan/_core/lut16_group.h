@@ -7,6 +7,10 @@
 
 namespace mipscan {
 
+// Internal linkage: the AVX2 and AVX-512 files are built with different flags, and one
+// inline symbol would be a single copy for both (topk_columns.h).
+namespace {
+
 // The group's 64 sums in point order, from its four accumulators (uint16 lanes; lo covers
 // points 0-15 (lane 0) and 32-47 (lane 1), hi 16-31 and 48-63; lane t of a 16-point run
 // holds point 2t in its low byte and 2t + 1 in its high byte; *_all sums whole lanes and
@@ -35,4 +39,5 @@ inline GroupSums finish_group(__m256i lo_all, __m256i lo_odd, __m256i hi_all, __
   return g;
 }
 
+}  // namespace
 }  // namespace mipscan

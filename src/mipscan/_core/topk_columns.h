@@ -22,6 +22,12 @@
 
 namespace mipscan {
 
+// Internal linkage: this header is compiled once per ISA (topk.cpp, topk_avx2.cpp,
+// topk_avx512.cpp), and an inline function with external linkage would be one symbol
+// that the linker keeps a single copy of, whichever ISA's that is: the AVX2 kernel would
+// run the baseline copy (as it did), or baseline CPUs an AVX copy (a crash).
+namespace {
+
 // Writes columns q0 .. q0 + w of the lists (ts/ti: slot-major, kW = 16 lanes) to
 // out_s/out_id; a list that is not full is redone with a heap.
 inline void topk_columns_finish(const float* scores_t, size_t m, size_t nq, size_t k, size_t q0,
@@ -99,4 +105,5 @@ inline void topk_columns_impl(const float* scores_t, size_t m, size_t nq, size_t
   }
 }
 
+}  // namespace
 }  // namespace mipscan
