@@ -75,6 +75,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   std::vector<float> chunk_scores;  // centroid scores of a chunk of queries
   std::vector<uint32_t> leaf_order;
   std::vector<uint64_t> leaf_radix;  // radix_order_leaves: two buffers of L keys
+  std::vector<uint8_t> leaf_bucket;  // rough_order_selected: each selected leaf's bucket
   std::vector<float> qpad;
   std::vector<float> lut_f;
   std::vector<uint8_t> lut_u8;
@@ -101,7 +102,7 @@ struct alignas(64) Scratch {  // aligned: workers' scratches never share a cache
   size_t bytes() const {
     auto b = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
     return sizeof(Scratch) + b(leaf_keys) + b(leaf_edge) + b(leaf_bins) + b(leaf_scores) + b(leaf_rank) + b(axes_q) + b(chunk_axes) +
-           b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
+           b(chunk_scores) + b(leaf_order) + b(leaf_radix) + b(leaf_bucket) + b(qpad) + b(lut_f) + b(lut_u8) + b(sums) +
            b(masks) + b(histogram) + b(rows) + b(row_scores) + b(hash) + b(pairs) + b(taken) +
            b(allow) + b(qbits) + b(qfold) + b(upper_scores) + b(upper_pick) + b(scored) +
            b(tile) + b(chunk_top) + chunk.bytes() + candidates.bytes() + final_.bytes() + [this] {
@@ -405,13 +406,57 @@ void radix_order_leaves(const float* sc, size_t L, Scratch& s) {
   for (size_t l = 0; l < L; ++l) s.leaf_order[l] = static_cast<uint32_t>(a[l]);
 }
 
+// How select_leaves orders the leaves it selects. Which leaves are selected never depends
+// on it: only the order they are scanned in. That order decides the results only where
+// a search may stop before scanning them all (filtered searches: kExact); elsewhere the
+// candidate buffer's result is the same in any order (topk.h), and the order only decides
+// how soon the threshold rises, i.e. how many points are offered.
+enum class LeafOrder {
+  kExact,      // by (score desc, index asc)
+  kRough,      // best first by score bucket (1/64 of the selection's score range), index
+               // order within a bucket: one counting pass instead of a sort
+  kBestFirst,  // the best leaf first, the others in no particular order (search_chunk)
+};
+
+// The selected leaves s.leaf_keys[0, first) into s.leaf_order[0, first) in LeafOrder::kRough
+// order. Keys are not NaN; infinite keys, or a range that is not finite, take the end
+// buckets or all one bucket (then index order), which is still a valid order.
+void rough_order_selected(size_t first, Scratch& s) {
+  constexpr size_t kBuckets = 64;
+  const LeafKey* keys = s.leaf_keys.data();
+  float lo = keys[0].s, hi = keys[0].s;
+  for (size_t l = 1; l < first; ++l) {
+    lo = std::min(lo, keys[l].s);
+    hi = std::max(hi, keys[l].s);
+  }
+  const float range = hi - lo;
+  const float scale = range > 0 && std::isfinite(range) ? static_cast<float>(kBuckets - 1) / range : 0.f;
+  grow(s.leaf_bucket, s.leaf_keys.size());  // all leaves' worth: grows once
+  uint8_t* bucket = s.leaf_bucket.data();
+  uint32_t start[kBuckets] = {};
+  for (size_t l = 0; l < first; ++l) {
+    float f = (hi - keys[l].s) * scale;
+    f = f > 0.f ? f : 0.f;  // NaN (inf - inf, or inf * 0): the first bucket
+    f = f < static_cast<float>(kBuckets - 1) ? f : static_cast<float>(kBuckets - 1);
+    bucket[l] = static_cast<uint8_t>(f);
+    ++start[bucket[l]];
+  }
+  uint32_t sum = 0;
+  for (uint32_t& c : start) {
+    const uint32_t n = c;
+    c = sum;
+    sum += n;
+  }
+  for (size_t l = 0; l < first; ++l) s.leaf_order[start[bucket[l]]++] = keys[l].l;
+}
+
 // Returns the number of leaves to search first: `first`, or fewer when an upper tree
-// scored fewer leaves than that (the rest come by widening). ordered = false (search_chunk,
-// whose results do not depend on the order leaves are scanned in): the same leaves, the
-// best one first, the others in no particular order.
+// scored fewer leaves than that (the rest come by widening), in s.leaf_order[0, first)
+// as `order` says. The leaves past them follow, sorted when LeafOrder::kExact sorted all
+// leaves, else in index order (sort_remaining_leaves sorts them if ever needed).
 size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
                      const float* precomputed, size_t first, size_t upper, Scratch& s,
-                     bool ordered = true) {
+                     LeafOrder order) {
   const size_t L = ix.num_leaves;
   grow(s.leaf_scores, L);
   float* sc = s.leaf_scores.data();
@@ -439,7 +484,7 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   // From here on the keys hold no NaN (-inf instead), so they are totally ordered:
   // the selection, the sorts and the widening below see a consistent order.
   const float* key = leaf_keys_of(ix, s);
-  if (ordered && first * 8 >= L && L <= (size_t{1} << 31)) {
+  if (order == LeafOrder::kExact && first * 8 >= L && L <= (size_t{1} << 31)) {
     // A sizeable share of the leaves: sort them all (the order below, with the
     // unselected ones sorted already; sort_remaining_leaves sorts them again if needed).
     radix_order_leaves(key, L, s);
@@ -472,17 +517,19 @@ size_t select_leaves(const IndexView& ix, const Kernels& kn, const float* q,
   } else {
     for (size_t l = 0; l < L; ++l) s.leaf_keys[l] = {key[l], static_cast<uint32_t>(l)};
   }
-  if (ordered) {
+  grow(s.leaf_order, L);
+  if (order == LeafOrder::kExact) {
     std::sort(s.leaf_keys.begin(), s.leaf_keys.begin() + first,
               [](const LeafKey& a, const LeafKey& b) { return better(a.s, a.l, b.s, b.l); });
-  } else {
+  } else if (order == LeafOrder::kBestFirst) {
     size_t best = 0;
     for (size_t l = 1; l < first; ++l)
       if (better(s.leaf_keys[l].s, s.leaf_keys[l].l, s.leaf_keys[best].s, s.leaf_keys[best].l)) best = l;
     std::swap(s.leaf_keys[0], s.leaf_keys[best]);
   }
-  grow(s.leaf_order, L);
-  for (size_t l = 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
+  const bool rough = order == LeafOrder::kRough && first > 1;
+  if (rough) rough_order_selected(first, s);
+  for (size_t l = rough ? first : 0; l < L; ++l) s.leaf_order[l] = s.leaf_keys[l].l;
   return first;
 }
 
@@ -1009,7 +1056,8 @@ size_t search_one(const IndexView& ix, const Kernels& kn, const float* q,
   if (given != nullptr) {  // scored already (score_all_slots): keep of them
     std::swap(cand, *given);
   } else {
-    first = select_leaves(ix, kn, q, precomputed, first, p.upper_to_search, s);
+    first = select_leaves(ix, kn, q, precomputed, first, p.upper_to_search, s,
+                          kF ? LeafOrder::kExact : LeafOrder::kRough);
 
     cand.reset(keep);
     QuantLut ql;
@@ -1169,7 +1217,8 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
     TopKBuffer& top = s.chunk_top[i];
     top.reset(keep);
     // search_one's leaves: the first ones, then more (best first) until keep entries.
-    const size_t first = select_leaves(ix, kn, q, pre_i, first0, p.upper_to_search, s, false);
+    const size_t first = select_leaves(ix, kn, q, pre_i, first0, p.upper_to_search, s,
+                                       LeafOrder::kBestFirst);
     size_t seen = 0;
     for (size_t r = 0; r < L; ++r) {
       if (r == first) {
