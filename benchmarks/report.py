@@ -85,6 +85,29 @@ def summarize(result: dict) -> dict:
                 if row[t] is not None:
                     row[t]["ratio"] = ref["qps"] / row[t]["qps"]
         out[mode] = table
+    out["scaling"] = _scaling(result, out)
+    return out
+
+
+def _scaling(result: dict, summary: dict) -> dict:
+    """{threads: {target: {"ratio", "variant", "knobs"}}}: the same-round thread scaling
+    (run.py's "thread_scaling") of the reference's fastest batched point at that many
+    threads and that target."""
+    out = {}
+    for n in result["config"]["threads"]:
+        if n == 1:
+            continue
+        for t, _ in ((f"{t:.2f}", t) for t in TARGETS):
+            for name in REFERENCE_VARIANTS:
+                cell = summary.get(f"batched:{n}", {}).get(name, {}).get(t)
+                if not (cell and cell.get("reference")):
+                    continue
+                s = next(s for s in result["systems"] if s["name"] == name)
+                p = next(p for p in s["points"] if p["knobs"] == cell["knobs"])
+                ratio = p.get("thread_scaling", {}).get(str(n))
+                if ratio is not None:
+                    out.setdefault(str(n), {})[t] = {"ratio": ratio, "variant": name,
+                                                    "knobs": cell["knobs"]}
     return out
 
 
@@ -94,6 +117,10 @@ def _fmt_qps(x: float) -> str:
 
 def _mb(x: int | None) -> str:
     return "—" if x is None else f"{x / 2**20:,.1f}"
+
+
+def _knobs(knobs: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in knobs.items())
 
 
 def _noise(system: dict) -> str:
@@ -148,6 +175,12 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
                         cells.append(_fmt_qps(c["qps"]) + ratio)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    for n, cells in summary.get("scaling", {}).items():
+        lines += [f"Batched QPS at {n} threads / at 1 thread, at {REFERENCE}'s fastest {n}-thread "
+                  "point per target, each ratio from one round (both measured seconds apart), "
+                  "median over the rounds: " + "; ".join(
+                      f"@{t} {c['ratio']:.2f}x ({c['variant']} {_knobs(c['knobs'])})"
+                      for t, c in cells.items()) + ".", ""]
     lines += ["| system | SIMD | build s | index MB | build peak RSS MB | default knobs | recall@10 "
               "| QPS 1 query | QPS batched 1 thread | others' CPU |",
               "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]

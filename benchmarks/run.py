@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -250,6 +251,23 @@ def merge(result: dict, old: dict) -> None:
         {"date": old["date"], "command": old["command"], "systems": [s["name"] for s in kept]}]
 
 
+def _thread_scaling(good: list[dict]) -> None:
+    """Adds to each point of good[0] "thread_scaling": {threads: batched QPS at that many
+    threads / at one thread}, each ratio taken within one round (the two measured seconds
+    apart, on the same machine state), the median over the rounds. The best-of-rounds QPS
+    would divide one round's speed by another's: the VM's drift, not the scaling."""
+    for i, p in enumerate(good[0]["points"]):
+        same = [r["points"][i] for r in good
+                if i < len(r["points"]) and r["points"][i]["knobs"] == p["knobs"]]
+        ratios = {}
+        for q in same:
+            one = q["qps_batched"].get("1")
+            for t, v in q["qps_batched"].items():
+                if t != "1" and one:
+                    ratios.setdefault(t, []).append(v / one)
+        p["thread_scaling"] = {t: statistics.median(v) for t, v in ratios.items()}
+
+
 def best_of_rounds(runs: list[dict]) -> dict:
     """One variant's result from its rounds: the first round's, with each timing replaced
     by its best over the rounds (highest QPS, shortest build). Recall and sizes do not
@@ -257,6 +275,8 @@ def best_of_rounds(runs: list[dict]) -> dict:
     error there) keeps the timings it has."""
     out = runs[0]
     good = [r for r in runs if r.get("points")]
+    if good and out is good[0]:
+        _thread_scaling(good)
     if len(good) < 2 or out is not good[0]:
         return out
     out["rounds"] = len(good)

@@ -133,7 +133,7 @@ def test_quick_run_summary_recomputed_from_points(quick_run):
     result, _, _ = quick_run
     summary = result["summary"]
     modes = ["single"] + [f"batched:{t}" for t in result["config"]["threads"]]
-    assert set(summary) == set(modes)
+    assert set(summary) == set(modes) | {"scaling"}
     with_points = {s["name"]: s["points"] for s in result["systems"] if s.get("points")}
     for mode in modes:
         assert set(summary[mode]) == set(with_points)
@@ -157,6 +157,13 @@ def test_quick_run_summary_recomputed_from_points(quick_run):
                     ref = max(refs, key=lambda c: c["qps"])
                     assert cell["ratio"] == ref["qps"] / speed[best], (mode, name, t)
                     assert cell.get("reference", False) == (cell is ref), (mode, name, t)
+    # Thread scaling: at the reference's fastest 2-thread point per target, that point's
+    # same-round ratio (one round here: its 2-thread QPS over its 1-thread QPS).
+    for t, c in summary["scaling"]["2"].items():
+        assert summary["batched:2"][c["variant"]][t].get("reference"), (t, c)
+        p = next(p for p in with_points[c["variant"]] if p["knobs"] == c["knobs"])
+        assert c["ratio"] == p["qps_batched"]["2"] / p["qps_batched"]["1"]
+    assert summary["scaling"]["2"], "no 2-thread point reached a target"
     assert summary["single"]["mipscan"]["0.90"] is not None, "mipscan never reached 0.90"
     assert summary["single"]["mipscan"]["0.90"]["ratio"] == 1.0
     assert "| single query, 1 thread |" in report.markdown(result)
@@ -200,6 +207,29 @@ def test_best_of_rounds_keeps_each_points_best_timing():
     assert [p["recall"] for p in best["points"]] == [0.5, 0.5]
     skipped = {"name": "x", "skipped": "not installed"}
     assert best_of_rounds([skipped]) is skipped
+
+
+def test_thread_scaling_is_taken_within_each_round():
+    """2 threads / 1 thread within each round, the median over rounds; not the best
+    2-thread round over the best 1-thread round, which divides one round's speed by
+    another's (point 0: 2.0x that way, rounds 1.0x, 1.5x, 3.0x; point 1: 1.2x that way,
+    rounds 1.2x, 1.8x, 1.9x)."""
+    from benchmarks.run import best_of_rounds
+
+    def run(points):
+        return {"name": "x", "build": {"seconds": 1.0},
+                "points": [{"knobs": {"a": i}, "recall": 0.5, "foreign_cores": 0.0,
+                            "qps_single": one, "qps_single_best": one,
+                            "qps_batched": {"1": one, "2": two},
+                            "qps_batched_best": {"1": one, "2": two}}
+                           for i, (one, two) in enumerate(points)]}
+
+    best = best_of_rounds([run([(10, 10), (30, 36)]), run([(30, 45), (20, 36)]),
+                           run([(20, 60), (5, 9.5)])])
+    assert best["points"][0]["thread_scaling"] == {"2": pytest.approx(1.5)}
+    assert best["points"][1]["thread_scaling"] == {"2": pytest.approx(1.8)}
+    assert best["points"][0]["qps_batched"] == {"1": 30, "2": 60}  # best of each, as before
+    assert best_of_rounds([run([(10, 19)])])["points"][0]["thread_scaling"] == {"2": 1.9}
 
 
 def test_ratios_take_the_faster_mipscan_variant_at_each_target():
