@@ -107,10 +107,11 @@ class State:
 
 
 def _one_query(st: State):
-    """The snapshot's OneQuery: a dot-product or cosine index (search() normalises a
-    cosine query as search_batched does) searched by the core with the core's own leaf
-    scores (so a single query's results equal search_batched's)."""
-    if st.config["distance_measure"] not in ("dot_product", "cosine") or st.n_live == 0:
+    """The snapshot's OneQuery: an index searched by the core with the core's own leaf
+    scores (so a single query's results equal search_batched's). search() maps a cosine
+    or squared_l2 query into the inner-product space, and a squared_l2 index's scores
+    back into distances, as search_batched does."""
+    if st.n_live == 0:
         return None
     if st.live is not None:
         engine, upper = st.live, 1

@@ -220,13 +220,16 @@ class Searcher:
             st = self._state
             one = st.one if st.one is not None else st.one_query()
             if one is not False:  # one C++ call; None: anything unusual, checked below
-                x = q if self.distance_measure == "dot_product" else self._unit_query(q)
+                metric = self.distance_measure
+                x = q if metric == "dot_product" else self._one_call_query(q)
                 r = None if x is None else one(
                     x, self.num_neighbors if final_num_neighbors is None else final_num_neighbors,
                     pre_reorder_num_neighbors, leaves_to_search)
                 if r is not None:
+                    dist = r[1] if metric != "squared_l2" else self._from_mips(q[None, :],
+                                                                                 r[1][None, :])[0]
                     return SearchResult(r[0] if st.docids is None else self._ids_out(st, r[0]),
-                                        r[1])
+                                        dist)
         call = "search()"
         q = as_float_array(call, "q", q, 1, d=self.d)
         r = self._run(call, q[None, :], final_num_neighbors, pre_reorder_num_neighbors,
@@ -234,13 +237,19 @@ class Searcher:
                       strategy=filter_strategy, single=True)
         return SearchResult(r.indices[0], r.distances[0])
 
-    def _unit_query(self, q):
-        """A cosine query normalised exactly as _run's path normalises it (a C-contiguous
-        float32 (1, d) row), or None where that path must check or convert it first."""
+    def _one_call_query(self, q):
+        """A cosine or squared_l2 query mapped into the inner-product space exactly as
+        _run's path maps it (_to_mips of a C-contiguous float32 (1, d) row), or None where
+        that path must check or convert it first."""
         if (type(q) is np.ndarray and q.dtype == np.float32 and q.ndim == 1
                 and q.flags.c_contiguous and q.shape[0] == self.d
                 and _mipscan.max_abs(q) <= self._max_abs):  # False for NaN
-            return normalize_rows(q[None, :])[0]
+            if self.distance_measure == "squared_l2":  # _to_mips's row, without hstack
+                x = np.empty(self.d + 1, np.float32)
+                x[:-1] = q
+                x[-1] = 1.0
+                return x
+            return self._to_mips(q[None, :])[0]
         return None
 
     def search_batched(self, queries, final_num_neighbors=None, pre_reorder_num_neighbors=None,
