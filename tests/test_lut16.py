@@ -176,7 +176,55 @@ def test_an_unknown_cpu_feature_makes_the_import_fail(disable):
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: MIPSCAN_DISABLE_CPU_FEATURES=" + repr(disable)), last
-    assert "allowed: a comma separated list of avx2, avx512" in last, last
+    assert "allowed: a comma separated list of avx2, avx512, gfni" in last, last
+
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f
+                         if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="this CPU has no AVX-512 level")
+def test_avx512_scans_with_and_without_gfni_equal_the_scalar_kernels():
+    """At the AVX-512 level the LUT16 scans split nibbles with GFNI where the CPU has it
+    (detected as /proc/cpuinfo reports it), and without it otherwise (here: hidden by
+    MIPSCAN_DISABLE_CPU_FEATURES=gfni, in a fresh process): both exactly the scalar
+    kernels' sums and masks, one query and several."""
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        assert _mipscan.cpu_has_gfni() == ("gfni" in flags)
+    code = """
+import numpy as np
+from mipscan import _mipscan
+assert _mipscan.cpu_has_gfni() is {gfni}, _mipscan.cpu_has_gfni()
+rng = np.random.default_rng(3)
+for n, nb in [(64, 1), (130, 2), (200, 25), (300, 50), (50, 17), (320, 64), (70, 9), (192, 65)]:
+    cap = min(63, 65535 // nb)
+    codes = rng.integers(0, 16, size=(n, nb), dtype=np.uint8)
+    packed = _mipscan.pack_codes(codes)
+    luts = rng.integers(0, cap + 1, size=(4, nb, 16)).astype(np.uint8)
+    cuts = rng.integers(0, 30 * nb, size=4).astype(np.uint16)
+    for t in range(4):
+        a = _mipscan.scan_lut16(packed, nb, luts[t], "avx512", int(cuts[t]))
+        b = _mipscan.scan_lut16(packed, nb, luts[t], "scalar", int(cuts[t]))
+        assert all((x == y).all() for x, y in zip(a, b)), (n, nb, t)
+    for nq in (1, 3, 4):
+        a = _mipscan.scan_lut16_multi(packed, nb, luts[:nq], cuts[:nq], "avx512")
+        b = _mipscan.scan_lut16_multi(packed, nb, luts[:nq], cuts[:nq], "scalar")
+        assert all((x == y).all() for x, y in zip(a, b)), (n, nb, nq)
+print("ok")
+"""
+    runs = [("gfni", False)] + ([("", True)] if _mipscan.cpu_has_gfni() else [])
+    for disable, gfni in runs:
+        env = {**os.environ, "MIPSCAN_DISABLE_CPU_FEATURES": disable}
+        env.pop("MIPSCAN_SIMD", None)
+        out = subprocess.run([sys.executable, "-c", code.format(gfni=gfni)], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (disable, out.stderr[-2000:])
 
 
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 16, 20, 33, 50, 64])

@@ -132,6 +132,26 @@ void check_scan(Rng& rng, Hash& hash) {
   report("scan_lut16_scalar_vs_reference", ok, "sums or masks differ from the plain sums");
 }
 
+#if MIPSCAN_HAVE_AVX2 && (defined(__GNUC__) || defined(__clang__))
+// A one-query scan kernel against the scalar one, at every size of kSizes.
+bool scan_matches_scalar(Rng& rng, ScanLut16Fn fn) {
+  bool ok = true;
+  for (const auto& sz : kSizes) {
+    const size_t n = sz[0], nb = sz[1], groups = num_groups(n);
+    const auto codes = random_codes(rng, n, nb);
+    const auto lut = random_lut(rng, nb);
+    std::vector<uint8_t> packed(groups * group_bytes(nb));
+    pack_codes(codes.data(), n, nb, packed.data());
+    std::vector<uint16_t> s1(groups * kGroup), s2(groups * kGroup);
+    std::vector<uint64_t> m1(groups), m2(groups);
+    scan_lut16_scalar(packed.data(), groups, nb, lut.data(), 300, s1.data(), m1.data());
+    fn(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
+    ok &= s1 == s2 && m1 == m2;
+  }
+  return ok;
+}
+#endif
+
 // A multi-query scan kernel (lut16.h) against the one-query scalar kernel, one to
 // kMultiQueries queries, each with its own table and cut.
 bool multi_matches_scalar(Rng& rng, ScanLut16MultiFn fn) {
@@ -229,19 +249,7 @@ void check_avx2(Rng& rng) {
     std::printf("SKIP avx2_vs_scalar: this CPU has no AVX2+FMA\n");
     return;
   }
-  bool ok = true;
-  for (const auto& sz : kSizes) {
-    const size_t n = sz[0], nb = sz[1], groups = num_groups(n);
-    const auto codes = random_codes(rng, n, nb);
-    const auto lut = random_lut(rng, nb);
-    std::vector<uint8_t> packed(groups * group_bytes(nb));
-    pack_codes(codes.data(), n, nb, packed.data());
-    std::vector<uint16_t> s1(groups * kGroup), s2(groups * kGroup);
-    std::vector<uint64_t> m1(groups), m2(groups);
-    scan_lut16_scalar(packed.data(), groups, nb, lut.data(), 300, s1.data(), m1.data());
-    scan_lut16_avx2(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
-    ok &= s1 == s2 && m1 == m2;
-  }
+  bool ok = scan_matches_scalar(rng, &scan_lut16_avx2);
   ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx2);
   for (size_t d : kDims) {
     const size_t nq = 6, m = 5;
@@ -268,20 +276,14 @@ void check_avx512(Rng& rng) {
     std::printf("SKIP avx512_vs_scalar: this CPU has no AVX-512 F/BW/VL\n");
     return;
   }
-  bool ok = true;
-  for (const auto& sz : kSizes) {
-    const size_t n = sz[0], nb = sz[1], groups = num_groups(n);
-    const auto codes = random_codes(rng, n, nb);
-    const auto lut = random_lut(rng, nb);
-    std::vector<uint8_t> packed(groups * group_bytes(nb));
-    pack_codes(codes.data(), n, nb, packed.data());
-    std::vector<uint16_t> s1(groups * kGroup), s2(groups * kGroup);
-    std::vector<uint64_t> m1(groups), m2(groups);
-    scan_lut16_scalar(packed.data(), groups, nb, lut.data(), 300, s1.data(), m1.data());
-    scan_lut16_avx512(packed.data(), groups, nb, lut.data(), 300, s2.data(), m2.data());
-    ok &= s1 == s2 && m1 == m2;
-  }
+  bool ok = scan_matches_scalar(rng, &scan_lut16_avx512);
   ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512);
+  if (__builtin_cpu_supports("gfni")) {  // the GFNI variants (cpu.cpp picks them when it can)
+    ok &= scan_matches_scalar(rng, &scan_lut16_avx512_gfni);
+    ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512_gfni);
+  } else {
+    std::printf("SKIP avx512_gfni: this CPU has no GFNI\n");
+  }
   for (size_t d : kDims) {
     const size_t nq = 6, m = 9;
     std::vector<float> qs(nq * d), rows(m * d), o1(nq * m), o2(nq * m);

@@ -380,6 +380,7 @@ NB_MODULE(_mipscan, m) {
   m.def("simd_levels", &mipscan::runnable_simd_levels);
   m.def("cpu_has_avx2", &mipscan::cpu_has_avx2);
   m.def("cpu_has_avx512", &mipscan::cpu_has_avx512);
+  m.def("cpu_has_gfni", &mipscan::cpu_has_gfni);
   m.def("disabled_cpu_features", &mipscan::disabled_cpu_features);
   m.def("fault_injection", [] { return mipscan::fault::kEnabled; });
   // The worker pool's bound on its threads (parallel.h).

@@ -73,11 +73,16 @@ bool detect_avx512() {
   const bool f = (r[1] >> 16) & 1, bw = (r[1] >> 30) & 1, vl = (r[1] >> 31) & 1;  // EBX
   return f && bw && vl;
 }
+
+bool detect_gfni() {
+  uint32_t r[4];
+  return cpuid(7, 0, r) && ((r[2] >> 8) & 1);  // ECX bit 8: GFNI
+}
 #endif
 
 // MIPSCAN_DISABLE_CPU_FEATURES, parsed once: which features to hide, or an error message.
 struct FeatureMask {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, gfni = false;
   std::vector<std::string> names;
   std::string error;
 };
@@ -97,15 +102,18 @@ const FeatureMask& feature_mask() {
         m.avx2 = m.avx512 = true;
       } else if (name == "avx512") {
         m.avx512 = true;
+      } else if (name == "gfni") {
+        m.gfni = true;
       } else if (!name.empty()) {
         m.error = "MIPSCAN_DISABLE_CPU_FEATURES='" + value + "' names an unknown feature '" + name +
-                  "'; allowed: a comma separated list of avx2, avx512";
+                  "'; allowed: a comma separated list of avx2, avx512, gfni";
         return m;
       }
       start = end + 1;
     }
     if (m.avx2) m.names.emplace_back("avx2");
     if (m.avx512) m.names.emplace_back("avx512");
+    if (m.gfni) m.names.emplace_back("gfni");
     return m;
   }();
   return mask;
@@ -137,6 +145,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_gfni() {
+#if MIPSCAN_X86 && MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
+  static const bool has = cpu_has_avx512() && detect_gfni() && !feature_mask().gfni;
+  return has;
+#else
+  return false;
+#endif
+}
+
 std::vector<std::string> disabled_cpu_features() { return feature_mask().names; }
 
 const Kernels& kernels() { return g_kernels; }
@@ -160,11 +177,13 @@ bool kernels_for(SimdLevel level, Kernels* out) {
 #endif
 #if MIPSCAN_HAVE_AVX2 && MIPSCAN_HAVE_AVX512
   if (level == SimdLevel::kAvx512 && cpu_has_avx512()) {
-    *out = Kernels{SimdLevel::kAvx512, &scan_lut16_avx512, &dot_avx512, &dots_avx512,
+    const bool gfni = cpu_has_gfni();
+    *out = Kernels{SimdLevel::kAvx512, gfni ? &scan_lut16_avx512_gfni : &scan_lut16_avx512,
+                   &dot_avx512, &dots_avx512,
                    &argmax_shifted_avx512, &dot_i8_avx512, &dot_bf16_avx512,
                    &topk_columns_avx512, &dot_rows_avx2,  // dot_avx512 is dot_avx2
                    &encode2_avx512, &nearest2_avx512, &nearest_rows_avx512,
-                   &scan_lut16_multi_avx512};
+                   gfni ? &scan_lut16_multi_avx512_gfni : &scan_lut16_multi_avx512};
     return true;
   }
 #endif

@@ -5,9 +5,10 @@
 // and build can run) and fills the table that kernels() returns.
 //
 // MIPSCAN_DISABLE_CPU_FEATURES (like faiss's FAISS_DISABLE_CPU_FEATURES): a comma
-// separated list of features ("avx2", "avx512") that detection pretends this CPU lacks,
-// read once, at the first detection. Disabling avx2 disables avx512 too (the AVX-512
-// level uses AVX2 kernels for its tails). An unknown name is an error at import, as for
+// separated list of features ("avx2", "avx512", "gfni") that detection pretends this CPU
+// lacks, read once, at the first detection. Disabling avx2 disables avx512 too (the
+// AVX-512 level uses AVX2 kernels for its tails). GFNI is not a level: the AVX-512 level
+// uses it, where the CPU has it, for the LUT16 scans (same results either way). An unknown name is an error at import, as for
 // MIPSCAN_SIMD. Tests use it to see how a CPU without a level behaves. Nothing changes it afterwards, so
 // searches read it without synchronisation. An unknown value, or a level this CPU or build
 // cannot run, is an error (the module then fails to import, naming the variable).
@@ -52,6 +53,8 @@ bool cpu_has_avx2();
 // True when the CPU has AVX-512 F, BW and VL (and AVX2) and the OS saves the opmask and
 // ZMM state (XCR0 bits 1, 2, 5, 6, 7); false on other targets and builds.
 bool cpu_has_avx512();
+// True when the CPU has GFNI (and the AVX-512 level), unless disabled (see above).
+bool cpu_has_gfni();
 // What MIPSCAN_DISABLE_CPU_FEATURES removed, e.g. "avx512" (empty when unset).
 std::vector<std::string> disabled_cpu_features();
 // The kernels of one level, in *out; false (and *out unchanged) when this CPU or build

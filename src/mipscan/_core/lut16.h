@@ -73,6 +73,10 @@ void scan_lut16_avx2(const uint8_t* packed, size_t groups, size_t num_blocks,
 // Two groups per 512-bit register (group g in the low 256 bits, g + 1 in the high).
 void scan_lut16_avx512(const uint8_t* packed, size_t groups, size_t num_blocks,
                        const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
+// The same with GFNI (the high nibbles split off by one affine byte map, not a shift and
+// an AND; cpu.cpp chooses it at the AVX-512 level on CPUs that have GFNI).
+void scan_lut16_avx512_gfni(const uint8_t* packed, size_t groups, size_t num_blocks,
+                            const uint8_t* lut, uint16_t cut, uint16_t* sums, uint64_t* masks);
 #endif
 
 // Several queries over the same codes (search_batch's leaf-by-leaf scan): the codes of
@@ -103,6 +107,9 @@ void scan_lut16_multi_avx2(const uint8_t* packed, size_t groups, size_t num_bloc
 void scan_lut16_multi_avx512(const uint8_t* packed, size_t groups, size_t num_blocks, size_t nq,
                              const uint8_t* const* luts, const uint16_t* cuts,
                              uint16_t* const* sums, uint64_t* const* masks);
+void scan_lut16_multi_avx512_gfni(const uint8_t* packed, size_t groups, size_t num_blocks,
+                                  size_t nq, const uint8_t* const* luts, const uint16_t* cuts,
+                                  uint16_t* const* sums, uint64_t* const* masks);
 #endif
 
 // k-means assignment step: out[i] = the first j < k maximising s[i * k + j] - h[j] (float
