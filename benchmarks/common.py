@@ -81,10 +81,17 @@ def environment() -> dict:
     try:
         import mipscan
 
-        env["mipscan_simd_level"] = mipscan.simd_level()
+        env["mipscan_simd_level"] = mipscan_simd(mipscan)
     except Exception as exc:  # noqa: BLE001 - recorded, not fatal
         env["mipscan_simd_level"] = f"unavailable: {exc}"
     return env
+
+
+def mipscan_simd(mipscan) -> str:
+    """mipscan's SIMD level, with "+gfni" when its AVX-512 scans use GFNI."""
+    level = mipscan.simd_level()
+    gfni = getattr(mipscan._mipscan, "cpu_has_gfni", lambda: False)()
+    return level + ("+gfni" if level == "avx512" and gfni else "")
 
 
 #: The thread count of the innermost pinned_threads() block (None outside any).

@@ -108,7 +108,7 @@ class Mipscan(Variant):
             raise Unavailable("mipscan.builder does not exist yet in this checkout")
         self.mipscan = mipscan
         self.version = getattr(mipscan, "__version__", None)
-        self.simd_level = mipscan.simd_level()
+        self.simd_level = common.mipscan_simd(mipscan)
 
     def build_params(self):
         c = self.cfg
@@ -174,7 +174,7 @@ class MipscanBruteForce(Variant):
             raise Unavailable(f"mipscan not importable: {exc}") from exc
         self.mipscan = mipscan
         self.version = getattr(mipscan, "__version__", None)
-        self.simd_level = mipscan.simd_level()
+        self.simd_level = common.mipscan_simd(mipscan)
 
     def build(self, train):
         self.train = train
