@@ -97,7 +97,7 @@ def _scaling(result: dict, summary: dict) -> dict:
     for n in result["config"]["threads"]:
         if n == 1:
             continue
-        for t, _ in ((f"{t:.2f}", t) for t in TARGETS):
+        for t in (f"{t:.2f}" for t in TARGETS):
             for name in REFERENCE_VARIANTS:
                 cell = summary.get(f"batched:{n}", {}).get(name, {}).get(t)
                 if not (cell and cell.get("reference")):

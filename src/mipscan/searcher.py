@@ -244,11 +244,6 @@ class Searcher:
         if (type(q) is np.ndarray and q.dtype == np.float32 and q.ndim == 1
                 and q.flags.c_contiguous and q.shape[0] == self.d
                 and _mipscan.max_abs(q) <= self._max_abs):  # False for NaN
-            if self.distance_measure == "squared_l2":  # _to_mips's row, without hstack
-                x = np.empty(self.d + 1, np.float32)
-                x[:-1] = q
-                x[-1] = 1.0
-                return x
             return self._to_mips(q[None, :])[0]
         return None
 
@@ -428,8 +423,11 @@ class Searcher:
     def _to_mips(self, q: np.ndarray) -> np.ndarray:
         if self.distance_measure == "cosine":
             return normalize_rows(q)
-        if self.distance_measure == "squared_l2":
-            return np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1), np.float32)]))
+        if self.distance_measure == "squared_l2":  # [q, 1] per row
+            x = np.empty((len(q), q.shape[1] + 1), np.float32)
+            x[:, :-1] = q
+            x[:, -1] = 1.0
+            return x
         return q
 
     def _from_mips(self, q: np.ndarray, scores: np.ndarray) -> np.ndarray:
