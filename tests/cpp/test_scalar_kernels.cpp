@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "lut16.h"
+#include "topk.h"
 
 #if MIPSCAN_HAVE_AVX2 && !(defined(__x86_64__) || defined(_M_X64))
 #error "MIPSCAN_HAVE_AVX2 is set for a compiler that does not target x86-64"
@@ -195,6 +196,46 @@ void check_multi_scalar(Rng& rng) {
          "a query's sums or masks differ from the one-query kernel's");
 }
 
+// The compaction kernels (topk.h) against a plain filter, at sizes around the 16-lane
+// steps, with ties at the threshold and repeated bins: `fn` / `bin_fn` must keep exactly
+// the reference's values, in order, and write nothing past n + kCompactSlack.
+bool compaction_matches(Rng& rng, CompactGeFn fn, CompactBinFn bin_fn) {
+  bool ok = true;
+  for (size_t n : {0, 1, 5, 15, 16, 17, 31, 32, 33, 100, 1000, 1024}) {
+    std::vector<float> s(n);
+    std::vector<uint32_t> id(n);
+    std::vector<uint16_t> bins(n);
+    for (size_t i = 0; i < n; ++i) {
+      s[i] = static_cast<float>(rng.below(9)) - 4.0f;  // many ties
+      id[i] = static_cast<uint32_t>(rng.next());
+      bins[i] = static_cast<uint16_t>(rng.below(4));
+    }
+    for (float t : {-5.0f, 0.0f, 2.0f, 5.0f}) {
+      std::vector<float> ws = s, want_s;
+      std::vector<uint32_t> wi = id, want_i;
+      for (size_t i = 0; i < n; ++i)
+        if (s[i] >= t) want_s.push_back(s[i]), want_i.push_back(id[i]);
+      const size_t w = fn(ws.data(), wi.data(), n, t);
+      ok &= w == want_s.size() && std::equal(want_s.begin(), want_s.end(), ws.begin()) &&
+            std::equal(want_i.begin(), want_i.end(), wi.begin());
+    }
+    for (uint16_t b = 0; b < 5; ++b) {
+      std::vector<float> want, out(n + kCompactSlack + 1, 7.0f);
+      for (size_t i = 0; i < n; ++i)
+        if (bins[i] == b) want.push_back(s[i]);
+      const size_t w = bin_fn(s.data(), bins.data(), n, b, out.data());
+      ok &= w == want.size() && std::equal(want.begin(), want.end(), out.begin()) &&
+            out[n + kCompactSlack] == 7.0f;
+    }
+  }
+  return ok;
+}
+
+void check_compaction_scalar(Rng& rng) {
+  report("compaction_scalar_vs_filter", compaction_matches(rng, &compact_ge_scalar, &compact_bin_scalar),
+         "a compaction kept other values than a plain filter");
+}
+
 // lut16.h's order: lane j % 8 takes a[j] * b[j] (rounded, then added), and the lanes
 // reduce as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The product goes through a
 // volatile so that no compiler setting can fuse it into the addition here.
@@ -278,6 +319,7 @@ void check_avx512(Rng& rng) {
   }
   bool ok = scan_matches_scalar(rng, &scan_lut16_avx512);
   ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512);
+  ok &= compaction_matches(rng, &compact_ge_avx512, &compact_bin_avx512);
   if (__builtin_cpu_supports("gfni")) {  // the GFNI variants (cpu.cpp picks them when it can)
     ok &= scan_matches_scalar(rng, &scan_lut16_avx512_gfni);
     ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512_gfni);
@@ -319,6 +361,7 @@ int main() {
   report("outputs_match_x86_64_bit_for_bit", hash.h == kExpectedHash, why);
   Rng rng1{5};
   check_multi_scalar(rng1);
+  check_compaction_scalar(rng1);
 #if MIPSCAN_HAVE_AVX2 && (defined(__GNUC__) || defined(__clang__))
   Rng rng2{7};
   check_avx2(rng2);

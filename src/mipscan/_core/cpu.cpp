@@ -23,7 +23,7 @@ constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLe
 Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                   &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
                    &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
-                   &scan_lut16_multi_scalar};
+                   &scan_lut16_multi_scalar, &compact_ge_scalar, &compact_bin_scalar};
 
 #if MIPSCAN_X86
 // regs = {eax, ebx, ecx, edx} of CPUID(leaf, subleaf); false when the leaf is not supported.
@@ -69,6 +69,8 @@ bool detect_avx512() {
   // XCR0 bits 1 (SSE), 2 (AVX), 5 (opmask), 6 (ZMM0-15 upper halves), 7 (ZMM16-31).
   if ((xgetbv0() & 0xE6) != 0xE6) return false;
   uint32_t r[4];
+  // POPCNT (CPUID.1:ECX bit 23): the AVX-512 files are built with it; every AVX-512 CPU has it.
+  if (!cpuid(1, 0, r) || !((r[2] >> 23) & 1)) return false;
   if (!cpuid(7, 0, r)) return false;
   const bool f = (r[1] >> 16) & 1, bw = (r[1] >> 30) & 1, vl = (r[1] >> 31) & 1;  // EBX
   return f && bw && vl;
@@ -163,7 +165,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
     *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                    &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
                    &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
-                   &scan_lut16_multi_scalar};
+                   &scan_lut16_multi_scalar, &compact_ge_scalar, &compact_bin_scalar};
     return true;
   }
 #if MIPSCAN_HAVE_AVX2
@@ -171,7 +173,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
     *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2,
                    &argmax_shifted_scalar, &dot_i8_avx2, &dot_bf16_avx2, &topk_columns_avx2,
                    &dot_rows_avx2, nullptr, nullptr, &nearest_rows_avx2,
-                   &scan_lut16_multi_avx2};
+                   &scan_lut16_multi_avx2, &compact_ge_scalar, &compact_bin_scalar};
     return true;
   }
 #endif
@@ -183,7 +185,8 @@ bool kernels_for(SimdLevel level, Kernels* out) {
                    &argmax_shifted_avx512, &dot_i8_avx512, &dot_bf16_avx512,
                    &topk_columns_avx512, &dot_rows_avx2,  // dot_avx512 is dot_avx2
                    &encode2_avx512, &nearest2_avx512, &nearest_rows_avx512,
-                   gfni ? &scan_lut16_multi_avx512_gfni : &scan_lut16_multi_avx512};
+                   gfni ? &scan_lut16_multi_avx512_gfni : &scan_lut16_multi_avx512,
+                   &compact_ge_avx512, &compact_bin_avx512};
     return true;
   }
 #endif

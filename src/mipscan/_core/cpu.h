@@ -43,6 +43,9 @@ struct Kernels {
   Nearest2Fn nearest2;  // encode.h: likewise
   NearestRowsFn nearest_rows;  // assign.h: the tree's k-means assignment
   ScanLut16MultiFn scan_lut16_multi;  // lut16.h: several queries over the same codes
+  // topk.h: TopKBuffer's and kth_largest's passes (always the module's level: kernels()).
+  CompactGeFn compact_ge;
+  CompactBinFn compact_bin;
 };
 
 // The kernels chosen at module load.

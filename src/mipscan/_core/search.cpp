@@ -921,12 +921,12 @@ size_t complete_result(const IndexView& ix, size_t k, size_t nf, size_t nr, Scra
 // fragment the heap of whichever thread happened to run that query). A capacity check per
 // buffer once it is warm.
 void reserve_for(const IndexView& ix, size_t keep, Scratch& s) {
-  if (s.rows.capacity() >= keep && s.leaf_edge.capacity() >= ix.num_leaves &&
+  if (s.rows.capacity() >= keep && s.leaf_edge.capacity() >= ix.num_leaves + kCompactSlack &&
       (ix.num_blocks == 0 || s.masks.capacity() >= num_groups(ix.max_leaf_size))) {
     return;
   }
   fault::alloc();
-  s.leaf_edge.reserve(ix.num_leaves);
+  s.leaf_edge.reserve(ix.num_leaves + kCompactSlack);
   s.leaf_bins.reserve(ix.num_leaves);
   s.rows.reserve(keep);
   s.row_scores.reserve(keep);
@@ -1270,7 +1270,7 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
     }
   }
   // leaf_start[l] is now the end of leaf l's entries, and leaf l's begin is leaf_start[l - 1].
-  constexpr size_t kChunkGroups = 32;
+  constexpr size_t kChunkGroups = 32;  // at most 32: one bit per group in a uint32_t below
   grow(c.sums, kMultiQueries * kChunkGroups * kGroup);
   grow(c.masks, kMultiQueries * kChunkGroups);
   for (size_t o = 0; o < nl; ++o) {
@@ -1298,19 +1298,35 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
           cuts[t] = lut16_cut(s.chunk_top[i].threshold(), c.job_base[j + t], c.quant[i]);
         }
         kn.scan_lut16_multi(codes + c0 * bytes, c1 - c0, nb, nt, luts, cuts, sums, masks);
+        // Each query's flagged points, group by group: the groups with any (most have
+        // none) found branch-free first, then each group's points appended to the buffer
+        // at once (TopKBuffer::append: no capacity check per point).
         for (size_t t = 0; t < nt; ++t) {
           const uint32_t i = c.job_query[j + t];
           TopKBuffer& top = s.chunk_top[i];
           const float base = c.job_base[j + t], inv = c.quant[i].inv_scale;
-          for (size_t g = c0; g < c1; ++g) {
-            for (uint64_t m = masks[t][g - c0]; m != 0; m &= m - 1) {
-              const size_t at = static_cast<size_t>(ctz64(m));
-              const size_t e = g * kGroup + at;
-              if (e >= count) break;  // padding points of the last group
-              const float v = base + static_cast<float>(sums[t][(g - c0) * kGroup + at]) * inv;
-              const uint32_t slot = static_cast<uint32_t>(slot0 + static_cast<int64_t>(e));
-              top.offer(v, slot);
+          const uint64_t* mk = masks[t];
+          uint32_t any = 0;
+          for (size_t g = 0; g < c1 - c0; ++g) any |= static_cast<uint32_t>(mk[g] != 0) << g;
+          for (; any != 0; any &= any - 1) {
+            const size_t gc = ctz32(any), g = c0 + gc;
+            uint64_t m = mk[gc];
+            if (g + 1 == groups && count % kGroup != 0) {
+              m &= (uint64_t{1} << (count % kGroup)) - 1;  // not the padding points
             }
+            const uint16_t* gs = sums[t] + gc * kGroup;
+            const uint32_t id0 = static_cast<uint32_t>(slot0 + static_cast<int64_t>(g * kGroup));
+            top.append(kGroup, [&](float* ds, uint32_t* di) {
+              size_t w = 0;
+              for (uint64_t b = m; b != 0; b &= b - 1) {
+                const unsigned at = ctz64(b);
+                const float v = base + static_cast<float>(gs[at]) * inv;
+                ds[w] = v;
+                di[w] = id0 + at;
+                w += top.admits(v, id0 + at);
+              }
+              return w;
+            });
           }
         }
       }

@@ -4,6 +4,7 @@
 #include <functional>
 #include <utility>
 
+#include "cpu.h"
 #include "parallel.h"
 #include "portable.h"
 #include "topk_columns.h"
@@ -80,15 +81,7 @@ void TopKBuffer::prune() {
   size_t reach = 0;
   for (size_t i = 0; i < n; ++i) reach += s[i] >= est;
   if (reach >= k_ && reach <= n - (n - k_) / 4) {
-    size_t w = 0;
-    for (size_t i = 0; i < n; ++i) {  // branch-free: keeps are unpredictable
-      const float v = s[i];
-      const uint32_t d = id[i];
-      s[w] = v;
-      id[w] = d;
-      w += v >= est;
-    }
-    size_ = w;
+    size_ = kernels().compact_ge(s, id, n, est);
     thr_ = est;
     thr_id_ = kAllTies;  // every pair at est was kept, so ties at it may still enter
     return;
@@ -142,15 +135,10 @@ float kth_largest(const float* v, size_t n, size_t k, std::vector<uint16_t>& bin
   for (size_t j = 0; j < n; ++j) ++hist[bins[j]];
   size_t above = 0, b = nbins - 1;
   while (above + hist[b] < k) above += hist[b--];
-  // The bin's values, branch-free (a bin's members are unpredictable): every value is
-  // written, and the position advances past the bin's own.
-  if (edge_scratch.size() < n) grow(edge_scratch, n);
+  // The bin's values.
+  if (edge_scratch.size() < n + kCompactSlack) grow(edge_scratch, n + kCompactSlack);
   float* edge = edge_scratch.data();
-  size_t e = 0;
-  for (size_t j = 0; j < n; ++j) {
-    edge[e] = v[j];
-    e += bins[j] == b;
-  }
+  const size_t e = kernels().compact_bin(v, bins, n, static_cast<uint16_t>(b), edge);
   const size_t need = k - above;  // 1 <= need <= hist[b] = e
   std::nth_element(edge, edge + (need - 1), edge + e, std::greater<float>());
   return edge[need - 1];
@@ -170,17 +158,22 @@ void TopKBuffer::select_exact() {
     at += s[j] == t;
   }
   const size_t ties = k_ - above;  // pairs at t to keep (>= 1)
-  // The largest id kept at t: the ties-th smallest (ids are distinct in every caller;
-  // with repeats the count below still keeps exactly k). When every tie is kept, any
-  // later tie is admitted (admits() may let in pairs that lose; they cost a push only).
-  uint32_t last = ~uint32_t{0};
-  if (ties < at) {
-    tie_ids_.clear();
-    for (size_t j = 0; j < n; ++j)
-      if (s[j] == t) tie_ids_.push_back(id[j]);  // capacity cap_ >= n: no allocation
-    std::nth_element(tie_ids_.begin(), tie_ids_.begin() + static_cast<std::ptrdiff_t>(ties - 1), tie_ids_.end());
-    last = tie_ids_[ties - 1];
+  if (ties == at) {
+    // Every pair at t is kept: the pairs >= t, and any later tie is admitted (admits()
+    // may let in pairs that lose; they cost a push only).
+    kernels().compact_ge(s, id, n, t);
+    size_ = k_;
+    thr_ = t;
+    thr_id_ = kAllTies;
+    return;
   }
+  // The largest id kept at t: the ties-th smallest (ids are distinct in every caller;
+  // with repeats the count below still keeps exactly k).
+  tie_ids_.clear();
+  for (size_t j = 0; j < n; ++j)
+    if (s[j] == t) tie_ids_.push_back(id[j]);  // capacity cap_ >= n: no allocation
+  std::nth_element(tie_ids_.begin(), tie_ids_.begin() + static_cast<std::ptrdiff_t>(ties - 1), tie_ids_.end());
+  const uint32_t last = tie_ids_[ties - 1];
   size_t w = 0, kept_ties = 0;
   for (size_t j = 0; j < n; ++j) {
     const float v = s[j];
@@ -193,7 +186,30 @@ void TopKBuffer::select_exact() {
   }
   size_ = k_;
   thr_ = t;
-  thr_id_ = ties < at ? last : kAllTies;
+  thr_id_ = last;
+}
+
+size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t) {
+  size_t w = 0;
+  for (size_t i = 0; i < n; ++i) {  // branch-free: keeps are unpredictable
+    const float v = s[i];
+    const uint32_t d = id[i];
+    s[w] = v;
+    id[w] = d;
+    w += v >= t;
+  }
+  return w;
+}
+
+size_t compact_bin_scalar(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out) {
+  // Branch-free (a bin's members are unpredictable): every value is written, and the
+  // position advances past the bin's own.
+  size_t e = 0;
+  for (size_t j = 0; j < n; ++j) {
+    out[e] = v[j];
+    e += bins[j] == b;
+  }
+  return e;
 }
 size_t TopKBuffer::finish_unsorted() {
   if (size_ > k_) select_exact();

@@ -30,6 +30,23 @@ inline bool better(float sa, uint32_t ia, float sb, uint32_t ib) {
 
 inline float no_nan(float v) { return v == v ? v : -std::numeric_limits<float>::infinity(); }
 
+// Compaction kernels (cpu.h), the passes that TopKBuffer and kth_largest spend most of
+// their time in; every level gives the same result (they only move values).
+// compact_ge: keeps the pairs of s[0, n) / id[0, n) whose score is >= t, in order, at the
+// front of both arrays; returns how many. No NaN in s.
+using CompactGeFn = size_t (*)(float* s, uint32_t* id, size_t n, float t);
+// compact_bin: copies the v[j] with bins[j] == b, in order, to out; returns how many.
+// out has room for n + kCompactSlack values (a kernel may write whole registers).
+using CompactBinFn = size_t (*)(const float* v, const uint16_t* bins, size_t n, uint16_t b,
+                                float* out);
+constexpr size_t kCompactSlack = 16;
+size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t);
+size_t compact_bin_scalar(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
+#if MIPSCAN_HAVE_AVX512
+size_t compact_ge_avx512(float* s, uint32_t* id, size_t n, float t);
+size_t compact_bin_avx512(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
+#endif
+
 // A binary heap over two parallel arrays (scores, ids) of capacity k whose root is the
 // worst kept pair. The arrays are owned by the caller: they are the state that
 // `topk_update_rows` carries from one block of brute-force scores to the next.
@@ -83,7 +100,7 @@ class TopKBuffer {
       // between searches then stop growing after the first one (a late reallocation
       // fragments the heap).
       bins_.reserve(cap_);
-      edge_.reserve(cap_);
+      edge_.reserve(cap_ + kCompactSlack);
       pairs_.reserve(k);
       tie_ids_.reserve(cap_);
     }
@@ -114,6 +131,25 @@ class TopKBuffer {
     s_[size_] = score;
     id_[size_] = id;
     if (++size_ == cap_) prune();
+  }
+  // The most pairs one append() may add: an exact selection leaves room for cap - k >= 520
+  // (capacity_for), so append() always finds it.
+  static constexpr size_t kMaxAppend = 512;
+  // Offers up to n <= kMaxAppend pairs at once, without a capacity check per pair:
+  // fill(scores, ids) writes candidates at scores[0, n) and ids[0, n) and returns how
+  // many of them, from the first, to keep; it keeps only pairs that admits() (a
+  // branch-free count suits it: w += admits(v, id)). Prunes first when the buffer lacks
+  // room for n, so the result is offer()'s for each pair.
+  template <class Fill>
+  void append(size_t n, Fill&& fill) {
+    assert(n <= kMaxAppend);
+    if (cap_ - size_ < n) {
+      prune();
+      if (cap_ - size_ < n) select_exact();
+    }
+    size_ += fill(s_.data() + size_, id_.data() + size_);
+    assert(size_ <= cap_);
+    if (size_ == cap_) prune();
   }
   // Pushes the pair if admits() it: how callers offer candidates.
   void offer(float score, uint32_t id) {

@@ -1,7 +1,10 @@
-// topk_columns with AVX-512 (topk_columns.h): the template's insertion written with
-// intrinsics, one register per slot and 16 columns per register (the compiler keeps the
-// template's lane arrays in memory, several times slower). The same compares and
-// selects, so the same bits. Reached only through cpu.cpp's table after the CPU was checked.
+// The top-k kernels with AVX-512 (topk.h), reached only through cpu.cpp's table after the
+// CPU was checked:
+// - topk_columns (topk_columns.h): the template's insertion written with intrinsics, one
+//   register per slot and 16 columns per register (the compiler keeps the template's lane
+//   arrays in memory, several times slower). The same compares and selects, so the same bits.
+// - the compactions: 16 values per step, kept ones packed by vcompressps into a register
+//   (a compress straight to memory is slow on some CPUs) and stored whole.
 #include <immintrin.h>
 
 #include "topk_columns.h"
@@ -47,6 +50,49 @@ void topk_columns_avx512(const float* scores_t, size_t m, size_t nq, size_t k, f
     }
     topk_columns_finish(scores_t, m, nq, k, q0, w, ts, ti, out_s, out_id);
   }
+}
+
+size_t compact_ge_avx512(float* s, uint32_t* id, size_t n, float t) {
+  // In place: the 16 values at i are loaded before the store at w <= i, whose 16 lanes end
+  // at or before i + 15, so nothing is overwritten before it is read.
+  const __m512 tv = _mm512_set1_ps(t);
+  size_t w = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(s + i);
+    const __m512i d = _mm512_loadu_si512(id + i);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+    _mm512_storeu_ps(s + w, _mm512_maskz_compress_ps(keep, v));
+    _mm512_storeu_si512(id + w, _mm512_maskz_compress_epi32(keep, d));
+    w += static_cast<size_t>(_mm_popcnt_u32(keep));
+  }
+  if (i < n) {  // the tail, masked: no lane past n is read or written
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, s + i);
+    const __m512i d = _mm512_maskz_loadu_epi32(lanes, id + i);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, v, tv, _CMP_GE_OQ);
+    const unsigned c = _mm_popcnt_u32(keep);
+    const __mmask16 out = static_cast<__mmask16>((1u << c) - 1);
+    _mm512_mask_storeu_ps(s + w, out, _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(id + w, out, _mm512_maskz_compress_epi32(keep, d));
+    w += c;
+  }
+  return w;
+}
+
+size_t compact_bin_avx512(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out) {
+  const __m256i bv = _mm256_set1_epi16(static_cast<short>(b));
+  size_t w = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i bi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bins + i));
+    const __mmask16 keep = _mm256_cmpeq_epi16_mask(bi, bv);
+    _mm512_storeu_ps(out + w, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(v + i)));
+    w += static_cast<size_t>(_mm_popcnt_u32(keep));
+  }
+  for (; i < n; ++i) {
+    out[w] = v[i];
+    w += bins[i] == b;
+  }
+  return w;
 }
 
 }  // namespace mipscan
