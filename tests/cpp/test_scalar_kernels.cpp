@@ -231,9 +231,45 @@ bool compaction_matches(Rng& rng, CompactGeFn fn, CompactBinFn bin_fn) {
   return ok;
 }
 
+// collect_group (topk.h) against the scores and admissions written out here: random
+// masks, thresholds at a present score (ties decided by id) or below all, every tie rule.
+bool collect_matches(Rng& rng, CollectGroupFn fn) {
+  bool ok = true;
+  for (int trial = 0; trial < 300; ++trial) {
+    uint16_t sums[kGroup];
+    for (auto& v : sums) v = static_cast<uint16_t>(rng.below(trial % 2 ? 8 : 65536));
+    uint64_t mask = rng.next();
+    if (trial % 5 == 0) mask &= rng.next() & rng.next();
+    if (trial % 7 == 0) mask = 0;
+    const float base = rng.value(), inv = std::fabs(rng.value());
+    const uint32_t id0 = trial % 3 ? static_cast<uint32_t>(rng.next()) & 0x7FFFFFC0u : 0xFFFFFFC0u;
+    const unsigned pick = rng.below(kGroup);
+    const float thr = trial % 4 == 0 ? -INFINITY : base + static_cast<float>(sums[pick]) * inv;
+    const uint64_t tid = trial % 3 == 0 ? (uint64_t{1} << 32) : uint64_t{id0} + rng.below(kGroup + 1);
+    float want_s[kGroup], got_s[kGroup];
+    uint32_t want_i[kGroup], got_i[kGroup];
+    size_t w = 0;
+    for (size_t j = 0; j < kGroup; ++j) {
+      if (!((mask >> j) & 1)) continue;
+      volatile float p = static_cast<float>(sums[j]) * inv;
+      const float v = base + p;
+      if (v > thr || (v == thr && uint64_t{id0 + j} < tid)) {
+        want_s[w] = v;
+        want_i[w++] = static_cast<uint32_t>(id0 + j);
+      }
+    }
+    const size_t n = fn(sums, mask, base, inv, id0, thr, tid, got_s, got_i);
+    ok &= n == w && std::memcmp(want_s, got_s, w * sizeof(float)) == 0 &&
+          std::memcmp(want_i, got_i, w * sizeof(uint32_t)) == 0;
+  }
+  return ok;
+}
+
 void check_compaction_scalar(Rng& rng) {
   report("compaction_scalar_vs_filter", compaction_matches(rng, &compact_ge_scalar, &compact_bin_scalar),
          "a compaction kept other values than a plain filter");
+  report("collect_group_scalar_vs_reference", collect_matches(rng, &collect_group_scalar),
+         "collect_group_scalar scored or admitted other points than the reference");
 }
 
 // lut16.h's order: lane j % 8 takes a[j] * b[j] (rounded, then added), and the lanes
@@ -320,6 +356,7 @@ void check_avx512(Rng& rng) {
   bool ok = scan_matches_scalar(rng, &scan_lut16_avx512);
   ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512);
   ok &= compaction_matches(rng, &compact_ge_avx512, &compact_bin_avx512);
+  ok &= collect_matches(rng, &collect_group_avx512);
   if (__builtin_cpu_supports("gfni")) {  // the GFNI variants (cpu.cpp picks them when it can)
     ok &= scan_matches_scalar(rng, &scan_lut16_avx512_gfni);
     ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512_gfni);

@@ -46,6 +46,7 @@ struct Kernels {
   // topk.h: TopKBuffer's and kth_largest's passes (always the module's level: kernels()).
   CompactGeFn compact_ge;
   CompactBinFn compact_bin;
+  CollectGroupFn collect_group;  // topk.h: a LUT16 group's flagged points as candidates
 };
 
 // The kernels chosen at module load.

@@ -632,14 +632,15 @@ size_t scan_leaf_ah(const IndexView& ix, const Kernels& kn, size_t leaf, float b
     for (size_t g = c0; g < c1; ++g) {
       uint64_t m = s.masks[g];
       if constexpr (kF) m &= s.allow[g];
-      while (m != 0) {
-        const size_t i = g * kGroup + static_cast<size_t>(ctz64(m));
-        m &= m - 1;
-        if (i >= count) break;  // padding points of the last group
-        const float v = base + static_cast<float>(sums[i]) * ql.inv_scale;
-        const uint32_t slot = static_cast<uint32_t>(slot0 + static_cast<int64_t>(i));
-        top.offer(v, slot);
+      if (m == 0) continue;
+      if (g + 1 == groups && count % kGroup != 0) {
+        m &= (uint64_t{1} << (count % kGroup)) - 1;  // not the padding points
       }
+      const uint32_t id0 = static_cast<uint32_t>(slot0 + static_cast<int64_t>(g * kGroup));
+      top.append(kGroup, [&](float* ds, uint32_t* di) {
+        return kn.collect_group(sums + g * kGroup, m, base, ql.inv_scale, id0, top.threshold(),
+                                top.threshold_id(), ds, di);
+      });
     }
   }
   return eligible;
@@ -1299,8 +1300,9 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
         }
         kn.scan_lut16_multi(codes + c0 * bytes, c1 - c0, nb, nt, luts, cuts, sums, masks);
         // Each query's flagged points, group by group: the groups with any (most have
-        // none) found branch-free first, then each group's points appended to the buffer
-        // at once (TopKBuffer::append: no capacity check per point).
+        // none) found branch-free first, then each group's admitted points appended to
+        // the buffer at once (kn.collect_group, TopKBuffer::append: no capacity check
+        // per point).
         for (size_t t = 0; t < nt; ++t) {
           const uint32_t i = c.job_query[j + t];
           TopKBuffer& top = s.chunk_top[i];
@@ -1317,15 +1319,8 @@ void search_chunk(const IndexView& ix, const Kernels& kn, const float* qs, size_
             const uint16_t* gs = sums[t] + gc * kGroup;
             const uint32_t id0 = static_cast<uint32_t>(slot0 + static_cast<int64_t>(g * kGroup));
             top.append(kGroup, [&](float* ds, uint32_t* di) {
-              size_t w = 0;
-              for (uint64_t b = m; b != 0; b &= b - 1) {
-                const unsigned at = ctz64(b);
-                const float v = base + static_cast<float>(gs[at]) * inv;
-                ds[w] = v;
-                di[w] = id0 + at;
-                w += top.admits(v, id0 + at);
-              }
-              return w;
+              return kn.collect_group(gs, m, base, inv, id0, top.threshold(), top.threshold_id(),
+                                      ds, di);
             });
           }
         }

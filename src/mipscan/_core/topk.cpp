@@ -201,6 +201,20 @@ size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t) {
   return w;
 }
 
+size_t collect_group_scalar(const uint16_t* sums, uint64_t mask, float base, float inv,
+                            uint32_t id0, float thr, uint64_t thr_id, float* out_s,
+                            uint32_t* out_id) {
+  size_t w = 0;
+  for (; mask != 0; mask &= mask - 1) {
+    const unsigned j = ctz64(mask);
+    const float v = base + static_cast<float>(sums[j]) * inv;
+    out_s[w] = v;
+    out_id[w] = id0 + j;
+    w += v > thr || (v == thr && uint64_t{id0 + j} < thr_id);
+  }
+  return w;
+}
+
 size_t compact_bin_scalar(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out) {
   // Branch-free (a bin's members are unpredictable): every value is written, and the
   // position advances past the bin's own.

@@ -40,11 +40,25 @@ using CompactGeFn = size_t (*)(float* s, uint32_t* id, size_t n, float t);
 using CompactBinFn = size_t (*)(const float* v, const uint16_t* bins, size_t n, uint16_t b,
                                 float* out);
 constexpr size_t kCompactSlack = 16;
+// collect_group: of one group of 64 LUT16 sums (lut16.h), the points flagged in mask as
+// (score, id) pairs: score base + float(sum) * inv (a product, then a sum, as written),
+// id id0 + j. Writes the pairs that TopKBuffer::admits() under the threshold thr and
+// threshold id thr_id, in point order, at out_s / out_id (room for 64 each); returns
+// how many.
+using CollectGroupFn = size_t (*)(const uint16_t* sums, uint64_t mask, float base, float inv,
+                                  uint32_t id0, float thr, uint64_t thr_id, float* out_s,
+                                  uint32_t* out_id);
 size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t);
 size_t compact_bin_scalar(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
+size_t collect_group_scalar(const uint16_t* sums, uint64_t mask, float base, float inv,
+                            uint32_t id0, float thr, uint64_t thr_id, float* out_s,
+                            uint32_t* out_id);
 #if MIPSCAN_HAVE_AVX512
 size_t compact_ge_avx512(float* s, uint32_t* id, size_t n, float t);
 size_t compact_bin_avx512(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
+size_t collect_group_avx512(const uint16_t* sums, uint64_t mask, float base, float inv,
+                            uint32_t id0, float thr, uint64_t thr_id, float* out_s,
+                            uint32_t* out_id);
 #endif
 
 // A binary heap over two parallel arrays (scores, ids) of capacity k whose root is the
@@ -116,6 +130,8 @@ class TopKBuffer {
     return score > thr_ || (score == thr_ && uint64_t{id} < thr_id_);
   }
   size_t k() const { return k_; }
+  // With threshold(), what admits() decides by (for kernels that apply it themselves).
+  uint64_t threshold_id() const { return thr_id_; }
   // Raises the threshold to t (ties at t stay admitted). Precondition: at least k
   // buffered pairs score at or above t.
   void raise_threshold(float t) {

@@ -5,7 +5,7 @@
 //   arrays in memory, several times slower). The same compares and selects, so the same bits.
 // - the compactions: 16 values per step, kept ones packed by vcompressps into a register
 //   (a compress straight to memory is slow on some CPUs) and stored whole.
-#include <immintrin.h>
+#include "avx512_intrin.h"
 
 #include "topk_columns.h"
 
@@ -91,6 +91,33 @@ size_t compact_bin_avx512(const float* v, const uint16_t* bins, size_t n, uint16
   for (; i < n; ++i) {
     out[w] = v[i];
     w += bins[i] == b;
+  }
+  return w;
+}
+
+size_t collect_group_avx512(const uint16_t* sums, uint64_t mask, float base, float inv,
+                            uint32_t id0, float thr, uint64_t thr_id, float* out_s,
+                            uint32_t* out_id) {
+  const __m512 bv = _mm512_set1_ps(base), iv = _mm512_set1_ps(inv), tv = _mm512_set1_ps(thr);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const bool all_ties = thr_id > 0xFFFFFFFFu;  // admits() takes every tie at thr
+  const __m512i tid = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(thr_id)));
+  size_t w = 0;
+  for (unsigned r = 0; r < 4; ++r) {  // 16 points at a time
+    const __mmask16 m = static_cast<__mmask16>(mask >> (16 * r));
+    if (m == 0) continue;
+    const __m512i s32 =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 16 * r)));
+    // Exact conversion (sums < 2^16), then the product and the sum, each rounded: the
+    // scalar kernel's float operations (no contraction: -ffp-contract=off).
+    const __m512 v = _mm512_add_ps(bv, _mm512_mul_ps(_mm512_cvtepi32_ps(s32), iv));
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(id0 + 16 * r)), lane);
+    const __mmask16 eq = _mm512_mask_cmp_ps_mask(m, v, tv, _CMP_EQ_OQ);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, v, tv, _CMP_GT_OQ) |
+                           (all_ties ? eq : _mm512_mask_cmplt_epu32_mask(eq, ids, tid));
+    _mm512_storeu_ps(out_s + w, _mm512_maskz_compress_ps(keep, v));
+    _mm512_storeu_si512(out_id + w, _mm512_maskz_compress_epi32(keep, ids));
+    w += static_cast<size_t>(_mm_popcnt_u32(keep));
   }
   return w;
 }
