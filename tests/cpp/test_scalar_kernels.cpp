@@ -265,11 +265,27 @@ bool collect_matches(Rng& rng, CollectGroupFn fn) {
   return ok;
 }
 
+// nth_of_64 (topk.h) against a sort, at every rank, with and without ties.
+bool nth_matches(Rng& rng, NthOf64Fn fn) {
+  bool ok = true;
+  for (int trial = 0; trial < 40; ++trial) {
+    float v[64], sorted[64];
+    for (float& x : v) x = trial % 2 ? static_cast<float>(rng.below(6)) : rng.value();
+    if (trial == 0) std::fill(v, v + 64, -INFINITY);
+    std::copy(v, v + 64, sorted);
+    std::sort(sorted, sorted + 64, [](float x, float y) { return x > y; });
+    for (size_t rank = 0; rank < 64; ++rank) ok &= same_bits(fn(v, rank), sorted[rank]);
+  }
+  return ok;
+}
+
 void check_compaction_scalar(Rng& rng) {
   report("compaction_scalar_vs_filter", compaction_matches(rng, &compact_ge_scalar, &compact_bin_scalar),
          "a compaction kept other values than a plain filter");
   report("collect_group_scalar_vs_reference", collect_matches(rng, &collect_group_scalar),
          "collect_group_scalar scored or admitted other points than the reference");
+  report("nth_of_64_scalar_vs_sort", nth_matches(rng, &nth_of_64_scalar),
+         "nth_of_64_scalar differs from a sort");
 }
 
 // lut16.h's order: lane j % 8 takes a[j] * b[j] (rounded, then added), and the lanes
@@ -357,6 +373,7 @@ void check_avx512(Rng& rng) {
   ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512);
   ok &= compaction_matches(rng, &compact_ge_avx512, &compact_bin_avx512);
   ok &= collect_matches(rng, &collect_group_avx512);
+  ok &= nth_matches(rng, &nth_of_64_avx512);
   if (__builtin_cpu_supports("gfni")) {  // the GFNI variants (cpu.cpp picks them when it can)
     ok &= scan_matches_scalar(rng, &scan_lut16_avx512_gfni);
     ok &= multi_matches_scalar(rng, &scan_lut16_multi_avx512_gfni);

@@ -23,7 +23,7 @@ constexpr SimdLevel kAllLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLe
 Kernels g_kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                   &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
                    &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
-                   &scan_lut16_multi_scalar, &compact_ge_scalar, &compact_bin_scalar,
+                   &scan_lut16_multi_scalar, &nth_of_64_scalar, &compact_ge_scalar, &compact_bin_scalar,
                    &collect_group_scalar};
 
 #if MIPSCAN_X86
@@ -166,7 +166,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
     *out = Kernels{SimdLevel::kScalar, &scan_lut16_scalar, &dot_scalar, &dots_scalar,
                    &argmax_shifted_scalar, &dot_i8_scalar, &dot_bf16_scalar,
                    &topk_columns_scalar, &dot_rows_scalar, nullptr, nullptr, &nearest_rows_scalar,
-                   &scan_lut16_multi_scalar, &compact_ge_scalar, &compact_bin_scalar,
+                   &scan_lut16_multi_scalar, &nth_of_64_scalar, &compact_ge_scalar, &compact_bin_scalar,
                    &collect_group_scalar};
     return true;
   }
@@ -175,7 +175,7 @@ bool kernels_for(SimdLevel level, Kernels* out) {
     *out = Kernels{SimdLevel::kAvx2, &scan_lut16_avx2, &dot_avx2, &dots_avx2,
                    &argmax_shifted_scalar, &dot_i8_avx2, &dot_bf16_avx2, &topk_columns_avx2,
                    &dot_rows_avx2, nullptr, nullptr, &nearest_rows_avx2,
-                   &scan_lut16_multi_avx2, &compact_ge_scalar, &compact_bin_scalar,
+                   &scan_lut16_multi_avx2, &nth_of_64_scalar, &compact_ge_scalar, &compact_bin_scalar,
                    &collect_group_scalar};
     return true;
   }
@@ -189,7 +189,8 @@ bool kernels_for(SimdLevel level, Kernels* out) {
                    &topk_columns_avx512, &dot_rows_avx2,  // dot_avx512 is dot_avx2
                    &encode2_avx512, &nearest2_avx512, &nearest_rows_avx512,
                    gfni ? &scan_lut16_multi_avx512_gfni : &scan_lut16_multi_avx512,
-                   &compact_ge_avx512, &compact_bin_avx512, &collect_group_avx512};
+                   &nth_of_64_avx512, &compact_ge_avx512, &compact_bin_avx512,
+                   &collect_group_avx512};
     return true;
   }
 #endif

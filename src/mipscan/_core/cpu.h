@@ -44,6 +44,7 @@ struct Kernels {
   NearestRowsFn nearest_rows;  // assign.h: the tree's k-means assignment
   ScanLut16MultiFn scan_lut16_multi;  // lut16.h: several queries over the same codes
   // topk.h: TopKBuffer's and kth_largest's passes (always the module's level: kernels()).
+  NthOf64Fn nth_of_64;
   CompactGeFn compact_ge;
   CompactBinFn compact_bin;
   CollectGroupFn collect_group;  // topk.h: a LUT16 group's flagged points as candidates

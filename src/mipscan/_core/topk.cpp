@@ -76,8 +76,8 @@ void TopKBuffer::prune() {
   float sample[kSample];
   for (size_t i = 0; i < kSample; ++i) sample[i] = s[(i * n) / kSample];
   const size_t rank = std::min(kSample - 1, (k_ * kSample) / n + 4);
-  std::nth_element(sample, sample + rank, sample + kSample, std::greater<float>());
-  const float est = sample[rank];
+  static_assert(kSample == 64, "nth_of_64 takes 64 values");
+  const float est = kernels().nth_of_64(sample, rank);
   size_t reach = 0;
   for (size_t i = 0; i < n; ++i) reach += s[i] >= est;
   if (reach >= k_ && reach <= n - (n - k_) / 4) {
@@ -187,6 +187,13 @@ void TopKBuffer::select_exact() {
   size_ = k_;
   thr_ = t;
   thr_id_ = last;
+}
+
+float nth_of_64_scalar(const float* v, size_t rank) {
+  float c[64];
+  std::copy(v, v + 64, c);
+  std::nth_element(c, c + rank, c + 64, std::greater<float>());
+  return c[rank];
 }
 
 size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t) {

@@ -48,12 +48,17 @@ constexpr size_t kCompactSlack = 16;
 using CollectGroupFn = size_t (*)(const uint16_t* sums, uint64_t mask, float base, float inv,
                                   uint32_t id0, float thr, uint64_t thr_id, float* out_s,
                                   uint32_t* out_id);
+// nth_of_64: the rank-th largest (0: the largest) of v[0, 64), no NaN in v: the value
+// std::nth_element with std::greater puts at v + rank (a value, so the same at every level).
+using NthOf64Fn = float (*)(const float* v, size_t rank);
+float nth_of_64_scalar(const float* v, size_t rank);
 size_t compact_ge_scalar(float* s, uint32_t* id, size_t n, float t);
 size_t compact_bin_scalar(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
 size_t collect_group_scalar(const uint16_t* sums, uint64_t mask, float base, float inv,
                             uint32_t id0, float thr, uint64_t thr_id, float* out_s,
                             uint32_t* out_id);
 #if MIPSCAN_HAVE_AVX512
+float nth_of_64_avx512(const float* v, size_t rank);
 size_t compact_ge_avx512(float* s, uint32_t* id, size_t n, float t);
 size_t compact_bin_avx512(const float* v, const uint16_t* bins, size_t n, uint16_t b, float* out);
 size_t collect_group_avx512(const uint16_t* sums, uint64_t mask, float base, float inv,

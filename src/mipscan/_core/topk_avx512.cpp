@@ -7,6 +7,8 @@
 //   (a compress straight to memory is slow on some CPUs) and stored whole.
 #include "avx512_intrin.h"
 
+#include <type_traits>
+
 #include "topk_columns.h"
 
 namespace mipscan {
@@ -50,6 +52,28 @@ void topk_columns_avx512(const float* scores_t, size_t m, size_t nq, size_t k, f
     }
     topk_columns_finish(scores_t, m, nq, k, q0, w, ts, ti, out_s, out_id);
   }
+}
+
+float nth_of_64_avx512(const float* v, size_t rank) {
+  // v[i] is the answer when fewer than rank + 1 values exceed it and more than rank reach
+  // it: two counts per candidate over four registers, branch-light (a sort of 64 values
+  // mispredicts about once per comparison).
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const __m512 c = _mm512_loadu_ps(v + 32), d = _mm512_loadu_ps(v + 48);
+  auto count = [&](auto pred, __m512 x) {  // how many of v[0, 64) compare true with x
+    constexpr int p = decltype(pred)::value;
+    const uint64_t m = (uint64_t{_mm512_cmp_ps_mask(a, x, p)} << 48) |
+                       (uint64_t{_mm512_cmp_ps_mask(b, x, p)} << 32) |
+                       (uint64_t{_mm512_cmp_ps_mask(c, x, p)} << 16) | _mm512_cmp_ps_mask(d, x, p);
+    return static_cast<size_t>(_mm_popcnt_u64(m));
+  };
+  using Gt = std::integral_constant<int, _CMP_GT_OQ>;
+  using Ge = std::integral_constant<int, _CMP_GE_OQ>;
+  for (size_t i = 0; i < 64; ++i) {
+    const __m512 x = _mm512_set1_ps(v[i]);
+    if (count(Gt{}, x) <= rank && count(Ge{}, x) > rank) return v[i];
+  }
+  return v[0];  // unreachable: some value always satisfies both counts
 }
 
 size_t compact_ge_avx512(float* s, uint32_t* id, size_t n, float t) {
