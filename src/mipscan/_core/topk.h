@@ -30,8 +30,9 @@ inline bool better(float sa, uint32_t ia, float sb, uint32_t ib) {
 
 inline float no_nan(float v) { return v == v ? v : -std::numeric_limits<float>::infinity(); }
 
-// Compaction kernels (cpu.h), the passes that TopKBuffer and kth_largest spend most of
-// their time in; every level gives the same result (they only move values).
+// Kernels (cpu.h's table) for the passes that TopKBuffer, kth_largest and the LUT16
+// scans' candidate handling spend most of their time in. Every level gives the same
+// result: they select and move values, and collect_group rounds as the scalar code does.
 // compact_ge: keeps the pairs of s[0, n) / id[0, n) whose score is >= t, in order, at the
 // front of both arrays; returns how many. No NaN in s.
 using CompactGeFn = size_t (*)(float* s, uint32_t* id, size_t n, float t);
