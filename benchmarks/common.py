@@ -226,6 +226,38 @@ def _own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def machine_thread_scaling(threads: int, runs: int = 9, hashes: int = 40) -> float:
+    """This machine's own n-thread scaling for work that shares nothing and needs no
+    memory bandwidth: SHA-256 of a 1 MiB buffer (hashlib releases the GIL), ``threads``
+    threads each hashing as much as one thread alone does, in turns with that one thread;
+    the median of the paired ratios (n x one thread's time / n threads' time). What a
+    search's scaling can be judged against on a VM whose cores do not give n x (shared
+    physical cores, frequency, other guests)."""
+    import hashlib
+    import threading
+
+    buf = bytes(1 << 20)
+
+    def work():
+        for _ in range(hashes):
+            hashlib.sha256(buf).digest()
+
+    def timed(n):
+        pool = [threading.Thread(target=work) for _ in range(n)]
+        t0 = time.perf_counter()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        return time.perf_counter() - t0
+
+    ratios = []
+    for _ in range(runs):
+        one = timed(1)
+        ratios.append(threads * one / timed(threads))
+    return statistics.median(ratios)
+
+
 def wait_for_quiet(max_seconds: float, threshold: float = 0.3, window: float = 2.0) -> float:
     """Waits (up to ``max_seconds``) until other processes use under ``threshold`` cores
     over a ``window``-second sample; returns the last sample's foreign cores."""

@@ -176,11 +176,16 @@ def markdown(result: dict, plot_name: str | None = None, heading: str = "###") -
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for n, cells in summary.get("scaling", {}).items():
+        machine = result.get("env", {}).get("machine_thread_scaling", {}).get(n)
+        ceiling = "" if machine is None else (
+            f" The machine's own {n}-thread scaling in the same rounds (SHA-256 on {n} threads "
+            f"against one, in turns: compute only, nothing shared): {machine['median']:.2f}x "
+            f"(median; rounds {min(machine['rounds']):.2f}-{max(machine['rounds']):.2f}x).")
         lines += [f"Batched QPS at {n} threads / at 1 thread, at {REFERENCE}'s fastest {n}-thread "
-                  "point per target, each ratio from one round (both measured seconds apart), "
-                  "median over the rounds: " + "; ".join(
+                  "point per target, each ratio from one round (1 and n threads timed in "
+                  "turns), median over the rounds: " + "; ".join(
                       f"@{t} {c['ratio']:.2f}x ({c['variant']} {_knobs(c['knobs'])})"
-                      for t, c in cells.items()) + ".", ""]
+                      for t, c in cells.items()) + "." + ceiling, ""]
     lines += ["| system | SIMD | build s | index MB | build peak RSS MB | default knobs | recall@10 "
               "| QPS 1 query | QPS batched 1 thread | others' CPU |",
               "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import datasets, report, systems
-from benchmarks.common import REPO, environment, wait_for_quiet
+from benchmarks.common import REPO, environment, machine_thread_scaling, wait_for_quiet
 
 
 def _ints(text: str) -> list[int]:
@@ -253,17 +253,21 @@ def merge(result: dict, old: dict) -> None:
 
 def _thread_scaling(good: list[dict]) -> None:
     """Adds to each point of good[0] "thread_scaling": {threads: batched QPS at that many
-    threads / at one thread}, each ratio taken within one round (the two measured seconds
-    apart, on the same machine state), the median over the rounds. The best-of-rounds QPS
-    would divide one round's speed by another's: the VM's drift, not the scaling."""
+    threads / at one thread}, the median over the rounds of each round's own ratio (the
+    worker's "paired_scaling", from runs taken in turns; else the round's two QPS). The
+    best-of-rounds QPS would divide one round's speed by another's: the VM's drift, not
+    the scaling."""
     for i, p in enumerate(good[0]["points"]):
         same = [r["points"][i] for r in good
                 if i < len(r["points"]) and r["points"][i]["knobs"] == p["knobs"]]
         ratios = {}
         for q in same:
             one = q["qps_batched"].get("1")
+            paired = q.get("paired_scaling", {})
             for t, v in q["qps_batched"].items():
-                if t != "1" and one:
+                if t in paired:
+                    ratios.setdefault(t, []).append(paired[t])
+                elif t != "1" and one:
                     ratios.setdefault(t, []).append(v / one)
         p["thread_scaling"] = {t: statistics.median(v) for t, v in ratios.items()}
 
@@ -351,7 +355,10 @@ def main(argv=None) -> dict:
             arrays[key] = str(tmp / f"{key}.npy")
             np.save(arrays[key], arr)
         rounds: dict[str, list[dict]] = {name: [] for name in names}
+        machine: dict[str, list[float]] = {str(n): [] for n in args.threads_list if n > 1}
         for rnd in range(max(args.rounds, 1)):
+            for n in machine:  # the machine's own scaling, once per round (benchmarks.common)
+                machine[n].append(machine_thread_scaling(int(n), runs=3 if args.quick else 9))
             for name in names:
                 if rnd > 0 and not rounds[name][0].get("points"):
                     continue  # skipped or failed in the first round
@@ -370,6 +377,8 @@ def main(argv=None) -> dict:
         results = [best_of_rounds(rounds[name]) for name in names]
 
     env["loadavg_end"] = list(os.getloadavg())
+    env["machine_thread_scaling"] = {
+        n: {"median": statistics.median(v), "rounds": v} for n, v in machine.items() if v}
     result = {
         "date": started,
         "command": "python -m benchmarks.run " + " ".join(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -66,16 +67,26 @@ def measure_point(v: systems.Variant, knobs: dict, data: dict, job: dict) -> dic
         ids = v.search_batched(test, knobs, 1)
         recall, recall_ids = recall_at_k(data["train"], test, ids, data["gt"], data["kth"],
                                          job["cfg"]["metric"])
-        t, ts = time_median(lambda: v.search_batched(test, knobs, 1), repeats, warmup=0)
-    point = {"knobs": knobs, "recall": recall, "recall_ids": recall_ids,
-             "qps_batched": {"1": nq / t}, "qps_batched_best": {"1": nq / min(ts)}}
+    # The thread counts take turns (1, 2, 1, 2, ...; one untimed run each first): each
+    # repeat's 1-thread and n-thread runs are then milliseconds apart, and
+    # "thread_scaling" (the median of those paired ratios) measures the scaling, not the
+    # VM's drift between a block of 1-thread runs and a block of n-thread runs.
+    times = {n: [] for n in threads}
     for n in threads:
-        if n == 1:
-            continue
-        with pinned_threads(n):
-            t, ts = time_median(lambda: v.search_batched(test, knobs, n), repeats, warmup=1)
-        point["qps_batched"][str(n)] = nq / t
-        point["qps_batched_best"][str(n)] = nq / min(ts)
+        if n != 1:
+            with pinned_threads(n):
+                v.search_batched(test, knobs, n)
+    for _ in range(repeats):
+        for n in threads:
+            with pinned_threads(n):
+                t0 = time.perf_counter()
+                v.search_batched(test, knobs, n)
+                times[n].append(time.perf_counter() - t0)
+    point = {"knobs": knobs, "recall": recall, "recall_ids": recall_ids,
+             "qps_batched": {str(n): nq / statistics.median(ts) for n, ts in times.items()},
+             "qps_batched_best": {str(n): nq / min(ts) for n, ts in times.items()},
+             "paired_scaling": {str(n): statistics.median(a / b for a, b in zip(times[1], ts))
+                                for n, ts in times.items() if n != 1}}
     single = test[:job["nq_single"]]
 
     def loop():

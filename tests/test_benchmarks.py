@@ -46,6 +46,8 @@ def test_quick_run_structure(quick_run):
     assert result["env"]["cores"] >= 1 and result["env"]["cpu"]
     assert "mipscan_simd_level" in result["env"]
     assert result["config"]["threads"] == [1, 2]
+    machine = result["env"]["machine_thread_scaling"]["2"]
+    assert len(machine["rounds"]) == 1 and 0 < machine["median"] == machine["rounds"][0] < 4
     assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
     names = [s["name"] for s in result["systems"]]
     assert names[:2] == ["mipscan", "mipscan-bf"] and "numpy" in names
@@ -66,6 +68,7 @@ def test_quick_run_points(quick_run):
             assert 0.0 <= p["recall"] <= 1.0 and 0.0 <= p["recall_ids"] <= 1.0
             assert p["qps_single"] > 0
             assert set(p["qps_batched"]) == {"1", "2"} and min(p["qps_batched"].values()) > 0
+            assert set(p["paired_scaling"]) == {"2"} and p["paired_scaling"]["2"] > 0
             if s["exact"]:
                 assert p["recall"] == 1.0, (s["name"], p)
     assert ran >= 1  # numpy never skips
@@ -158,11 +161,13 @@ def test_quick_run_summary_recomputed_from_points(quick_run):
                     assert cell["ratio"] == ref["qps"] / speed[best], (mode, name, t)
                     assert cell.get("reference", False) == (cell is ref), (mode, name, t)
     # Thread scaling: at the reference's fastest 2-thread point per target, that point's
-    # same-round ratio (one round here: its 2-thread QPS over its 1-thread QPS).
+    # paired ratio (one round and one timed run per thread count here: its 2-thread QPS
+    # over its 1-thread QPS, up to rounding).
     for t, c in summary["scaling"]["2"].items():
         assert summary["batched:2"][c["variant"]][t].get("reference"), (t, c)
         p = next(p for p in with_points[c["variant"]] if p["knobs"] == c["knobs"])
-        assert c["ratio"] == p["qps_batched"]["2"] / p["qps_batched"]["1"]
+        assert c["ratio"] == p["paired_scaling"]["2"]
+        assert c["ratio"] == pytest.approx(p["qps_batched"]["2"] / p["qps_batched"]["1"])
     assert summary["scaling"]["2"], "no 2-thread point reached a target"
     assert summary["single"]["mipscan"]["0.90"] is not None, "mipscan never reached 0.90"
     assert summary["single"]["mipscan"]["0.90"]["ratio"] == 1.0
@@ -230,6 +235,23 @@ def test_thread_scaling_is_taken_within_each_round():
     assert best["points"][1]["thread_scaling"] == {"2": pytest.approx(1.8)}
     assert best["points"][0]["qps_batched"] == {"1": 30, "2": 60}  # best of each, as before
     assert best_of_rounds([run([(10, 19)])])["points"][0]["thread_scaling"] == {"2": 1.9}
+
+
+def test_thread_scaling_prefers_each_rounds_paired_runs():
+    """Where the worker timed 1 and 2 threads in turns ("paired_scaling", the median of the
+    adjacent runs' ratios), that ratio is the round's, not its two medians' quotient."""
+    from benchmarks.run import best_of_rounds
+
+    def run(one, two, paired):
+        return {"name": "x", "build": {"seconds": 1.0},
+                "points": [{"knobs": {"a": 0}, "recall": 0.5, "foreign_cores": 0.0,
+                            "qps_single": one, "qps_single_best": one,
+                            "qps_batched": {"1": one, "2": two},
+                            "qps_batched_best": {"1": one, "2": two},
+                            "paired_scaling": {"2": paired}}]}
+
+    best = best_of_rounds([run(10, 30, 1.9), run(30, 45, 1.8), run(20, 20, 1.95)])
+    assert best["points"][0]["thread_scaling"] == {"2": pytest.approx(1.9)}
 
 
 def test_ratios_take_the_faster_mipscan_variant_at_each_target():
